@@ -1,0 +1,102 @@
+"""`davae encode` and `davae decode`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app
+from .common import JsonOpt, err, errors, print_json, progress_bar
+
+VaeOpt = typer.Option(..., "--vae", help="A DA-VAE folder (e.g. RUN/final from train-vae).")
+BaseOpt = typer.Option(None, "--base-vae", help="Where the DA-VAE's base VAE is, if not where it was recorded.")
+OutOpt = typer.Option(..., "--out", "-o", help="Output folder.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing outputs.")
+DeviceOpt = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu).")
+
+
+def _load(vae: Path, base_vae: Optional[str], device: Optional[str]):
+    import torch
+
+    from ..vae.model import DetailAlignedVAE
+
+    model = DetailAlignedVAE.from_pretrained(vae, base_vae=base_vae)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(dev).eval()
+
+
+def _finish(report, json_out: bool, what: str) -> None:
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        for path in report.written:
+            typer.echo(path)
+    for item, why in report.failed:
+        err.print(f"[red]failed[/] {item}: {why}", markup=True, soft_wrap=True)
+    if not json_out:
+        err.print(f"{len(report.written)} {what} written, {len(report.failed)} failed")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("encode", epilog="""
+Examples:
+
+  davae encode photos/ --vae runs/tiny/final --out latents/ --res 256
+
+  davae encode cat.png dog.jpg --vae runs/tiny/final --out latents/ --json
+""")
+def encode_cmd(
+    inputs: list[str] = typer.Argument(..., help="Images or folders of images (recursive)."),
+    vae: Path = VaeOpt,
+    out: Path = OutOpt,
+    res: Optional[int] = typer.Option(None, "--res", help="Resize the short side to RES, then centre-crop to a multiple of s*f."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass (same-size images are batched)."),
+    sample: bool = typer.Option(False, "--sample", help="Store a posterior sample of z_d instead of its mean."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --sample."),
+    overwrite: bool = OverwriteOpt,
+    base_vae: Optional[str] = BaseOpt,
+    device: Optional[str] = DeviceOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Encode images to latent files: OUT/<stem>.safetensors, key `latent`, shape (C+D, h, w), base first."""
+    with errors():
+        from ..codec import encode_images
+
+        model = _load(vae, base_vae, device)
+        with progress_bar() as bar:
+            task = bar.add_task("encode", total=None, info="")
+            report = encode_images(model, inputs, out, res=res, batch_size=batch_size, sample=sample, seed=seed,
+                                   overwrite=overwrite, progress=lambda n: bar.advance(task, n),
+                                   on_total=lambda n: bar.update(task, total=n))
+        _finish(report, json_out, "latent file(s)")
+
+
+@app.command("decode", epilog="""
+Examples:
+
+  davae decode latents/ --vae runs/tiny/final --out recon/
+
+  davae decode latents/cat.safetensors --vae runs/tiny/final --out recon/ --overwrite
+""")
+def decode_cmd(
+    inputs: list[str] = typer.Argument(..., help="Latent files or folders of them (recursive)."),
+    vae: Path = VaeOpt,
+    out: Path = OutOpt,
+    overwrite: bool = OverwriteOpt,
+    base_vae: Optional[str] = BaseOpt,
+    device: Optional[str] = DeviceOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Decode latent files to PNGs (OUT/<stem>.png) at full resolution; refuses latents of another DA-VAE."""
+    with errors():
+        from ..codec import decode_latents
+
+        model = _load(vae, base_vae, device)
+        with progress_bar() as bar:
+            task = bar.add_task("decode", total=None, info="")
+            report = decode_latents(model, inputs, out, overwrite=overwrite, progress=lambda n: bar.advance(task, n),
+                                    on_total=lambda n: bar.update(task, total=n))
+        _finish(report, json_out, "image(s)")

@@ -1,0 +1,186 @@
+"""`encode_images` / `decode_latents`: images <-> one latent file per image, in batches, atomically.
+
+Bad inputs are reported one by one and never stop the good ones; existing outputs are kept unless
+`overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from . import data as D
+from .errors import DavaeError
+from .latents import atomic_write_bytes, load_latent, save_latent
+from .vae.model import DetailAlignedVAE
+
+ProgressFn = Callable[[int], None]  # called with the number of items just finished
+
+
+@dataclass
+class BatchReport:
+    """What a batch command did: files written, inputs that failed (with why)."""
+
+    written: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped_existing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict:
+        return {"written": self.written, "failed": [{"input": i, "error": e} for i, e in self.failed],
+                "num_written": len(self.written), "num_failed": len(self.failed)}
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _claim_output(out: Path, name: str, claimed: set, overwrite: bool, report: BatchReport, item: str) -> bool:
+    if out in claimed:
+        report.failed.append((item, f"another input also maps to {out.name} (same file stem)"))
+        return False
+    if out.exists() and not overwrite:
+        report.failed.append((item, f"{out} exists (use --overwrite to replace it)"))
+        return False
+    claimed.add(out)
+    return True
+
+
+@torch.no_grad()
+def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | Path, *, res: Optional[int] = None,
+                  batch_size: int = 8, sample: bool = False, seed: int = 0, overwrite: bool = False,
+                  progress: Optional[ProgressFn] = None, on_total: Optional[Callable[[int], None]] = None) -> BatchReport:
+    """Encode images (files or folders, recursive) to `out_dir/<stem>.safetensors`, key `latent`
+    (C+D, h, w), base first, with metadata. `res` resizes the short side, then each side is centre-
+    cropped down to a multiple of s*f (an image already at that size is untouched)."""
+    if batch_size < 1:
+        raise DavaeError("--batch-size must be >= 1")
+    g = vae.granularity
+    if res is not None and (res < g or res % g):
+        raise DavaeError(f"--res {res} is not a positive multiple of the model's granularity s*f = {g}")
+    source = D.list_images(inputs)
+    report = BatchReport()
+    for path, why in source.skipped:
+        report.failed.append((path, f"unreadable image: {why}"))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if on_total:
+        on_total(len(source))
+    device = _device_of(vae)
+    ident = vae.describe()
+    transform = {
+        "base": "z_base = (E_base(bicubic_antialiased_down(x, 1/s)).mean - shift) * scale",
+        "base_shift": vae.transform.shift.tolist(),
+        "base_scale": vae.transform.scale.tolist(),
+        "detail": "posterior sample" if sample else "posterior mean",
+    }
+    # group by size so that every batch is one tensor
+    pending: dict[tuple, list] = {}
+    claimed: set = set()
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def flush(items):
+        x = torch.stack([t for _, _, t, _ in items]).to(device)
+        latents = vae.encode(x, sample=sample, generator=gen).latent.float().cpu()
+        for (item, out, t, orig), lat in zip(items, latents):
+            meta = {**ident, "resolution": [int(t.shape[1]), int(t.shape[2])], "source": Path(str(item)).name,
+                    "source_size": orig, "transform": transform, "format": "davae-latent-v1"}
+            save_latent(out, lat, meta)
+            report.written.append(str(out))
+        if progress:
+            progress(len(items))
+
+    for i, item in enumerate(source.items):
+        label = item if isinstance(item, str) else f"skimage:{item[1]}"
+        out = out_dir / f"{source.name(i)}.safetensors"
+        if not _claim_output(out, source.name(i), claimed, overwrite, report, label):
+            if progress:
+                progress(1)
+            continue
+        try:
+            arr = D.read_image(item)
+            orig = [int(arr.shape[0]), int(arr.shape[1])]
+            t = D.to_tensor(D.fit_to_multiple(arr, res, g))
+        except DavaeError as e:
+            report.failed.append((label, str(e)))
+            if progress:
+                progress(1)
+            continue
+        except Exception as e:
+            report.failed.append((label, f"unreadable image: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}"))
+            if progress:
+                progress(1)
+            continue
+        key = tuple(t.shape)
+        pending.setdefault(key, []).append((label, out, t, orig))
+        if len(pending[key]) >= batch_size:
+            flush(pending.pop(key))
+    for items in pending.values():
+        flush(items)
+    return report
+
+
+def check_latent_compatible(vae: DetailAlignedVAE, latent: torch.Tensor, meta: dict) -> Optional[str]:
+    """None if `latent` was made by this DA-VAE (same C, D, base VAE and weights), else why not."""
+    ident = vae.describe()
+    if latent.shape[0] != vae.latent_channels:
+        return f"latent has {latent.shape[0]} channels, this DA-VAE expects C+D = {vae.latent_channels}"
+    for key in ("C", "D", "base_vae_hash", "davae"):
+        if key in meta and meta[key] != ident[key]:
+            what = {"davae": "a different DA-VAE", "base_vae_hash": "a DA-VAE on a different base VAE"}.get(key, f"{key} = {meta[key]}")
+            return f"made by {what} ({key} {str(meta[key])[:23]} vs {str(ident[key])[:23]})"
+    if "davae" not in meta:
+        return "no DA-VAE identity in its metadata (not written by `davae encode`)"
+    return None
+
+
+@torch.no_grad()
+def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | Path, *, overwrite: bool = False,
+                   progress: Optional[ProgressFn] = None, on_total: Optional[Callable[[int], None]] = None) -> BatchReport:
+    """Decode latent files (or folders of them, recursive) to `out_dir/<stem>.png` at full resolution."""
+    from PIL import Image
+
+    files: list[Path] = []
+    report = BatchReport()
+    for inp in inputs:
+        p = Path(inp)
+        if not p.exists():
+            report.failed.append((str(inp), "not found"))
+        elif p.is_dir():
+            files += sorted(p.rglob("*.safetensors"))
+        else:
+            files.append(p)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if on_total:
+        on_total(len(files))
+    device = _device_of(vae)
+    claimed: set = set()
+    for f in files:
+        out = out_dir / f"{f.stem}.png"
+        try:
+            if not _claim_output(out, f.stem, claimed, overwrite, report, str(f)):
+                continue
+            latent, meta = load_latent(f)
+            why = check_latent_compatible(vae, latent, meta)
+            if why:
+                report.failed.append((str(f), why))
+                continue
+            img = vae.decode(latent[None].to(device))[0]
+            buf = io.BytesIO()
+            Image.fromarray(D.to_uint8(img)).save(buf, format="PNG")
+            atomic_write_bytes(out, buf.getvalue())
+            report.written.append(str(out))
+        except DavaeError as e:
+            report.failed.append((str(f), str(e)))
+        finally:
+            if progress:
+                progress(1)
+    return report

@@ -1,0 +1,295 @@
+"""Presets: YAML files loaded into typed dataclasses, the single source of truth for every recipe number.
+
+A preset is a YAML mapping with one section per dataclass below. `load_preset("tiny")` reads the
+bundled `presets/tiny.yaml`; a path to a YAML file works too. `overrides=["loss.align=0"]` applies
+`--set key=value` edits. Unknown keys, wrong types and impossible shapes raise `ConfigError` with a
+one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A preset or override is invalid; the message is one line and names the key."""
+
+
+@dataclass
+class VAEConfig:
+    """Architecture of the DA-VAE built on a base VAE (SPEC §2-4)."""
+
+    base_vae: str = "random"  # hub id, local diffusers folder, or "random" (a small AutoencoderTiny built in code)
+    base_vae_subfolder: Optional[str] = None  # e.g. "vae" for a pipeline repository
+    base_channels: int = 16  # C: channels of the base latent (checked against the base VAE)
+    detail_channels: int = 16  # D: new detail channels, a multiple of C
+    downsample: int = 8  # f: spatial downsampling of the base VAE
+    scale: int = 2  # s: resolution factor between the DA-VAE input and the base input
+    base_latent_stats: Optional[str] = None  # .pt/.safetensors with per-channel mean/std (LightningDiT latents)
+    # detail encoder input: a copy of the base encoder ("trunk": features before conv_out; "latent": its
+    # output) on the full image, or "residual": the pixels of x minus the baseline (base at 1/s + bicubic)
+    detail_features: Literal["latent", "trunk", "residual"] = "trunk"
+    train_detail_trunk: bool = True  # the copied base encoder trunk trains (ImageNet) or stays frozen (SD3)
+    detail_shortcut: Literal["zero_conv", "group_mean", "base"] = "zero_conv"  # "base": z_d starts as z_base
+    detail_conv_init: Literal["default", "zero"] = "default"
+    logvar_init: float = 0.0  # constant added to the detail logvar channels
+    learn_logvar: bool = True  # False: logvar is the constant logvar_init (a fixed posterior width)
+    # decoder: the up block feeds a copy of the base decoder after its conv_in ("trunk") or at its latent
+    # input ("latent"), or "residual": x_hat = baseline + pixel-shuffled up-block output (no trunk)
+    decoder_input: Literal["latent", "trunk", "residual"] = "trunk"
+    train_decoder_trunk: bool = True
+    up_hidden: int = 0  # 0: one 3x3 conv up block (official); >0: conv-SiLU-conv with this many hidden channels
+    # what the up block reads: the latent as is, or [z_base, z_d - expand(z_base)] (the detail channels'
+    # departure from the base they are aligned to; expand repeats each base channel r times)
+    up_input: Literal["latent", "detail_residual"] = "latent"
+    up_shortcut: Literal["repeat", "none"] = "repeat"
+    up_conv_init: Literal["default", "zero"] = "default"  # "zero" with decoder_input=residual: starts as the baseline
+
+
+@dataclass
+class LossConfig:
+    """Weights of the DA-VAE losses (SPEC §5)."""
+
+    l1: float = 1.0
+    lpips: float = 1.0
+    lpips_net: Literal["vgg", "alex"] = "vgg"
+    kl: float = 1e-6
+    adv: float = 0.1
+    disc_start: int = 5000
+    disc_layers: int = 3
+    align: float = 0.5
+    align_mode: Literal["fixed", "adaptive"] = "fixed"
+    detail_dropout: float = 0.0  # probability of zeroing a sample's whole z_d at the decoder input
+    sample_posterior: bool = True  # decode a posterior sample during training (False: the mean)
+
+
+@dataclass
+class TrainVAEConfig:
+    """Optimisation, data and bookkeeping of `davae train-vae`."""
+
+    resolution: int = 256  # target resolution s*H (evaluation, held-out crops, encode default)
+    crop_size: Optional[int] = None  # training crop; None = resolution (the networks are convolutional)
+    batch_size: int = 4  # per process
+    steps: int = 100
+    lr: float = 1e-4
+    lr_new_blocks: Optional[float] = None  # learning rate of the new down/up blocks (None = lr)
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or cosine decay to 0
+    grad_clip: float = 1.0
+    disc_lr: Optional[float] = None  # None = lr
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    eval_every: int = 500
+    num_val: int = 8  # images held out from --data when no --val-data is given
+    stats_images: int = 64  # images used to measure the detail channels' per-channel statistics at export
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Preset:
+    name: str = "custom"
+    description: str = ""
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train_vae: TrainVAEConfig = field(default_factory=TrainVAEConfig)
+
+    @property
+    def granularity(self) -> int:
+        """Pixels per latent token side: s * f."""
+        return self.vae.scale * self.vae.downsample
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'preset'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], key + ".")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`'loss.align=0.5'` -> `('loss.align', 0.5)`; the value is parsed as YAML (so `null`, `[0.9, 0.99]` work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def read_preset_yaml(name_or_path: str | Path) -> dict:
+    """The raw mapping of a bundled preset name or a YAML file path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"preset file not found: {p}")
+        path = p
+    else:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown preset '{name_or_path}' (bundled: {', '.join(available_presets())}; or pass a YAML path)"
+            )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a YAML mapping")
+    data.setdefault("name", path.stem)
+    return data
+
+
+def preset_from_dict(data: dict, overrides: list[str] | None = None) -> Preset:
+    data = _to_plain(dict(data))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    preset = _build(Preset, data, "")
+    validate(preset)
+    return preset
+
+
+def load_preset(name_or_path: str | Path, overrides: list[str] | None = None) -> Preset:
+    """Load a bundled preset by name or a YAML file by path, apply `key=value` overrides, validate."""
+    return preset_from_dict(read_preset_yaml(name_or_path), overrides)
+
+
+def validate(p: Preset) -> None:
+    """Shape checks that would otherwise fail deep inside a run."""
+    v, t, lo = p.vae, p.train_vae, p.loss
+    for key, val in [("vae.base_channels", v.base_channels), ("vae.detail_channels", v.detail_channels),
+                     ("vae.downsample", v.downsample), ("vae.scale", v.scale),
+                     ("train_vae.resolution", t.resolution), ("train_vae.batch_size", t.batch_size)]:
+        if val <= 0:
+            raise ConfigError(f"{key} must be positive, got {val}")
+    if v.scale != 2:
+        raise ConfigError(f"vae.scale: only s = 2 is implemented (the paper's setting), got {v.scale}")
+    if v.detail_channels % v.base_channels:
+        raise ConfigError(
+            f"vae.detail_channels: D = {v.detail_channels} is not a multiple of C = {v.base_channels}"
+        )
+    g = p.granularity
+    if t.resolution % g:
+        raise ConfigError(f"train_vae.resolution: {t.resolution} is not divisible by s*f = {g}")
+    if t.crop_size is not None and (t.crop_size <= 0 or t.crop_size % g):
+        raise ConfigError(f"train_vae.crop_size: {t.crop_size} is not a positive multiple of s*f = {g}")
+    if t.steps < 0:
+        raise ConfigError(f"train_vae.steps must be >= 0, got {t.steps}")
+    if not 0 <= lo.detail_dropout < 1:
+        raise ConfigError(f"loss.detail_dropout must be in [0, 1), got {lo.detail_dropout}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train_vae.ema_decay must be in [0, 1), got {t.ema_decay}")
+    for key in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train_vae.{key} must be positive, got {getattr(t, key)}")
+    if v.detail_shortcut == "base" and v.detail_channels != v.base_channels:
+        raise ConfigError("vae.detail_shortcut: 'base' needs D = C")
+    if v.decoder_input == "residual" and v.up_shortcut != "none":
+        raise ConfigError("vae.up_shortcut must be 'none' with vae.decoder_input = residual")
+    for key, w in [("loss.l1", lo.l1), ("loss.lpips", lo.lpips), ("loss.kl", lo.kl), ("loss.adv", lo.adv),
+                   ("loss.align", lo.align)]:
+        if w < 0:
+            raise ConfigError(f"{key} must be >= 0, got {w}")

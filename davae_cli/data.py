@@ -1,0 +1,209 @@
+"""Images from folders: listing, reading, deterministic random crops, and a step-indexed sampler.
+
+The batch at a given step is a pure function of (seed, step, rank): resuming at step n reproduces the
+data order exactly without storing any sampler state.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from .errors import DavaeError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+SKIMAGE_SOURCE = "skimage"  # the colour photos bundled with scikit-image (no download)
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle", "hubble_deep_field",
+                  "immunohistochemistry", "retina")
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass
+class ImageSource:
+    """A list of image items: file paths, or ('skimage', name) for scikit-image's bundled photos."""
+
+    items: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (path, reason) of unreadable files
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def name(self, i: int) -> str:
+        it = self.items[i]
+        return it[1] if isinstance(it, tuple) else Path(it).stem
+
+
+def list_images(inputs: Iterable[str | Path], check: bool = True) -> ImageSource:
+    """Images under `inputs` (files or folders, recursive, sorted). `skimage` names the bundled photos.
+
+    With `check`, each file's header is read once; unreadable files are skipped and recorded.
+    """
+    src = ImageSource()
+    for inp in inputs:
+        p = Path(inp).expanduser()
+        if not p.exists() and str(inp) == SKIMAGE_SOURCE:
+            src.items += [(SKIMAGE_SOURCE, n) for n in SKIMAGE_PHOTOS]
+            continue
+        if not p.exists():
+            raise DavaeError(f"input not found: {inp}")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        for f in files:
+            if check:
+                try:
+                    with Image.open(f) as im:
+                        im.size  # noqa: B018 - reading the header is the check
+                except Exception as e:
+                    src.skipped.append((str(f), str(e).splitlines()[0][:100] if str(e) else type(e).__name__))
+                    continue
+            src.items.append(str(f))
+    return src
+
+
+@functools.lru_cache(maxsize=len(SKIMAGE_PHOTOS))
+def _skimage_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    arr = getattr(skimage.data, name)()
+    arr = arr[0] if isinstance(arr, tuple) else arr  # stereo_motorcycle: (left, right, disparity)
+    arr = np.ascontiguousarray(arr[..., :3])
+    arr.flags.writeable = False
+    return arr
+
+
+def read_image(item) -> np.ndarray:
+    """(H, W, 3) uint8 RGB. Raises on unreadable files."""
+    if isinstance(item, tuple):
+        return _skimage_photo(item[1])
+    with Image.open(item) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def resize_short_side(arr: np.ndarray, size: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if min(h, w) == size:
+        return arr
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    return np.asarray(Image.fromarray(arr).resize((nw, nh), Image.BICUBIC))
+
+
+def center_crop(arr: np.ndarray, h: int, w: int) -> np.ndarray:
+    H, W = arr.shape[:2]
+    y, x = (H - h) // 2, (W - w) // 2
+    return arr[y : y + h, x : x + w]
+
+
+def fit_to_multiple(arr: np.ndarray, res: Optional[int], multiple: int) -> np.ndarray:
+    """For encoding: optionally resize the short side to `res`, then centre-crop both sides down to a
+    multiple of `multiple`. An image that already satisfies both is returned untouched."""
+    if res is not None:
+        arr = resize_short_side(arr, res)
+    h, w = arr.shape[:2]
+    th, tw = (h // multiple) * multiple, (w // multiple) * multiple
+    if th == 0 or tw == 0:
+        raise DavaeError(f"image of {w}x{h} is smaller than one latent token ({multiple} px)")
+    return arr if (th, tw) == (h, w) else center_crop(arr, th, tw)
+
+
+def random_crop(arr: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A size x size crop at a random position; images smaller than `size` are first upscaled."""
+    if min(arr.shape[:2]) < size:
+        arr = resize_short_side(arr, size)
+    h, w = arr.shape[:2]
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    return arr[y : y + size, x : x + size]
+
+
+class StepCropDataset(torch.utils.data.Dataset):
+    """Sample n (a global sample counter) -> a random crop, as a pure function of (seed, n).
+
+    Epoch e visits the images in the order of a permutation seeded by (seed, e); the crop position
+    of sample n is drawn from a generator seeded by (seed, n). Unreadable images (found at read time)
+    fall through to the next image and are counted in `self.read_failures` (per worker).
+    """
+
+    def __init__(self, source: ImageSource, crop: int, seed: int, length: int):
+        if len(source) == 0:
+            raise DavaeError("no training images")
+        self.source, self.crop, self.seed, self.length = source, crop, seed, length
+        self.read_failures = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _image_index(self, n: int) -> int:
+        count = len(self.source)
+        epoch, k = divmod(n, count)
+        perm = np.random.default_rng([self.seed, epoch, 7]).permutation(count)
+        return int(perm[k])
+
+    def __getitem__(self, n: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, n, 11])
+        idx = self._image_index(n)
+        for attempt in range(len(self.source)):
+            item = self.source.items[(idx + attempt) % len(self.source)]
+            try:
+                arr = read_image(item)
+            except Exception:
+                self.read_failures += 1
+                continue
+            return to_tensor(random_crop(arr, self.crop, rng))
+        raise DavaeError("none of the training images could be read")
+
+
+class RangeSampler(torch.utils.data.Sampler):
+    """Yields sample indices start, start+1, ... (a resumable, shardable sequential order)."""
+
+    def __init__(self, indices: list[int]):
+        self.indices = indices
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def sample_indices(step_from: int, step_to: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Global sample counters of steps [step_from, step_to) for one process: each step uses
+    world*batch_size consecutive counters, this rank takes its contiguous slice."""
+    out = []
+    for step in range(step_from, step_to):
+        base = (step * world + rank) * batch_size
+        out.extend(range(base, base + batch_size))
+    return out
+
+
+def center_crops(source: ImageSource, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Held-out evaluation crops: short side resized to `size` if smaller, then a centred size x size crop."""
+    out, names = [], []
+    for i, item in enumerate(source.items):
+        try:
+            arr = read_image(item)
+        except Exception:
+            continue
+        if min(arr.shape[:2]) < size:
+            arr = resize_short_side(arr, size)
+        out.append(to_tensor(center_crop(arr, size, size)))
+        names.append(source.name(i))
+    if not out:
+        raise DavaeError("no readable evaluation images")
+    return torch.stack(out), names

@@ -1,0 +1,93 @@
+"""The DA-VAE latent layout (base channels first, then detail), the downsampling, Proj(), latent files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import DavaeError
+
+LATENT_KEY = "latent"
+
+
+def downsample(x: torch.Tensor, s: int = 2) -> torch.Tensor:
+    """The base image: antialiased bicubic 1/s resize of x (B, 3, sH, sW) in [-1, 1], clamped to [-1, 1].
+
+    Antialiasing is a deliberate choice (the official code omits it) and is used everywhere.
+    """
+    return F.interpolate(x, scale_factor=1.0 / s, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def upsample(x: torch.Tensor, s: int = 2) -> torch.Tensor:
+    """Bicubic x s upsampling, clamped to [-1, 1]: the baseline's way back to full resolution."""
+    return F.interpolate(x, scale_factor=float(s), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def split(latent: torch.Tensor, base_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C+D, h, w) -> z_base (B, C, h, w), z_detail (B, D, h, w)."""
+    return latent[:, :base_channels], latent[:, base_channels:]
+
+
+def join(z_base: torch.Tensor, z_detail: torch.Tensor) -> torch.Tensor:
+    """Base first: concat([z_base, z_detail], dim=1)."""
+    return torch.cat([z_base, z_detail], dim=1)
+
+
+def project(z_detail: torch.Tensor, base_channels: int) -> torch.Tensor:
+    """Proj(z_d)[i] = mean_{j<r} z_d[i*r + j]: group average of r = D/C contiguous channels -> (B, C, h, w)."""
+    b, d, h, w = z_detail.shape
+    if d % base_channels:
+        raise ValueError(f"D = {d} is not a multiple of C = {base_channels}")
+    r = d // base_channels
+    return z_detail.reshape(b, base_channels, r, h, w).mean(dim=2)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_latent(path: Path, latent: torch.Tensor, metadata: dict) -> None:
+    """Write one latent (C+D, h, w) as `.safetensors` (key `latent`) with string metadata, atomically."""
+    from safetensors.torch import save
+
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
+    atomic_write_bytes(path, save({LATENT_KEY: latent.detach().cpu().contiguous().float()}, metadata=meta))
+
+
+def load_latent(path: Path) -> tuple[torch.Tensor, dict]:
+    """Read a latent file; returns (latent (C+D, h, w), metadata with JSON values decoded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if LATENT_KEY not in f.keys():
+                raise DavaeError(f"{path}: no '{LATENT_KEY}' tensor (not a davae latent file)")
+            latent = f.get_tensor(LATENT_KEY)
+            raw = f.metadata() or {}
+    except DavaeError:
+        raise
+    except Exception as e:
+        raise DavaeError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            meta[k] = v
+    if latent.ndim != 3:
+        raise DavaeError(f"{path}: latent has shape {tuple(latent.shape)}, expected (C+D, h, w)")
+    return latent, meta

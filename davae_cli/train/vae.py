@@ -1,0 +1,430 @@
+"""`train_vae`: build a DA-VAE on a base VAE and train it with the losses of SPEC §5.
+
+One process or many (launch with `accelerate launch -m davae_cli train-vae ...`). The run folder
+holds `config.yaml` (the resolved preset), `checkpoints/` (atomic, last K, `latest` pointer),
+`log.jsonl`, `samples/` (image grids) and, at the end, `final/` (the exported DA-VAE, EMA weights).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import latents as L
+from ..config import ConfigError, Preset, preset_from_dict
+from ..data import (ImageSource, RangeSampler, StepCropDataset, center_crops, list_images, sample_indices)
+from ..errors import DavaeError
+from ..latents import atomic_write_bytes
+from ..metrics import psnr, ssim
+from ..vae.base import load_base_vae
+from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm_ratio, hinge_d_loss,
+                          kl_divergence)
+from ..vae.model import DetailAlignedVAE
+from .loop import (Callbacks, JsonlLog, latest_checkpoint, load_checkpoint, maybe_kill, rng_state,
+                   save_checkpoint, set_rng_state)
+
+
+@dataclass
+class TrainVAEResult:
+    run_dir: str
+    final_dir: Optional[str]
+    steps: int
+    metrics: dict
+    skipped_images: int
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool) -> tuple[Preset, Optional[Path]]:
+    """Create or reopen a run folder. Returns the preset to use and the checkpoint to resume from.
+
+    Never overwrites: an existing run needs `--resume`; a resumed run must use the same preset
+    (only `train_vae.steps` may change, to train longer).
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if resume:
+        if not cfg_path.is_file():
+            raise DavaeError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
+        import yaml
+
+        saved = preset_from_dict(yaml.safe_load(cfg_path.read_text()))
+        diff = [k for k in _differences(saved.to_dict(), preset.to_dict()) if k not in ("train_vae.steps", "name")]
+        if diff:
+            raise DavaeError(f"--resume: the run was made with different settings ({', '.join(diff[:4])}); "
+                             f"resume with the same preset and --set values")
+        saved.train_vae.steps = preset.train_vae.steps
+        return saved, ckpt
+    if run_dir.exists() and any(run_dir.iterdir()):
+        hint = "pass --resume to continue it" if ckpt or cfg_path.exists() else "choose an empty or new folder"
+        raise DavaeError(f"{run_dir} already exists and is not empty; {hint}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cfg_path, preset.to_yaml().encode())
+    return preset, None
+
+
+def _split_validation(source: ImageSource, num_val: int, seed: int) -> tuple[ImageSource, ImageSource]:
+    """Hold out `num_val` images (a seeded choice) unless that would leave too few to train on."""
+    import numpy as np
+
+    n = len(source)
+    if num_val <= 0 or n < 2 * num_val:
+        return source, ImageSource()
+    idx = set(np.random.default_rng([seed, 3]).choice(n, size=num_val, replace=False).tolist())
+    train = ImageSource([it for i, it in enumerate(source.items) if i not in idx], source.skipped)
+    val = ImageSource([it for i, it in enumerate(source.items) if i in idx])
+    return train, val
+
+
+def _make_accelerator(seed: int):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(mixed_precision=os.environ.get("DAVAE_MIXED_PRECISION", mp))
+    set_seed(seed)
+    return acc
+
+
+class VAETrainStep:
+    """One DA-VAE optimisation step: the generator losses of SPEC §5, then the discriminator."""
+
+    def __init__(self, preset: Preset, model, lpips_model, disc):
+        self.p, self.lo = preset, preset.loss
+        self.model, self.lpips, self.disc = model, lpips_model, disc
+
+    def generator_losses(self, model, raw, x: torch.Tensor, step: int,
+                         generator: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """`model` is what accelerate prepared (maybe DDP-wrapped), `raw` the DetailAlignedVAE inside."""
+        lo = self.lo
+        out = model(x, sample=lo.sample_posterior, generator=generator, detail_dropout=lo.detail_dropout)
+        x_hat = out["x_hat"]
+        rec = lo.l1 * (x_hat - x).abs().mean()
+        parts = {"l1": (x_hat - x).abs().mean().item()}
+        if self.lpips is not None and lo.lpips > 0:
+            lp = self.lpips(x_hat.float().clamp(-1, 1), x.float()).mean()
+            rec = rec + lo.lpips * lp
+            parts["lpips"] = lp.item()
+        kl = kl_divergence(out["mean"], out["logvar"])
+        al = align_loss(out["mean"], out["z_base"])
+        parts.update(kl=kl.item(), align=al.item())
+        total = rec + lo.kl * kl
+        if lo.align > 0:
+            lam = torch.tensor(lo.align, device=x.device)
+            if lo.align_mode == "adaptive" and torch.is_grad_enabled():
+                lam = lo.align * grad_norm_ratio(rec, al, raw.encoder_last_layer())
+            total = total + lam * al
+            parts["align_weight"] = float(lam)
+        if self.disc is not None and lo.adv > 0 and step >= lo.disc_start:
+            g = -self.disc(x_hat).mean()
+            w = grad_norm_ratio(rec, g, raw.decoder_last_layer()) if torch.is_grad_enabled() else torch.zeros(())
+            total = total + lo.adv * w * g
+            parts.update(g_loss=g.item(), adv_weight=float(w))
+        parts["loss"] = total.item()
+        return total, parts, x_hat
+
+
+def _optimizer(params_groups, lr: float, betas, wd: float):
+    return torch.optim.AdamW(params_groups, lr=lr, betas=tuple(betas), weight_decay=wd)
+
+
+def _lr_lambda(warmup: int, total: int, schedule: str):
+    """Linear warmup, then constant or cosine decay to 0 at `total` steps."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: DetailAlignedVAE, images: torch.Tensor, batch_size: int = 8,
+                            lpips_model=None, baselines: bool = True) -> dict:
+    """PSNR/SSIM(/LPIPS) on held-out images (B, 3, H, W) in [-1, 1]:
+    (b) the DA-VAE; with `baselines`, (a) the base at 1/s + bicubic (same tokens) and (c) the base at
+    full resolution (s^2 times the tokens); and MSE(Proj(mu_d), z_base)."""
+    device = next(model.parameters()).device
+    acc: dict[str, list] = {}
+
+    def add(key, val):
+        acc.setdefault(key, []).append(val.detach().float().cpu())
+
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].to(device)
+        enc = model.encode(x)
+        outs = {"davae": model.decode(enc.latent).clamp(-1, 1)}
+        add("align_mse", F.mse_loss(L.project(enc.mean, enc.z_base.shape[1]), enc.z_base, reduction="none").flatten(1).mean(1))
+        if baselines:
+            outs["base_half_bicubic"] = model.decode_baseline(enc.z_base)
+            outs["base_full"] = model.reconstruct_base_full(x)
+        for name, y in outs.items():
+            add(f"{name}.psnr", psnr(y, x))
+            add(f"{name}.ssim", ssim(y, x))
+            if lpips_model is not None:
+                add(f"{name}.lpips", lpips_model(y.float(), x.float()).flatten())
+    res = {k: float(torch.cat(v).mean()) for k, v in acc.items()}
+    res["num_images"] = int(images.shape[0])
+    if baselines:
+        a, b, c = res["base_half_bicubic.psnr"], res["davae.psnr"], res["base_full.psnr"]
+        res["gap_closed"] = (b - a) / (c - a) if abs(c - a) > 1e-9 else float("nan")
+    return res
+
+
+@torch.no_grad()
+def measure_detail_stats(model: DetailAlignedVAE, source: ImageSource, num_images: int, size: int,
+                         seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean/std of the detail posterior mean over `num_images` random crops."""
+    device = next(model.parameters()).device
+    ds = StepCropDataset(source, size, seed + 1_000_003, num_images)
+    total, sq, count = None, None, 0
+    for i in range(0, num_images, batch_size):
+        x = torch.stack([ds[n] for n in range(i, min(num_images, i + batch_size))]).to(device)
+        mu = model.encode(x).mean.double()
+        s1, s2 = mu.sum(dim=(0, 2, 3)), mu.pow(2).sum(dim=(0, 2, 3))
+        total = s1 if total is None else total + s1
+        sq = s2 if sq is None else sq + s2
+        count += mu.shape[0] * mu.shape[2] * mu.shape[3]
+    mean = total / count
+    std = (sq / count - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.float().cpu(), std.float().cpu(), num_images
+
+
+def _save_grid(path: Path, rows: list[torch.Tensor]) -> None:
+    """Rows of (input | base at 1/s + bicubic | DA-VAE), written atomically as PNG."""
+    import io
+
+    from torchvision.utils import make_grid
+    from PIL import Image
+
+    tiles = torch.stack([t for row in rows for t in row]).float().clamp(-1, 1).add(1).div(2)
+    grid = make_grid(tiles, nrow=3, padding=2, pad_value=1.0)
+    arr = grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def export_davae(model: DetailAlignedVAE, out_dir: Path) -> None:
+    """`save_pretrained` into a temporary folder, then rename: `out_dir` is complete or absent."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: bool = False,
+              val_data: Optional[list[str]] = None, callbacks: Optional[Callbacks] = None) -> TrainVAEResult:
+    """Train (or, with `preset.train_vae.steps == 0`, just build and export) a DA-VAE. See the module doc."""
+    cb = callbacks or Callbacks()
+    run_dir = Path(run_dir)
+    preset, ckpt_path = prepare_run_dir(run_dir, preset, resume)
+    t, lo = preset.train_vae, preset.loss
+    acc = _make_accelerator(t.seed)
+    device = acc.device
+
+    base = load_base_vae(preset.vae.base_vae, preset.vae.base_vae_subfolder, preset.vae.base_channels)
+    model = DetailAlignedVAE.from_base(base, preset.vae)
+    model.to(device)
+    final_dir = run_dir / "final"
+
+    if t.steps == 0:
+        if data:
+            source = list_images(data)
+            if len(source):
+                mean, std, n = measure_detail_stats(model, source, min(t.stats_images, 4 * len(source)),
+                                                    t.resolution, t.seed, t.batch_size)
+                model.set_detail_stats(mean, std, n)
+        if acc.is_main_process:
+            export_davae(model, final_dir)
+        summary = {"steps": 0, "final": str(final_dir)}
+        cb.on_end(summary)
+        return TrainVAEResult(str(run_dir), str(final_dir), 0, {}, 0)
+
+    if not data:
+        raise DavaeError("--data is required when training (--steps > 0)")
+    source = list_images(data)
+    if val_data:
+        val_source = list_images(val_data)
+        train_source = source
+    else:
+        train_source, val_source = _split_validation(source, t.num_val, t.seed)
+    if len(train_source) == 0:
+        raise DavaeError(f"no readable images in {', '.join(map(str, data))}")
+    for path, why in source.skipped:
+        cb.on_message(f"skipped unreadable image {path}: {why}")
+
+    lpips_model = build_lpips(lo.lpips_net).to(device) if lo.lpips > 0 else None
+    disc = PatchDiscriminator(n_layers=lo.disc_layers).to(device) if lo.adv > 0 else None
+
+    new_params = model.new_block_parameters()
+    new_ids = {id(p) for p in new_params}
+    trunk_params = [p for p in model.parameters() if p.requires_grad and id(p) not in new_ids]
+    groups = [{"params": new_params, "lr": t.lr_new_blocks or t.lr}]
+    if trunk_params:
+        groups.append({"params": trunk_params, "lr": t.lr})
+    opt = _optimizer(groups, t.lr, t.betas, t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, t.steps, t.lr_schedule))
+    opt_d = _optimizer(disc.parameters(), t.disc_lr or t.lr, t.betas, t.weight_decay) if disc is not None else None
+
+    from diffusers.training_utils import EMAModel
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ema = EMAModel(trainable, decay=t.ema_decay, use_ema_warmup=t.ema_warmup)
+
+    start_step = 0
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        if disc is not None:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["opt_d"])
+        set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        cb.on_message(f"resumed from {ckpt_path.name} (step {start_step})")
+    elif resume:
+        cb.on_message("no checkpoint yet: starting from step 0")
+    ema.to(device)
+
+    if disc is not None:
+        model, opt, disc, opt_d, sched = acc.prepare(model, opt, disc, opt_d, sched)
+    else:
+        model, opt, sched = acc.prepare(model, opt, sched)
+    raw: DetailAlignedVAE = acc.unwrap_model(model)
+
+    crop = t.crop_size or t.resolution
+    total = t.steps
+    world, rank = acc.num_processes, acc.process_index
+    dataset = StepCropDataset(train_source, crop, t.seed, (total * world + world) * t.batch_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=t.batch_size, num_workers=t.num_workers,
+        sampler=RangeSampler(sample_indices(start_step, total, t.batch_size, rank, world)), drop_last=False,
+    )
+    val_images = center_crops(val_source, t.resolution)[0] if len(val_source) else None
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=start_step if ckpt_path is not None else None)
+    stepper = VAETrainStep(preset, raw, lpips_model, disc)
+
+    def evaluate(step: int) -> dict:
+        if val_images is None:
+            return {}
+        ema.store(trainable)
+        ema.copy_to(trainable)
+        raw.eval()
+        try:
+            res = evaluate_reconstruction(raw, val_images, t.batch_size, lpips_model)
+            n = min(4, val_images.shape[0])
+            x = val_images[:n].to(device)
+            enc = raw.encode(x)
+            rows = [[x[i].cpu(), raw.decode_baseline(enc.z_base[i : i + 1])[0].cpu(),
+                     raw.decode(enc.latent[i : i + 1])[0].clamp(-1, 1).cpu()] for i in range(n)]
+            if acc.is_main_process:
+                _save_grid(run_dir / "samples" / f"step-{step:07d}.png", rows)
+        finally:
+            ema.restore(trainable)
+            raw.train()
+        if acc.is_main_process:
+            log.write({"step": step, "event": "eval", **res})
+        return res
+
+    info = {"device": str(device), "world_size": world, "train_images": len(train_source),
+            "val_images": 0 if val_images is None else int(val_images.shape[0]), "crop": crop,
+            "trainable_params": sum(p.numel() for p in trainable), "start_step": start_step}
+    if acc.is_main_process:
+        log.write({"step": start_step, "event": "start", **info})
+    cb.on_start(total, start_step, info)
+    if start_step == 0 and val_images is not None:
+        evaluate(0)
+
+    raw.train()
+    if raw.base.vae.training:
+        raw.base.vae.eval()
+    last_metrics: dict = {}
+    t0, step = time.time(), start_step
+    it = iter(loader)
+    while step < total:
+        x = next(it).to(device, non_blocking=True)
+        gen = torch.Generator(device=device).manual_seed(int(t.seed * 1_000_003 + step * 7919 + rank))
+        with acc.autocast():
+            loss, parts, x_hat = stepper.generator_losses(model, raw, x, step, gen)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if acc.sync_gradients and t.grad_clip > 0:
+            parts["grad_norm"] = float(acc.clip_grad_norm_(trainable, t.grad_clip))
+        if not math.isfinite(parts["loss"]):
+            opt.zero_grad(set_to_none=True)
+            parts["skipped"] = 1
+        else:
+            opt.step()
+        sched.step()
+        ema.step(trainable)
+        if disc is not None and step >= lo.disc_start:
+            with acc.autocast():
+                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            acc.backward(d_loss)
+            opt_d.step()
+            parts["d_loss"] = d_loss.item()
+        step += 1
+        parts["lr"] = sched.get_last_lr()[0]
+        last_metrics = parts
+        if acc.is_main_process and (step % t.log_every == 0 or step == total):
+            log.write({"step": step, "event": "train", "elapsed_s": round(time.time() - t0, 2), **parts})
+        cb.on_step(step, parts)
+        if step % t.eval_every == 0 and step != total:
+            res = evaluate(step)
+            if res:
+                cb.on_message(f"step {step}: held-out PSNR {res['davae.psnr']:.2f} dB "
+                              f"(baseline {res['base_half_bicubic.psnr']:.2f}, full-res base {res['base_full.psnr']:.2f})")
+        if step % t.checkpoint_every == 0 or step == total:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {"step": step, "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "sched": sched.state_dict(), "rng": rng_state(), "preset": preset.to_dict()}
+                if disc is not None:
+                    state.update(disc=acc.unwrap_model(disc).state_dict(), opt_d=opt_d.state_dict())
+                save_checkpoint(run_dir, step, state, t.keep_checkpoints)
+            maybe_kill(step)
+
+    final_eval = evaluate(total)
+    # export the EMA weights with the detail channels' statistics measured on the training images
+    ema.copy_to(trainable)
+    raw.eval()
+    mean, std, n = measure_detail_stats(raw, train_source, t.stats_images, t.resolution, t.seed, t.batch_size)
+    raw.set_detail_stats(mean, std, n)
+    if acc.is_main_process:
+        export_davae(raw, final_dir)
+        log.write({"step": total, "event": "export", "final": str(final_dir), "detail_stats_images": n})
+    skipped = len(source.skipped) + dataset.read_failures
+    summary = {"steps": total, "final": str(final_dir), "eval": final_eval, "last": last_metrics,
+               "skipped_images": skipped, "elapsed_s": round(time.time() - t0, 1)}
+    cb.on_end(summary)
+    return TrainVAEResult(str(run_dir), str(final_dir), total, final_eval, skipped)

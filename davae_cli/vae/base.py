@@ -1,0 +1,232 @@
+"""The pretrained base VAE: loading (hub id, local folder, `random`), identity hash, latent transform."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import DavaeError
+
+RANDOM_BASE = "random"
+SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def random_base_config(latent_channels: int = 16) -> dict:
+    """A small f8 AutoencoderTiny (about 0.3M parameters) for CPU demos and tests."""
+    return {
+        "_class_name": "AutoencoderTiny",
+        "in_channels": 3,
+        "out_channels": 3,
+        "encoder_block_out_channels": [16, 16, 16, 16],
+        "decoder_block_out_channels": [16, 16, 16, 16],
+        "num_encoder_blocks": [1, 1, 1, 1],
+        "num_decoder_blocks": [1, 1, 1, 1],
+        "latent_channels": latent_channels,
+        "act_fn": "relu",
+        "upsample_fn": "nearest",
+        "upsampling_scaling_factor": 2,
+        "latent_magnitude": 3,
+        "latent_shift": 0.5,
+        "force_upcast": False,
+        "scaling_factor": 1.0,
+        "shift_factor": 0.0,
+    }
+
+
+def vae_from_config(config: dict) -> nn.Module:
+    """Instantiate (random weights) a diffusers AutoencoderKL / AutoencoderTiny from its config dict."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    cls_name = config.get("_class_name", "AutoencoderKL")
+    cls = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}.get(cls_name)
+    if cls is None:
+        raise DavaeError(f"base VAE class {cls_name!r} is not supported (supported: {', '.join(SUPPORTED_CLASSES)})")
+    import inspect
+
+    known = set(inspect.signature(cls.__init__).parameters)
+    cfg = {k: v for k, v in config.items() if k in known}  # drop stale keys (e.g. TAESD's block_out_channels)
+    return cls.from_config(cfg)
+
+
+def state_dict_hash(module: nn.Module) -> str:
+    """sha256 over the tensors of a module (names, shapes, bytes), for models built in code."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().to(torch.float32).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over a diffusers model folder's config and weight files (names and bytes)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json"))
+    for p in files:
+        h.update(p.name.encode())
+        if p.name == "config.json":
+            # the diffusers version stamp changes on re-save and says nothing about the weights
+            cfg = json.loads(p.read_text())
+            cfg.pop("_diffusers_version", None)
+            h.update(json.dumps(cfg, sort_keys=True).encode())
+            continue
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class BaseVAE:
+    """A loaded, frozen base VAE and what identifies it."""
+
+    vae: nn.Module
+    source: str  # what the user gave: hub id, folder, or "random"
+    subfolder: Optional[str]
+    content_hash: str
+
+    @property
+    def kind(self) -> str:
+        return "tiny" if type(self.vae).__name__ == "AutoencoderTiny" else "kl"
+
+    @property
+    def config(self) -> dict:
+        cfg = dict(self.vae.config)
+        cfg["_class_name"] = type(self.vae).__name__
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k != "_diffusers_version"}
+
+
+def _resolve_folder(spec: str, subfolder: Optional[str]) -> Path:
+    """A local folder for `spec` (a path, or a hub id fetched into the local cache)."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise DavaeError(f"base VAE {spec!r} is a file; expected a diffusers model folder")
+        if subfolder and (p / subfolder / "config.json").is_file():
+            return p / subfolder
+        if (p / "config.json").is_file():
+            return p
+        if (p / "vae" / "config.json").is_file():  # a pipeline folder
+            return p / "vae"
+        raise DavaeError(f"base VAE folder {spec!r} has no config.json (nor vae/config.json)")
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise DavaeError(f"base VAE {spec!r} not found (expected a local diffusers folder or a hub id like owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{subfolder}/*"] if subfolder else ["config.json", "*.safetensors"]
+        local = Path(snapshot_download(spec, allow_patterns=patterns))
+    except Exception as e:  # network, auth, missing repo: all mean "cannot get it"
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise DavaeError(
+            f"cannot fetch base VAE {spec!r} from the hub ({reason}); pass a local diffusers folder with --base-vae "
+            f"(or `huggingface-cli login` for gated models)"
+        ) from None
+    folder = local / subfolder if subfolder else local
+    if not (folder / "config.json").is_file():
+        raise DavaeError(f"base VAE {spec!r} has no config.json in {folder}")
+    return folder
+
+
+def load_base_vae(spec: str, subfolder: Optional[str] = None, latent_channels: int = 16) -> BaseVAE:
+    """Load a frozen base VAE from a hub id, a local folder, or `random` (seeded, built in code)."""
+    if spec == RANDOM_BASE:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # the same `random` base on every machine, so its hash is stable
+        try:
+            vae = vae_from_config(random_base_config(latent_channels))
+        finally:
+            torch.random.set_rng_state(gen_state)
+        vae.eval().requires_grad_(False)
+        return BaseVAE(vae, RANDOM_BASE, None, state_dict_hash(vae))
+    folder = _resolve_folder(spec, subfolder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DavaeError(f"base VAE config {folder / 'config.json'} is unreadable: {e}") from None
+    cls_name = cfg.get("_class_name", "AutoencoderKL")
+    if cls_name not in SUPPORTED_CLASSES:
+        raise DavaeError(f"base VAE class {cls_name!r} in {folder} is not supported ({', '.join(SUPPORTED_CLASSES)})")
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    try:
+        vae = cls.from_pretrained(str(folder))
+    except Exception as e:
+        raise DavaeError(f"cannot load base VAE from {folder}: {str(e).splitlines()[0][:200]}") from None
+    vae.eval().requires_grad_(False)
+    return BaseVAE(vae, spec, subfolder, folder_hash(folder))
+
+
+class LatentTransform(nn.Module):
+    """Maps the base VAE's posterior mean into the space the pretrained DiT was trained on, and back.
+
+    SD3-style: `(mean - shift_factor) * scaling_factor` from the VAE config. LightningDiT-style:
+    per-channel `(mean - m_c) / s_c` from the DiT's latent statistics. Stored as buffers, so the
+    transform travels with the DA-VAE artifact.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(channels))
+        self.register_buffer("scale", torch.ones(channels))
+
+    def set_affine(self, shift: float, scale: float) -> None:
+        self.shift.fill_(shift)
+        self.scale.fill_(scale)
+
+    def set_per_channel(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.shift.copy_(mean.flatten())
+        self.scale.copy_(1.0 / std.flatten())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift[:, None, None]) * self.scale[:, None, None]
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale[:, None, None] + self.shift[:, None, None]
+
+
+def load_latent_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std from a `.pt` (LightningDiT's latents_stats.pt) or `.safetensors` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DavaeError(f"base latent statistics file not found: {path}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        d = load_file(str(p))
+    else:
+        d = torch.load(str(p), map_location="cpu", weights_only=True)
+    if not isinstance(d, dict) or "mean" not in d or "std" not in d:
+        raise DavaeError(f"{path}: expected a dict with 'mean' and 'std' tensors")
+    mean, std = torch.as_tensor(d["mean"]).float().flatten(), torch.as_tensor(d["std"]).float().flatten()
+    if mean.numel() != channels or std.numel() != channels:
+        raise DavaeError(f"{path}: statistics have {mean.numel()} channels, the base VAE has {channels}")
+    return mean, std
+
+
+def base_encode_mean(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The base VAE's posterior mean (KL) or deterministic latent (Tiny), untransformed. x in [-1, 1]."""
+    if type(vae).__name__ == "AutoencoderTiny":
+        return vae.encoder(x)
+    return vae.encode(x).latent_dist.mean
+
+
+def base_decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Decode an untransformed base latent to an image in [-1, 1] (not clamped)."""
+    if type(vae).__name__ == "AutoencoderTiny":
+        return vae.decoder(z)
+    return vae.decode(z).sample
+
+
+def base_downsample_factor(vae: nn.Module) -> int:
+    cfg = vae.config
+    if type(vae).__name__ == "AutoencoderTiny":
+        return int(cfg.upsampling_scaling_factor) ** (len(cfg.encoder_block_out_channels) - 1)
+    return 2 ** (len(cfg.block_out_channels) - 1)

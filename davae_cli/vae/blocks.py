@@ -1,0 +1,176 @@
+"""The new DA-VAE blocks: base-encoder trunk wrapper, detail down block, decoder up block (SPEC §4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class EncoderTrunk(nn.Module):
+    """A copy of the base encoder that returns either its latent or its features before `conv_out`.
+
+    `mode="latent"`: the full encoder output (AutoencoderTiny: its latent; AutoencoderKL: the
+    posterior mean channels). `mode="trunk"`: features after the final norm + SiLU (KL) or before
+    the last conv (Tiny). Input x (B, 3, H, W) in [-1, 1]; output (B, F, H/f, W/f).
+    """
+
+    def __init__(self, encoder: nn.Module, kind: str, mode: str, latent_channels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.kind, self.mode, self.latent_channels = kind, mode, latent_channels
+
+    @property
+    def out_channels(self) -> int:
+        if self.mode == "latent":
+            return self.latent_channels
+        if self.kind == "tiny":
+            return self.encoder.layers[-1].in_channels
+        return self.encoder.conv_out.in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        if self.kind == "tiny":
+            if self.mode == "latent":
+                return enc(x)
+            # AutoencoderTiny's encoder maps [-1, 1] to [0, 1] before its layers
+            return enc.layers[:-1](x.add(1).div(2))
+        if self.mode == "latent":
+            return enc(x)[:, : self.latent_channels]
+        h = enc.conv_in(x)
+        for block in enc.down_blocks:
+            h = block(h)
+        h = enc.mid_block(h)
+        return enc.conv_act(enc.conv_norm_out(h))
+
+
+class DetailDownBlock(nn.Module):
+    """Features at 2x the latent grid (B, F, 2h, 2w) -> posterior mean and logvar (B, D, h, w) each.
+
+    3x3 conv to 2D/4 channels + pixel-unshuffle(2) -> 2D channels, plus a shortcut from the
+    pixel-unshuffled input: `zero_conv` (a zero-initialised 1x1 conv, ImageNet recipe),
+    `group_mean` (parameter-free: the mean of each group of 4F/D channels, added to the mean only,
+    SD3 recipe; with F = D this is the 2x2 average pool of each feature channel), or `base` (the
+    mean starts at z_base itself, so Proj(z_d) = z_base at step 0; needs D = C; plus a zero conv).
+    With `learn_logvar=False` the logvar is the constant `logvar_init` (a fixed posterior width).
+    """
+
+    def __init__(self, in_channels: int, detail_channels: int, shortcut: str = "zero_conv",
+                 conv_init: str = "default", logvar_init: float = 0.0, learn_logvar: bool = True):
+        super().__init__()
+        d = detail_channels
+        if (2 * d) % 4:
+            raise ValueError(f"2D = {2 * d} must be divisible by 4 for pixel-unshuffle(2)")
+        self.detail_channels, self.shortcut = d, shortcut
+        self.conv = nn.Conv2d(in_channels, 2 * d // 4, 3, padding=1)
+        if conv_init == "zero":
+            _zero(self.conv)
+        self.learn_logvar = learn_logvar
+        if shortcut in ("zero_conv", "base"):
+            self.skip = _zero(nn.Conv2d(4 * in_channels, 2 * d, 1))
+        elif shortcut == "group_mean":
+            if (4 * in_channels) % d:
+                raise ValueError(f"group_mean shortcut needs 4F = {4 * in_channels} divisible by D = {d}")
+            self.skip = None
+        else:
+            raise ValueError(f"unknown detail shortcut {shortcut!r}")
+        # a constant offset of the logvar channels (a buffer: part of the artifact, not trained)
+        self.register_buffer("logvar_offset", torch.tensor(float(logvar_init)))
+
+    def forward(self, feats: torch.Tensor, z_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.pixel_unshuffle(self.conv(feats), 2)  # (B, 2D, h, w)
+        unshuffled = F.pixel_unshuffle(feats, 2)  # (B, 4F, h, w)
+        if self.skip is not None:
+            h = h + self.skip(unshuffled)
+        mean, logvar = h.chunk(2, dim=1)
+        if self.shortcut == "group_mean":
+            b, c4, hh, ww = unshuffled.shape
+            mean = mean + unshuffled.reshape(b, self.detail_channels, c4 // self.detail_channels, hh, ww).mean(2)
+        elif self.shortcut == "base":
+            mean = mean + z_base
+        if not self.learn_logvar:
+            logvar = torch.zeros_like(logvar)
+        logvar = (logvar + self.logvar_offset).clamp(-30.0, 20.0)
+        return mean, logvar
+
+
+class DetailUpBlock(nn.Module):
+    """Latent (B, C+D, h, w) -> decoder input (B, G, 2h, 2w).
+
+    A 3x3 conv to 4G channels + pixel-shuffle(2) (or conv-SiLU-conv with `hidden` channels), plus a
+    parameter-free shortcut: `repeat` (repeat-interleave the C+D channels to 4G, then pixel-shuffle;
+    official code) or `none`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, base_channels: int, hidden: int = 0,
+                 shortcut: str = "repeat", conv_init: str = "default"):
+        super().__init__()
+        self.in_channels, self.out_channels, self.base_channels = in_channels, out_channels, base_channels
+        self.shortcut = shortcut
+        if hidden > 0:
+            self.conv = nn.Sequential(
+                nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, 4 * out_channels, 3, padding=1)
+            )
+            last = self.conv[-1]
+        else:
+            self.conv = nn.Conv2d(in_channels, 4 * out_channels, 3, padding=1)
+            last = self.conv
+        if conv_init == "zero":
+            _zero(last)
+        if shortcut == "repeat" and (4 * out_channels) % in_channels:
+            raise ValueError(f"repeat shortcut needs 4G = {4 * out_channels} divisible by C+D = {in_channels}")
+        if shortcut not in ("repeat", "none"):
+            raise ValueError(f"unknown up shortcut {shortcut!r}")
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.pixel_shuffle(self.conv(z), 2)
+        if self.shortcut == "repeat":
+            rep = (4 * self.out_channels) // self.in_channels
+            h = h + F.pixel_shuffle(z.repeat_interleave(rep, dim=1), 2)
+        return h
+
+
+class DecoderTrunk(nn.Module):
+    """A copy of the base decoder, entered either at its latent input or right after `conv_in`.
+
+    `mode="latent"`: the whole decoder on a full-resolution *untransformed* base latent.
+    `mode="trunk"`: skips the input conv (and Tiny's input clamp); input (B, G, H/f, W/f).
+    Output (B, 3, H, W) in about [-1, 1].
+    """
+
+    def __init__(self, decoder: nn.Module, kind: str, mode: str):
+        super().__init__()
+        self.decoder, self.kind, self.mode = decoder, kind, mode
+
+    @property
+    def in_channels(self) -> int:
+        if self.kind == "tiny":
+            conv_in = self.decoder.layers[0]
+        else:
+            conv_in = self.decoder.conv_in
+        return conv_in.in_channels if self.mode == "latent" else conv_in.out_channels
+
+    def last_layer(self) -> nn.Parameter:
+        """The weight of the decoder's final conv (for the adaptive GAN weight)."""
+        if self.kind == "tiny":
+            return self.decoder.layers[-1].weight
+        return self.decoder.conv_out.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dec = self.decoder
+        if self.mode == "latent":
+            return dec(h)
+        if self.kind == "tiny":
+            return dec.layers[1:](h).mul(2).sub(1)
+        # AutoencoderKL decoder from the mid block on (no time embedding, no spatial norm)
+        upscale_dtype = next(iter(dec.up_blocks.parameters())).dtype
+        h = dec.mid_block(h, None).to(upscale_dtype)
+        for block in dec.up_blocks:
+            h = block(h, None)
+        return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny base VAEs saved as diffusers folders, presets for them, tiny images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("DAVAE_LPIPS_RANDOM_BACKBONE", "1")  # LPIPS without downloading VGG weights
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TAESD3 = SHARED / "weights" / "taesd3"
+SUN_HAYS = SHARED / "data" / "sun_hays80"
+
+
+def _tiny_kl(path: Path, latent_channels: int = 4) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        scaling_factor=1.5, shift_factor=0.1,
+    )
+    vae.save_pretrained(str(path))
+    return path
+
+
+def _tiny_tae(path: Path, latent_channels: int = 4) -> Path:
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(2)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=latent_channels,
+    )
+    vae.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def kl_base(tmp_path_factory) -> Path:
+    """A tiny AutoencoderKL folder (f8, C = 4, shift 0.1, scale 1.5)."""
+    return _tiny_kl(tmp_path_factory.mktemp("kl_base"))
+
+
+@pytest.fixture(scope="session")
+def tae_base(tmp_path_factory) -> Path:
+    """A tiny AutoencoderTiny folder (f8, C = 4)."""
+    return _tiny_tae(tmp_path_factory.mktemp("tae_base"))
+
+
+def write_preset(path: Path, base: Path, style: str = "official", **overrides) -> Path:
+    """A preset YAML for the tiny test bases. `official`: SD3/ImageNet-style trunks (KL base, C=4,
+    D=12, r=3); `residual`: the CPU design of the `tiny` preset (Tiny base, C=4, D=4)."""
+    if style == "official":
+        vae = dict(base_vae=str(base), base_channels=4, detail_channels=12, downsample=8, detail_features="trunk",
+                   train_detail_trunk=True, detail_shortcut="zero_conv", decoder_input="trunk",
+                   train_decoder_trunk=True, up_shortcut="repeat", up_hidden=0)
+    else:
+        vae = dict(base_vae=str(base), base_channels=4, detail_channels=4, downsample=8, detail_features="residual",
+                   train_detail_trunk=False, detail_shortcut="base", logvar_init=-12.0, learn_logvar=False,
+                   decoder_input="residual", train_decoder_trunk=False, up_hidden=16, up_shortcut="none",
+                   up_conv_init="zero", up_input="detail_residual")
+    data = {
+        "name": f"test-{style}",
+        "vae": vae,
+        "loss": dict(l1=1.0, lpips=0.0, kl=1e-6, adv=0.0, align=0.5),
+        "train_vae": dict(resolution=32, crop_size=32, batch_size=2, steps=4, lr=1e-3, betas=[0.9, 0.999],
+                          warmup_steps=0, checkpoint_every=2, keep_checkpoints=2, log_every=1, eval_every=2,
+                          num_val=2, stats_images=4, seed=0, ema_decay=0.9),
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        data[section][name] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def images_dir(tmp_path) -> Path:
+    """Eight small random-texture RGB images (48x40 .. 64x56) plus one unreadable file."""
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        h, w = 48 + 2 * i, 40 + 2 * i
+        base = rng.integers(0, 255, size=(h // 8 + 1, w // 8 + 1, 3)).astype(np.uint8)
+        img = Image.fromarray(base).resize((w, h), Image.BICUBIC)
+        (d / ("sub" if i % 2 else "")).mkdir(exist_ok=True)
+        img.save(d / ("sub" if i % 2 else "") / f"img{i}.png")
+    (d / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return d

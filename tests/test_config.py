@@ -1,0 +1,73 @@
+import pytest
+
+from davae_cli.config import ConfigError, available_presets, load_preset, parse_override
+
+
+def test_bundled_presets_load_and_are_consistent():
+    names = available_presets()
+    assert {"tiny", "imagenet-512", "sd35m-1024", "sd35m-2048"} <= set(names)
+    for n in names:
+        p = load_preset(n)
+        assert p.vae.detail_channels % p.vae.base_channels == 0
+        assert p.train_vae.resolution % p.granularity == 0
+
+
+def test_recipe_shapes_match_the_paper():
+    im = load_preset("imagenet-512")
+    assert (im.vae.base_channels, im.vae.detail_channels, im.granularity) == (32, 96, 32)  # f32c128
+    sd = load_preset("sd35m-1024")
+    assert (sd.vae.base_channels, sd.vae.detail_channels, sd.granularity) == (16, 16, 16)
+    assert sd.train_vae.resolution // sd.granularity == 64  # 64x64x32 latent for 1024²
+    assert load_preset("sd35m-2048").train_vae.resolution // sd.granularity == 128
+    tiny = load_preset("tiny")
+    assert tiny.vae.base_vae == "madebyollin/taesd3" and tiny.train_vae.resolution == 256
+    assert tiny.loss.lpips == 0  # trains with no download
+
+
+def test_overrides_are_typed():
+    p = load_preset("tiny", ["loss.align=0", "train_vae.betas=[0.5, 0.9]", "vae.base_vae_subfolder=null",
+                             "train_vae.steps=7"])
+    assert p.loss.align == 0.0 and isinstance(p.loss.align, float)
+    assert p.train_vae.betas == (0.5, 0.9)
+    assert p.vae.base_vae_subfolder is None and p.train_vae.steps == 7
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.algin=1", "unknown key 'loss.algin'"),
+    ("nosection.x=1", "unknown key 'nosection'"),
+    ("train_vae.steps=ten", "train_vae.steps: expected an integer"),
+    ("train_vae.steps=1.5", "train_vae.steps: expected an integer"),
+    ("loss.sample_posterior=3", "loss.sample_posterior: expected true or false"),
+    ("vae.detail_features=pixels", "vae.detail_features: 'pixels' is not one of"),
+    ("vae.detail_channels=24", "D = 24 is not a multiple of C = 16"),
+    ("train_vae.resolution=200", "train_vae.resolution: 200 is not divisible by s*f = 16"),
+    ("train_vae.crop_size=40", "train_vae.crop_size: 40 is not a positive multiple"),
+    ("vae.scale=3", "vae.scale: only s = 2"),
+    ("train_vae.betas=[0.9]", "train_vae.betas: expected a list of 2 numbers"),
+    ("loss.align", "expected key=value"),
+])
+def test_bad_overrides_fail_with_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_preset("tiny", [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_preset_from_yaml_path(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("vae:\n  base_vae: random\ntrain_vae:\n  resolution: 64\n")
+    p = load_preset(str(f))
+    assert p.name == "mine" and p.train_vae.resolution == 64 and p.vae.base_vae == "random"
+    with pytest.raises(ConfigError, match="preset file not found"):
+        load_preset(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_preset("nope")
+    (tmp_path / "bad.yaml").write_text("vae: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_preset(str(tmp_path / "bad.yaml"))
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=1e-4") == ("a.b", 1e-4)
+    assert parse_override("a.b=madebyollin/taesd3") == ("a.b", "madebyollin/taesd3")
+    assert parse_override("a.b=") == ("a.b", "")

@@ -1,0 +1,128 @@
+"""The properties that define the DA-VAE tokenizer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from davae_cli import DavaeError, DetailAlignedVAE, load_base_vae, load_preset
+from davae_cli.latents import project
+from conftest import TAESD3, write_preset
+
+
+def build(tmp_path, base_dir, style="official", **kw):
+    p = load_preset(str(write_preset(tmp_path / "p.yaml", base_dir, style, **kw)))
+    base = load_base_vae(p.vae.base_vae, None, p.vae.base_channels)
+    return DetailAlignedVAE.from_base(base, p.vae), base, p
+
+
+@pytest.mark.parametrize("style, base_fixture", [("official", "kl_base"), ("residual", "tae_base")])
+def test_base_channels_are_the_transformed_base_posterior_mean_of_the_downsampled_image(tmp_path, request, style, base_fixture):
+    base_dir = request.getfixturevalue(base_fixture)
+    model, base, p = build(tmp_path, base_dir, style)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 48) * 2 - 1
+    with torch.no_grad():
+        enc = model.encode(x)
+        # independent reference: antialiased bicubic 1/2, clamp, base posterior mean, SD3-style transform
+        x_half = F.interpolate(x, size=(32, 24), mode="bicubic", antialias=True).clamp(-1, 1)
+        vae = base.vae
+        if style == "official":
+            mean = vae.encode(x_half).latent_dist.mean
+            ref = (mean - 0.1) * 1.5  # the tiny KL base's shift_factor / scaling_factor
+        else:
+            ref = vae.encode(x_half).latents
+        out = model.decode(enc.latent)
+    c = p.vae.base_channels
+    assert enc.latent.shape == (2, c + p.vae.detail_channels, 4, 3)
+    torch.testing.assert_close(enc.latent[:, :c], ref, rtol=1e-5, atol=1e-5)
+    assert out.shape == x.shape
+
+
+def test_projection_is_the_group_average_of_contiguous_channels():
+    # D = 6, C = 2, r = 3: Proj[0] = mean(z[0], z[1], z[2]), Proj[1] = mean(z[3], z[4], z[5])
+    z = torch.tensor([1.0, 2.0, 6.0, -3.0, 0.0, 9.0]).reshape(1, 6, 1, 1) * torch.ones(1, 6, 2, 2)
+    p = project(z, 2)
+    assert p.shape == (1, 2, 2, 2)
+    assert torch.all(p[0, 0] == 3.0) and torch.all(p[0, 1] == 2.0)
+    with pytest.raises(ValueError):
+        project(torch.zeros(1, 5, 1, 1), 2)
+
+
+def test_save_load_round_trip_and_base_identity(tmp_path, kl_base, tae_base):
+    model, base, _ = build(tmp_path, kl_base)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.01 * torch.randn_like(prm))  # not just the initial values
+    model.set_detail_stats(torch.arange(12.0), torch.ones(12) * 2, 5)
+    model.save_pretrained(str(tmp_path / "davae"))
+    loaded = DetailAlignedVAE.from_pretrained(tmp_path / "davae")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(loaded.encode(x).latent), model.decode(model.encode(x).latent))
+    assert torch.equal(loaded.detail_mean, torch.arange(12.0)) and int(loaded.detail_stats_images) == 5
+    assert loaded.config.base_vae_hash == base.content_hash
+    assert loaded.config.base_vae_source == str(kl_base.resolve())
+    # a different base VAE is refused, a missing one gives a clear error
+    with pytest.raises(DavaeError, match="is a different model"):
+        DetailAlignedVAE.from_pretrained(tmp_path / "davae", base_vae=str(tae_base))
+    with pytest.raises(DavaeError, match="cannot be loaded"):
+        DetailAlignedVAE.from_pretrained(tmp_path / "davae", base_vae=str(tmp_path / "nowhere"))
+    with pytest.raises(DavaeError, match="not a DA-VAE folder"):
+        DetailAlignedVAE.from_pretrained(tmp_path / "nothing")
+
+
+def test_residual_decoder_starts_as_exactly_the_baseline(tmp_path, tae_base):
+    model, _, _ = build(tmp_path, tae_base, "residual", vae__detail_conv_init="zero")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        enc = model.encode(x)
+        torch.testing.assert_close(model.decode(enc.latent), model.decode_baseline(enc.z_base), rtol=0, atol=0)
+        # the `base` shortcut with a zero-initialised conv: z_d starts as z_base, the alignment loss at 0
+        torch.testing.assert_close(project(enc.mean, 4), enc.z_base)
+
+
+def test_shape_mismatches_are_refused(tmp_path, kl_base):
+    p = load_preset(str(write_preset(tmp_path / "p.yaml", kl_base)), ["vae.base_channels=8", "vae.detail_channels=16"])
+    base = load_base_vae(str(kl_base))
+    with pytest.raises(DavaeError, match="C = 8, the base VAE .* has 4"):
+        DetailAlignedVAE.from_base(base, p.vae)
+    model, _, _ = build(tmp_path, kl_base)
+    with pytest.raises(DavaeError, match="not a multiple of s\\*f = 16"):
+        model.encode(torch.zeros(1, 3, 40, 32))
+
+
+def test_only_the_recipe_parts_train(tmp_path, kl_base, tae_base):
+    model, _, _ = build(tmp_path, kl_base, vae__train_detail_trunk=False)
+    assert not any(p.requires_grad for p in model.detail_trunk.parameters())
+    assert all(p.requires_grad for p in model.decoder_trunk.parameters())
+    assert all(p.requires_grad for p in model.down.parameters())
+    tiny, _, _ = build(tmp_path, tae_base, "residual")
+    assert tiny.detail_trunk is None and tiny.decoder_trunk is None
+    assert all(p.requires_grad for p in tiny.parameters())
+    assert not any(p.requires_grad for p in tiny.base.vae.parameters())
+
+
+def test_random_base_is_deterministic():
+    a, b = load_base_vae("random"), load_base_vae("random")
+    assert a.content_hash == b.content_hash
+
+
+@pytest.mark.skipif(not TAESD3.is_dir(), reason="../shared/weights/taesd3 not present")
+def test_tiny_preset_on_real_taesd3_is_the_baseline_at_step_0():
+    p = load_preset("tiny", [f"vae.base_vae={TAESD3}"])
+    base = load_base_vae(str(TAESD3))
+    model = DetailAlignedVAE.from_base(base, p.vae).eval()
+    import skimage.data
+
+    img = torch.from_numpy(skimage.data.astronaut()[128:384, 128:384].copy()).permute(2, 0, 1).float() / 127.5 - 1
+    x = img[None]
+    with torch.no_grad():
+        enc = model.encode(x)
+        rec = model.decode(enc.latent).clamp(-1, 1)
+        a = model.decode_baseline(enc.z_base)
+        c = model.reconstruct_base_full(x)
+    assert enc.latent.shape == (1, 32, 16, 16)
+    torch.testing.assert_close(rec, a)
+    from davae_cli.metrics import psnr
+
+    assert psnr(c, x).item() > psnr(a, x).item()  # the full-res base is the upper reference

@@ -1,0 +1,119 @@
+"""train-vae: losses, checkpoints, exact resume after a kill, export."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from davae_cli import DavaeError, DetailAlignedVAE, load_preset
+from davae_cli.train.loop import latest_checkpoint
+from davae_cli.train.vae import train_vae
+from davae_cli.vae.losses import align_loss, build_lpips, grad_norm_ratio, hinge_d_loss, kl_divergence
+from conftest import write_preset
+
+
+def test_kl_hinge_and_alignment_against_hand_computation():
+    mean = torch.tensor([[[[1.0]], [[0.0]]]])  # (1, 2, 1, 1)
+    logvar = torch.tensor([[[[0.0]], [[2.0]]]])
+    # 0.5*(1 + 1 - 1 - 0) = 0.5 ; 0.5*(0 + e^2 - 1 - 2) ; averaged over 2 elements
+    expected = (0.5 + 0.5 * (torch.e**2 - 3)) / 2
+    assert kl_divergence(mean, logvar).item() == pytest.approx(expected, rel=1e-6)
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    # real: relu(1-2)=0, relu(1-0.5)=0.5 -> 0.25 ; fake: relu(1-2)=0, relu(1.5)=1.5 -> 0.75 ; 0.5*(0.25+0.75)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5)
+    z_d = torch.tensor([1.0, 3.0, 5.0, 7.0]).reshape(1, 4, 1, 1)  # r = 2 -> Proj = (2, 6)
+    z_b = torch.tensor([1.0, 4.0]).reshape(1, 2, 1, 1)
+    assert align_loss(z_d, z_b).item() == pytest.approx(((2 - 1) ** 2 + (6 - 4) ** 2) / 2)
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    a = (3.0 * w).sum()  # grad (3, 3)
+    b = (w**2).sum()  # grad (2, 4)
+    ratio = grad_norm_ratio(a, b, w)
+    assert ratio.item() == pytest.approx((18**0.5) / (20**0.5 + 1e-4), rel=1e-6)
+
+
+def test_missing_lpips_weights_give_a_one_line_error(monkeypatch):
+    import lpips
+
+    def boom(*a, **k):
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(lpips, "LPIPS", boom)
+    with pytest.raises(DavaeError, match="--set loss.lpips=0") as e:
+        build_lpips("vgg", random_backbone=False)
+    assert "\n" not in str(e.value)
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+            if r.get("event") == "train"}
+
+
+def _cli(args, env=None, check=True):
+    full_env = {**os.environ, **(env or {})}
+    res = subprocess.run([sys.executable, "-m", "davae_cli", *args], capture_output=True, text=True, env=full_env)
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}: {res.stderr[-2000:]}")
+    return res
+
+
+@pytest.mark.parametrize("style, base_fixture, extra", [
+    ("residual", "tae_base", []),
+    # the paper's full loss on the official architecture: LPIPS, a PatchGAN from step 1, adaptive alignment
+    ("official", "kl_base", ["--set", "loss.lpips=0.5", "--set", "loss.adv=0.1", "--set", "loss.disc_start=1",
+                             "--set", "loss.align_mode=adaptive", "--set", "loss.detail_dropout=0.5"]),
+])
+def test_resume_after_a_kill_continues_with_the_same_losses(tmp_path, images_dir, request, style, base_fixture, extra):
+    preset = write_preset(tmp_path / "p.yaml", request.getfixturevalue(base_fixture), style)
+    common = ["train-vae", "--preset", str(preset), "--data", str(images_dir), *extra]
+    full = tmp_path / "full"
+    _cli([*common, "--out", str(full)])
+    killed = tmp_path / "killed"
+    res = _cli([*common, "--out", str(killed)], env={"DAVAE_KILL_AFTER_STEP": "2"}, check=False)
+    assert res.returncode == 137
+    assert latest_checkpoint(killed).name == "step-0000002" and not (killed / "final").exists()
+    # a second start without --resume refuses to touch the run
+    again = _cli([*common, "--out", str(killed)], check=False)
+    assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    _cli([*common, "--out", str(killed), "--resume"])
+    a, b = _losses(full), _losses(killed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    # the exported models are identical
+    ma = DetailAlignedVAE.from_pretrained(full / "final")
+    mb = DetailAlignedVAE.from_pretrained(killed / "final")
+    for (n, p), (_, q) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    # keep_checkpoints = 2: exactly the last two remain
+    assert sorted(p.name for p in (full / "checkpoints").glob("step-*")) == ["step-0000002", "step-0000004"]
+
+
+def test_training_lowers_the_loss_and_logs_evaluations(tmp_path, images_dir, tae_base):
+    p = load_preset(str(write_preset(tmp_path / "p.yaml", tae_base, "residual")),
+                    ["train_vae.steps=30", "train_vae.eval_every=30", "train_vae.checkpoint_every=30",
+                     "train_vae.batch_size=4", "train_vae.lr_new_blocks=3e-3", "loss.align=0"])
+    res = train_vae(p, [str(images_dir)], tmp_path / "run")
+    recs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train = [r["l1"] for r in recs if r["event"] == "train"]
+    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[0]["davae.psnr"] == pytest.approx(evals[0]["base_half_bicubic.psnr"], abs=1e-4)  # starts as the baseline
+    assert {"davae.ssim", "base_full.psnr", "align_mse", "gap_closed"} <= set(evals[-1])
+    assert res.skipped_images == 1  # broken.jpg
+    assert (tmp_path / "run" / "samples" / "step-0000030.png").is_file()
+    model = DetailAlignedVAE.from_pretrained(tmp_path / "run" / "final")
+    assert int(model.detail_stats_images) == 4 and torch.all(model.detail_std > 0)
+
+
+def test_steps_zero_exports_without_data(tmp_path, kl_base):
+    p = load_preset(str(write_preset(tmp_path / "p.yaml", kl_base)), ["train_vae.steps=0"])
+    res = train_vae(p, [], tmp_path / "run0")
+    m = DetailAlignedVAE.from_pretrained(res.final_dir)
+    assert m.latent_channels == 16 and int(m.detail_stats_images) == 0
