@@ -65,10 +65,10 @@ def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | P
     g = vae.granularity
     if res is not None and (res < g or res % g):
         raise DavaeError(f"--res {res} is not a positive multiple of the model's granularity s*f = {g}")
-    source = D.list_images(inputs)
+    source = D.list_images(inputs, missing_ok=True)
     report = BatchReport()
     for path, why in source.skipped:
-        report.failed.append((path, f"unreadable image: {why}"))
+        report.failed.append((path, why if why == "not found" else f"unreadable image: {why}"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if on_total:

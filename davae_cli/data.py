@@ -40,10 +40,11 @@ class ImageSource:
         return it[1] if isinstance(it, tuple) else Path(it).stem
 
 
-def list_images(inputs: Iterable[str | Path], check: bool = True) -> ImageSource:
+def list_images(inputs: Iterable[str | Path], check: bool = True, missing_ok: bool = False) -> ImageSource:
     """Images under `inputs` (files or folders, recursive, sorted). `skimage` names the bundled photos.
 
-    With `check`, each file's header is read once; unreadable files are skipped and recorded.
+    With `check`, each file's header is read once; unreadable files are skipped and recorded. A
+    missing input raises, or with `missing_ok` is recorded in `skipped` as "not found".
     """
     src = ImageSource()
     for inp in inputs:
@@ -52,6 +53,9 @@ def list_images(inputs: Iterable[str | Path], check: bool = True) -> ImageSource
             src.items += [(SKIMAGE_SOURCE, n) for n in SKIMAGE_PHOTOS]
             continue
         if not p.exists():
+            if missing_ok:
+                src.skipped.append((str(inp), "not found"))
+                continue
             raise DavaeError(f"input not found: {inp}")
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         for f in files:

@@ -55,15 +55,27 @@ def resolve_preset(preset: str, sets: Optional[list[str]], extra: Optional[list[
     return load_preset(preset, list(sets or []) + list(extra or []))
 
 
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> null, so stdout is always valid JSON."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, default=float) + "\n")
+    sys.stdout.write(json.dumps(_finite(obj), default=float, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
 def progress_bar(transient: bool = False) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=err, transient=transient)
+    # the essentials first, so a narrow terminal truncates the loss read-out rather than the ETA
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=16),
+                    MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    TextColumn("{task.fields[info]}"), console=err, transient=transient)
 
 
 class RichTrainCallbacks(Callbacks):

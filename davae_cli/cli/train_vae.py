@@ -67,7 +67,8 @@ def train_vae_cmd(
             typer.echo(f"  (a) base at 1/2 + bicubic  PSNR {m['base_half_bicubic.psnr']:.2f} dB  SSIM {m['base_half_bicubic.ssim']:.4f}")
             typer.echo(f"  (b) DA-VAE (same tokens)   PSNR {m['davae.psnr']:.2f} dB  SSIM {m['davae.ssim']:.4f}")
             typer.echo(f"  (c) base at full res (4x)  PSNR {m['base_full.psnr']:.2f} dB  SSIM {m['base_full.ssim']:.4f}")
-            typer.echo(f"  gap (a)->(c) closed: {100 * m['gap_closed']:.1f}%   MSE(Proj(z_d), z_base) {m['align_mse']:.4f}")
+            gap = "n/a (c is not better than a)" if m["gap_closed"] is None else f"{100 * m['gap_closed']:.1f}%"
+            typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}   MSE(Proj(z_d), z_base) {m['align_mse']:.4f}")
         if result.skipped_images:
             err.print(f"{result.skipped_images} unreadable image(s) were skipped")
         typer.echo(f"DA-VAE written to {result.final_dir}")
