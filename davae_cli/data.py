@@ -173,27 +173,23 @@ class StepCropDataset(torch.utils.data.Dataset):
         raise DavaeError("none of the training images could be read")
 
 
-class RangeSampler(torch.utils.data.Sampler):
-    """Yields sample indices start, start+1, ... (a resumable, shardable sequential order)."""
+class StepSampler(torch.utils.data.Sampler):
+    """Global sample counters of steps [step_from, step_to) for one process, generated lazily.
 
-    def __init__(self, indices: list[int]):
-        self.indices = indices
+    Each step uses world * batch_size consecutive counters and this rank takes its contiguous slice,
+    so the data order is a pure function of (seed, step) whatever the number of processes.
+    """
+
+    def __init__(self, step_from: int, step_to: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.step_from, self.step_to, self.batch_size, self.rank, self.world = step_from, step_to, batch_size, rank, world
 
     def __iter__(self):
-        return iter(self.indices)
+        for step in range(self.step_from, self.step_to):
+            first = (step * self.world + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
 
     def __len__(self) -> int:
-        return len(self.indices)
-
-
-def sample_indices(step_from: int, step_to: int, batch_size: int, rank: int, world: int) -> list[int]:
-    """Global sample counters of steps [step_from, step_to) for one process: each step uses
-    world*batch_size consecutive counters, this rank takes its contiguous slice."""
-    out = []
-    for step in range(step_from, step_to):
-        base = (step * world + rank) * batch_size
-        out.extend(range(base, base + batch_size))
-    return out
+        return max(0, self.step_to - self.step_from) * self.batch_size
 
 
 def center_crops(source: ImageSource, size: int) -> tuple[torch.Tensor, list[str]]:

@@ -117,3 +117,44 @@ def test_steps_zero_exports_without_data(tmp_path, kl_base):
     res = train_vae(p, [], tmp_path / "run0")
     m = DetailAlignedVAE.from_pretrained(res.final_dir)
     assert m.latent_channels == 16 and int(m.detail_stats_images) == 0
+
+
+def test_data_order_is_a_function_of_step_and_rank():
+    from davae_cli.data import StepSampler
+
+    # two processes, batch 2: step 0 -> rank 0 takes 0,1 and rank 1 takes 2,3; step 1 -> 4,5 / 6,7
+    assert list(StepSampler(0, 2, 2, rank=0, world=2)) == [0, 1, 4, 5]
+    assert list(StepSampler(0, 2, 2, rank=1, world=2)) == [2, 3, 6, 7]
+    # resuming at step 1 yields exactly the rest of the uninterrupted order
+    assert list(StepSampler(1, 3, 3)) == list(StepSampler(0, 3, 3))[3:]
+    assert len(StepSampler(5, 9, 4)) == 16
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path, images_dir, tae_base):
+    import signal
+    import time
+
+    preset = write_preset(tmp_path / "p.yaml", tae_base, "residual", train_vae__steps=400,
+                          train_vae__checkpoint_every=1000, train_vae__eval_every=1000)
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "davae_cli", "train-vae", "--preset", str(preset), "--data", str(images_dir),
+            "--out", str(run_dir)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        log = run_dir / "log.jsonl"
+        if log.is_file() and '"event": "train"' in log.read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    ckpt = latest_checkpoint(run_dir)
+    stopped_at = int(ckpt.name.split("-")[1])
+    assert 1 <= stopped_at < 400
+    # resume and finish early (--steps may change on resume)
+    _cli(["train-vae", "--preset", str(preset), "--data", str(images_dir), "--out", str(run_dir), "--resume",
+          "--steps", str(stopped_at + 2)])
+    assert (run_dir / "final" / "config.json").is_file()
+    assert max(_losses(run_dir)) == stopped_at + 2

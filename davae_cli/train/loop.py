@@ -122,3 +122,33 @@ def maybe_kill(step: int) -> None:
     target = os.environ.get(KILL_ENV)
     if target is not None and int(target) == step:
         os._exit(137)
+
+
+class GracefulInterrupt:
+    """Turns the first Ctrl-C (SIGINT/SIGTERM) into a flag checked between steps, so the trainer can
+    write a consistent checkpoint and stop; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False

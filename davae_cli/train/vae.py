@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import latents as L
 from ..config import ConfigError, Preset, preset_from_dict
-from ..data import (ImageSource, RangeSampler, StepCropDataset, center_crops, list_images, sample_indices)
+from ..data import ImageSource, StepCropDataset, StepSampler, center_crops, list_images
 from ..errors import DavaeError
 from ..latents import atomic_write_bytes
 from ..metrics import psnr, ssim
@@ -28,7 +28,7 @@ from ..vae.base import load_base_vae
 from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm_ratio, hinge_d_loss,
                           kl_divergence)
 from ..vae.model import DetailAlignedVAE
-from .loop import (Callbacks, JsonlLog, latest_checkpoint, load_checkpoint, maybe_kill, rng_state,
+from .loop import (Callbacks, GracefulInterrupt, JsonlLog, latest_checkpoint, load_checkpoint, maybe_kill, rng_state,
                    save_checkpoint, set_rng_state)
 
 
@@ -328,7 +328,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     dataset = StepCropDataset(train_source, crop, t.seed, (total * world + world) * t.batch_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=t.batch_size, num_workers=t.num_workers,
-        sampler=RangeSampler(sample_indices(start_step, total, t.batch_size, rank, world)), drop_last=False,
+        sampler=StepSampler(start_step, total, t.batch_size, rank, world), drop_last=False,
     )
     val_images = center_crops(val_source, t.resolution)[0] if len(val_source) else None
     log = JsonlLog(run_dir / "log.jsonl", resume_step=start_step if ckpt_path is not None else None)
@@ -365,55 +365,62 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     if start_step == 0 and val_images is not None:
         evaluate(0)
 
+    def checkpoint(at: int) -> None:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": at, "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "rng": rng_state(), "preset": preset.to_dict()}
+            if disc is not None:
+                state.update(disc=acc.unwrap_model(disc).state_dict(), opt_d=opt_d.state_dict())
+            save_checkpoint(run_dir, at, state, t.keep_checkpoints)
+
     raw.train()
-    if raw.base.vae.training:
-        raw.base.vae.eval()
     last_metrics: dict = {}
     t0, step = time.time(), start_step
     it = iter(loader)
-    while step < total:
-        x = next(it).to(device, non_blocking=True)
-        gen = torch.Generator(device=device).manual_seed(int(t.seed * 1_000_003 + step * 7919 + rank))
-        with acc.autocast():
-            loss, parts, x_hat = stepper.generator_losses(model, raw, x, step, gen)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        if acc.sync_gradients and t.grad_clip > 0:
-            parts["grad_norm"] = float(acc.clip_grad_norm_(trainable, t.grad_clip))
-        if not math.isfinite(parts["loss"]):
-            opt.zero_grad(set_to_none=True)
-            parts["skipped"] = 1
-        else:
-            opt.step()
-        sched.step()
-        ema.step(trainable)
-        if disc is not None and step >= lo.disc_start:
+    with GracefulInterrupt() as interrupt:
+        while step < total:
+            x = next(it).to(device, non_blocking=True)
+            gen = torch.Generator(device=device).manual_seed(int(t.seed * 1_000_003 + step * 7919 + rank))
             with acc.autocast():
-                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            acc.backward(d_loss)
-            opt_d.step()
-            parts["d_loss"] = d_loss.item()
-        step += 1
-        parts["lr"] = sched.get_last_lr()[0]
-        last_metrics = parts
-        if acc.is_main_process and (step % t.log_every == 0 or step == total):
-            log.write({"step": step, "event": "train", "elapsed_s": round(time.time() - t0, 2), **parts})
-        cb.on_step(step, parts)
-        if step % t.eval_every == 0 and step != total:
-            res = evaluate(step)
-            if res:
-                cb.on_message(f"step {step}: held-out PSNR {res['davae.psnr']:.2f} dB "
-                              f"(baseline {res['base_half_bicubic.psnr']:.2f}, full-res base {res['base_full.psnr']:.2f})")
-        if step % t.checkpoint_every == 0 or step == total:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                state = {"step": step, "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict(), "rng": rng_state(), "preset": preset.to_dict()}
-                if disc is not None:
-                    state.update(disc=acc.unwrap_model(disc).state_dict(), opt_d=opt_d.state_dict())
-                save_checkpoint(run_dir, step, state, t.keep_checkpoints)
-            maybe_kill(step)
+                loss, parts, x_hat = stepper.generator_losses(model, raw, x, step, gen)
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            if acc.sync_gradients and t.grad_clip > 0:
+                parts["grad_norm"] = float(acc.clip_grad_norm_(trainable, t.grad_clip))
+            if not math.isfinite(parts["loss"]):
+                opt.zero_grad(set_to_none=True)
+                parts["skipped"] = 1
+            else:
+                opt.step()
+            sched.step()
+            ema.step(trainable)
+            if disc is not None and step >= lo.disc_start:
+                with acc.autocast():
+                    d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
+                opt_d.zero_grad(set_to_none=True)
+                acc.backward(d_loss)
+                opt_d.step()
+                parts["d_loss"] = d_loss.item()
+            step += 1
+            parts["lr"] = sched.get_last_lr()[0]
+            last_metrics = parts
+            if acc.is_main_process and (step % t.log_every == 0 or step == total):
+                log.write({"step": step, "event": "train", "elapsed_s": round(time.time() - t0, 2), **parts})
+            cb.on_step(step, parts)
+            if step % t.eval_every == 0 and step != total:
+                res = evaluate(step)
+                if res:
+                    cb.on_message(f"step {step}: held-out PSNR {res['davae.psnr']:.2f} dB "
+                                  f"(baseline {res['base_half_bicubic.psnr']:.2f}, full-res base {res['base_full.psnr']:.2f})")
+            if step % t.checkpoint_every == 0 or step == total:
+                checkpoint(step)
+                maybe_kill(step)
+            elif interrupt.requested:
+                checkpoint(step)  # keep the work: a consistent checkpoint at the last completed step
+            if interrupt.requested:
+                cb.on_message(f"interrupted: checkpoint at step {step}; continue with --resume")
+                raise KeyboardInterrupt
 
     final_eval = evaluate(total)
     # export the EMA weights with the detail channels' statistics measured on the training images

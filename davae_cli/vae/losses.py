@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -88,9 +87,3 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-@dataclass
-class LossTerms:
-    total: torch.Tensor
-    parts: dict = field(default_factory=dict)  # float values for logging
