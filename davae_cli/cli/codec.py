@@ -27,6 +27,13 @@ def _load(vae: Path, base_vae: Optional[str], device: Optional[str]):
     return model.to(dev).eval()
 
 
+def _with_progress(label: str, fn, *args, **kwargs):
+    """Run a batch function of davae_cli.codec with a progress bar on stderr."""
+    with progress_bar() as bar:
+        task = bar.add_task(label, total=None, info="")
+        return fn(*args, progress=lambda n: bar.advance(task, n), on_total=lambda n: bar.update(task, total=n), **kwargs)
+
+
 def _finish(report, json_out: bool, what: str) -> None:
     if json_out:
         print_json(report.to_dict())
@@ -66,11 +73,8 @@ def encode_cmd(
         from ..codec import encode_images
 
         model = _load(vae, base_vae, device)
-        with progress_bar() as bar:
-            task = bar.add_task("encode", total=None, info="")
-            report = encode_images(model, inputs, out, res=res, batch_size=batch_size, sample=sample, seed=seed,
-                                   overwrite=overwrite, progress=lambda n: bar.advance(task, n),
-                                   on_total=lambda n: bar.update(task, total=n))
+        report = _with_progress("encode", encode_images, model, inputs, out, res=res, batch_size=batch_size,
+                                sample=sample, seed=seed, overwrite=overwrite)
         _finish(report, json_out, "latent file(s)")
 
 
@@ -95,8 +99,5 @@ def decode_cmd(
         from ..codec import decode_latents
 
         model = _load(vae, base_vae, device)
-        with progress_bar() as bar:
-            task = bar.add_task("decode", total=None, info="")
-            report = decode_latents(model, inputs, out, overwrite=overwrite, progress=lambda n: bar.advance(task, n),
-                                    on_total=lambda n: bar.update(task, total=n))
+        report = _with_progress("decode", decode_latents, model, inputs, out, overwrite=overwrite)
         _finish(report, json_out, "image(s)")

