@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +102,12 @@ def images_dir(tmp_path) -> Path:
         img.save(d / ("sub" if i % 2 else "") / f"img{i}.png")
     (d / "broken.jpg").write_bytes(b"this is not a jpeg")
     return d
+
+
+def run_cli(*args, check=True, env=None):
+    """The CLI in a fresh process, as a user's script would call it."""
+    res = subprocess.run([sys.executable, "-m", "davae_cli", *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "120", **(env or {})})
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}\n{res.stderr[-3000:]}")
+    return res

@@ -1,9 +1,6 @@
 """The CLI end to end on tiny models: train-vae --steps 0, encode, decode, and every bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,15 +8,10 @@ import torch
 from PIL import Image
 
 from davae_cli.latents import load_latent, save_latent
-from conftest import write_preset
+from conftest import run_cli, write_preset
 
 
-def run(*args, check=True):
-    res = subprocess.run([sys.executable, "-m", "davae_cli", *map(str, args)], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "120"})
-    if check and res.returncode != 0:
-        raise AssertionError(f"exit {res.returncode}\n{res.stderr[-3000:]}")
-    return res
+run = run_cli
 
 
 def one_line_error(res, fragment):

@@ -3,10 +3,7 @@ computation, statistics files, tokenizer metrics, and every bad input as one `Er
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -17,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
-from conftest import write_preset
+from conftest import run_cli, write_preset
 from davae_cli import fid as FID
 from davae_cli.cli.app import app
 from davae_cli.errors import DavaeError
@@ -86,13 +83,7 @@ def invoke(*args, ok=True):
     return res
 
 
-def run(*args, check=True):
-    """The CLI in a fresh process, as a script would call it."""
-    res = subprocess.run([sys.executable, "-m", "davae_cli", *map(str, args)], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "120"})
-    if check and res.returncode != 0:
-        raise AssertionError(f"exit {res.returncode}\n{res.stderr[-3000:]}")
-    return res
+run = run_cli
 
 
 def fid_json(extractor, *args):

@@ -1,7 +1,6 @@
 """train-vae: losses, checkpoints, exact resume after a kill, export."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ from davae_cli import DavaeError, DetailAlignedVAE, load_preset
 from davae_cli.train.loop import latest_checkpoint
 from davae_cli.train.vae import train_vae
 from davae_cli.vae.losses import align_loss, build_lpips, grad_norm_ratio, hinge_d_loss, kl_divergence
-from conftest import write_preset
+from conftest import run_cli, write_preset
 
 
 def test_kl_hinge_and_alignment_against_hand_computation():
@@ -55,11 +54,7 @@ def _losses(run_dir):
 
 
 def _cli(args, env=None, check=True):
-    full_env = {**os.environ, **(env or {})}
-    res = subprocess.run([sys.executable, "-m", "davae_cli", *args], capture_output=True, text=True, env=full_env)
-    if check and res.returncode != 0:
-        raise AssertionError(f"exit {res.returncode}: {res.stderr[-2000:]}")
-    return res
+    return run_cli(*args, env=env, check=check)
 
 
 @pytest.mark.parametrize("style, base_fixture, extra", [

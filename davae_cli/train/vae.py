@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import latents as L
-from ..config import ConfigError, Preset, preset_from_dict
+from ..config import Preset, preset_from_dict
 from ..data import ImageSource, StepCropDataset, StepSampler, center_crops, list_images
 from ..errors import DavaeError
 from ..latents import atomic_write_bytes
