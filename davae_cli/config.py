@@ -35,6 +35,9 @@ class VAEConfig:
     downsample: int = 8  # f: spatial downsampling of the base VAE
     scale: int = 2  # s: resolution factor between the DA-VAE input and the base input
     base_latent_stats: Optional[str] = None  # .pt/.safetensors with per-channel mean/std (LightningDiT latents)
+    # how z_base is normalised: "config" = (mean - shift_factor) * scaling_factor from the VAE config (SD3),
+    # "stats" = per-channel statistics from base_latent_stats (LightningDiT), which must then be given
+    base_latent_transform: Literal["config", "stats"] = "config"
     # detail encoder input: a copy of the base encoder ("trunk": features before conv_out; "latent": its
     # output) on the full image, or "residual": the pixels of x minus the baseline (base at 1/s + bicubic)
     detail_features: Literal["latent", "trunk", "residual"] = "trunk"

@@ -126,3 +126,17 @@ def test_tiny_preset_on_real_taesd3_is_the_baseline_at_step_0():
     from davae_cli.metrics import psnr
 
     assert psnr(c, x).item() > psnr(a, x).item()  # the full-res base is the upper reference
+
+
+def test_stats_transform_requires_the_file_and_uses_it(tmp_path, kl_base):
+    with pytest.raises(DavaeError, match="vae.base_latent_stats is required"):
+        build(tmp_path, kl_base, vae__base_latent_transform="stats")
+    mean, std = torch.tensor([0.5, -1.0, 0.0, 2.0]), torch.tensor([2.0, 0.5, 1.0, 4.0])
+    torch.save({"mean": mean, "std": std}, tmp_path / "latents_stats.pt")
+    model, base, _ = build(tmp_path, kl_base, vae__base_latent_transform="stats",
+                           vae__base_latent_stats=str(tmp_path / "latents_stats.pt"))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        raw = base.vae.encode(F.interpolate(x, size=(16, 16), mode="bicubic", antialias=True).clamp(-1, 1)).latent_dist.mean
+        z = model.encode(x).z_base
+    torch.testing.assert_close(z, (raw - mean[None, :, None, None]) / std[None, :, None, None], rtol=1e-5, atol=1e-5)

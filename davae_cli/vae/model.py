@@ -133,6 +133,10 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         f = base_downsample_factor(vae)
         if f != vcfg.downsample:
             raise DavaeError(f"vae.downsample: the preset says f = {vcfg.downsample}, the base VAE {base.source!r} has f = {f}")
+        if vcfg.base_latent_transform == "stats" and not vcfg.base_latent_stats:
+            raise DavaeError("vae.base_latent_stats is required: this preset normalises z_base with the DiT's "
+                             "per-channel latent statistics (e.g. LightningDiT's latents_stats.pt); "
+                             "pass --set vae.base_latent_stats=PATH")
         model = cls(
             base_vae_config=base.config,
             base_vae_source=_portable_source(base.source),
@@ -154,14 +158,14 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             up_input=vcfg.up_input,
             train_detail_trunk=vcfg.train_detail_trunk,
             train_decoder_trunk=vcfg.train_decoder_trunk,
-            latent_transform="per_channel" if vcfg.base_latent_stats else "affine",
+            latent_transform="per_channel" if vcfg.base_latent_transform == "stats" else "affine",
         )
         if model.detail_trunk is not None:
             model.detail_trunk.encoder.load_state_dict(vae.encoder.state_dict())
         if model.decoder_trunk is not None:
             model.decoder_trunk.decoder.load_state_dict(vae.decoder.state_dict())
         with torch.no_grad():
-            if vcfg.base_latent_stats:
+            if vcfg.base_latent_transform == "stats":
                 mean, std = load_latent_stats(vcfg.base_latent_stats, c)
                 model.transform.set_per_channel(mean, std)
             else:
