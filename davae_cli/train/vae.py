@@ -67,7 +67,8 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool) -> tuple[Preset
         import yaml
 
         saved = preset_from_dict(yaml.safe_load(cfg_path.read_text()))
-        diff = [k for k in _differences(saved.to_dict(), preset.to_dict()) if k not in ("train_vae.steps", "name")]
+        ignored = ("train_vae.steps", "name", "description")  # what may differ: the length, and labels
+        diff = [k for k in _differences(saved.to_dict(), preset.to_dict()) if k not in ignored]
         if diff:
             raise DavaeError(f"--resume: the run was made with different settings ({', '.join(diff[:4])}); "
                              f"resume with the same preset and --set values")
