@@ -42,7 +42,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _claim_output(out: Path, name: str, claimed: set, overwrite: bool, report: BatchReport, item: str) -> bool:
+def _claim_output(out: Path, claimed: set, overwrite: bool, report: BatchReport, item: str) -> bool:
     if out in claimed:
         report.failed.append((item, f"another input also maps to {out.name} (same file stem)"))
         return False
@@ -62,6 +62,7 @@ def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | P
     cropped down to a multiple of s*f (an image already at that size is untouched)."""
     if batch_size < 1:
         raise DavaeError("--batch-size must be >= 1")
+    progress = progress or (lambda n: None)
     g = vae.granularity
     if res is not None and (res < g or res % g):
         raise DavaeError(f"--res {res} is not a positive multiple of the model's granularity s*f = {g}")
@@ -94,15 +95,13 @@ def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | P
                     "source_size": orig, "transform": transform, "format": "davae-latent-v1"}
             save_latent(out, lat, meta)
             report.written.append(str(out))
-        if progress:
-            progress(len(items))
+        progress(len(items))
 
     for i, item in enumerate(source.items):
         label = item if isinstance(item, str) else f"skimage:{item[1]}"
         out = out_dir / f"{source.name(i)}.safetensors"
-        if not _claim_output(out, source.name(i), claimed, overwrite, report, label):
-            if progress:
-                progress(1)
+        if not _claim_output(out, claimed, overwrite, report, label):
+            progress(1)
             continue
         try:
             arr = D.read_image(item)
@@ -110,13 +109,11 @@ def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | P
             t = D.to_tensor(D.fit_to_multiple(arr, res, g))
         except DavaeError as e:
             report.failed.append((label, str(e)))
-            if progress:
-                progress(1)
+            progress(1)
             continue
         except Exception as e:
             report.failed.append((label, f"unreadable image: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}"))
-            if progress:
-                progress(1)
+            progress(1)
             continue
         key = tuple(t.shape)
         pending.setdefault(key, []).append((label, out, t, orig))
@@ -147,6 +144,7 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
     """Decode latent files (or folders of them, recursive) to `out_dir/<stem>.png` at full resolution."""
     from PIL import Image
 
+    progress = progress or (lambda n: None)
     files: list[Path] = []
     report = BatchReport()
     for inp in inputs:
@@ -166,7 +164,7 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
     for f in files:
         out = out_dir / f"{f.stem}.png"
         try:
-            if not _claim_output(out, f.stem, claimed, overwrite, report, str(f)):
+            if not _claim_output(out, claimed, overwrite, report, str(f)):
                 continue
             latent, meta = load_latent(f)
             why = check_latent_compatible(vae, latent, meta)
@@ -181,6 +179,5 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
         except DavaeError as e:
             report.failed.append((str(f), str(e)))
         finally:
-            if progress:
-                progress(1)
+            progress(1)
     return report

@@ -111,3 +111,12 @@ def run_cli(*args, check=True, env=None):
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\n{res.stderr[-3000:]}")
     return res
+
+
+@pytest.fixture(scope="session")
+def davae_dir(tmp_path_factory, kl_base) -> Path:
+    """An untrained DA-VAE on the tiny KL base (C = 4, D = 12), exported by `davae train-vae --steps 0`."""
+    d = tmp_path_factory.mktemp("davae")
+    preset = write_preset(d / "p.yaml", kl_base)
+    run_cli("train-vae", "--preset", preset, "--out", d / "run", "--steps", "0")
+    return d / "run" / "final"

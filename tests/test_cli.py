@@ -21,14 +21,6 @@ def one_line_error(res, fragment):
     assert len(lines) == 1 and fragment in lines[0], res.stderr
 
 
-@pytest.fixture(scope="module")
-def davae_dir(tmp_path_factory, kl_base):
-    d = tmp_path_factory.mktemp("cli")
-    preset = write_preset(d / "p.yaml", kl_base)
-    run("train-vae", "--preset", preset, "--out", d / "run", "--steps", "0")
-    return d / "run" / "final"
-
-
 def test_help_has_examples():
     for cmd in ("train-vae", "encode", "decode"):
         out = run(cmd, "--help").stdout

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
-from conftest import run_cli, write_preset
+from conftest import run_cli
 from davae_cli import fid as FID
 from davae_cli.cli.app import app
 from davae_cli.errors import DavaeError
@@ -342,14 +342,6 @@ def test_fid_helper_inception_offline_fallback(monkeypatch, tmp_path, folders):
 
 
 # ------------------------------------------------------------------------------ tokenizer metrics
-@pytest.fixture(scope="module")
-def davae_dir(tmp_path_factory, kl_base):
-    d = tmp_path_factory.mktemp("fid_vae")
-    preset = write_preset(d / "p.yaml", kl_base)
-    run("train-vae", "--preset", preset, "--out", d / "run", "--steps", "0")
-    return d / "run" / "final"
-
-
 def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, extractor, davae_dir):
     eight = tmp_path / "eight"
     eight.mkdir()

@@ -118,8 +118,9 @@ class VAETrainStep:
         lo = self.lo
         out = model(x, sample=lo.sample_posterior, generator=generator, detail_dropout=lo.detail_dropout)
         x_hat = out["x_hat"]
-        rec = lo.l1 * (x_hat - x).abs().mean()
-        parts = {"l1": (x_hat - x).abs().mean().item()}
+        l1 = (x_hat - x).abs().mean()
+        rec = lo.l1 * l1
+        parts = {"l1": l1.item()}
         if self.lpips is not None and lo.lpips > 0:
             lp = self.lpips(x_hat.float().clamp(-1, 1), x.float()).mean()
             rec = rec + lo.lpips * lp
