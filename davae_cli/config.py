@@ -104,12 +104,65 @@ class TrainVAEConfig:
 
 
 @dataclass
+class DiTConfig:
+    """The pretrained DiT that `davae adapt-dit` warm-starts on DA-VAE latents (SPEC §6)."""
+
+    backend: Literal["sd3", "lightningdit"] = "sd3"
+    # hub id, local folder (a diffusers model or pipeline folder), checkpoint file (LightningDiT .pt /
+    # .safetensors), or "random": a randomly initialised model built from `arch` (tests, benchmarks)
+    pretrained: str = "random"
+    subfolder: Optional[str] = "transformer"  # used when `pretrained` is a pipeline (folder or hub id)
+    arch: dict = field(default_factory=dict)  # SD3: SD3Transformer2DModel kwargs; LightningDiT: {size: ..., ...}
+    # rectified-flow timestep shift in the sigma convention (sigma = 1 is noise):
+    # sigma' = shift * sigma / (1 + (shift - 1) * sigma). Stored with the adapted model; sampling reuses it.
+    timestep_shift: float = 3.0
+    # SD3 text conditioning: a pipeline folder / hub id with text encoders, or "tiny-random" (CPU tests)
+    text_encoders: Optional[str] = None
+    max_sequence_length: int = 256  # T5 tokens (SD3 pipelines: 256)
+    use_t5: bool = True
+    num_classes: int = 1000  # LightningDiT: class-conditional with a null class for guidance
+    cond_dropout: float = 0.1  # probability of training a sample unconditionally (empty prompt / null class)
+    lora_rank: int = 0  # 0: no LoRA, the whole DiT trains (LightningDiT recipe)
+    lora_alpha: float = 0.0
+    lora_init: Literal["gaussian", "default"] = "gaussian"
+    lora_targets: list[str] = field(default_factory=list)  # peft target_modules (suffix match on module names)
+    full_train: list[str] = field(default_factory=list)  # modules trained fully next to LoRA (the extended heads)
+
+
+@dataclass
+class AdaptDiTConfig:
+    """Optimisation, data and bookkeeping of `davae adapt-dit`."""
+
+    resolution: int = 256  # target image resolution s*H; the latent is resolution / (s*f) per side
+    batch_size: int = 4  # per process
+    steps: int = 100
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    skip_grad_norm: float = 1000.0  # skip the update when the gradient norm is non-finite or above this
+    detail_ramp_steps: int = 10000  # N of the cosine detail-loss weight w(n) (SPEC §6)
+    logit_mean: float = 0.0  # logit-normal timestep sampling (SPEC §6)
+    logit_std: float = 1.0
+    ema_decay: float = 0.999
+    gradient_checkpointing: bool = False
+    encode_batch_size: int = 8  # batch size of the one-off latent encoding of --data images
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
 class Preset:
     name: str = "custom"
     description: str = ""
     vae: VAEConfig = field(default_factory=VAEConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train_vae: TrainVAEConfig = field(default_factory=TrainVAEConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    adapt_dit: AdaptDiTConfig = field(default_factory=AdaptDiTConfig)
 
     @property
     def granularity(self) -> int:
@@ -148,6 +201,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
@@ -292,6 +353,25 @@ def validate(p: Preset) -> None:
         raise ConfigError("vae.detail_shortcut: 'base' needs D = C")
     if v.decoder_input == "residual" and v.up_shortcut != "none":
         raise ConfigError("vae.up_shortcut must be 'none' with vae.decoder_input = residual")
+    d, a = p.dit, p.adapt_dit
+    if a.resolution <= 0 or a.resolution % g:
+        raise ConfigError(f"adapt_dit.resolution: {a.resolution} is not a positive multiple of s*f = {g}")
+    for key in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "detail_ramp_steps",
+                "encode_batch_size"):
+        if getattr(a, key) <= 0:
+            raise ConfigError(f"adapt_dit.{key} must be positive, got {getattr(a, key)}")
+    if a.steps < 0:
+        raise ConfigError(f"adapt_dit.steps must be >= 0, got {a.steps}")
+    if not 0 <= a.ema_decay < 1:
+        raise ConfigError(f"adapt_dit.ema_decay must be in [0, 1), got {a.ema_decay}")
+    if d.timestep_shift <= 0:
+        raise ConfigError(f"dit.timestep_shift must be positive, got {d.timestep_shift}")
+    if not 0 <= d.cond_dropout < 1:
+        raise ConfigError(f"dit.cond_dropout must be in [0, 1), got {d.cond_dropout}")
+    if d.lora_rank < 0:
+        raise ConfigError(f"dit.lora_rank must be >= 0, got {d.lora_rank}")
+    if d.lora_rank and not d.lora_targets:
+        raise ConfigError("dit.lora_targets: LoRA (dit.lora_rank > 0) needs the module names to adapt")
     for key, w in [("loss.l1", lo.l1), ("loss.lpips", lo.lpips), ("loss.kl", lo.kl), ("loss.adv", lo.adv),
                    ("loss.align", lo.align)]:
         if w < 0:

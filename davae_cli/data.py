@@ -91,7 +91,8 @@ def read_image(item) -> np.ndarray:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    arr = np.ascontiguousarray(arr) if arr.flags.writeable else np.array(arr)
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -81,7 +81,7 @@ def progress_bar(transient: bool = False) -> Progress:
 class RichTrainCallbacks(Callbacks):
     """A progress bar with the main losses, it/s and ETA; messages printed above it."""
 
-    KEYS = ("loss", "l1", "lpips", "align", "g_loss", "d_loss")
+    KEYS = ("loss", "l1", "lpips", "align", "g_loss", "d_loss", "w")
 
     def __init__(self, description: str = "train"):
         self.progress = progress_bar()
@@ -96,8 +96,9 @@ class RichTrainCallbacks(Callbacks):
         self.progress.start()
         self._t0, self._start = time.time(), start_step
         self.task = self.progress.add_task(self.description, total=total_steps, completed=start_step, info="")
+        held = f", {info['val_images']} held out" if info.get("val_images") else ""
         err.print(f"training on {info.get('device')} ({info.get('world_size')} process(es)), "
-                  f"{info.get('train_images')} training images, {info.get('val_images')} held out, "
+                  f"{info.get('train_images')} training images{held}, "
                   f"{info.get('trainable_params'):,} trainable parameters")
 
     def on_step(self, step: int, metrics: dict) -> None:

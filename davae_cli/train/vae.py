@@ -52,11 +52,12 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool) -> tuple[Preset, Optional[Path]]:
+def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool,
+                    section: str = "train_vae") -> tuple[Preset, Optional[Path]]:
     """Create or reopen a run folder. Returns the preset to use and the checkpoint to resume from.
 
     Never overwrites: an existing run needs `--resume`; a resumed run must use the same preset
-    (only `train_vae.steps` may change, to train longer).
+    (only `<section>.steps` may change, to train longer).
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -67,12 +68,12 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool) -> tuple[Preset
         import yaml
 
         saved = preset_from_dict(yaml.safe_load(cfg_path.read_text()))
-        ignored = ("train_vae.steps", "name", "description")  # what may differ: the length, and labels
+        ignored = (f"{section}.steps", "name", "description")  # what may differ: the length, and labels
         diff = [k for k in _differences(saved.to_dict(), preset.to_dict()) if k not in ignored]
         if diff:
             raise DavaeError(f"--resume: the run was made with different settings ({', '.join(diff[:4])}); "
                              f"resume with the same preset and --set values")
-        saved.train_vae.steps = preset.train_vae.steps
+        getattr(saved, section).steps = getattr(preset, section).steps
         return saved, ckpt
     if run_dir.exists() and any(run_dir.iterdir()):
         hint = "pass --resume to continue it" if ckpt or cfg_path.exists() else "choose an empty or new folder"

@@ -1,0 +1,140 @@
+"""One interface over the DiT backends, so training, sampling and benchmarking are backend-agnostic.
+
+`velocity(model, x, sigma, cond)` always returns the rectified-flow velocity eps - x0 in the sigma
+convention of `davae_cli.flow` (sigma = 1 is noise); each backend converts its own timestep convention.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Preset
+from ..errors import DavaeError
+
+FACTS_FILE = "davae_dit.json"  # the sampling facts written beside an adapted model
+
+
+class SD3Backend:
+    name = "sd3"
+    conditioning = "prompt"
+
+    def __init__(self, preset: Preset):
+        self.preset = preset
+
+    def load(self, spec: str, seed: int = 0, dtype=torch.float32) -> nn.Module:
+        from .sd3 import load_sd3_transformer
+
+        return load_sd3_transformer(spec, self.preset.dit.subfolder, self.preset.dit.arch, seed=seed, dtype=dtype)
+
+    def channels(self, model) -> int:
+        return int(model.config.in_channels)
+
+    def patch_size(self, model) -> int:
+        return int(model.config.patch_size)
+
+    def extend(self, model, detail_channels: int):
+        from .sd3 import extend_sd3
+
+        return extend_sd3(model, detail_channels)
+
+    def prepare_training(self, model) -> list[str]:
+        """LoRA on the preset's targets (if any) + the fully trained modules; returns trainable names."""
+        from .sd3 import add_lora, set_trainable
+
+        d = self.preset.dit
+        if d.lora_rank:
+            add_lora(model, d.lora_rank, d.lora_alpha, d.lora_targets, d.lora_init)
+            return set_trainable(model, d.full_train)
+        model.requires_grad_(True)
+        return [n for n, _ in model.named_parameters()]
+
+    def velocity(self, model, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        return model(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
+                     timestep=sigma * 1000.0, return_dict=False)[0]
+
+    def export(self, model, folder: Path) -> None:
+        """A plain diffusers SD3Transformer2DModel folder (LoRA merged) + the adapter in `lora/`."""
+        from .sd3 import merged_copy, save_lora
+
+        plain = merged_copy(model) if hasattr(model, "peft_config") else model
+        plain.save_pretrained(str(folder), safe_serialization=True)
+        if hasattr(model, "peft_config"):
+            save_lora(model, folder / "lora")
+
+    @staticmethod
+    def load_adapted(folder: Path, dtype=torch.float32):
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
+
+
+class LightningDiTBackend:
+    name = "lightningdit"
+    conditioning = "class"
+
+    def __init__(self, preset: Preset):
+        self.preset = preset
+
+    def load(self, spec: str, seed: int = 0, dtype=torch.float32) -> nn.Module:
+        from . import lightningdit as L
+
+        arch = dict(self.preset.dit.arch)
+        size = arch.pop("size", "XL/1")
+        p = Path(spec).expanduser()
+        if p.is_dir() and (p / "config.json").is_file():
+            return L.LightningDiT.from_pretrained(str(p), torch_dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                model = L.build_lightningdit(size, **arch)
+            except TypeError as e:
+                raise DavaeError(f"dit.arch: not a valid LightningDiT config ({e})") from None
+        if spec != "random":
+            if not p.is_file():
+                raise DavaeError(f"--dit {spec}: no such checkpoint file or folder (LightningDiT loads local files)")
+            L.load_lightningdit_weights(model, str(p))
+        return model.to(dtype)
+
+    def channels(self, model) -> int:
+        return int(model.config.in_channels)
+
+    def patch_size(self, model) -> int:
+        return int(model.config.patch_size)
+
+    def extend(self, model, detail_channels: int):
+        from .lightningdit import extend_lightningdit
+
+        return extend_lightningdit(model, detail_channels)
+
+    def prepare_training(self, model) -> list[str]:
+        model.requires_grad_(True)
+        return [n for n, _ in model.named_parameters() if _.requires_grad]
+
+    def velocity(self, model, x, sigma, cond):
+        # LightningDiT: t = 1 - sigma (t = 1 is data) and it predicts x0 - eps; see lightningdit.py
+        return -model(x, 1.0 - sigma, cond["labels"])
+
+    def export(self, model, folder: Path) -> None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+
+    @staticmethod
+    def load_adapted(folder: Path, dtype=torch.float32):
+        from .lightningdit import LightningDiT
+
+        return LightningDiT.from_pretrained(str(folder), torch_dtype=dtype)
+
+
+def get_backend(preset: Preset):
+    return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend}[preset.dit.backend](preset)
+
+
+def read_facts(folder: Path) -> dict:
+    f = Path(folder) / FACTS_FILE
+    if not f.is_file():
+        raise DavaeError(f"{folder}: not an adapted DiT (no {FACTS_FILE}; made by `davae adapt-dit`)")
+    return json.loads(f.read_text())

@@ -1,0 +1,139 @@
+"""SD3 backend: load a diffusers `SD3Transformer2DModel`, extend it to C + D channels, add LoRA with peft,
+and export it as a plain diffusers folder (LoRA merged) that needs no custom code to load."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import DavaeError
+from .extend import extend_output_head, extend_patch_embed
+
+
+def _hub_error(spec: str, e: Exception) -> DavaeError:
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return DavaeError(f"cannot load the SD3 transformer {spec!r} ({first}); pass a local diffusers folder, or for the "
+                      f"gated stabilityai models accept the licence on the hub and run `huggingface-cli login`")
+
+
+def load_sd3_transformer(spec: str, subfolder: Optional[str] = "transformer", arch: Optional[dict] = None,
+                         seed: int = 0, dtype: torch.dtype = torch.float32):
+    """`spec`: "random" (a new model from `arch`, seeded), a local folder (a transformer folder, or a pipeline
+    folder with `subfolder`), or a hub id."""
+    from diffusers import SD3Transformer2DModel
+
+    if spec == "random":
+        if not arch:
+            raise DavaeError("dit.arch is empty: a random SD3 transformer needs its config (SD3Transformer2DModel kwargs)")
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = SD3Transformer2DModel(**arch)
+        except TypeError as e:
+            raise DavaeError(f"dit.arch: not a valid SD3Transformer2DModel config ({e})") from None
+        return model if dtype == torch.float32 else model.to(dtype)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DavaeError(f"--dit {spec}: an SD3 transformer is a diffusers folder, not a file")
+        folder = path
+        if not (folder / "config.json").is_file() and subfolder and (folder / subfolder / "config.json").is_file():
+            folder = folder / subfolder
+        if not (folder / "config.json").is_file():
+            raise DavaeError(f"--dit {spec}: no config.json (expected an SD3Transformer2DModel or pipeline folder)")
+        cfg = json.loads((folder / "config.json").read_text())
+        if cfg.get("_class_name") not in (None, "SD3Transformer2DModel"):
+            raise DavaeError(f"--dit {spec}: holds a {cfg.get('_class_name')}, not an SD3Transformer2DModel")
+        try:
+            return SD3Transformer2DModel.from_pretrained(folder, torch_dtype=dtype)
+        except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
+            raise DavaeError(f"--dit {spec}: unreadable ({str(e).splitlines()[0][:160]})") from None
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise DavaeError(f"--dit {spec}: no such folder (and not a hub id like owner/name)")
+    try:
+        return SD3Transformer2DModel.from_pretrained(spec, subfolder=subfolder, torch_dtype=dtype)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(spec, e) from None
+
+
+def extend_sd3(model, detail_channels: int):
+    """The zero-init channel extension of SPEC §6 in place: `pos_embed.proj` reads C + D channels and
+    `proj_out` writes p*p*(C+D) values in the (p, q, c) unpatchify layout. The config is updated, so
+    `save_pretrained` writes a standard folder with in_channels = out_channels = C + D."""
+    cfg = model.config
+    c, p = cfg.in_channels, cfg.patch_size
+    if (cfg.out_channels or c) != c:
+        raise DavaeError(f"SD3 transformer: in_channels {c} != out_channels {cfg.out_channels}; cannot extend")
+    if detail_channels <= 0:
+        raise DavaeError(f"detail channels must be positive, got {detail_channels}")
+    model.pos_embed.proj = extend_patch_embed(model.pos_embed.proj, detail_channels)
+    model.proj_out = extend_output_head(model.proj_out, p, c, detail_channels)
+    model.out_channels = c + detail_channels
+    model.register_to_config(in_channels=c + detail_channels, out_channels=c + detail_channels)
+    return model
+
+
+def add_lora(model, rank: int, alpha: float, targets: list[str], init: str = "gaussian") -> list[str]:
+    """Add a peft LoRA adapter ("default") on the modules whose names end with one of `targets`.
+    Returns the adapted module names. LoRA weights stay fp32 (SPEC §10.7)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                        init_lora_weights=True if init == "default" else init)
+    try:
+        model.add_adapter(config)
+    except ValueError as e:
+        raise DavaeError(f"dit.lora_targets: {str(e).splitlines()[0][:200]}") from None
+    return lora_module_names(model)
+
+
+def lora_module_names(model: nn.Module) -> list[str]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sorted(n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+
+
+def set_trainable(model: nn.Module, full_train: list[str]) -> list[str]:
+    """Freeze everything except the LoRA weights and the modules named in `full_train` (exact names)."""
+    model.requires_grad_(False)
+    modules = dict(model.named_modules())
+    missing = [n for n in full_train if n not in modules]
+    if missing:
+        raise DavaeError(f"dit.full_train: no module named {missing[0]!r} in the DiT")
+    for name in full_train:
+        modules[name].requires_grad_(True)
+    for n, prm in model.named_parameters():
+        if "lora_" in n:
+            prm.requires_grad_(True)
+    return [n for n, prm in model.named_parameters() if prm.requires_grad]
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with every LoRA layer merged into its base layer and removed: a plain model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = copy.deepcopy(model)
+    for name, module in list(out.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = out.get_submodule(parent_name) if parent_name else out
+            setattr(parent, child, module.get_base_layer())
+    if hasattr(out, "_hf_peft_config_loaded"):
+        out._hf_peft_config_loaded = False
+    if hasattr(out, "peft_config"):
+        del out.peft_config
+    return out
+
+
+def save_lora(model: nn.Module, folder: Path) -> None:
+    """The peft adapter on its own (diffusers' `save_lora_adapter`: `pytorch_lora_weights.safetensors`)."""
+    model.save_lora_adapter(str(folder), adapter_name="default")
+    cfg = model.peft_config["default"].to_dict()
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    (Path(folder) / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))

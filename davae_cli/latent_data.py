@@ -1,0 +1,219 @@
+"""The DiT's training data: images encoded once into DA-VAE latents (not every epoch), with captions
+(SD3) or class labels (LightningDiT).
+
+`--data` is either image files/folders, encoded here into `cache_dir/latents/` (resumable: files that
+exist are kept; with several processes each encodes its own share), or folders of latent files written
+by `davae encode` (checked against the DA-VAE). Captions come from a JSONL (`{"image": ..., "prompt":
+...}`, relative to the folder or by file stem) or from a sidecar `<stem>.txt` beside the image or latent.
+Class labels come from a JSONL `{"image": ..., "label": N}` or from ImageNet-style class sub-folders
+(sorted folder names -> 0..K-1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import data as D
+from .codec import check_latent_compatible
+from .errors import DavaeError
+from .latents import atomic_write_bytes, load_latent, save_latent
+
+INDEX = "index.jsonl"
+
+
+@dataclass
+class LatentRecord:
+    latent: str  # path of the latent file (C+D, h, w), key `latent`
+    source: str  # the image (or latent file) it came from
+    prompt: Optional[str] = None
+    label: Optional[int] = None
+
+
+def _read_jsonl(path: Path) -> dict[str, dict]:
+    """Caption/label file -> {key: record}, keyed by the image path as written and by its stem."""
+    out: dict[str, dict] = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise DavaeError(f"{path}:{i}: not valid JSON") from None
+        if not isinstance(rec, dict) or "image" not in rec:
+            raise DavaeError(f"{path}:{i}: each line needs an \"image\" key")
+        out[str(rec["image"])] = rec
+        out.setdefault(Path(str(rec["image"])).stem, rec)
+    return out
+
+
+def _find_jsonl(inputs: list[str], explicit: Optional[str]) -> Optional[Path]:
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise DavaeError(f"--captions {explicit}: file not found")
+        return p
+    for inp in inputs:
+        for name in ("captions.jsonl", "metadata.jsonl"):
+            if (Path(inp) / name).is_file():
+                return Path(inp) / name
+    return None
+
+
+def _lookup(table: dict[str, dict], item: str, roots: list[str]) -> Optional[dict]:
+    p = Path(item)
+    keys = [str(p), p.name, p.stem]
+    for r in roots:
+        try:
+            keys.append(str(p.relative_to(r)))
+        except ValueError:
+            pass
+    for k in keys:
+        if k in table:
+            return table[k]
+    return None
+
+
+def attach_conditions(items: list[str], roots: list[str], conditioning: str,
+                      captions: Optional[str] = None) -> list[tuple[Optional[str], Optional[int]]]:
+    """(prompt, label) per item, or a one-line error that says how many lack one."""
+    table = {}
+    jl = _find_jsonl(roots, captions)
+    if jl is not None:
+        table = _read_jsonl(jl)
+    out, missing = [], []
+    class_dirs: dict[str, int] = {}
+    if conditioning == "class" and not table:
+        parents = sorted({Path(it).parent.name for it in items})
+        class_dirs = {name: i for i, name in enumerate(parents)}
+    for it in items:
+        rec = _lookup(table, it, roots) if table else None
+        if conditioning == "prompt":
+            if rec is not None and isinstance(rec.get("prompt", rec.get("text")), str):
+                out.append((rec.get("prompt", rec.get("text")), None))
+                continue
+            side = Path(it).with_suffix(".txt")
+            if side.is_file():
+                out.append((side.read_text().strip(), None))
+                continue
+            missing.append(it)
+            out.append((None, None))
+        else:
+            if rec is not None and isinstance(rec.get("label"), int):
+                out.append((None, int(rec["label"])))
+            elif class_dirs:
+                out.append((None, class_dirs[Path(it).parent.name]))
+            else:
+                missing.append(it)
+                out.append((None, None))
+    if missing:
+        what = "caption (no sidecar .txt and not in a captions JSONL)" if conditioning == "prompt" else "class label"
+        raise DavaeError(f"{len(missing)} of {len(items)} training items have no {what}, e.g. {missing[0]}")
+    return out
+
+
+def _latent_files(inputs: list[str]) -> list[Path]:
+    files = []
+    for inp in inputs:
+        p = Path(inp)
+        files += [p] if p.is_file() and p.suffix == ".safetensors" else sorted(p.rglob("*.safetensors")) if p.is_dir() else []
+    return files
+
+
+def prepare_latent_dataset(vae, inputs: list[str], cache_dir: Path, *, resolution: int, conditioning: str,
+                           batch_size: int = 8, captions: Optional[str] = None, rank: int = 0, world: int = 1,
+                           barrier: Callable[[], None] = lambda: None,
+                           progress: Optional[Callable[[int, int], None]] = None) -> list[LatentRecord]:
+    """Encode `inputs` once into `cache_dir` (or index existing latent files) and return the records.
+
+    `conditioning`: "prompt" or "class". The index is written atomically by rank 0 after every process
+    finished its share; a later call with the same cache reuses the latents that exist.
+    """
+    cache_dir = Path(cache_dir)
+    index = cache_dir / INDEX
+    if index.is_file():
+        recs = [LatentRecord(**json.loads(line)) for line in index.read_text().splitlines() if line.strip()]
+        if recs and all(Path(r.latent).is_file() for r in recs):
+            return recs
+    for inp in inputs:
+        if not Path(inp).exists() and inp != D.SKIMAGE_SOURCE:
+            raise DavaeError(f"--data {inp}: not found")
+    h = resolution // vae.granularity
+    lat_files = _latent_files(inputs)
+    images = D.list_images(inputs, check=False) if not lat_files else D.ImageSource()
+    if lat_files and len(D.list_images(inputs, check=False)):
+        raise DavaeError("--data mixes images and latent files; pass one kind")
+    if lat_files:
+        conds = attach_conditions([str(f) for f in lat_files], inputs, conditioning, captions)
+        recs = []
+        for f, (prompt, label) in zip(lat_files, conds):
+            lat, meta = load_latent(f)
+            why = check_latent_compatible(vae, lat, meta)
+            if why:
+                raise DavaeError(f"{f}: {why}")
+            if tuple(lat.shape[1:]) != (h, h):
+                raise DavaeError(f"{f}: latent is {lat.shape[2]}x{lat.shape[1]}, adapt_dit.resolution {resolution} "
+                                 f"needs {h}x{h} (encode with --res {resolution})")
+            recs.append(LatentRecord(str(f), str(f), prompt, label))
+    else:
+        if not len(images):
+            raise DavaeError(f"no images or latent files in {', '.join(inputs)}")
+        srcs = [it if isinstance(it, str) else f"{it[0]}:{it[1]}" for it in images.items]
+        conds = attach_conditions(srcs, inputs, conditioning, captions)
+        out = cache_dir / "latents"
+        out.mkdir(parents=True, exist_ok=True)
+        recs = [LatentRecord(str(out / f"{i:07d}.safetensors"), s, p, lab)
+                for i, (s, (p, lab)) in enumerate(zip(srcs, conds))]
+        mine = [i for i in range(rank, len(recs), world) if not Path(recs[i].latent).is_file()]
+        ident = vae.describe()
+        done = 0
+        device = next(vae.parameters()).device
+        for k in range(0, len(mine), batch_size):
+            chunk = mine[k : k + batch_size]
+            arrs = []
+            for i in chunk:
+                arr = D.read_image(images.items[i])
+                arr = D.center_crop(D.resize_short_side(arr, resolution), resolution, resolution)
+                arrs.append(D.to_tensor(arr))
+            with torch.no_grad():
+                lat = vae.encode(torch.stack(arrs).to(device)).latent.float().cpu()
+            for j, i in enumerate(chunk):
+                meta = {**ident, "source": recs[i].source}
+                save_latent(Path(recs[i].latent), lat[j], meta)
+            done += len(chunk)
+            if progress:
+                progress(done, len(mine))
+    barrier()
+    if rank == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(index, "".join(json.dumps(asdict(r)) + "\n" for r in recs).encode())
+    barrier()
+    return recs
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Global sample counter n -> (latent, record index), a pure function of (seed, n): epoch e visits
+    the records in a permutation seeded by (seed, e)."""
+
+    def __init__(self, records: list[LatentRecord], seed: int, length: int):
+        if not records:
+            raise DavaeError("no training latents")
+        self.records, self.seed, self.length = records, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def index(self, n: int) -> int:
+        count = len(self.records)
+        epoch, k = divmod(n, count)
+        return int(np.random.default_rng([self.seed, epoch, 13]).permutation(count)[k])
+
+    def __getitem__(self, n: int):
+        i = self.index(n)
+        lat, _ = load_latent(Path(self.records[i].latent))
+        return lat.float(), i

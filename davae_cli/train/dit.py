@@ -1,0 +1,366 @@
+"""`adapt_dit`: warm-start a pretrained DiT on DA-VAE latents (SPEC §6).
+
+The DiT is extended with zero-initialised channels, so step 0 is exactly the pretrained model; it then
+trains with rectified flow (velocity target, logit-normal timesteps, the preset's timestep shift) and
+the cosine detail-loss schedule w(n). Base channels keep the DiT's own normalisation (the DA-VAE's latent
+transform); detail channels are standardised with the per-channel statistics stored in the DA-VAE.
+
+Run folder: `config.yaml`, `run.json` (DA-VAE, DiT and data it was started with), `cache/` (latents and
+prompt embeddings, made once), `checkpoints/`, `log.jsonl`, and `final/`: the adapted model (SD3: a plain
+diffusers `SD3Transformer2DModel` folder with the LoRA merged, the adapter in `final/lora/`; LightningDiT:
+safetensors + config) and `final/davae_dit.json` with what sampling needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import flow
+from ..config import Preset
+from ..data import StepSampler
+from ..dit.backend import FACTS_FILE, get_backend
+from ..errors import DavaeError
+from ..latent_data import LatentDataset, prepare_latent_dataset
+from ..latents import atomic_write_bytes
+from ..vae.model import DetailAlignedVAE
+from .loop import (Callbacks, GracefulInterrupt, JsonlLog, load_checkpoint, maybe_kill, rng_state, save_checkpoint,
+                   set_rng_state)
+from .vae import _lr_lambda, _make_accelerator, prepare_run_dir
+
+
+@dataclass
+class AdaptDiTResult:
+    run_dir: str
+    final_dir: str
+    steps: int
+    metrics: dict
+
+
+class LatentNormalizer:
+    """Base channels as encoded (the DiT's own normalisation); detail channels (z_d - mean) / std."""
+
+    def __init__(self, vae: DetailAlignedVAE):
+        self.c = vae.config.base_channels
+        self.mean = vae.detail_mean.detach().float().cpu().view(1, -1, 1, 1)
+        self.std = vae.detail_std.detach().float().cpu().view(1, -1, 1, 1)
+
+    def __call__(self, lat: torch.Tensor) -> torch.Tensor:
+        m, s = self.mean.to(lat), self.std.to(lat)
+        return torch.cat([lat[:, : self.c], (lat[:, self.c :] - m) / s], 1)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        m, s = self.mean.to(x), self.std.to(x)
+        return torch.cat([x[:, : self.c], x[:, self.c :] * s + m], 1)
+
+
+def build_adapted_dit(preset: Preset, vae: DetailAlignedVAE, dit_spec: Optional[str] = None, seed: int = 0):
+    """(backend, extended model): the pretrained DiT with the zero-init extension for this DA-VAE's D."""
+    backend = get_backend(preset)
+    model = backend.load(dit_spec or preset.dit.pretrained, seed=seed)
+    c, d = vae.config.base_channels, vae.config.detail_channels
+    if backend.channels(model) != c:
+        raise DavaeError(f"the DiT reads {backend.channels(model)} latent channels but the DA-VAE's base has C = {c}; "
+                         f"they do not belong together")
+    p = backend.patch_size(model)
+    if (preset.adapt_dit.resolution // vae.granularity) % p:
+        raise DavaeError(f"adapt_dit.resolution {preset.adapt_dit.resolution}: the latent side is not divisible by "
+                         f"the DiT's patch size {p}")
+    backend.extend(model, d)
+    return backend, model
+
+
+def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend, model, dit_spec: str,
+                   steps: int) -> dict:
+    d = preset.dit
+    cond: dict[str, Any]
+    if backend.conditioning == "prompt":
+        cond = {"type": "prompt", "text_encoders": d.text_encoders, "max_sequence_length": d.max_sequence_length,
+                "use_t5": d.use_t5}
+    else:
+        cond = {"type": "class", "num_classes": d.num_classes}
+    return {
+        "format": "davae-dit", "version": 1, "backend": backend.name, "preset": preset.name,
+        "timestep_shift": d.timestep_shift, "base_channels": vae.config.base_channels,
+        "detail_channels": vae.config.detail_channels, "patch_size": backend.patch_size(model),
+        "resolution": preset.adapt_dit.resolution, "granularity": vae.granularity,
+        "detail_mean": [float(v) for v in vae.detail_mean], "detail_std": [float(v) for v in vae.detail_std],
+        "base_normalisation": "as encoded by the DA-VAE (its base latent transform), unchanged",
+        "davae": {"path": str(Path(vae_dir).resolve()), "identity": vae.identity},
+        "dit_source": dit_spec, "steps": steps, "conditioning": cond,
+    }
+
+
+def export_adapted(backend, model, facts: dict, out_dir: Path) -> None:
+    """Write into a temporary folder, then rename: `out_dir` is complete or absent."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    backend.export(model, tmp)
+    atomic_write_bytes(tmp / FACTS_FILE, json.dumps(facts, indent=2).encode())
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+class PromptConditioner:
+    """Prompt embeddings from the run's cache (computed once, text encoders unloaded before training)."""
+
+    def __init__(self, preset: Preset, cache_dir: Path, prompts: list[str], device, is_main: bool, barrier,
+                 on_message=lambda s: None):
+        from ..text import PromptCache, PromptEncoder
+
+        d = preset.dit
+        if not d.text_encoders:
+            raise DavaeError("dit.text_encoders is not set: name an SD3 pipeline folder or hub id with the text "
+                             "encoders (--text-encoders)")
+        self.cache = PromptCache.for_spec(cache_dir, d.text_encoders, max_sequence_length=d.max_sequence_length,
+                                          use_t5=d.use_t5)
+        wanted = sorted(set(prompts) | {""})
+        if is_main:
+            missing = self.cache.missing(wanted)
+            if missing:
+                on_message(f"encoding {len(missing)} prompt(s) with {d.text_encoders} (once; cached in {cache_dir})")
+            self.cache.encode_cached(
+                lambda: PromptEncoder.from_spec(d.text_encoders, device=device, use_t5=d.use_t5,
+                                                max_sequence_length=d.max_sequence_length), wanted)
+        barrier()
+        self._mem: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.device = device
+
+    def _get(self, prompt: str):
+        if prompt not in self._mem:
+            if len(self._mem) > 4096:
+                self._mem.clear()
+            self._mem[prompt] = self.cache.load(prompt)
+        return self._mem[prompt]
+
+    def batch(self, prompts: list[str], drop: torch.Tensor) -> dict:
+        items = [self._get("" if bool(dr) else p) for p, dr in zip(prompts, drop)]
+        return {"embeds": torch.stack([e for e, _ in items]).to(self.device),
+                "pooled": torch.stack([p for _, p in items]).to(self.device)}
+
+
+class ClassConditioner:
+    def __init__(self, num_classes: int, device):
+        self.null, self.device = num_classes, device
+
+    def batch(self, labels: list[int], drop: torch.Tensor) -> dict:
+        y = torch.tensor(labels, dtype=torch.long)
+        y = torch.where(drop.cpu(), torch.full_like(y, self.null), y)
+        return {"labels": y.to(self.device)}
+
+
+def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, preset: Preset, base_channels: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """The training objective at `step` for normalised latents x0 (noise and sigmas from `gen`)."""
+    a = preset.adapt_dit
+    sigma = flow.sample_sigmas(x0.shape[0], mean=a.logit_mean, std=a.logit_std, shift=preset.dit.timestep_shift,
+                               generator=gen, device=x0.device)
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+    xt, target = flow.noisy(x0, eps, sigma)
+    pred = backend.velocity(model, xt, sigma.to(x0.dtype), cond)
+    w = flow.detail_weight(step, a.detail_ramp_steps)
+    loss = flow.flow_loss(pred, target, base_channels, w)
+    with torch.no_grad():
+        err = (pred.float() - target.float()).pow(2)
+        parts = {"loss_base": err[:, :base_channels].mean().item(), "loss_detail": err[:, base_channels:].mean().item(),
+                 "w": w}
+    return loss, parts
+
+
+def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data: Optional[list[str]] = None,
+              dit: Optional[str] = None, captions: Optional[str] = None, resume: bool = False,
+              callbacks: Optional[Callbacks] = None) -> AdaptDiTResult:
+    """Adapt the preset's DiT (or `dit`) to the DA-VAE in `vae_dir`; see the module doc."""
+    cb = callbacks or Callbacks()
+    run_dir = Path(run_dir)
+    vae_dir = Path(vae_dir)
+    if not (vae_dir / "config.json").is_file():
+        raise DavaeError(f"--vae {vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)")
+    preset, ckpt_path = prepare_run_dir(run_dir, preset, resume, section="adapt_dit")
+    a = preset.adapt_dit
+    dit_spec = dit or preset.dit.pretrained
+    run_info = {"vae": str(vae_dir.resolve()), "dit": dit_spec, "data": [str(d) for d in data or []]}
+    info_path = run_dir / "run.json"
+    acc = _make_accelerator(a.seed)
+    device = acc.device
+
+    vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).to(device).eval()
+    if info_path.is_file():
+        saved = json.loads(info_path.read_text())
+        if saved.get("vae_identity") != vae.identity or saved.get("dit") != dit_spec:
+            raise DavaeError("--resume: the run was started with a different DA-VAE or DiT "
+                             f"({saved.get('vae')}, {saved.get('dit')})")
+    elif acc.is_main_process:
+        atomic_write_bytes(info_path, json.dumps({**run_info, "vae_identity": vae.identity}, indent=2).encode())
+    backend, model = build_adapted_dit(preset, vae, dit_spec, seed=a.seed)
+    c = vae.config.base_channels
+    final_dir = run_dir / "final"
+
+    if a.steps == 0:
+        if acc.is_main_process:
+            export_adapted(backend, model, sampling_facts(preset, vae, vae_dir, backend, model, dit_spec, 0), final_dir)
+        cb.on_end({"steps": 0})
+        return AdaptDiTResult(str(run_dir), str(final_dir), 0, {})
+
+    if not data:
+        raise DavaeError("--data is required when training (--steps > 0)")
+    cb.on_message("preparing the latent dataset (encoded once, reused by --resume)")
+    records = prepare_latent_dataset(
+        vae, list(map(str, data)), run_dir / "cache", resolution=a.resolution, conditioning=backend.conditioning,
+        batch_size=a.encode_batch_size, captions=captions, rank=acc.process_index, world=acc.num_processes,
+        barrier=acc.wait_for_everyone)
+    if backend.conditioning == "prompt":
+        conditioner = PromptConditioner(preset, run_dir / "cache" / "prompts", [r.prompt for r in records], device,
+                                        acc.is_main_process, acc.wait_for_everyone, cb.on_message)
+        keys = [r.prompt for r in records]
+    else:
+        conditioner = ClassConditioner(preset.dit.num_classes, device)
+        keys = [r.label for r in records]
+    normalize = LatentNormalizer(vae)
+    del vae
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    trainable_names = set(backend.prepare_training(model))
+    if a.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    model.to(device)
+    named = [(n, p) for n, p in model.named_parameters() if n in trainable_names]
+    params = [p for _, p in named]
+    for p in params:  # trainable weights (LoRA included) stay fp32 whatever the autocast dtype (SPEC §10.7)
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(a.warmup_steps, a.steps, "constant"))
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(params, decay=a.ema_decay, use_ema_warmup=False)
+
+    start_step = 0
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path)
+        current = dict(named)
+        if set(state["trainable"]) != set(current):
+            raise DavaeError(f"--resume: checkpoint {ckpt_path.name} holds other trainable weights than this model")
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                current[n].copy_(t)
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        cb.on_message(f"resumed from {ckpt_path.name} (step {start_step})")
+    elif resume:
+        cb.on_message("no checkpoint yet: starting from step 0")
+    ema.to(device)
+
+    model, opt, sched = acc.prepare(model, opt, sched)
+    raw = acc.unwrap_model(model)
+    total, world, rank = a.steps, acc.num_processes, acc.process_index
+    dataset = LatentDataset(records, a.seed, (total * world + world) * a.batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=a.batch_size, num_workers=0,
+                                         sampler=StepSampler(start_step, total, a.batch_size, rank, world))
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=start_step if ckpt_path is not None else None)
+
+    # a fixed-noise loss on a few training latents at full detail weight: comparable across steps
+    probe_n = min(len(records), 8)
+    probe_x = normalize(torch.stack([dataset[i][0] for i in range(probe_n)])).to(device)
+    probe_idx = [dataset.index(i) for i in range(probe_n)]
+
+    @torch.no_grad()
+    def probe_loss() -> float:
+        g = torch.Generator(device=device).manual_seed(a.seed + 99991)
+        cond = conditioner.batch([keys[i] for i in probe_idx], torch.zeros(probe_n, dtype=torch.bool))
+        raw.eval()
+        with acc.autocast():
+            sigma = torch.linspace(0.1, 0.9, probe_n, device=device)
+            eps = torch.randn(probe_x.shape, generator=g, device=device)
+            xt, target = flow.noisy(probe_x, eps, sigma)
+            pred = backend.velocity(raw, xt, sigma, cond)
+        raw.train()
+        return float(flow.flow_loss(pred, target, c, 1.0))
+
+    info = {"device": str(device), "world_size": world, "train_images": len(records), "val_images": 0,
+            "trainable_params": sum(p.numel() for p in params), "start_step": start_step, "backend": backend.name}
+    if acc.is_main_process:
+        log.write({"step": start_step, "event": "start", **info})
+    cb.on_start(total, start_step, info)
+    metrics: dict = {}
+    if start_step == 0:
+        metrics["probe_loss_start"] = probe_loss()
+        if acc.is_main_process:
+            log.write({"step": 0, "event": "probe", "probe_loss": metrics["probe_loss_start"]})
+
+    def checkpoint(at: int) -> None:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": at, "trainable": {n: p.detach().cpu() for n, p in named}, "ema": ema.state_dict(),
+                     "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng_state(),
+                     "preset": preset.to_dict()}
+            save_checkpoint(run_dir, at, state, a.keep_checkpoints)
+
+    raw.train()
+    skipped = 0
+    last: dict = {}
+    t0, step = time.time(), start_step
+    it = iter(loader)
+    with GracefulInterrupt() as interrupt:
+        while step < total:
+            lat, idx = next(it)
+            gen = torch.Generator(device=device).manual_seed(int(a.seed * 1_000_003 + step * 7919 + rank))
+            x0 = normalize(lat.to(device))
+            drop = torch.rand(x0.shape[0], generator=gen, device=device) < preset.dit.cond_dropout
+            cond = conditioner.batch([keys[int(i)] for i in idx], drop)
+            with acc.autocast():
+                loss, parts = flow_step_loss(backend, model, x0, cond, step, preset, c, gen)
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            gnorm = float(acc.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")))
+            parts.update(loss=loss.item(), grad_norm=gnorm, lr=sched.get_last_lr()[0])
+            if not (math.isfinite(gnorm) and math.isfinite(parts["loss"])) or gnorm > a.skip_grad_norm:
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                parts["skipped"] = 1
+            else:
+                opt.step()
+                ema.step(params)
+            sched.step()
+            step += 1
+            last = parts
+            if acc.is_main_process and (step % a.log_every == 0 or step == total):
+                log.write({"step": step, "event": "train", "elapsed_s": round(time.time() - t0, 2), **parts})
+            cb.on_step(step, parts)
+            if step % a.checkpoint_every == 0 or step == total:
+                checkpoint(step)
+                maybe_kill(step)
+            elif interrupt.requested:
+                checkpoint(step)
+            if interrupt.requested:
+                cb.on_message(f"interrupted: checkpoint at step {step}; continue with --resume")
+                raise KeyboardInterrupt
+
+    metrics["probe_loss_end"] = probe_loss()
+    ema.store(params)
+    ema.copy_to(params)
+    metrics["probe_loss_end_ema"] = probe_loss()
+    vae_facts = DetailAlignedVAE.from_pretrained(str(vae_dir))
+    facts = sampling_facts(preset, vae_facts, vae_dir, backend, raw, dit_spec, total)
+    if acc.is_main_process:
+        export_adapted(backend, raw, facts, final_dir)
+        log.write({"step": total, "event": "export", "final": str(final_dir), **metrics, "skipped_steps": skipped})
+    ema.restore(params)
+    metrics.update(skipped_steps=skipped, last=last, elapsed_s=round(time.time() - t0, 1))
+    cb.on_end(metrics)
+    return AdaptDiTResult(str(run_dir), str(final_dir), total, metrics)

@@ -1,0 +1,210 @@
+"""adapt-dit: the zero-init extension is the pretrained function, the loss schedule by hand, LoRA targets,
+a short run lowers the loss, exact --resume, the exported folder loads with plain diffusers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from davae_cli import flow
+from davae_cli.config import load_preset
+from davae_cli.dit.extend import extend_output_head, extend_patch_embed, output_row_index
+from davae_cli.errors import DavaeError
+
+from conftest import run_cli
+
+TINY = ["vae.base_vae=random", "vae.base_vae_subfolder=null", "adapt_dit.resolution=64", "adapt_dit.batch_size=2",
+        "adapt_dit.log_every=1", "adapt_dit.checkpoint_every=3", "dit.max_sequence_length=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """An untrained tiny-preset DA-VAE on a random f8 C=16 base (D = 16)."""
+    from davae_cli.train.vae import train_vae
+
+    d = tmp_path_factory.mktemp("tinyvae")
+    train_vae(load_preset("tiny", TINY + ["train_vae.steps=0"]), [], d / "run")
+    return d / "run" / "final"
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    from PIL import Image
+    import numpy as np
+
+    d = tmp_path_factory.mktemp("capt")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        arr = rng.integers(0, 255, size=(9, 11, 3)).astype(np.uint8)
+        Image.fromarray(arr).resize((88, 72), Image.BICUBIC).save(d / f"im{i}.png")
+        (d / f"im{i}.txt").write_text(f"picture number {i}")
+    return d
+
+
+def _sd3_inputs(model, c_total, n=2, hw=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    return dict(x=torch.randn(n, c_total, hw, hw, generator=g),
+                eh=torch.randn(n, 11, cfg.joint_attention_dim, generator=g),
+                pool=torch.randn(n, cfg.pooled_projection_dim, generator=g),
+                t=torch.rand(n, generator=g) * 1000)
+
+
+def _run(model, x, inp):
+    with torch.no_grad():
+        return model(hidden_states=x, encoder_hidden_states=inp["eh"], pooled_projections=inp["pool"],
+                     timestep=inp["t"], return_dict=False)[0]
+
+
+def test_output_rows_interleave_per_patch_position():
+    # p = 2, C = 2, D = 2: old rows (pq, c) -> pq * 4 + c, by hand
+    assert output_row_index(2, 2, 2).tolist() == [0, 1, 4, 5, 8, 9, 12, 13]
+    lin = torch.nn.Linear(3, 8)
+    new = extend_output_head(lin, 2, 2, 2)
+    assert torch.equal(new.weight[[0, 1, 4, 5, 8, 9, 12, 13]], lin.weight)
+    assert new.weight[[2, 3, 6, 7, 10, 11, 14, 15]].abs().sum() == 0 and new.bias[[2, 3, 6, 7]].abs().sum() == 0
+    conv = torch.nn.Conv2d(2, 5, 2, 2)
+    ext = extend_patch_embed(conv, 3)
+    assert ext.in_channels == 5 and torch.equal(ext.weight[:, :2], conv.weight) and ext.weight[:, 2:].abs().sum() == 0
+    with pytest.raises(DavaeError, match="p\\*p\\*C"):
+        extend_output_head(torch.nn.Linear(3, 16), 2, 2, 2)
+
+
+@pytest.mark.parametrize("detail", [16, 48])
+def test_sd3_warm_start_is_the_pretrained_function(detail):
+    from davae_cli.dit.sd3 import extend_sd3, load_sd3_transformer
+
+    arch = load_preset("tiny").dit.arch
+    ref = load_sd3_transformer("random", arch=arch, seed=3)
+    ext = extend_sd3(copy.deepcopy(ref), detail)
+    assert ext.config.in_channels == ext.config.out_channels == 16 + detail
+    inp = _sd3_inputs(ref, 16 + detail)
+    out = _run(ext, inp["x"], inp)
+    base = _run(ref, inp["x"][:, :16], inp)
+    assert (out[:, :16] - base).abs().max() <= 1e-6
+    assert torch.count_nonzero(out[:, 16:]) == 0
+    # the test can fail: once the new rows move, detail outputs are no longer zero
+    with torch.no_grad():
+        ext.proj_out.weight.add_(0.01)
+    assert torch.count_nonzero(_run(ext, inp["x"], inp)[:, 16:]) > 0
+
+
+def test_sd35_medium_architecture_warm_start():
+    """SD3.5 Medium's real config (full width, dual attention, RMS QK-norm), depth reduced for CPU time."""
+    from davae_cli.dit.sd3 import extend_sd3, load_sd3_transformer
+
+    arch = dict(load_preset("sd35m-1024").dit.arch, num_layers=2, dual_attention_layers=[0])
+    ref = load_sd3_transformer("random", arch=arch, seed=0)
+    ext = extend_sd3(copy.deepcopy(ref), 16)
+    inp = _sd3_inputs(ref, 32, n=1, hw=8)
+    out = _run(ext, inp["x"], inp)
+    assert (out[:, :16] - _run(ref, inp["x"][:, :16], inp)).abs().max() <= 1e-6
+    assert torch.count_nonzero(out[:, 16:]) == 0
+
+
+def test_lora_targets_exactly_the_named_modules():
+    from davae_cli.dit.backend import SD3Backend
+    from davae_cli.dit.sd3 import lora_module_names
+
+    preset = load_preset("tiny")
+    backend = SD3Backend(preset)
+    model = backend.extend(backend.load("random"), 16)
+    plain_names = [n for n, _ in model.named_modules()]
+    trainable = backend.prepare_training(model)
+    pattern = re.compile(r"^transformer_blocks\.\d+\.(attn|attn2)\.(to_q|to_k|to_v|to_out\.0)$|"
+                         r"^transformer_blocks\.\d+\.(ff\.net\.2|norm1\.linear)$")
+    expected = sorted(n for n in plain_names if pattern.match(n))
+    assert lora_module_names(model) == expected
+    assert not any("context" in n or "add_" in n for n in expected)  # the text stream is not adapted
+    heads = {n.rsplit(".", 1)[0] for n in trainable if "lora_" not in n}
+    assert heads == {"pos_embed.proj", "proj_out", "norm_out.linear"}
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_detail_weight_and_loss_normalisation_by_hand():
+    assert flow.detail_weight(0, 100) == 0.0
+    assert flow.detail_weight(50, 100) == pytest.approx(0.5)
+    assert flow.detail_weight(25, 100) == pytest.approx((1 - math.cos(math.pi / 4)) / 2)
+    assert flow.detail_weight(100, 100) == 1.0 and flow.detail_weight(10_000, 100) == 1.0
+    # 1 sample, C = 1, D = 2, 1x1: base error 2^2 = 4, detail errors 1 and 3 -> 1 + 9 = 10
+    pred = torch.tensor([[[[2.0]], [[1.0]], [[3.0]]]])
+    target = torch.zeros_like(pred)
+    assert float(flow.flow_loss(pred, target, 1, 0.0)) == pytest.approx(4.0)
+    assert float(flow.flow_loss(pred, target, 1, 0.5)) == pytest.approx((4 + 0.5 * 10) / (1 + 0.5 * 2))
+    assert float(flow.flow_loss(pred, target, 1, 1.0)) == pytest.approx(14 / 3)
+
+
+def test_shift_and_noising():
+    assert float(flow.shift_sigma(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
+    assert float(flow.shift_sigma(torch.tensor(0.0), 3.0)) == 0.0 and float(flow.shift_sigma(torch.tensor(1.0), 3.0)) == 1.0
+    x0, eps = torch.ones(1, 2, 1, 1), torch.full((1, 2, 1, 1), 3.0)
+    xt, u = flow.noisy(x0, eps, torch.tensor([0.25]))
+    assert torch.allclose(xt, torch.full_like(xt, 0.75 + 0.75)) and torch.allclose(u, torch.full_like(u, 2.0))
+    s = flow.sampling_sigmas(4, 1.0)
+    assert s.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_step0_export_reloads_with_plain_diffusers(tiny_vae, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from davae_cli.dit.sd3 import load_sd3_transformer
+    from davae_cli.train.dit import adapt_dit
+
+    preset = load_preset("tiny", TINY + ["adapt_dit.steps=0"])
+    res = adapt_dit(preset, tiny_vae, tmp_path / "run")
+    loaded = SD3Transformer2DModel.from_pretrained(res.final_dir)
+    assert loaded.config.in_channels == loaded.config.out_channels == 32
+    ref = load_sd3_transformer("random", arch=preset.dit.arch, seed=preset.adapt_dit.seed)
+    inp = _sd3_inputs(ref, 32, hw=4)
+    out = _run(loaded, inp["x"], inp)
+    assert (out[:, :16] - _run(ref, inp["x"][:, :16], inp)).abs().max() <= 1e-6
+    assert torch.count_nonzero(out[:, 16:]) == 0
+    facts = json.loads((tmp_path / "run" / "final" / "davae_dit.json").read_text())
+    assert facts["timestep_shift"] == preset.dit.timestep_shift and facts["detail_channels"] == 16
+    assert len(facts["detail_std"]) == 16
+
+
+def _losses(run):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+            if r.get("event") == "train"]
+
+
+def test_short_run_lowers_loss_and_resume_is_exact(tiny_vae, captioned, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["adapt-dit", "--preset", "tiny", "--vae", tiny_vae, "--data", captioned, "--steps", "6",
+            *sum((["--set", s] for s in TINY + ["adapt_dit.lr=3e-3"]), []), "--json"]
+    full = run_cli(*args, "--out", tmp_path / "full")
+    m = json.loads(full.stdout)
+    assert m["probe_loss_end"] < m["probe_loss_start"]
+    killed = run_cli(*args, "--out", tmp_path / "cut", check=False, env={"DAVAE_KILL_AFTER_STEP": "3"})
+    assert killed.returncode != 0 and not (tmp_path / "cut" / "final").exists()
+    run_cli(*args, "--out", tmp_path / "cut", "--resume")
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+    a = load_file(tmp_path / "full" / "final" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "cut" / "final" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_adapt_dit_errors(tiny_vae, captioned, tmp_path, davae_dir):
+    r = run_cli("adapt-dit", "--preset", "tiny", "--vae", tiny_vae, "--out", tmp_path / "a", check=False)
+    assert r.returncode == 1 and "--data is required" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("adapt-dit", "--preset", "tiny", "--vae", tmp_path / "nope", "--out", tmp_path / "b", "--steps", "0",
+                check=False)
+    assert r.returncode == 1 and "not a DA-VAE folder" in r.stderr
+    # a DA-VAE with C = 4 and the tiny DiT (C = 16) do not belong together
+    r = run_cli("adapt-dit", "--preset", "tiny", "--vae", davae_dir, "--out", tmp_path / "c", "--steps", "0",
+                "--set", "adapt_dit.resolution=64", check=False)
+    assert r.returncode == 1 and "do not belong together" in r.stderr
+    uncaptioned = tmp_path / "nocap"
+    uncaptioned.mkdir()
+    (uncaptioned / "x.png").write_bytes((captioned / "im0.png").read_bytes())
+    r = run_cli("adapt-dit", "--preset", "tiny", "--vae", tiny_vae, "--out", tmp_path / "d", "--data", uncaptioned,
+                "--steps", "2", *sum((["--set", s] for s in TINY), []), check=False)
+    assert r.returncode == 1 and "no caption" in r.stderr
