@@ -30,6 +30,9 @@ class VAEConfig:
 
     base_vae: str = "random"  # hub id, local diffusers folder, or "random" (a small AutoencoderTiny built in code)
     base_vae_subfolder: Optional[str] = None  # e.g. "vae" for a pipeline repository
+    # the base VAE's architecture (a diffusers config dict with _class_name), used when a random base VAE
+    # is built (`davae bench --weights random`); empty: a small AutoencoderTiny
+    base_vae_arch: dict = field(default_factory=dict)
     base_channels: int = 16  # C: channels of the base latent (checked against the base VAE)
     detail_channels: int = 16  # D: new detail channels, a multiple of C
     downsample: int = 8  # f: spatial downsampling of the base VAE

@@ -208,3 +208,37 @@ def test_adapt_dit_errors(tiny_vae, captioned, tmp_path, davae_dir):
     r = run_cli("adapt-dit", "--preset", "tiny", "--vae", tiny_vae, "--out", tmp_path / "d", "--data", uncaptioned,
                 "--steps", "2", *sum((["--set", s] for s in TINY), []), check=False)
     assert r.returncode == 1 and "no caption" in r.stderr
+
+
+def test_lightningdit_path_class_folders(tmp_path, captioned):
+    """tiny-imagenet: class sub-folders -> labels; step-0 export is the pretrained function through the
+    backend's velocity; a short run lowers the fixed-noise loss."""
+    import shutil
+
+    from davae_cli.dit.backend import LightningDiTBackend
+    from davae_cli.train.dit import adapt_dit
+    from davae_cli.train.vae import train_vae
+
+    train_vae(load_preset("tiny-imagenet", ["train_vae.steps=0"]), [], tmp_path / "vae")
+    data = tmp_path / "cls"
+    for i, name in enumerate(sorted(p.name for p in captioned.glob("*.png"))):
+        (data / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(captioned / name, data / ("a" if i % 2 else "b") / name)
+    preset = load_preset("tiny-imagenet", ["adapt_dit.steps=0"])
+    res0 = adapt_dit(preset, tmp_path / "vae" / "final", tmp_path / "r0")
+    backend = LightningDiTBackend(preset)
+    ref = backend.load("random", seed=preset.adapt_dit.seed)
+    adapted = backend.load_adapted(res0.final_dir)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 32, 8, 8, generator=g)
+    sigma = torch.rand(3, generator=g)
+    cond = {"labels": torch.tensor([0, 3, 10])}  # 10 = the null class
+    with torch.no_grad():
+        v = backend.velocity(adapted, x, sigma, cond)
+        v_ref = backend.velocity(ref, x[:, :16], sigma, cond)
+    assert (v[:, :16] - v_ref).abs().max() <= 1e-6 and torch.count_nonzero(v[:, 16:]) == 0
+    res = adapt_dit(load_preset("tiny-imagenet", ["adapt_dit.steps=12"]), tmp_path / "vae" / "final",
+                    tmp_path / "r1", data=[str(data)])
+    assert res.metrics["probe_loss_end"] < res.metrics["probe_loss_start"]
+    labels = {json.loads(line)["label"] for line in (tmp_path / "r1" / "cache" / "index.jsonl").read_text().splitlines()}
+    assert labels == {0, 1}

@@ -85,6 +85,11 @@ class LightningDiTBackend:
 
         arch = dict(self.preset.dit.arch)
         size = arch.pop("size", "XL/1")
+        # the token grid follows the recipe's resolution; the class count and the null class follow dit.*
+        # (class_dropout_prob > 0 keeps the null-class row; the trainer drops labels itself)
+        arch.setdefault("input_size", self.preset.adapt_dit.resolution // (self.preset.vae.scale * self.preset.vae.downsample))
+        arch.setdefault("num_classes", self.preset.dit.num_classes)
+        arch.setdefault("class_dropout_prob", self.preset.dit.cond_dropout)
         p = Path(spec).expanduser()
         if p.is_dir() and (p / "config.json").is_file():
             return L.LightningDiT.from_pretrained(str(p), torch_dtype=dtype)
@@ -116,8 +121,10 @@ class LightningDiTBackend:
         return [n for n, _ in model.named_parameters() if _.requires_grad]
 
     def velocity(self, model, x, sigma, cond):
-        # LightningDiT: t = 1 - sigma (t = 1 is data) and it predicts x0 - eps; see lightningdit.py
-        return -model(x, 1.0 - sigma, cond["labels"])
+        # LightningDiT: t = 1 - sigma (t = 1 is data) and it predicts x0 - eps (see lightningdit.py); labels
+        # arrive already dropped to the null class by the caller, so the model's own dropout is disabled
+        y = cond["labels"]
+        return -model(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
 
     def export(self, model, folder: Path) -> None:
         model.save_pretrained(str(folder), safe_serialization=True)

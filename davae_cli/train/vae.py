@@ -253,7 +253,8 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     acc = _make_accelerator(t.seed)
     device = acc.device
 
-    base = load_base_vae(preset.vae.base_vae, preset.vae.base_vae_subfolder, preset.vae.base_channels)
+    base = load_base_vae(preset.vae.base_vae, preset.vae.base_vae_subfolder, preset.vae.base_channels,
+                         arch=preset.vae.base_vae_arch)
     model = DetailAlignedVAE.from_base(base, preset.vae)
     model.to(device)
     final_dir = run_dir / "final"

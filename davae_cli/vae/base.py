@@ -134,13 +134,15 @@ def _resolve_folder(spec: str, subfolder: Optional[str]) -> Path:
     return folder
 
 
-def load_base_vae(spec: str, subfolder: Optional[str] = None, latent_channels: int = 16) -> BaseVAE:
-    """Load a frozen base VAE from a hub id, a local folder, or `random` (seeded, built in code)."""
+def load_base_vae(spec: str, subfolder: Optional[str] = None, latent_channels: int = 16,
+                  arch: Optional[dict] = None) -> BaseVAE:
+    """Load a frozen base VAE from a hub id, a local folder, or `random` (seeded, built in code from `arch`,
+    a diffusers config dict, or a small AutoencoderTiny when `arch` is empty)."""
     if spec == RANDOM_BASE:
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(0)  # the same `random` base on every machine, so its hash is stable
         try:
-            vae = vae_from_config(random_base_config(latent_channels))
+            vae = vae_from_config(dict(arch) if arch else random_base_config(latent_channels))
         finally:
             torch.random.set_rng_state(gen_state)
         vae.eval().requires_grad_(False)

@@ -200,7 +200,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             source = base_vae or cfg.base_vae_source
             try:
                 base = load_base_vae(source, cfg.base_vae_subfolder if base_vae is None else None,
-                                     latent_channels=cfg.base_channels)
+                                     latent_channels=cfg.base_channels,
+                                     arch=dict(cfg.base_vae_config) if source == "random" else None)
             except DavaeError as e:
                 raise DavaeError(
                     f"DA-VAE {path} needs its base VAE {source!r}, which cannot be loaded ({e}); "

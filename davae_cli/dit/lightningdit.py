@@ -1,0 +1,634 @@
+"""LightningDiT (hustvl/LightningDiT): the class-conditional DiT trained on VA-VAE f16d32 latents (SPEC §2, §6).
+
+Written from the published architecture; parameter and buffer names follow the public checkpoints
+(`lightningdit-xl-imagenet256-800ep.pt`, `...-64ep.pt`) so that their state dict loads strictly:
+
+    x_embedder.proj.{weight,bias}                    Conv2d(C, hidden, k=p, s=p)
+    pos_embed                                        (1, T, hidden) fixed 2D sin-cos table (a frozen parameter)
+    t_embedder.mlp.{0,2}.{weight,bias}               sinusoidal(256) -> Linear -> SiLU -> Linear
+    y_embedder.embedding_table.weight                (num_classes + 1, hidden): the last row is the null class
+    feat_rope.freqs_{cos,sin}                        (T, head_dim) 2D RoPE tables (persistent buffers), use_rope
+    blocks.i.norm{1,2}.weight                        RMSNorm (use_rmsnorm; LayerNorm without affine otherwise)
+    blocks.i.attn.qkv.{weight,bias}, attn.proj.{weight,bias}
+    blocks.i.attn.{q,k}_norm.weight                  only with use_qknorm (the released models have none)
+    blocks.i.mlp.w12.{weight,bias}, mlp.w3.{weight,bias}    SwiGLU (use_swiglu; else mlp.fc1 / mlp.fc2, GELU-tanh)
+    blocks.i.adaLN_modulation.1.{weight,bias}        SiLU -> Linear(hidden, 6 * hidden) (4 * hidden with wo_shift)
+    final_layer.norm_final.weight                    RMSNorm only
+    final_layer.adaLN_modulation.1.{weight,bias}     SiLU -> Linear(hidden, 2 * hidden)
+    final_layer.linear.{weight,bias}                 Linear(hidden, p * p * C), unpatchified (p, q, c), c fastest
+
+Released ImageNet-256 model: XL/1, input_size 16 (256 / 16), in_channels 32, use_swiglu, use_rope,
+use_rmsnorm, no QK-norm, with shift, 1000 classes, class dropout 0.1. These are the constructor's defaults
+here (the official constructor defaults every option to False).
+
+Time convention (LightningDiT's `transport`, a SiT fork, "Linear" path, velocity prediction):
+`x_t = t * x_data + (1 - t) * noise`, so **t = 0 is pure noise and t = 1 is data**, and the network
+predicts the velocity `dx_t/dt = x_data - noise`. The raw t in [0, 1] goes into the sinusoidal
+embedding (no x1000 scaling). Training draws t from a logit-normal(0, 1). Sampling integrates the ODE
+forward from t = 0 to t = 1 on a grid `linspace(0, 1, steps)` mapped by the timestep shift
+`t' = s t / (1 + (s - 1) t)` (`shift_time`); the released config uses s = 0.3, which puts more steps
+near the noise end. In the diffusers/SD3 convention (sigma = 1 - t) this is the usual shift
+`sigma' = S sigma / (1 + (S - 1) sigma)` with S = 1 / s (0.3 -> 3.33).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..errors import DavaeError
+from .extend import extend_output_head, extend_patch_embed, output_row_index
+
+__all__ = [
+    "LIGHTNINGDIT_SIZES",
+    "LightningDiT",
+    "build_lightningdit",
+    "extend_lightningdit",
+    "load_lightningdit_weights",
+    "shift_time",
+]
+
+# Architecture presets (official names without the "LightningDiT-" prefix, plus L/1 and a CPU "tiny").
+LIGHTNINGDIT_SIZES: dict[str, dict] = {
+    "B/1": {"depth": 12, "hidden_size": 768, "num_heads": 12, "patch_size": 1},
+    "B/2": {"depth": 12, "hidden_size": 768, "num_heads": 12, "patch_size": 2},
+    "L/1": {"depth": 24, "hidden_size": 1024, "num_heads": 16, "patch_size": 1},
+    "L/2": {"depth": 24, "hidden_size": 1024, "num_heads": 16, "patch_size": 2},
+    "XL/1": {"depth": 28, "hidden_size": 1152, "num_heads": 16, "patch_size": 1},
+    "XL/2": {"depth": 28, "hidden_size": 1152, "num_heads": 16, "patch_size": 2},
+    "1p0B/1": {"depth": 24, "hidden_size": 1536, "num_heads": 24, "patch_size": 1},
+    "1p0B/2": {"depth": 24, "hidden_size": 1536, "num_heads": 24, "patch_size": 2},
+    "1p6B/1": {"depth": 28, "hidden_size": 1792, "num_heads": 28, "patch_size": 1},
+    "1p6B/2": {"depth": 28, "hidden_size": 1792, "num_heads": 28, "patch_size": 2},
+    "tiny": {"depth": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 1, "input_size": 8, "in_channels": 4,
+             "num_classes": 10},
+}
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """LightningDiT's sampling timestep shift in its own convention (t = 0 noise, t = 1 data):
+    `t' = s t / (1 + (s - 1) t)`. s = 1 is the identity; s < 1 spends more steps near the noise end."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# positional tables
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """(grid * grid, dim) fixed 2D sin-cos embedding; token k = row * grid + col. The first dim / 2
+    features encode the column, the last dim / 2 the row; each half is [sin(pos w), cos(pos w)] with
+    w_i = 10000^(-i / (dim / 4)). Computed in float64, returned in float32."""
+    if dim % 4:
+        raise DavaeError(f"LightningDiT: hidden_size {dim} must be a multiple of 4 for the 2D sin-cos embedding")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows = pos.repeat_interleave(grid)  # row of token k
+    cols = pos.repeat(grid)  # column of token k
+
+    def one_axis(p: torch.Tensor) -> torch.Tensor:
+        ang = p[:, None] * omega[None, :]
+        return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()
+
+
+def rope_tables_2d(head_dim: int, grid: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid * grid, head_dim) cos / sin tables of the 2D rotary embedding (EVA-02 style, as in LightningDiT):
+    the first head_dim / 2 features rotate with the token's row, the last head_dim / 2 with its column;
+    rotation pairs are adjacent features (2i, 2i + 1), frequency theta^(-2i / (head_dim / 2))."""
+    half = head_dim // 2
+    if head_dim % 4:
+        raise DavaeError(f"LightningDiT: head dim {head_dim} must be a multiple of 4 for 2D RoPE")
+    inv_freq = 1.0 / theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)  # (half / 2,)
+    pos = torch.arange(grid) / grid * grid  # the official position formula (pt_seq_len = ft_seq_len)
+    ang = (pos[:, None] * inv_freq[None, :]).repeat_interleave(2, dim=-1)  # (grid, half), pairs share a freq
+    rows = ang[:, None, :].expand(grid, grid, half)
+    cols = ang[None, :, :].expand(grid, grid, half)
+    table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
+    return table.cos(), table.sin()
+
+
+class RotaryEmbedding2D(nn.Module):
+    """Applies the 2D RoPE to (N, heads, T, head_dim). The tables are persistent buffers because the
+    released checkpoints store them (`feat_rope.freqs_cos`, `feat_rope.freqs_sin`)."""
+
+    def __init__(self, head_dim: int, grid: int):
+        super().__init__()
+        cos, sin = rope_tables_2d(head_dim, grid)
+        self.register_buffer("freqs_cos", cos)
+        self.register_buffer("freqs_sin", sin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (a, b) -> (-b, a)
+        return x * self.freqs_cos + rotated * self.freqs_sin
+
+
+# ----------------------------------------------------------------------------------------------------
+# layers
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (`weight`), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+def _norm(dim: int, rms: bool) -> nn.Module:
+    return RMSNorm(dim) if rms else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    x = x * (1 + scale.unsqueeze(1))
+    return x if shift is None else x + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(k = s = p) patchifier; tokens in row-major order. Named `proj` like timm's PatchEmbed.
+
+    After a DA-VAE extension (`base_channels` < the conv's input channels) the same conv is evaluated as
+    the sum of its base-channel slice and its detail-channel slice. That is the same function, but the
+    base slice runs the pretrained model's exact kernel and shapes, so at step 0 (zero detail weights)
+    the extended model reproduces the pretrained one bit for bit instead of up to summation order."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, base_channels: int | None = None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.base_channels = in_channels if base_channels is None else base_channels
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cb, conv = self.base_channels, self.proj
+        if cb >= conv.in_channels:
+            out = conv(x)
+        else:
+            out = F.conv2d(x[:, :cb], conv.weight[:, :cb], conv.bias, conv.stride)
+            out = out + F.conv2d(x[:, cb:], conv.weight[:, cb:], None, conv.stride)
+        return out.flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """t (N,) -> [cos(t f), sin(t f)] with f_i = 10000^(-i / 128), i < 128 -> MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding; with dropout_prob > 0 the table has a last "null" row (id == num_classes) used for
+    classifier-free guidance, and training replaces labels by it with probability dropout_prob."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = torch.as_tensor(force_drop_ids, device=labels.device) == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, use_rmsnorm: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise DavaeError(f"LightningDiT: hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim) if use_rmsnorm else nn.LayerNorm(self.head_dim)
+            self.k_norm = RMSNorm(self.head_dim) if use_rmsnorm else nn.LayerNorm(self.head_dim)
+        else:
+            self.q_norm = nn.Identity()
+            self.k_norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding2D | None = None) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class SwiGLUFFN(nn.Module):
+    """w3(silu(a) * b) with [a, b] = w12(x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=True)
+        self.w3 = nn.Linear(hidden, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class GeluMlp(nn.Module):
+    """fc2(gelu_tanh(fc1(x))), named like timm's Mlp."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def swiglu_hidden(hidden_size: int, mlp_ratio: float) -> int:
+    """The released models' SwiGLU width: int(2/3 * int(hidden * mlp_ratio)) (3072 for hidden 1152)."""
+    return int(2 / 3 * int(hidden_size * mlp_ratio))
+
+
+class LightningDiTBlock(nn.Module):
+    """adaLN-Zero block: x += g1 * attn(mod(norm1(x))); x += g2 * mlp(mod(norm2(x)))."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, use_qknorm: bool, use_swiglu: bool,
+                 use_rmsnorm: bool, wo_shift: bool):
+        super().__init__()
+        self.wo_shift = wo_shift
+        self.norm1 = _norm(hidden_size, use_rmsnorm)
+        self.attn = Attention(hidden_size, num_heads, use_qknorm, use_rmsnorm)
+        self.norm2 = _norm(hidden_size, use_rmsnorm)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        if use_swiglu:
+            self.mlp = SwiGLUFFN(hidden_size, swiglu_hidden(hidden_size, mlp_ratio))
+        else:
+            self.mlp = GeluMlp(hidden_size, mlp_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RotaryEmbedding2D | None = None) -> torch.Tensor:
+        mod = self.adaLN_modulation(c)
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """norm -> adaLN modulation (shift, scale) -> Linear(hidden, p * p * c).
+
+    After a DA-VAE extension (`base_channels` < c) the rows of the pretrained channels and the new rows
+    are evaluated as two separate products and interleaved back: the same function, but the base rows use
+    the pretrained model's exact GEMM shapes, so step 0 reproduces it bit for bit (see PatchEmbed)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, use_rmsnorm: bool,
+                 base_channels: int | None = None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.base_channels = out_channels if base_channels is None else base_channels
+        self.norm_final = _norm(hidden_size, use_rmsnorm)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        h = modulate(self.norm_final(x), shift, scale)
+        # 2D products: a 3D matmul picks its folding from requires_grad, which would make the two paths
+        # below round differently
+        lead, h = h.shape[:-1], h.reshape(-1, h.shape[-1])
+        p, cb, lin = self.patch_size, self.base_channels, self.linear
+        channels = lin.out_features // (p * p)
+        if cb >= channels:
+            return F.linear(h, lin.weight, lin.bias).unflatten(0, lead)
+        base = output_row_index(p, cb, channels - cb).to(h.device)
+        keep = torch.ones(lin.out_features, dtype=torch.bool, device=h.device)
+        keep[base] = False
+        new = keep.nonzero().squeeze(1)
+        order = torch.cat([base, new]).argsort()  # position of each output row in cat([base rows, new rows])
+        out = torch.cat([F.linear(h, lin.weight[base], lin.bias[base]), F.linear(h, lin.weight[new], lin.bias[new])],
+                        dim=-1)
+        return out[:, order].unflatten(0, lead)
+
+
+# ----------------------------------------------------------------------------------------------------
+# model
+
+
+class LightningDiT(ModelMixin, ConfigMixin):
+    """Class-conditional LightningDiT as a diffusers model (`save_pretrained` / `from_pretrained`).
+
+    `forward(x, t, y)`: x (N, in_channels, input_size, input_size); t (N,) in LightningDiT's convention
+    (t = 0 noise, t = 1 data, see the module docstring); y (N,) class ids, `num_classes` = the null class.
+    Returns the velocity (N, in_channels, input_size, input_size).
+
+    `detail_channels` is bookkeeping for DA-VAE: how many of the `in_channels` (the last ones) were added
+    by `extend_lightningdit` (0 for a pretrained model). It does not change the architecture or the
+    function; the patch embedder uses it only to evaluate the base-channel slice of its conv separately.
+    """
+
+    config_name = "config.json"
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        input_size: int = 16,
+        patch_size: int = 1,
+        in_channels: int = 32,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = False,
+        use_qknorm: bool = False,
+        use_swiglu: bool = True,
+        use_rope: bool = True,
+        use_rmsnorm: bool = True,
+        wo_shift: bool = False,
+        use_checkpoint: bool = False,
+        detail_channels: int = 0,
+    ):
+        super().__init__()
+        if learn_sigma:
+            raise DavaeError("LightningDiT: learn_sigma=True is not supported (the velocity model has out = in channels)")
+        if not 0 <= detail_channels < in_channels:
+            raise DavaeError(f"LightningDiT: detail_channels {detail_channels} must be in [0, in_channels {in_channels})")
+        if input_size % patch_size:
+            raise DavaeError(f"LightningDiT: input_size {input_size} is not a multiple of patch_size {patch_size}")
+        self.in_channels = in_channels
+        self.out_channels = in_channels
+        self.patch_size = patch_size
+        self.grid = input_size // patch_size
+        self.gradient_checkpointing = use_checkpoint
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, in_channels - detail_channels)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # a frozen parameter, not a buffer: the released checkpoints store it as `pos_embed`
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(hidden_size, self.grid)[None], requires_grad=False)
+        self.feat_rope = RotaryEmbedding2D(hidden_size // num_heads, self.grid) if use_rope else None
+        self.blocks = nn.ModuleList([
+            LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+            for _ in range(depth)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm,
+                                      in_channels - detail_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """From-scratch init (DiT recipe): xavier linears, zero adaLN and output layers."""
+
+        def basic(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(basic)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p * p * c) -> (N, c, h p, w p); token features in (p, q, c) order, c fastest."""
+        n, c, p, g = x.shape[0], self.out_channels, self.patch_size, self.grid
+        x = x.reshape(n, g, g, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(n, c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        size = self.config.input_size
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != size or x.shape[3] != size:
+            raise DavaeError(f"LightningDiT: expected x of shape (N, {self.in_channels}, {size}, {size}), "
+                             f"got {tuple(x.shape)}")
+        n = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(n) if t.ndim == 0 else t
+        y = torch.as_tensor(y, device=x.device)
+        y = y.expand(n) if y.ndim == 0 else y
+
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, c, self.feat_rope, use_reentrant=False)
+            else:
+                h = block(h, c, self.feat_rope)
+        return self.unpatchify(self.final_layer(h, c))
+
+
+def build_lightningdit(size: str, **overrides) -> LightningDiT:
+    """A LightningDiT of preset `size` (see LIGHTNINGDIT_SIZES; an optional "LightningDiT-" prefix is
+    accepted); `overrides` are constructor arguments (e.g. input_size, in_channels, use_qknorm)."""
+    key = size.removeprefix("LightningDiT-")
+    if key not in LIGHTNINGDIT_SIZES:
+        raise DavaeError(f"unknown LightningDiT size {size!r} (known: {', '.join(LIGHTNINGDIT_SIZES)})")
+    return LightningDiT(**{**LIGHTNINGDIT_SIZES[key], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# weights
+
+_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _pick_state_dict(obj, prefer_ema: bool, path: Path) -> tuple[dict, str]:
+    if _is_state_dict(obj):
+        return obj, "state dict"
+    if isinstance(obj, dict):
+        order = ("ema", "model", "state_dict", "module") if prefer_ema else ("model", "state_dict", "module", "ema")
+        for name in order:
+            if _is_state_dict(obj.get(name)):
+                return obj[name], repr(name)
+        keys = ", ".join(map(str, list(obj)[:8]))
+        raise DavaeError(f"{path}: no model weights found (top-level keys: {keys})")
+    raise DavaeError(f"{path}: expected a state dict or a dict with 'ema'/'model', got {type(obj).__name__}")
+
+
+def _read_torch(path: Path, trust_pickle: bool):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised as a one-line DavaeError
+        if not trust_pickle:
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise DavaeError(f"{path}: cannot read with torch.load(weights_only=True) ({msg}); "
+                             f"pass trust_pickle=True only for a file you trust") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise DavaeError(f"{path}: cannot read ({str(e).strip()[:160]})") from None
+
+
+def _read_folder(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("diffusion_pytorch_model*.safetensors")) or sorted(path.glob("*.safetensors"))
+    if files:
+        sd: dict = {}
+        for f in files:
+            sd.update(load_file(str(f), device="cpu"))
+        return sd
+    files = sorted(path.glob("diffusion_pytorch_model*.bin"))
+    if files:
+        sd = {}
+        for f in files:
+            sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
+        return sd
+    raise DavaeError(f"{path}: no diffusion_pytorch_model*.safetensors / .bin weights in this folder")
+
+
+def _strip_prefixes(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def _mismatch_message(model: nn.Module, sd: dict, source: str) -> str | None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return None
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {few(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches: {few(shapes)}")
+    hints = []
+    if any(".q_norm." in k or ".k_norm." in k for k in missing + unexpected):
+        hints.append("use_qknorm differs from the checkpoint")
+    if any(k.startswith(("x_embedder.proj.", "final_layer.linear.")) for k in shapes):
+        hints.append("channel count differs: load pretrained weights before extend_lightningdit")
+    hint = f" (hint: {'; '.join(hints)})" if hints else ""
+    return f"LightningDiT weights from {source} do not match the model: {'; '.join(parts)}{hint}"
+
+
+def load_lightningdit_weights(model: LightningDiT, path: str | Path, prefer_ema: bool = True, *,
+                              trust_pickle: bool = False) -> LightningDiT:
+    """Load weights strictly into `model` from a `.pt`/`.pth`/`.bin`/`.ckpt` checkpoint (a state dict, or a
+    dict with 'ema' / 'model' / ... like the released `lightningdit-xl-imagenet256-800ep.pt`; 'ema' is used
+    when `prefer_ema`), a `.safetensors` file, or a diffusers folder (`save_pretrained` output).
+    `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes are stripped. Any missing, unexpected or
+    shape-mismatched key raises DavaeError with a one-line message. `.pt` files are read with
+    `weights_only=True`; `trust_pickle=True` allows a full unpickle for files that need it."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DavaeError(f"LightningDiT weights not found: {p}")
+    if p.is_dir():
+        sd, what = _read_folder(p), "diffusers folder"
+    elif p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd, what = load_file(str(p), device="cpu"), "safetensors"
+        except Exception as e:  # noqa: BLE001
+            raise DavaeError(f"{p}: cannot read safetensors ({str(e).strip()[:160]})") from None
+    else:
+        sd, what = _pick_state_dict(_read_torch(p, trust_pickle), prefer_ema, p)
+    sd = _strip_prefixes({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+    msg = _mismatch_message(model, sd, f"{p.name} [{what}]")
+    if msg:
+        raise DavaeError(msg)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# DA-VAE warm start
+
+
+def extend_lightningdit(model: LightningDiT, detail_channels: int) -> LightningDiT:
+    """Zero-init channel extension in place (SPEC §6): the patch embedder reads C + D channels (the new
+    input weights are zero) and the output head writes C + D channels per patch position (the new rows,
+    interleaved in the (p, q, c) layout, have zero weight and bias). At step 0 the base-channel outputs
+    equal the pretrained model's for any detail input and the detail outputs are exactly 0. No module is
+    added: the state dict has the same keys, only two tensors are wider. Returns `model`."""
+    if detail_channels <= 0:
+        raise DavaeError(f"extend_lightningdit: detail_channels must be positive, got {detail_channels}")
+    c, p = model.in_channels, model.patch_size
+    if model.out_channels != c:
+        raise DavaeError("extend_lightningdit: the model's output channels differ from its input channels")
+    model.x_embedder.proj = extend_patch_embed(model.x_embedder.proj, detail_channels)
+    model.final_layer.linear = extend_output_head(model.final_layer.linear, p, c, detail_channels)
+    model.in_channels = model.out_channels = c + detail_channels
+    base = c - int(model.config.detail_channels)  # the pretrained model's channels
+    model.x_embedder.base_channels = model.final_layer.base_channels = base
+    model.register_to_config(in_channels=c + detail_channels,
+                             detail_channels=int(model.config.detail_channels) + detail_channels)
+    return model
