@@ -22,16 +22,18 @@ def _hub_error(spec: str, e: Exception) -> DavaeError:
 
 
 def load_sd3_transformer(spec: str, subfolder: Optional[str] = "transformer", arch: Optional[dict] = None,
-                         seed: int = 0, dtype: torch.dtype = torch.float32):
+                         seed: int = 0, dtype: torch.dtype = torch.float32, device=None):
     """`spec`: "random" (a new model from `arch`, seeded), a local folder (a transformer folder, or a pipeline
-    folder with `subfolder`), or a hub id."""
+    folder with `subfolder`), or a hub id. `device`: where a random model is initialised (a GPU is much
+    faster for billions of parameters; the values then differ from a CPU initialisation)."""
     from diffusers import SD3Transformer2DModel
 
     if spec == "random":
         if not arch:
             raise DavaeError("dit.arch is empty: a random SD3 transformer needs its config (SD3Transformer2DModel kwargs)")
         try:
-            with torch.random.fork_rng(devices=[]):
+            dev = torch.device(device or "cpu")
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), dev:
                 torch.manual_seed(seed)
                 model = SD3Transformer2DModel(**arch)
         except TypeError as e:

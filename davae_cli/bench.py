@@ -1,0 +1,355 @@
+"""Side-by-side speed of the native DiT and its DA-VAE configuration (SPEC §7).
+
+Both configurations use the same DiT architecture; the DA-VAE one reads and writes C + D channels on a
+latent with 1/s the side, so it has 1/s^2 the image tokens. With random weights nothing is downloaded
+(speed does not depend on the weights). For SD3 the two configurations share one trunk and swap only the
+patch embedder and output head, so the SD3.5 Medium architecture is held once (fp32 fits a 24 GB CPU
+machine). Measurements alternate native / DA-VAE, repeat, and report medians: the denoising loop (Euler,
+CFG doubling the batch unless disabled), the VAE decode (the base VAE at full resolution for native, the
+DA-VAE decoder for DA-VAE), end to end per image, peak GPU memory, and the analytic FLOPs with achieved
+TFLOP/s against the device's peak where known. Text encoding is identical for both and is not timed here
+(the prompt embeddings are random tensors of the right shape).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import flops as F
+from . import flow
+from .config import Preset
+from .errors import DavaeError
+
+NOISY_SPREAD = 0.10  # warn when (max - min) / median of the repeats exceeds this
+
+
+@dataclass
+class BenchSettings:
+    res: int
+    steps: int = 28
+    batch_size: int = 1
+    repeats: int = 3
+    warmup: int = 1
+    dtype: Optional[str] = None  # bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    cfg: bool = True
+    guidance: float = 4.5
+    decode: bool = True
+    attention: str = "default"  # SDPA backend: default, flash, efficient, cudnn, math
+    weights: str = "random"
+    device: Optional[str] = None
+    seed: int = 0
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def check_settings(preset: Preset, s: BenchSettings) -> None:
+    g = preset.granularity
+    p = int(preset.dit.arch.get("patch_size", 1))
+    if s.res <= 0 or s.res % (g * p):
+        raise DavaeError(f"--res {s.res}: must be a positive multiple of s*f*p = {g}*{p} = {g * p} for this preset")
+    for name in ("steps", "batch_size", "repeats"):
+        if getattr(s, name) < 1:
+            raise DavaeError(f"--{name.replace('_', '-')} must be at least 1")
+    if s.warmup < 0:
+        raise DavaeError("--warmup must be >= 0")
+    if s.dtype is not None and s.dtype not in DTYPES:
+        raise DavaeError(f"--dtype {s.dtype}: choose bf16, fp16 or fp32")
+    if s.attention not in ("default", "flash", "efficient", "cudnn", "math"):
+        raise DavaeError(f"--attention {s.attention}: choose default, flash, efficient, cudnn or math")
+
+
+def plan(preset: Preset, res: int) -> dict:
+    """Latent shapes and image-token counts of both configurations at `res`, without building anything."""
+    c = int(preset.dit.arch.get("in_channels", preset.vae.base_channels))
+    p = int(preset.dit.arch.get("patch_size", 1))
+    d = preset.vae.detail_channels
+    f, g = preset.vae.downsample, preset.granularity
+    out = {}
+    for name, ch, side in (("native", c, res // f), ("davae", c + d, res // g)):
+        out[name] = {"latent": [ch, side, side], "image_tokens": (side // p) ** 2, "patch_size": p}
+    return out
+
+
+class _Clock:
+    """Wall time on CPU; CUDA events (after a synchronize) on GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000.0
+
+
+def _sdpa(attention: str):
+    if attention == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[attention])
+
+
+class _Config:
+    """One side of the comparison: how to run its DiT and its decoder."""
+
+    def __init__(self, name: str, channels: int, latent_side: int, tokens: int, flops: dict,
+                 activate: Callable[[], torch.nn.Module], decode: Optional[Callable[[torch.Tensor], torch.Tensor]]):
+        self.name, self.channels, self.latent_side, self.tokens, self.flops = name, channels, latent_side, tokens, flops
+        self.activate, self.decode = activate, decode
+        self.loop_ms: list[float] = []
+        self.decode_ms: list[float] = []
+        self.peak_mb: Optional[float] = None
+
+
+def _to(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    module.to(device)
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
+def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
+    from .dit.extend import extend_output_head, extend_patch_embed
+    from .dit.sd3 import load_sd3_transformer
+
+    arch = preset.dit.arch
+    model = load_sd3_transformer("random" if s.weights == "random" else s.weights, preset.dit.subfolder, arch,
+                                 seed=s.seed, device=device)
+    c, p = int(model.config.in_channels), int(model.config.patch_size)
+    d = preset.vae.detail_channels
+    heads = {"native": (model.pos_embed.proj, model.proj_out, c),
+             "davae": (extend_patch_embed(model.pos_embed.proj, d), extend_output_head(model.proj_out, p, c, d), c + d)}
+    _to(model, device, dtype).eval().requires_grad_(False)
+    heads = {k: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), n) for k, (a, b, n) in heads.items()}
+    cfg = dict(model.config)
+    text_tokens = 77 + preset.dit.max_sequence_length
+    n_text = preset.dit.max_sequence_length + 77
+    compiled = {}
+
+    def activate(which):
+        def f():
+            proj, out, ch = heads[which]
+            model.pos_embed.proj, model.proj_out, model.out_channels = proj, out, ch
+            if s.compile:
+                if which not in compiled:
+                    compiled[which] = torch.compile(model, mode=s.compile_mode)
+                return compiled[which]
+            return model
+        return f
+
+    def velocity_factory(net, batch):
+        g = torch.Generator(device="cpu").manual_seed(s.seed)
+        embeds = torch.randn(batch, n_text, cfg["joint_attention_dim"], generator=g).to(device, dtype)
+        pooled = torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)
+
+        def v(x, sigma):
+            return net(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
+                       timestep=sigma * 1000.0, return_dict=False)[0]
+        return v
+
+    def flops_for(tokens, batch):
+        return F.sd3_flops(cfg, tokens, text_tokens, batch)
+
+    return model, activate, velocity_factory, flops_for, c, p, text_tokens
+
+
+def _build_lightningdit(preset: Preset, s: BenchSettings, device, dtype):
+    """Two models (their positional tables depend on the token grid), one at a time in memory is not
+    needed at LightningDiT sizes (XL: 675M parameters)."""
+    from .dit.backend import LightningDiTBackend
+    from .dit.lightningdit import extend_lightningdit
+
+    g = preset.granularity
+    sides = {"native": s.res // preset.vae.downsample, "davae": s.res // g}
+    models = {}
+    for which, side in sides.items():
+        p2 = copy.deepcopy(preset)
+        p2.adapt_dit.resolution = side * g  # LightningDiTBackend derives input_size from it
+        m = LightningDiTBackend(p2).load("random" if s.weights == "random" else s.weights, seed=s.seed)
+        if which == "davae":
+            extend_lightningdit(m, preset.vae.detail_channels)
+        models[which] = _to(m, device, dtype).eval().requires_grad_(False)
+    c = int(models["native"].config.in_channels)
+    p = int(models["native"].config.patch_size)
+    cfg = dict(models["native"].config)
+    compiled = {}
+
+    def activate(which):
+        def f():
+            if s.compile:
+                if which not in compiled:
+                    compiled[which] = torch.compile(models[which], mode=s.compile_mode)
+                return compiled[which]
+            return models[which]
+        return f
+
+    def velocity_factory(net, batch):
+        y = (torch.arange(batch) % preset.dit.num_classes).to(device)
+
+        def v(x, sigma):
+            return -net(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
+        return v
+
+    def flops_for(tokens, batch):
+        return F.lightningdit_flops(cfg, tokens, batch)
+
+    return models, activate, velocity_factory, flops_for, c, p, 0
+
+
+def _build_decoders(preset: Preset, device, dtype):
+    """(native decode fn, DA-VAE decode fn) on random weights with the preset's architectures."""
+    from .vae.base import base_decode, load_base_vae
+    from .vae.model import DetailAlignedVAE
+
+    base = load_base_vae("random", latent_channels=preset.vae.base_channels, arch=preset.vae.base_vae_arch)
+    vcfg = copy.deepcopy(preset.vae)
+    vcfg.base_latent_transform = "config"  # speed only: the per-channel statistics file is not needed
+    davae = _to(DetailAlignedVAE.from_base(base, vcfg), device, dtype).eval().requires_grad_(False)
+    _to(base.vae, device, dtype)
+
+    def native(z):
+        return base_decode(base.vae, davae.transform.inverse(z))
+
+    return native, davae.decode
+
+
+def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Measure both configurations; returns the report dict (see `davae bench --json`)."""
+    check_settings(preset, s)
+    say = progress or (lambda text: None)
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = s.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    if device.type == "cpu" and dtype != torch.float32:
+        say(f"warning: {dtype_name} on a CPU is usually far slower than fp32")
+    torch.manual_seed(s.seed)
+    say("building the models (random weights)" if s.weights == "random" else f"loading {s.weights}")
+    if preset.dit.backend == "sd3":
+        _, activate, velocity_factory, flops_for, c, p, text_tokens = _build_sd3(preset, s, device, dtype)
+    else:
+        _, activate, velocity_factory, flops_for, c, p, text_tokens = _build_lightningdit(preset, s, device, dtype)
+    dec_native = dec_davae = None
+    if s.decode:
+        dec_native, dec_davae = _build_decoders(preset, device, dtype)
+    batch = s.batch_size * (2 if s.cfg else 1)
+    shapes = plan(preset, s.res)
+    if shapes["native"]["latent"][0] != c or shapes["native"]["patch_size"] != p:
+        raise DavaeError(f"the DiT reads {c} channels with patch {p}; the preset's dit.arch says "
+                         f"{shapes['native']['latent'][0]} / {shapes['native']['patch_size']}")
+    configs = []
+    for name, dec in (("native", dec_native), ("davae", dec_davae)):
+        ch, side = shapes[name]["latent"][0], shapes[name]["latent"][1]
+        tokens = shapes[name]["image_tokens"]
+        configs.append(_Config(name, ch, side, tokens, flops_for(tokens, batch), activate(name), dec))
+    clock = _Clock(device)
+    sigmas = flow.sampling_sigmas(s.steps, preset.dit.timestep_shift)
+
+    def run_once(cfg: _Config, record: bool) -> None:
+        net = cfg.activate()
+        v = velocity_factory(net, batch)
+        gen = torch.Generator(device="cpu").manual_seed(s.seed)
+        noise = torch.randn(s.batch_size, cfg.channels, cfg.latent_side, cfg.latent_side, generator=gen).to(device, dtype)
+
+        def velocity(x, sigma, guided):
+            if s.cfg:
+                out = v(torch.cat([x, x]), torch.cat([sigma, sigma]))
+                u, cnd = out.chunk(2)
+                return u + s.guidance * (cnd - u) if guided else cnd
+            return v(x, sigma)
+
+        result = {}
+
+        def loop():
+            result["x"] = flow.sample(velocity, noise, sigmas)
+
+        with torch.inference_mode(), _sdpa(s.attention):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ms = clock.time(loop)
+            dms = clock.time(lambda: cfg.decode(result["x"])) if cfg.decode is not None else None
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2**20
+                cfg.peak_mb = max(cfg.peak_mb or 0.0, peak)
+        if record:
+            cfg.loop_ms.append(ms)
+            if dms is not None:
+                cfg.decode_ms.append(dms)
+
+    for i in range(s.warmup):
+        for cfg in configs:
+            say(f"warm-up {i + 1}/{s.warmup}: {cfg.name}")
+            run_once(cfg, False)
+    for r in range(s.repeats):
+        for cfg in (configs if r % 2 == 0 else configs[::-1]):  # alternate A/B, and the order within a repeat
+            say(f"repeat {r + 1}/{s.repeats}: {cfg.name} ({cfg.tokens} image tokens, {s.steps} steps)")
+            run_once(cfg, True)
+            gc.collect()
+
+    peak_tflops = F.device_peak_tflops(torch.cuda.get_device_name(device), dtype_name) if device.type == "cuda" else None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    out = {"res": s.res, "preset": preset.name, "device": device_name, "dtype": dtype_name, "steps": s.steps,
+           "batch_size": s.batch_size, "cfg": s.cfg, "repeats": s.repeats, "warmup": s.warmup,
+           "compile": s.compile and s.compile_mode, "attention": s.attention, "weights": s.weights, "text_tokens": text_tokens,
+           "peak_tflops": peak_tflops, "warnings": []}
+    for cfg in configs:
+        loop = statistics.median(cfg.loop_ms)
+        dec = statistics.median(cfg.decode_ms) if cfg.decode_ms else None
+        step_ms = loop / s.steps
+        tflops = cfg.flops["total"] / 1e12
+        achieved = tflops / (step_ms / 1000.0)
+        spread = (max(cfg.loop_ms) - min(cfg.loop_ms)) / loop if len(cfg.loop_ms) > 1 else None
+        if spread is not None and spread > NOISY_SPREAD:
+            out["warnings"].append(f"{cfg.name}: repeats spread {100 * spread:.0f}% of the median; "
+                                   f"use more --repeats / --warmup or a quieter machine")
+        if len(cfg.loop_ms) == 1:
+            out["warnings"].append(f"{cfg.name}: a single repeat cannot show noise (use --repeats 3)")
+        out[cfg.name] = {
+            "image_tokens": cfg.tokens, "latent": [cfg.channels, cfg.latent_side, cfg.latent_side],
+            "ms_per_step": step_ms, "ms_loop": loop, "ms_decode": dec,
+            "ms_per_image": (loop + (dec or 0.0)) / s.batch_size,
+            "images_per_s": 1000.0 * s.batch_size / (loop + (dec or 0.0)),
+            "peak_mem_mb": cfg.peak_mb, "tflops_per_step": tflops, "achieved_tflops": achieved,
+            "pct_of_peak": 100.0 * achieved / peak_tflops if peak_tflops else None,
+            "floor_ms_per_step": F.step_floor_ms(cfg.flops, peak_tflops) if peak_tflops else None,
+            "loop_ms_repeats": cfg.loop_ms, "spread": spread,
+        }
+    n, dv = out["native"], out["davae"]
+    out["speedup_step"] = n["ms_per_step"] / dv["ms_per_step"]
+    out["speedup_end_to_end"] = n["ms_per_image"] / dv["ms_per_image"]
+    out["flop_ratio"] = F.flop_ratio(configs[0].flops, configs[1].flops)
+    out["decode_included"] = s.decode
+    return out
+
+
+def _cpu_name() -> str:
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
