@@ -37,6 +37,7 @@ from . import adapt_dit as _adapt_dit  # noqa: E402,F401
 from . import bench as _bench  # noqa: E402,F401
 from . import codec as _codec  # noqa: E402,F401  (registers encode/decode)
 from . import eval_fid as _eval_fid  # noqa: E402,F401
+from . import generate as _generate  # noqa: E402,F401
 from . import presets as _presets  # noqa: E402,F401
 from . import train_vae as _train_vae  # noqa: E402,F401
 

@@ -1,0 +1,107 @@
+"""`davae generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app
+from .common import JsonOpt, PresetOpt, SetOpt, err, errors, fail, print_json, progress_bar, resolve_preset
+
+EXAMPLES = """
+Examples:
+
+  davae generate --preset sd35m-2048 --vae runs/sd35/final --dit runs/sd35-dit/final \\
+      --prompt "a lighthouse at dusk, photo" --res 2048 --out out/
+
+  davae generate --preset sd35m-1024 --native --base-pipeline /models/stable-diffusion-3.5-medium \\
+      --prompt "a lighthouse at dusk, photo" --res 1024 --out out-native/      # the unmodified model, same sampler
+
+  davae generate --preset tiny --vae runs/tvae/final --dit runs/tdit/final --prompts prompts.txt \\
+      --num-images 4 --grid --save-latents --out out/
+
+  accelerate launch --num_processes 8 -m davae_cli generate --preset imagenet-512 --vae runs/in512/final \\
+      --dit runs/in512-dit/final --class-id 207 --class-id 360 --num-images 25 --out samples/   # resumable
+"""
+
+
+@app.command("generate", epilog=EXAMPLES)
+def generate_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (existing images are kept and skipped: resumable)."),
+    preset: str = PresetOpt,
+    vae: Optional[Path] = typer.Option(None, "--vae", help="DA-VAE folder (RUN/final of train-vae)."),
+    dit: Optional[Path] = typer.Option(None, "--dit", help="Adapted DiT folder (RUN/final of adapt-dit)."),
+    base_pipeline: Optional[str] = typer.Option(None, "--base-pipeline", help="SD3 pipeline folder or hub id: text encoders (and, with --native, transformer and VAE); LightningDiT --native: the pretrained checkpoint."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Prompt (repeatable)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="File with one prompt per line (or .jsonl with \"prompt\")."),
+    class_id: Optional[list[int]] = typer.Option(None, "--class-id", help="Class id for class-conditional models (repeatable)."),
+    res: Optional[int] = typer.Option(None, "--res", help="Image resolution (default: the adapted model's)."),
+    steps: int = typer.Option(28, "--steps", help="Sampling steps."),
+    guidance: float = typer.Option(4.5, "--guidance", help="Classifier-free guidance scale (1 = off)."),
+    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Apply CFG only for sigma in LO,HI (e.g. 0,0.8)."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (the unconditional branch)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image k of each prompt uses seed + k."),
+    num_images: int = typer.Option(1, "--num-images", help="Images per prompt / class."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images sampled together."),
+    sampler: str = typer.Option("euler", "--sampler", help="euler or heun."),
+    shift: Optional[float] = typer.Option(None, "--shift", help="Override the timestep shift (both modes)."),
+    native: bool = typer.Option(False, "--native", help="Run the unmodified base model at --res, same sampler settings."),
+    no_t5: bool = typer.Option(False, "--no-t5", help="SD3: skip the T5 encoder (saves memory; zeros in its place)."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Decode in latent tiles of this side (0 = never; default: automatic above 96)."),
+    save_latents: bool = typer.Option(False, "--save-latents", help="Also write each final latent (DiT space) as <stem>.safetensors."),
+    grid: bool = typer.Option(False, "--grid", help="Also write grid.png of all images."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: the accelerate device)."),
+    sets: Optional[list[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Generate images with an adapted DiT and its DA-VAE (2x the resolution at the base token count), or with
+    the native base model for comparison. PNGs carry prompt, seed, steps, guidance and model identities."""
+    with errors():
+        from ..generate import GenerateSettings, generate, read_prompts
+
+        p = resolve_preset(preset, sets)
+        texts = list(prompt or [])
+        if prompts is not None:
+            texts += read_prompts(prompts)
+        interval = None
+        if guidance_interval:
+            try:
+                lo, hi = (float(v) for v in guidance_interval.split(","))
+            except ValueError:
+                fail(f"--guidance-interval {guidance_interval!r}: expected LO,HI")
+            interval = (lo, hi)
+        if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
+            fail(f"--dtype {dtype}: choose bf16, fp16 or fp32")
+        s = GenerateSettings(out_dir=out, prompts=texts, class_ids=list(class_id or []), res=res, steps=steps,
+                             guidance=guidance, guidance_interval=interval, negative_prompt=negative_prompt, seed=seed,
+                             num_images=num_images, batch_size=batch_size, sampler=sampler, shift=shift,
+                             save_latents=save_latents, grid=grid, tile=tile, device=device, dtype=dtype)
+        bar = progress_bar()
+        task = None
+
+        def progress(done, total):
+            nonlocal task
+            if task is None:
+                bar.start()
+                task = bar.add_task("generate", total=total, completed=done, info="")
+            bar.update(task, completed=done)
+
+        try:
+            report = generate(p, s, vae_dir=str(vae) if vae else None, dit_dir=str(dit) if dit else None,
+                              base_pipeline=base_pipeline, native=native, use_t5=not no_t5, progress=progress,
+                              on_message=lambda t: err.print(t))
+        finally:
+            if task is not None:
+                bar.stop()
+        if json_out:
+            print_json(report)
+            return
+        n = len(report["written"])
+        typer.echo(f"{n} image(s) written to {out} ({report['skipped_existing']} already there), "
+                   f"{report['res']}² with {report['tokens']} image tokens ({report['mode']})")
+        if n:
+            typer.echo(f"sampling {report['sample_s']:.1f} s, decoding {report['decode_s']:.1f} s "
+                       f"({report['s_per_image']:.2f} s per image on {report['device']})")

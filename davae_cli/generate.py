@@ -1,0 +1,512 @@
+"""Text-to-image (SD3) and class-conditional (LightningDiT) generation with an adapted DiT and its DA-VAE,
+or with the unmodified base model (`native`) under the same sampler settings for side-by-side comparison.
+
+Noise: for each image, a CPU `torch.Generator` seeded with the image's seed draws the base channels first,
+with exactly the shape the native model uses at half the resolution (so the native pipeline at R/2 and
+the DA-VAE model at R start from the same base noise), then the detail channels. Seeds are therefore
+independent of the device and of the batch size.
+
+Sampling: Euler (or Heun) on the rectified-flow ODE (`davae_cli.flow`), the timestep shift stored with the
+adapted model (or `shift`), classifier-free guidance with an optional sigma interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import flow
+from .config import Preset
+from .errors import DavaeError
+from .latents import atomic_write_bytes, save_latent
+
+
+@dataclass
+class GenerateSettings:
+    out_dir: Path
+    prompts: list[str] = field(default_factory=list)
+    class_ids: list[int] = field(default_factory=list)
+    res: Optional[int] = None  # default: the adapted model's resolution
+    steps: int = 28
+    guidance: float = 4.5
+    guidance_interval: Optional[tuple[float, float]] = None  # sigma range where CFG applies
+    negative_prompt: str = ""
+    seed: int = 0
+    num_images: int = 1  # per prompt / class
+    batch_size: int = 1
+    sampler: str = "euler"
+    shift: Optional[float] = None
+    save_latents: bool = False
+    grid: bool = False
+    tile: Optional[int] = None  # latent tile side for decoding; None = automatic, 0 = never tile
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+
+
+@dataclass
+class Job:
+    index: int
+    seed: int
+    prompt: Optional[str] = None
+    class_id: Optional[int] = None
+
+    @property
+    def stem(self) -> str:
+        return f"{self.index:06d}"
+
+
+def make_jobs(s: GenerateSettings) -> list[Job]:
+    conds: list[tuple[Optional[str], Optional[int]]] = [(p, None) for p in s.prompts] + [(None, c) for c in s.class_ids]
+    if not conds:
+        raise DavaeError("nothing to generate: give --prompt, --prompts FILE or --class-id")
+    jobs = []
+    for i, (p, c) in enumerate(conds):
+        for k in range(s.num_images):
+            jobs.append(Job(i * s.num_images + k, s.seed + k, p, c))
+    return jobs
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line (blank lines skipped), or a JSONL with a "prompt" field per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DavaeError(f"--prompts {path}: file not found")
+    out = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                out.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DavaeError(f"{path}:{i}: expected a JSON object with a \"prompt\" field") from None
+        else:
+            out.append(line.strip())
+    if not out:
+        raise DavaeError(f"--prompts {path}: no prompts in the file")
+    return out
+
+
+def initial_noise(seed: int, base_channels: int, detail_channels: int, side: int) -> torch.Tensor:
+    """(1, C + D, side, side) float32 on the CPU: base channels first, as the native pipeline draws them."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    base = torch.randn((1, base_channels, side, side), generator=g)
+    if detail_channels == 0:
+        return base
+    return torch.cat([base, torch.randn((1, detail_channels, side, side), generator=g)], 1)
+
+
+def _blend_window(n: int, overlap: int, first: bool, last: bool) -> torch.Tensor:
+    w = torch.ones(n)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
+        if not first:
+            w[:overlap] = ramp
+        if not last:
+            w[-overlap:] = ramp.flip(0)
+    return w
+
+
+def tiled_decode(decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, tile: int, overlap: int,
+                 scale: int) -> torch.Tensor:
+    """Decode overlapping latent tiles and blend them with linear ramps over the overlap: memory bounded by
+    one tile, seams hidden by the blending (the decoder's receptive field must fit the overlap to be exact)."""
+    _, _, h, w = latent.shape
+    if h <= tile and w <= tile:
+        return decode(latent)
+    stride = tile - overlap
+    if stride <= 0:
+        raise DavaeError(f"tile {tile} must be larger than the overlap {overlap}")
+
+    def starts(n):
+        s = list(range(0, max(n - tile, 0) + 1, stride))
+        if s[-1] + tile < n:
+            s.append(n - tile)
+        return s
+
+    ys, xs = starts(h), starts(w)
+    out = weight = None
+    for yi, y in enumerate(ys):
+        for xi, x in enumerate(xs):
+            th, tw = min(tile, h - y), min(tile, w - x)
+            img = decode(latent[:, :, y : y + th, x : x + tw]).float()
+            if out is None:
+                out = torch.zeros(img.shape[0], img.shape[1], h * scale, w * scale, device=img.device)
+                weight = torch.zeros(1, 1, h * scale, w * scale, device=img.device)
+            wy = _blend_window(th * scale, overlap * scale, yi == 0, yi == len(ys) - 1).to(img.device)
+            wx = _blend_window(tw * scale, overlap * scale, xi == 0, xi == len(xs) - 1).to(img.device)
+            win = (wy[:, None] * wx[None, :])[None, None]
+            out[:, :, y * scale : (y + th) * scale, x * scale : (x + tw) * scale] += img * win
+            weight[:, :, y * scale : (y + th) * scale, x * scale : (x + tw) * scale] += win
+    return out / weight
+
+
+def _png_bytes(img: torch.Tensor, meta: dict) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    info = PngInfo()
+    for k, v in meta.items():
+        info.add_text(f"davae:{k}", v if isinstance(v, str) else json.dumps(v))
+    info.add_text("parameters", json.dumps(meta))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def write_grid(paths: list[Path], out: Path) -> None:
+    from PIL import Image
+
+    if not paths:
+        return
+    ims = [Image.open(p).convert("RGB") for p in paths]
+    w, h = ims[0].size
+    cols = math.ceil(math.sqrt(len(ims)))
+    rows = math.ceil(len(ims) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(ims):
+        grid.paste(im.resize((w, h)), ((i % cols) * w, (i // cols) * h))
+    import io
+
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-")[:40]
+
+
+class Model:
+    """What the sampler needs from one configuration (DA-VAE or native)."""
+
+    name: str
+    base_channels: int
+    detail_channels: int
+    granularity: int  # pixels per latent pixel
+    patch_size: int
+    shift: float
+    conditioning: str  # prompt | class
+    identity: dict
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Job]], tuple[dict, dict]],
+                   jobs: list[Job], *, rank: int = 0, world: int = 1, device=None, dtype=torch.float32,
+                   progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Sample and write every job of this process (`jobs[rank::world]`) whose PNG does not exist yet."""
+    res = s.res
+    g = model.granularity * model.patch_size
+    if res is None or res <= 0 or res % g:
+        raise DavaeError(f"--res {res}: must be a positive multiple of {g} for this model (pixels per token)")
+    side = res // model.granularity
+    out_dir = Path(s.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = [j for j in jobs[rank::world]]
+    todo = [j for j in mine if not (out_dir / f"{j.stem}.png").exists()]
+    sigmas = flow.sampling_sigmas(s.steps, s.shift if s.shift is not None else model.shift)
+    written, timings = [], {"sample_s": 0.0, "decode_s": 0.0}
+    tile = s.tile if s.tile is not None else (64 if side > 96 else 0)
+    done = len(mine) - len(todo)
+    if progress:
+        progress(done, len(mine))
+    for k in range(0, len(todo), s.batch_size):
+        batch = todo[k : k + s.batch_size]
+        noise = torch.cat([initial_noise(j.seed, model.base_channels, model.detail_channels, side) for j in batch])
+        noise = noise.to(device=device, dtype=dtype)
+        uncond, cond = cond_fn(batch)
+        use_cfg = s.guidance != 1.0
+
+        def velocity(x, sigma, guided):
+            if use_cfg and guided:
+                both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+                v_u, v_c = model.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+                return v_u + s.guidance * (v_c - v_u)
+            return model.velocity(x, sigma, cond)
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            lat = flow.sample(velocity, noise, sigmas, method=s.sampler, guidance_interval=s.guidance_interval)
+            t1 = time.perf_counter()
+            if tile:
+                images = torch.cat([tiled_decode(model.decode, lat[i : i + 1], tile, max(8, tile // 4),
+                                                 model.granularity) for i in range(lat.shape[0])])
+            else:
+                images = model.decode(lat)
+        t2 = time.perf_counter()
+        timings["sample_s"] += t1 - t0
+        timings["decode_s"] += t2 - t1
+        for j, img, z in zip(batch, images, lat):
+            meta = {"prompt": j.prompt, "negative_prompt": s.negative_prompt if j.prompt is not None else None,
+                    "class_id": j.class_id, "seed": j.seed, "steps": s.steps, "guidance": s.guidance,
+                    "guidance_interval": s.guidance_interval, "sampler": s.sampler,
+                    "shift": s.shift if s.shift is not None else model.shift, "res": res, "mode": model.name,
+                    **model.identity}
+            meta = {k2: v for k2, v in meta.items() if v is not None}
+            if s.save_latents:
+                save_latent(out_dir / f"{j.stem}.safetensors", z.float(), {**meta, "space": "dit"})
+            atomic_write_bytes(out_dir / f"{j.stem}.png", _png_bytes(img, meta))
+            written.append(str(out_dir / f"{j.stem}.png"))
+        done += len(batch)
+        if progress:
+            progress(done, len(mine))
+    return {"written": written, "skipped_existing": len(mine) - len(todo), "images": len(mine), **timings}
+
+
+# ---------------------------------------------------------------------------------------------- models
+class _DetailNorm:
+    def __init__(self, facts: dict):
+        self.c = int(facts["base_channels"])
+        self.mean = torch.tensor(facts["detail_mean"]).view(1, -1, 1, 1)
+        self.std = torch.tensor(facts["detail_std"]).view(1, -1, 1, 1)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        m, s = self.mean.to(x), self.std.to(x)
+        return torch.cat([x[:, : self.c], x[:, self.c :] * s + m], 1)
+
+
+def _check_fits_cpu(n_params: int, device: torch.device, what: str) -> None:
+    import os
+
+    if device.type != "cpu":
+        return
+    need = n_params * 4
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if need > 0.9 * free:
+        raise DavaeError(f"{what} needs about {need / 2**30:.0f} GB in fp32 but this machine has no GPU and only "
+                         f"{free / 2**30:.0f} GB free; run on a GPU")
+
+
+class DAVAEModel(Model):
+    """The adapted DiT on the DA-VAE latent; decodes with the DA-VAE."""
+
+    def __init__(self, vae_dir: Path, dit_dir: Path, device, dtype):
+        from .dit.backend import LightningDiTBackend, SD3Backend, read_facts
+        from .vae.model import DetailAlignedVAE
+
+        self.facts = facts = read_facts(dit_dir)
+        self.vae = DetailAlignedVAE.from_pretrained(str(vae_dir))
+        c, d = self.vae.config.base_channels, self.vae.config.detail_channels
+        if (c, d) != (facts["base_channels"], facts["detail_channels"]):
+            raise DavaeError(f"the DA-VAE ({vae_dir}) has C+D = {c}+{d} but the DiT ({dit_dir}) was adapted to "
+                             f"{facts['base_channels']}+{facts['detail_channels']}: they do not fit together")
+        self.mismatch = facts["davae"]["identity"] != self.vae.identity
+        self.backend = facts["backend"]
+        cls = SD3Backend if self.backend == "sd3" else LightningDiTBackend
+        cfg_path = Path(dit_dir) / "config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            if cfg.get("in_channels") not in (None, c + d):
+                raise DavaeError(f"the DiT in {dit_dir} reads {cfg.get('in_channels')} channels, the DA-VAE gives "
+                                 f"C+D = {c + d}: they do not fit together")
+        self.dit = cls.load_adapted(Path(dit_dir)).to(device=device)
+        if dtype != torch.float32:
+            self.dit.to(dtype)
+        self.dit.eval().requires_grad_(False)
+        self.vae.to(device).eval()
+        self.norm = _DetailNorm(facts)
+        self.name = "davae"
+        self.base_channels, self.detail_channels = c, d
+        self.granularity, self.patch_size = self.vae.granularity, int(facts["patch_size"])
+        self.shift = float(facts["timestep_shift"])
+        self.conditioning = facts["conditioning"]["type"]
+        self.identity = {"davae": self.vae.identity, "dit": str(Path(dit_dir).resolve()), "preset": facts.get("preset"),
+                         "dit_source": facts.get("dit_source")}
+        self._b = cls.__new__(cls)
+
+    def velocity(self, x, sigma, cond):
+        if self.backend == "sd3":
+            return self.dit(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
+                            timestep=sigma * 1000.0, return_dict=False)[0]
+        y = cond["labels"]
+        return -self.dit(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
+
+    def decode(self, latent):
+        return self.vae.decode(self.norm.inverse(latent.float()))
+
+
+class NativeSD3Model(Model):
+    """The unmodified SD3 transformer and VAE of a pipeline folder / hub id."""
+
+    def __init__(self, pipeline: str, shift: float, device, dtype):
+        from .dit.sd3 import load_sd3_transformer
+        from .vae.base import load_base_vae
+
+        self.dit = load_sd3_transformer(pipeline, "transformer").to(device)
+        if dtype != torch.float32:
+            self.dit.to(dtype)
+        self.dit.eval().requires_grad_(False)
+        base = load_base_vae(pipeline, "vae")
+        self.vae = base.vae.to(device)
+        self.name = "native"
+        self.base_channels, self.detail_channels = int(self.dit.config.in_channels), 0
+        from .vae.base import base_downsample_factor
+
+        self.granularity, self.patch_size = base_downsample_factor(self.vae), int(self.dit.config.patch_size)
+        self.shift, self.conditioning = shift, "prompt"
+        self.scale = float(getattr(self.vae.config, "scaling_factor", None) or 1.0)
+        self.offset = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.identity = {"base_pipeline": pipeline, "base_vae_hash": base.content_hash}
+
+    def velocity(self, x, sigma, cond):
+        return self.dit(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
+                        timestep=sigma * 1000.0, return_dict=False)[0]
+
+    def decode(self, latent):
+        from .vae.base import base_decode
+
+        return base_decode(self.vae, latent.to(next(self.vae.parameters()).dtype) / self.scale + self.offset)
+
+
+class NativeLightningDiTModel(Model):
+    """The pretrained LightningDiT (checkpoint, folder or `random` from the preset) at the base resolution;
+    decodes with the base VAE of the DA-VAE in `vae_dir` (its latent transform inverted)."""
+
+    def __init__(self, preset: Preset, spec: str, vae_dir: Path, res: int, shift: float, device, dtype):
+        import copy
+
+        from .dit.backend import LightningDiTBackend
+        from .vae.model import DetailAlignedVAE
+
+        p2 = copy.deepcopy(preset)
+        p2.adapt_dit.resolution = res * preset.vae.scale  # the backend derives input_size = res / f from it
+        self.dit = LightningDiTBackend(p2).load(spec, seed=preset.adapt_dit.seed).to(device)
+        if dtype != torch.float32:
+            self.dit.to(dtype)
+        self.dit.eval().requires_grad_(False)
+        self.davae = DetailAlignedVAE.from_pretrained(str(vae_dir)).to(device).eval()
+        self.name = "native"
+        self.base_channels, self.detail_channels = int(self.dit.config.in_channels), 0
+        self.granularity, self.patch_size = preset.vae.downsample, int(self.dit.config.patch_size)
+        self.shift, self.conditioning = shift, "class"
+        self.identity = {"dit_source": spec, "base_vae_hash": self.davae.config.base_vae_hash}
+
+    def velocity(self, x, sigma, cond):
+        y = cond["labels"]
+        return -self.dit(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
+
+    def decode(self, latent):
+        from .vae.base import base_decode
+
+        return base_decode(self.davae.base.vae, self.davae.transform.inverse(latent.float()))
+
+
+# ---------------------------------------------------------------------------------------------- top level
+def _prompt_conditioner(spec: str, use_t5: bool, max_len: int, negative: str, device, dtype):
+    from .text import PromptEncoder
+
+    enc = PromptEncoder.from_spec(spec, device=device, use_t5=use_t5, max_sequence_length=max_len)
+    memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(texts: list[str]):
+        missing = [t for t in dict.fromkeys(texts) if t not in memo]
+        if missing:
+            e, p = enc.encode(missing)
+            for i, t in enumerate(missing):
+                memo[t] = (e[i], p[i])
+        return {"embeds": torch.stack([memo[t][0] for t in texts]).to(device, dtype),
+                "pooled": torch.stack([memo[t][1] for t in texts]).to(device, dtype)}
+
+    def cond_fn(batch: list[Job]):
+        return get([negative] * len(batch)), get([j.prompt for j in batch])
+
+    return cond_fn
+
+
+def _class_conditioner(num_classes: int, device):
+    def cond_fn(batch: list[Job]):
+        y = torch.tensor([j.class_id for j in batch], device=device)
+        if (y < 0).any() or (y >= num_classes).any():
+            raise DavaeError(f"--class-id must be in 0..{num_classes - 1}")
+        return {"labels": torch.full_like(y, num_classes)}, {"labels": y}
+
+    return cond_fn
+
+
+def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = None, dit_dir: Optional[str] = None,
+             base_pipeline: Optional[str] = None, native: bool = False, use_t5: bool = True,
+             progress: Optional[Callable[[int, int], None]] = None, on_message: Callable[[str], None] = lambda t: None) -> dict:
+    """Generate `s`'s jobs into `s.out_dir`; returns what was written and the timings."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = torch.device(s.device) if s.device else state.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        s.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if s.steps < 1 or s.num_images < 1 or s.batch_size < 1:
+        raise DavaeError("--steps, --num-images and --batch-size must be at least 1")
+    if s.sampler not in ("euler", "heun"):
+        raise DavaeError(f"--sampler {s.sampler}: choose euler or heun")
+    jobs = make_jobs(s)
+    t0 = time.perf_counter()
+    if native:
+        shift = s.shift if s.shift is not None else preset.dit.timestep_shift
+        if preset.dit.backend == "sd3":
+            spec = base_pipeline or preset.dit.pretrained
+            if spec == "random":
+                raise DavaeError("--native needs --base-pipeline (an SD3 pipeline folder or hub id)")
+            if s.res is None:
+                raise DavaeError("--native needs --res")
+            model: Model = NativeSD3Model(spec, shift, device, dtype)
+            cond_fn = _prompt_conditioner(spec, use_t5, preset.dit.max_sequence_length, s.negative_prompt, device, dtype)
+        else:
+            if not vae_dir or s.res is None:
+                raise DavaeError("--native with a LightningDiT preset needs --vae (for its base VAE) and --res")
+            model = NativeLightningDiTModel(preset, base_pipeline or preset.dit.pretrained, Path(vae_dir), s.res, shift,
+                                            device, dtype)
+            cond_fn = _class_conditioner(preset.dit.num_classes, device)
+    else:
+        if not vae_dir or not dit_dir:
+            raise DavaeError("--vae and --dit are required (or --native for the base model)")
+        if not (Path(dit_dir) / "config.json").is_file():
+            raise DavaeError(f"--dit {dit_dir}: not an adapted DiT folder (RUN/final of `davae adapt-dit`)")
+        model = DAVAEModel(Path(vae_dir), Path(dit_dir), device, dtype)
+        if model.mismatch:
+            on_message("warning: this DA-VAE is not the one the DiT was adapted with (different weights)")
+        if s.res is None:
+            s.res = int(model.facts["resolution"])
+        cond = model.facts["conditioning"]
+        if cond["type"] == "prompt":
+            spec = base_pipeline or cond["text_encoders"]
+            cond_fn = _prompt_conditioner(spec, use_t5 and cond.get("use_t5", True), cond["max_sequence_length"],
+                                          s.negative_prompt, device, dtype)
+        else:
+            cond_fn = _class_conditioner(int(cond["num_classes"]), device)
+    if model.conditioning == "prompt" and s.class_ids:
+        raise DavaeError("--class-id is for class-conditional (LightningDiT) models; this one takes prompts")
+    if model.conditioning == "class" and s.prompts:
+        raise DavaeError("this model is class-conditional: use --class-id, not prompts")
+    load_s = time.perf_counter() - t0
+    report = run_generation(model, s, cond_fn, jobs, rank=state.process_index, world=state.num_processes,
+                            device=device, dtype=dtype, progress=progress)
+    state.wait_for_everyone()
+    out_dir = Path(s.out_dir)
+    if s.grid and state.is_main_process:
+        write_grid([out_dir / f"{j.stem}.png" for j in jobs if (out_dir / f"{j.stem}.png").exists()], out_dir / "grid.png")
+        report["grid"] = str(out_dir / "grid.png")
+    n = len(report["written"])
+    report.update(mode=model.name, res=s.res, steps=s.steps, guidance=s.guidance, device=str(device),
+                  dtype=str(dtype).replace("torch.", ""), load_s=load_s,
+                  s_per_image=(report["sample_s"] + report["decode_s"]) / n if n else None,
+                  tokens=(s.res // model.granularity // model.patch_size) ** 2)
+    return report

@@ -1,0 +1,90 @@
+"""davae bench: shapes and tokens per preset, JSON fields and their consistency, FLOPs against an
+independent count, one-line errors, a tiny CPU run in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from davae_cli.bench import plan
+from davae_cli.config import load_preset
+from davae_cli.flops import SD35_MEDIUM_CONFIG
+
+from conftest import run_cli
+
+
+@pytest.mark.parametrize("name,res,native,davae", [
+    ("sd35m-1024", 1024, [16, 128, 128], [32, 64, 64]),
+    ("sd35m-2048", 2048, [16, 256, 256], [32, 128, 128]),
+    ("tiny", 256, [16, 32, 32], [32, 16, 16]),
+    ("imagenet-512", 512, [32, 32, 32], [128, 16, 16]),
+])
+def test_plan_shapes_and_tokens(name, res, native, davae):
+    pl = plan(load_preset(name), res)
+    assert pl["native"]["latent"] == native and pl["davae"]["latent"] == davae
+    assert pl["native"]["image_tokens"] == 4 * pl["davae"]["image_tokens"]  # s = 2: 4x fewer tokens
+    if name.startswith("sd35m"):
+        assert pl["davae"]["image_tokens"] == (res // 32) ** 2  # 1024 at 1024², 4096 at 2048² (SPEC §2)
+
+
+def test_sd35m_preset_is_the_sd35_medium_config():
+    arch = load_preset("sd35m-1024").dit.arch
+    assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in arch.items()} == SD35_MEDIUM_CONFIG
+
+
+def _flop_count_tiny_sd3(in_channels: int, side: int, text_tokens: int, batch: int) -> int:
+    """FLOPs of one forward counted by torch's FlopCounterMode (math attention, so SDPA is counted)."""
+    from diffusers import SD3Transformer2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    arch = dict(load_preset("tiny").dit.arch, in_channels=in_channels, out_channels=in_channels)
+    model = SD3Transformer2DModel(**arch).eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(hidden_states=torch.randn(batch, in_channels, side, side),
+              encoder_hidden_states=torch.randn(batch, text_tokens, arch["joint_attention_dim"]),
+              pooled_projections=torch.randn(batch, arch["pooled_projection_dim"]), timestep=torch.ones(batch))
+    return fc.get_total_flops()
+
+
+def test_tiny_bench_json_is_consistent():
+    r = run_cli("bench", "--steps", "3", "--repeats", "2", "--warmup", "1", "--json")
+    out = json.loads(r.stdout)
+    for key in ("res", "device", "dtype", "native", "davae", "speedup_step", "speedup_end_to_end", "flop_ratio"):
+        assert key in out
+    assert out["res"] == 256 and out["dtype"] == "fp32" and out["cfg"] is True
+    n, d = out["native"], out["davae"]
+    for side in (n, d):
+        for key in ("image_tokens", "ms_per_step", "ms_per_image", "peak_mem_mb", "tflops_per_step"):
+            assert key in side
+        assert side["ms_per_step"] > 0 and side["ms_loop"] == pytest.approx(3 * side["ms_per_step"])
+        assert side["ms_per_image"] == pytest.approx(side["ms_loop"] + side["ms_decode"])
+        assert len(side["loop_ms_repeats"]) == 2
+    assert n["image_tokens"] == 4 * d["image_tokens"] == 256
+    assert out["speedup_step"] == pytest.approx(n["ms_per_step"] / d["ms_per_step"])
+    assert out["speedup_end_to_end"] == pytest.approx(n["ms_per_image"] / d["ms_per_image"])
+    # the analytic FLOPs of one CFG step (batch 2) agree with torch's own count of a real forward
+    text = out["text_tokens"]
+    assert n["tflops_per_step"] * 1e12 == pytest.approx(_flop_count_tiny_sd3(16, 32, text, 2), rel=1e-9)
+    assert d["tflops_per_step"] * 1e12 == pytest.approx(_flop_count_tiny_sd3(32, 16, text, 2), rel=1e-9)
+    assert out["flop_ratio"] == pytest.approx(n["tflops_per_step"] / d["tflops_per_step"])
+
+
+def test_lightningdit_bench_runs():
+    r = run_cli("bench", "--preset", "tiny-imagenet", "--steps", "2", "--repeats", "1", "--warmup", "0",
+                "--no-cfg", "--json")
+    out = json.loads(r.stdout)
+    assert out["native"]["image_tokens"] == 4 * out["davae"]["image_tokens"] == 256
+    assert out["cfg"] is False and out["text_tokens"] == 0
+    assert any("single repeat" in w for w in out["warnings"])
+
+
+def test_human_table_and_errors():
+    r = run_cli("bench", "--steps", "2", "--repeats", "1", "--warmup", "0", "--no-decode")
+    assert "image tokens" in r.stdout and "ideal" in r.stdout and "sd35m-1024" in r.stdout  # says what to run next
+    for args, msg in [(["--res", "100"], "multiple of"), (["--steps", "0"], "--steps"), (["--dtype", "int8"], "--dtype"),
+                      (["--attention", "magic"], "--attention")]:
+        bad = run_cli("bench", *args, check=False)
+        assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr
