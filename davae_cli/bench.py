@@ -166,8 +166,8 @@ def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
                        timestep=sigma * 1000.0, return_dict=False)[0]
         return v
 
-    def flops_for(tokens, batch):
-        return F.sd3_flops(cfg, tokens, text_tokens, batch)
+    def flops_for(tokens, batch, channels):
+        return F.sd3_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, text_tokens, batch)
 
     return model, activate, velocity_factory, flops_for, c, p, text_tokens
 
@@ -209,8 +209,8 @@ def _build_lightningdit(preset: Preset, s: BenchSettings, device, dtype):
             return -net(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
         return v
 
-    def flops_for(tokens, batch):
-        return F.lightningdit_flops(cfg, tokens, batch)
+    def flops_for(tokens, batch, channels):
+        return F.lightningdit_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, batch)
 
     return models, activate, velocity_factory, flops_for, c, p, 0
 
@@ -259,7 +259,7 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     for name, dec in (("native", dec_native), ("davae", dec_davae)):
         ch, side = shapes[name]["latent"][0], shapes[name]["latent"][1]
         tokens = shapes[name]["image_tokens"]
-        configs.append(_Config(name, ch, side, tokens, flops_for(tokens, batch), activate(name), dec))
+        configs.append(_Config(name, ch, side, tokens, flops_for(tokens, batch, ch), activate(name), dec))
     clock = _Clock(device)
     sigmas = flow.sampling_sigmas(s.steps, preset.dit.timestep_shift)
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import flow
 from .config import Preset
@@ -208,6 +207,25 @@ class Model:
         raise NotImplementedError
 
 
+AUTO_TILE = 64  # latent tile side used when a whole decode does not fit
+
+
+def _decode(model: "Model", lat: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
+    def tiled(t):
+        return torch.cat([tiled_decode(model.decode, lat[i : i + 1], t, max(4, t // 4), model.granularity)
+                          for i in range(lat.shape[0])])
+
+    if tile:
+        return tiled(tile)
+    try:
+        return model.decode(lat)
+    except torch.cuda.OutOfMemoryError:
+        if tile == 0:
+            raise DavaeError("the decode ran out of GPU memory; pass --tile 64 (or smaller) to decode in tiles") from None
+        torch.cuda.empty_cache()
+        return tiled(AUTO_TILE)
+
+
 def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Job]], tuple[dict, dict]],
                    jobs: list[Job], *, rank: int = 0, world: int = 1, device=None, dtype=torch.float32,
                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
@@ -223,7 +241,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
     todo = [j for j in mine if not (out_dir / f"{j.stem}.png").exists()]
     sigmas = flow.sampling_sigmas(s.steps, s.shift if s.shift is not None else model.shift)
     written, timings = [], {"sample_s": 0.0, "decode_s": 0.0}
-    tile = s.tile if s.tile is not None else (64 if side > 96 else 0)
+    tile = s.tile  # None: decode whole, and fall back to tiles if the GPU runs out of memory
     done = len(mine) - len(todo)
     if progress:
         progress(done, len(mine))
@@ -245,11 +263,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         with torch.inference_mode():
             lat = flow.sample(velocity, noise, sigmas, method=s.sampler, guidance_interval=s.guidance_interval)
             t1 = time.perf_counter()
-            if tile:
-                images = torch.cat([tiled_decode(model.decode, lat[i : i + 1], tile, max(8, tile // 4),
-                                                 model.granularity) for i in range(lat.shape[0])])
-            else:
-                images = model.decode(lat)
+            images = _decode(model, lat, tile)
         t2 = time.perf_counter()
         timings["sample_s"] += t1 - t0
         timings["decode_s"] += t2 - t1

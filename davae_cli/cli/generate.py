@@ -49,7 +49,7 @@ def generate_cmd(
     shift: Optional[float] = typer.Option(None, "--shift", help="Override the timestep shift (both modes)."),
     native: bool = typer.Option(False, "--native", help="Run the unmodified base model at --res, same sampler settings."),
     no_t5: bool = typer.Option(False, "--no-t5", help="SD3: skip the T5 encoder (saves memory; zeros in its place)."),
-    tile: Optional[int] = typer.Option(None, "--tile", help="Decode in latent tiles of this side (0 = never; default: automatic above 96)."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Decode in latent tiles of this side (default: whole, falling back to 64-tiles if the GPU runs out of memory; 0 = never tile)."),
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write each final latent (DiT space) as <stem>.safetensors."),
     grid: bool = typer.Option(False, "--grid", help="Also write grid.png of all images."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)."),
