@@ -54,6 +54,7 @@ class VAEConfig:
     decoder_input: Literal["latent", "trunk", "residual"] = "trunk"
     train_decoder_trunk: bool = True
     up_hidden: int = 0  # 0: one 3x3 conv up block (official); >0: conv-SiLU-conv with this many hidden channels
+    down_hidden: int = 0  # 0: one 3x3 conv down block (official); >0: conv-SiLU-conv with this many hidden channels
     # what the up block reads: the latent as is, or [z_base, z_d - expand(z_base)] (the detail channels'
     # departure from the base they are aligned to; expand repeats each base channel r times)
     up_input: Literal["latent", "detail_residual"] = "latent"

@@ -140,3 +140,24 @@ def test_stats_transform_requires_the_file_and_uses_it(tmp_path, kl_base):
         raw = base.vae.encode(F.interpolate(x, size=(16, 16), mode="bicubic", antialias=True).clamp(-1, 1)).latent_dist.mean
         z = model.encode(x).z_base
     torch.testing.assert_close(z, (raw - mean[None, :, None, None]) / std[None, :, None, None], rtol=1e-5, atol=1e-5)
+
+
+def test_nonlinear_detail_encoder_option(tae_base, tmp_path):
+    """vae.down_hidden > 0: a conv-SiLU-conv detail encoder; shapes unchanged, the residual design still
+    starts as exactly the baseline, and it round-trips through save/load."""
+    from davae_cli.config import load_preset
+    from davae_cli.vae.base import load_base_vae
+    from davae_cli.vae.model import DetailAlignedVAE
+    from conftest import write_preset
+
+    preset = load_preset(write_preset(tmp_path / "p.yaml", tae_base, style="residual", vae__down_hidden=8))
+    model = DetailAlignedVAE.from_base(load_base_vae(str(tae_base)), preset.vae)
+    assert isinstance(model.down.conv, torch.nn.Sequential) and model.down.conv[0].out_channels == 8
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        enc = model.encode(x)
+        assert enc.latent.shape == (2, 8, 2, 2)
+        torch.testing.assert_close(model.decode(enc.latent), model.decode_baseline(enc.z_base))
+    model.save_pretrained(tmp_path / "m")
+    again = DetailAlignedVAE.from_pretrained(tmp_path / "m", base_vae=str(tae_base))
+    assert again.config.down_hidden == 8

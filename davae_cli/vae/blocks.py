@@ -53,7 +53,8 @@ class EncoderTrunk(nn.Module):
 class DetailDownBlock(nn.Module):
     """Features at 2x the latent grid (B, F, 2h, 2w) -> posterior mean and logvar (B, D, h, w) each.
 
-    3x3 conv to 2D/4 channels + pixel-unshuffle(2) -> 2D channels, plus a shortcut from the
+    3x3 conv to 2D/4 channels (or conv-SiLU-conv with `hidden` channels) + pixel-unshuffle(2) -> 2D
+    channels, plus a shortcut from the
     pixel-unshuffled input: `zero_conv` (a zero-initialised 1x1 conv, ImageNet recipe),
     `group_mean` (parameter-free: the mean of each group of 4F/D channels, added to the mean only,
     SD3 recipe; with F = D this is the 2x2 average pool of each feature channel), or `base` (the
@@ -62,15 +63,19 @@ class DetailDownBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, detail_channels: int, shortcut: str = "zero_conv",
-                 conv_init: str = "default", logvar_init: float = 0.0, learn_logvar: bool = True):
+                 conv_init: str = "default", logvar_init: float = 0.0, learn_logvar: bool = True, hidden: int = 0):
         super().__init__()
         d = detail_channels
         if (2 * d) % 4:
             raise ValueError(f"2D = {2 * d} must be divisible by 4 for pixel-unshuffle(2)")
         self.detail_channels, self.shortcut = d, shortcut
-        self.conv = nn.Conv2d(in_channels, 2 * d // 4, 3, padding=1)
+        if hidden > 0:  # a nonlinear encoder: conv-SiLU-conv
+            self.conv = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(),
+                                      nn.Conv2d(hidden, 2 * d // 4, 3, padding=1))
+        else:
+            self.conv = nn.Conv2d(in_channels, 2 * d // 4, 3, padding=1)
         if conv_init == "zero":
-            _zero(self.conv)
+            _zero(self.conv[-1] if hidden > 0 else self.conv)
         self.learn_logvar = learn_logvar
         if shortcut in ("zero_conv", "base"):
             self.skip = _zero(nn.Conv2d(4 * in_channels, 2 * d, 1))

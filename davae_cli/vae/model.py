@@ -81,6 +81,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         learn_logvar: bool = True,
         decoder_input: str = "trunk",
         up_hidden: int = 0,
+        down_hidden: int = 0,
         up_shortcut: str = "repeat",
         up_conv_init: str = "default",
         up_input: str = "latent",
@@ -102,7 +103,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             self.detail_trunk = EncoderTrunk(copy.deepcopy(arch.encoder), kind, detail_features, base_channels)
             feat_channels = self.detail_trunk.out_channels
         self.down = DetailDownBlock(feat_channels, detail_channels, detail_shortcut, detail_conv_init,
-                                    logvar_init, learn_logvar)
+                                    logvar_init, learn_logvar, hidden=down_hidden)
         if decoder_input == "residual":
             self.decoder_trunk = None  # x_hat = baseline + pixel_shuffle(up(z), f)
             up_out = pixels_per_cell
@@ -153,6 +154,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             learn_logvar=vcfg.learn_logvar,
             decoder_input=vcfg.decoder_input,
             up_hidden=vcfg.up_hidden,
+            down_hidden=vcfg.down_hidden,
             up_shortcut=vcfg.up_shortcut,
             up_conv_init=vcfg.up_conv_init,
             up_input=vcfg.up_input,
@@ -267,7 +269,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
 
     def encoder_last_layer(self) -> nn.Parameter:
         """The detail encoder's last conv weight (where the adaptive alignment weight is measured)."""
-        return self.down.conv.weight
+        conv = self.down.conv
+        return (conv[-1] if isinstance(conv, nn.Sequential) else conv).weight
 
     # ------------------------------------------------------------------ the method
     @property
