@@ -104,6 +104,9 @@ class TrainVAEConfig:
     num_val: int = 8  # images held out from --data when no --val-data is given
     stats_images: int = 64  # images used to measure the detail channels' per-channel statistics at export
     num_workers: int = 0
+    # precompute the frozen base's z_base and baseline once per training image and train on aligned crops
+    # of them (only with the residual design, whose base path is frozen): many more steps per CPU-minute
+    cache_base: bool = False
     seed: int = 0
 
 
@@ -357,6 +360,9 @@ def validate(p: Preset) -> None:
         raise ConfigError("vae.detail_shortcut: 'base' needs D = C")
     if v.decoder_input == "residual" and v.up_shortcut != "none":
         raise ConfigError("vae.up_shortcut must be 'none' with vae.decoder_input = residual")
+    if t.cache_base and (v.detail_features != "residual" or v.decoder_input != "residual"):
+        raise ConfigError("train_vae.cache_base needs vae.detail_features = residual and vae.decoder_input = residual "
+                          "(a frozen base path)")
     d, a = p.dit, p.adapt_dit
     if a.resolution <= 0 or a.resolution % g:
         raise ConfigError(f"adapt_dit.resolution: {a.resolution} is not a positive multiple of s*f = {g}")

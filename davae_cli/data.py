@@ -208,3 +208,36 @@ def center_crops(source: ImageSource, size: int) -> tuple[torch.Tensor, list[str
     if not out:
         raise DavaeError("no readable evaluation images")
     return torch.stack(out), names
+
+
+class CachedBaseCropDataset(torch.utils.data.Dataset):
+    """Like `StepCropDataset`, but over images whose frozen-base outputs were computed once: sample n ->
+    (x crop, baseline crop, z_base crop), crops aligned to the latent grid (`cell` pixels), a pure
+    function of (seed, n). `images[i]` is (x (3, H, W), baseline (3, H, W), z_base (C, H/cell, W/cell))."""
+
+    def __init__(self, images: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], crop: int, cell: int, seed: int,
+                 length: int):
+        if not images:
+            raise DavaeError("no training images")
+        if crop % cell:
+            raise DavaeError(f"crop {crop} is not a multiple of the latent cell {cell}")
+        for x, _, _ in images:
+            if min(x.shape[-2:]) < crop:
+                raise DavaeError(f"a training image of {x.shape[-1]}x{x.shape[-2]} is smaller than the {crop}² crop")
+        self.images, self.crop, self.cell, self.seed, self.length = images, crop, cell, seed, length
+        self.read_failures = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, n: int):
+        count = len(self.images)
+        epoch, k = divmod(n, count)
+        idx = int(np.random.default_rng([self.seed, epoch, 7]).permutation(count)[k])
+        rng = np.random.default_rng([self.seed, n, 11])
+        x, base, z = self.images[idx]
+        c, cells = self.cell, self.crop // self.cell
+        gy = int(rng.integers(0, x.shape[-2] // c - cells + 1))
+        gx = int(rng.integers(0, x.shape[-1] // c - cells + 1))
+        ys, xs = slice(gy * c, (gy + cells) * c), slice(gx * c, (gx + cells) * c)
+        return x[:, ys, xs], base[:, ys, xs], z[:, gy : gy + cells, gx : gx + cells]

@@ -346,7 +346,6 @@ class DAVAEModel(Model):
         self.conditioning = facts["conditioning"]["type"]
         self.identity = {"davae": self.vae.identity, "dit": str(Path(dit_dir).resolve()), "preset": facts.get("preset"),
                          "dit_source": facts.get("dit_source")}
-        self._b = cls.__new__(cls)
 
     def velocity(self, x, sigma, cond):
         if self.backend == "sd3":

@@ -41,8 +41,9 @@ def adapt_dit_cmd(
     sets: Optional[list[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Warm-start a pretrained DiT on DA-VAE latents: zero-init channel extension, rectified flow with the
-    cosine detail-loss schedule, LoRA (SD3), EMA, atomic checkpoints, exact --resume.
+    """Warm-start a pretrained DiT on DA-VAE latents (zero-init extension, rectified flow, LoRA for SD3).
+
+    Cosine detail-loss schedule, EMA, atomic checkpoints, exact --resume.
 
     Writes RUN/config.yaml, RUN/cache/ (latents and prompt embeddings, made once), RUN/checkpoints/,
     RUN/log.jsonl and the adapted model at RUN/final (with davae_dit.json: shift, channels, statistics).

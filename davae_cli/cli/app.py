@@ -12,7 +12,8 @@ from . import common
 app = typer.Typer(
     name="davae",
     help="DA-VAE: generate at 2x the resolution for the token count of the base resolution.\n\n"
-         "Train a detail-aligned VAE on a pretrained base VAE, encode/decode latents, adapt a DiT.",
+         "Train a detail-aligned VAE on a pretrained base VAE, encode/decode latents, adapt a DiT, generate, and "
+         "measure the speedup.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -45,8 +45,9 @@ def bench_cmd(
     sets: Optional[list[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Measure the DA-VAE speedup: the native DiT and its DA-VAE configuration side by side, same
-    architecture, alternating runs, medians; with the analytic FLOP ratio as the ideal."""
+    """Measure the DA-VAE speedup: native vs DA-VAE latent on the same DiT, side by side.
+
+    Alternating runs, medians, CUDA events on GPU; the analytic FLOP ratio is shown as the ideal."""
     with errors():
         from ..bench import BenchSettings, run_bench
 

@@ -57,8 +57,9 @@ def generate_cmd(
     sets: Optional[list[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Generate images with an adapted DiT and its DA-VAE (2x the resolution at the base token count), or with
-    the native base model for comparison. PNGs carry prompt, seed, steps, guidance and model identities."""
+    """Generate images with an adapted DiT and its DA-VAE, or with the native base model (--native).
+
+    2x the resolution at the base token count. PNGs carry prompt, seed, steps, guidance and model identities."""
     with errors():
         from ..generate import GenerateSettings, generate, read_prompts
 

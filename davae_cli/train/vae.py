@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import latents as L
 from ..config import Preset, preset_from_dict
-from ..data import ImageSource, StepCropDataset, StepSampler, center_crops, list_images
+from ..data import CachedBaseCropDataset, ImageSource, StepCropDataset, StepSampler, center_crops, list_images
 from ..errors import DavaeError
 from ..latents import atomic_write_bytes
 from ..metrics import psnr, ssim
@@ -113,11 +113,13 @@ class VAETrainStep:
         self.p, self.lo = preset, preset.loss
         self.model, self.lpips, self.disc = model, lpips_model, disc
 
-    def generator_losses(self, model, raw, x: torch.Tensor, step: int,
-                         generator: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """`model` is what accelerate prepared (maybe DDP-wrapped), `raw` the DetailAlignedVAE inside."""
+    def generator_losses(self, model, raw, x: torch.Tensor, step: int, generator: torch.Generator,
+                         base_cache=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """`model` is what accelerate prepared (maybe DDP-wrapped), `raw` the DetailAlignedVAE inside;
+        `base_cache`: precomputed (z_base, baseline) of x (train_vae.cache_base)."""
         lo = self.lo
-        out = model(x, sample=lo.sample_posterior, generator=generator, detail_dropout=lo.detail_dropout)
+        out = model(x, sample=lo.sample_posterior, generator=generator, detail_dropout=lo.detail_dropout,
+                    base_cache=base_cache)
         x_hat = out["x_hat"]
         l1 = (x_hat - x).abs().mean()
         rec = lo.l1 * l1
@@ -143,6 +145,27 @@ class VAETrainStep:
             parts.update(g_loss=g.item(), adv_weight=float(w))
         parts["loss"] = total.item()
         return total, parts, x_hat
+
+
+@torch.no_grad()
+def _base_cache(model: DetailAlignedVAE, source: ImageSource, cb: Callbacks) -> list:
+    """(x, baseline, z_base) per training image, each image centre-cropped to a multiple of s*f: the frozen
+    base runs once per image instead of once per step. Held on the CPU (float32)."""
+    from ..data import fit_to_multiple, read_image, to_tensor
+
+    device = next(model.parameters()).device
+    out, t0 = [], time.time()
+    for i, item in enumerate(source.items):
+        try:
+            arr = fit_to_multiple(read_image(item), None, model.granularity)
+        except Exception as e:  # noqa: BLE001 - an unreadable image is skipped, like StepCropDataset does
+            cb.on_message(f"skipped unreadable image {item}: {str(e).splitlines()[0][:100]}")
+            continue
+        x = to_tensor(arr)[None].to(device)
+        z = model.encode_base(x)
+        out.append((x[0].cpu(), model.decode_baseline(z)[0].cpu(), z[0].cpu()))
+    cb.on_message(f"cached the frozen base's outputs for {len(out)} training images in {time.time() - t0:.0f} s")
+    return out
 
 
 def _optimizer(params_groups, lr: float, betas, wd: float):
@@ -329,7 +352,11 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     crop = t.crop_size or t.resolution
     total = t.steps
     world, rank = acc.num_processes, acc.process_index
-    dataset = StepCropDataset(train_source, crop, t.seed, (total * world + world) * t.batch_size)
+    if t.cache_base:
+        dataset = CachedBaseCropDataset(_base_cache(raw, train_source, cb), crop, raw.granularity, t.seed,
+                                        (total * world + world) * t.batch_size)
+    else:
+        dataset = StepCropDataset(train_source, crop, t.seed, (total * world + world) * t.batch_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=t.batch_size, num_workers=t.num_workers,
         sampler=StepSampler(start_step, total, t.batch_size, rank, world), drop_last=False,
@@ -384,10 +411,16 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     it = iter(loader)
     with GracefulInterrupt() as interrupt:
         while step < total:
-            x = next(it).to(device, non_blocking=True)
+            batch = next(it)
+            base_cache = None
+            if isinstance(batch, (list, tuple)):
+                x, baseline, z_base = (b.to(device, non_blocking=True) for b in batch)
+                base_cache = (z_base, baseline)
+            else:
+                x = batch.to(device, non_blocking=True)
             gen = torch.Generator(device=device).manual_seed(int(t.seed * 1_000_003 + step * 7919 + rank))
             with acc.autocast():
-                loss, parts, x_hat = stepper.generator_losses(model, raw, x, step, gen)
+                loss, parts, x_hat = stepper.generator_losses(model, raw, x, step, gen, base_cache)
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
             if acc.sync_gradients and t.grad_clip > 0:

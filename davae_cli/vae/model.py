@@ -294,12 +294,18 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         """z_base: the transformed base posterior mean of the downsampled image. x (B, 3, H, W) -> (B, C, h, w)."""
         return self.transform(base_encode_mean(self.base.vae, L.downsample(x, self.config.scale)))
 
-    def encode(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> DAEncoding:
-        """x (B, 3, H, W) in [-1, 1] -> DAEncoding with latent (B, C+D, H/(s f), W/(s f)), base first."""
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
+               base_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> DAEncoding:
+        """x (B, 3, H, W) in [-1, 1] -> DAEncoding with latent (B, C+D, H/(s f), W/(s f)), base first.
+
+        `base_cache`: precomputed (z_base, baseline) of the frozen base for x (training with
+        `train_vae.cache_base`), so the base VAE does not run."""
         self.check_image(x)
-        z_base = self.encode_base(x)
+        z_base, baseline = base_cache if base_cache is not None else (self.encode_base(x), None)
         if self.detail_trunk is None:
-            feats = F.pixel_unshuffle(x - self.decode_baseline(z_base), self.config.downsample)
+            if baseline is None:
+                baseline = self.decode_baseline(z_base)
+            feats = F.pixel_unshuffle(x - baseline, self.config.downsample)
         else:
             feats = self.detail_trunk(x)
         mean, logvar = self.down(feats, z_base)
@@ -309,8 +315,9 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             z_detail = mean + torch.exp(0.5 * logvar) * noise
         return DAEncoding(L.join(z_base, z_detail), z_base, mean, logvar, feats)
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """latent (B, C+D, h, w) -> image (B, 3, s f h, s f w), about [-1, 1] (not clamped)."""
+    def decode(self, latent: torch.Tensor, baseline: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """latent (B, C+D, h, w) -> image (B, 3, s f h, s f w), about [-1, 1] (not clamped). `baseline`: the
+        precomputed decode_baseline of the latent's base channels (residual design only)."""
         if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
             raise DavaeError(f"expected a latent (B, {self.latent_channels}, h, w), got {tuple(latent.shape)}")
         c = self.config.base_channels
@@ -321,22 +328,24 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         h = self.up(up_in)  # (B, G, 2h, 2w)
         if self.decoder_trunk is not None:
             return self.decoder_trunk(h)
-        baseline = self.decode_baseline(latent[:, :c])
+        if baseline is None:
+            baseline = self.decode_baseline(latent[:, :c])
         return baseline + F.pixel_shuffle(h, self.config.downsample)
 
     def forward(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
-                detail_dropout: float = 0.0) -> dict:
+                detail_dropout: float = 0.0, base_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
         """Training pass: encode, optionally zero whole z_d of a sample (prob. `detail_dropout`), decode.
 
         Returns a dict (DDP-friendly): x_hat (B, 3, H, W), latent, z_base, mean, logvar.
         """
-        enc = self.encode(x, sample=sample, generator=generator)
+        enc = self.encode(x, sample=sample, generator=generator, base_cache=base_cache)
         latent = enc.latent
         if detail_dropout > 0:
             keep = torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) >= detail_dropout
             c = self.config.base_channels
             latent = torch.cat([latent[:, :c], latent[:, c:] * keep.to(latent.dtype)], dim=1)
-        return {"x_hat": self.decode(latent), "latent": latent, "z_base": enc.z_base, "mean": enc.mean,
+        baseline = base_cache[1] if base_cache is not None else None
+        return {"x_hat": self.decode(latent, baseline), "latent": latent, "z_base": enc.z_base, "mean": enc.mean,
                 "logvar": enc.logvar}
 
     # ------------------------------------------------------------------ baselines and statistics
