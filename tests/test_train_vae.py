@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from davae_cli import DavaeError, DetailAlignedVAE, load_preset
+from davae_cli import ConfigError, DavaeError, DetailAlignedVAE, load_base_vae, load_preset
 from davae_cli.train.loop import latest_checkpoint
 from davae_cli.train.vae import train_vae
 from davae_cli.vae.losses import align_loss, build_lpips, grad_norm_ratio, hinge_d_loss, kl_divergence
@@ -59,6 +59,8 @@ def _cli(args, env=None, check=True):
 
 @pytest.mark.parametrize("style, base_fixture, extra", [
     ("residual", "tae_base", []),
+    # the CPU shortcut: the frozen base's outputs cached per image, a nonlinear detail encoder
+    ("residual", "tae_base", ["--set", "train_vae.cache_base=true", "--set", "vae.down_hidden=8"]),
     # the paper's full loss on the official architecture: LPIPS, a PatchGAN from step 1, adaptive alignment
     ("official", "kl_base", ["--set", "loss.lpips=0.5", "--set", "loss.adv=0.1", "--set", "loss.disc_start=1",
                              "--set", "loss.align_mode=adaptive", "--set", "loss.detail_dropout=0.5"]),
@@ -153,3 +155,20 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path, images_dir, ta
           "--steps", str(stopped_at + 2)])
     assert (run_dir / "final" / "config.json").is_file()
     assert max(_losses(run_dir)) == stopped_at + 2
+
+
+def test_cached_base_path_equals_the_direct_path(tmp_path, tae_base):
+    """forward(x, base_cache=(z_base, baseline) of x) is forward(x): the cache only skips the base VAE."""
+    p = load_preset(str(write_preset(tmp_path / "p.yaml", tae_base, "residual", vae__down_hidden=8)))
+    model = DetailAlignedVAE.from_base(load_base_vae(str(tae_base)), p.vae)
+    with torch.no_grad():
+        for prm in model.up.parameters():  # move off the zero init so the decoder output depends on z_d
+            prm.add_(0.01)
+        x = torch.rand(2, 3, 32, 48) * 2 - 1
+        z = model.encode_base(x)
+        a = model(x)
+        b = model(x, base_cache=(z, model.decode_baseline(z)))
+    for key in ("x_hat", "latent", "mean"):
+        torch.testing.assert_close(a[key], b[key])
+    with pytest.raises(ConfigError, match="cache_base"):
+        load_preset(str(write_preset(tmp_path / "q.yaml", tae_base, "official")), ["train_vae.cache_base=true"])
