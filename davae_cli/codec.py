@@ -135,6 +135,8 @@ def check_latent_compatible(vae: DetailAlignedVAE, latent: torch.Tensor, meta: d
             return f"made by {what} ({key} {str(meta[key])[:23]} vs {str(ident[key])[:23]})"
     if "davae" not in meta:
         return "no DA-VAE identity in its metadata (not written by `davae encode`)"
+    if meta.get("space") == "dit":
+        return "a normalised DiT-space latent from `davae generate --save-latents`, not a DA-VAE latent"
     return None
 
 

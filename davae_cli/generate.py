@@ -248,16 +248,16 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
     for k in range(0, len(todo), s.batch_size):
         batch = todo[k : k + s.batch_size]
         noise = torch.cat([initial_noise(j.seed, model.base_channels, model.detail_channels, side) for j in batch])
-        noise = noise.to(device=device, dtype=dtype)
+        noise = noise.to(device=device)  # the ODE state stays float32; the model runs in `dtype`
         uncond, cond = cond_fn(batch)
         use_cfg = s.guidance != 1.0
 
         def velocity(x, sigma, guided):
             if use_cfg and guided:
                 both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
-                v_u, v_c = model.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+                v_u, v_c = model.velocity(torch.cat([x, x]).to(dtype), torch.cat([sigma, sigma]), both).float().chunk(2)
                 return v_u + s.guidance * (v_c - v_u)
-            return model.velocity(x, sigma, cond)
+            return model.velocity(x.to(dtype), sigma, cond).float()
 
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -90,6 +90,9 @@ def attach_conditions(items: list[str], roots: list[str], conditioning: str,
     class_dirs: dict[str, int] = {}
     if conditioning == "class" and not table:
         parents = sorted({Path(it).parent.name for it in items})
+        if len(parents) < 2:
+            raise DavaeError("class labels: put the images in one sub-folder per class (sorted folder names -> "
+                             "0..K-1) or give a JSONL with {\"image\": ..., \"label\": N} per line (--captions)")
         class_dirs = {name: i for i, name in enumerate(parents)}
     for it in items:
         rec = _lookup(table, it, roots) if table else None

@@ -242,3 +242,13 @@ def test_lightningdit_path_class_folders(tmp_path, captioned):
     assert res.metrics["probe_loss_end"] < res.metrics["probe_loss_start"]
     labels = {json.loads(line)["label"] for line in (tmp_path / "r1" / "cache" / "index.jsonl").read_text().splitlines()}
     assert labels == {0, 1}
+    # a flat folder has no classes: refused, not silently labelled 0
+    with pytest.raises(DavaeError, match="one sub-folder per class"):
+        adapt_dit(load_preset("tiny-imagenet", ["adapt_dit.steps=2"]), tmp_path / "vae" / "final", tmp_path / "r2",
+                  data=[str(captioned)])
+    # labels from a JSONL must be valid class ids
+    (data / "labels.jsonl").write_text("".join(json.dumps({"image": p.name, "label": 10}) + "\n"
+                                               for p in sorted(data.rglob("*.png"))))
+    with pytest.raises(DavaeError, match="outside 0..9"):
+        adapt_dit(load_preset("tiny-imagenet", ["adapt_dit.steps=2"]), tmp_path / "vae" / "final", tmp_path / "r3",
+                  data=[str(data)], captions=str(data / "labels.jsonl"))

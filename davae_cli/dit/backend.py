@@ -117,8 +117,11 @@ class LightningDiTBackend:
         return extend_lightningdit(model, detail_channels)
 
     def prepare_training(self, model) -> list[str]:
+        """Everything trains (SPEC §6) except the fixed sin-cos position table."""
         model.requires_grad_(True)
-        return [n for n, _ in model.named_parameters() if _.requires_grad]
+        if isinstance(getattr(model, "pos_embed", None), nn.Parameter):
+            model.pos_embed.requires_grad_(False)
+        return [n for n, p in model.named_parameters() if p.requires_grad]
 
     def velocity(self, model, x, sigma, cond):
         # LightningDiT: t = 1 - sigma (t = 1 is data) and it predicts x0 - eps (see lightningdit.py); labels

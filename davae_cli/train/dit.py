@@ -34,7 +34,7 @@ from ..latents import atomic_write_bytes
 from ..vae.model import DetailAlignedVAE
 from .loop import (Callbacks, GracefulInterrupt, JsonlLog, load_checkpoint, maybe_kill, rng_state, save_checkpoint,
                    set_rng_state)
-from .vae import _lr_lambda, _make_accelerator, prepare_run_dir
+from .vae import _lr_lambda, any_process, open_run
 
 
 @dataclass
@@ -188,12 +188,11 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").is_file():
         raise DavaeError(f"--vae {vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)")
-    preset, ckpt_path = prepare_run_dir(run_dir, preset, resume, section="adapt_dit")
+    acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="adapt_dit")
     a = preset.adapt_dit
     dit_spec = dit or preset.dit.pretrained
     run_info = {"vae": str(vae_dir.resolve()), "dit": dit_spec, "data": [str(d) for d in data or []]}
     info_path = run_dir / "run.json"
-    acc = _make_accelerator(a.seed)
     device = acc.device
 
     vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).to(device).eval()
@@ -226,6 +225,10 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
                                         acc.is_main_process, acc.wait_for_everyone, cb.on_message)
         keys = [r.prompt for r in records]
     else:
+        bad = [r for r in records if not 0 <= r.label < preset.dit.num_classes]
+        if bad:
+            raise DavaeError(f"class label {bad[0].label} of {bad[0].source} is outside 0..{preset.dit.num_classes - 1} "
+                             f"(dit.num_classes)")
         conditioner = ClassConditioner(preset.dit.num_classes, device)
         keys = [r.label for r in records]
     normalize = LatentNormalizer(vae)
@@ -266,13 +269,14 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         cb.on_message("no checkpoint yet: starting from step 0")
     ema.to(device)
 
-    model, opt, sched = acc.prepare(model, opt, sched)
+    model, opt = acc.prepare(model, opt)  # the scheduler is not prepared (accelerate steps it per process)
     raw = acc.unwrap_model(model)
     total, world, rank = a.steps, acc.num_processes, acc.process_index
     dataset = LatentDataset(records, a.seed, (total * world + world) * a.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=a.batch_size, num_workers=0,
                                          sampler=StepSampler(start_step, total, a.batch_size, rank, world))
-    log = JsonlLog(run_dir / "log.jsonl", resume_step=start_step if ckpt_path is not None else None)
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=start_step if ckpt_path is not None else None) \
+        if acc.is_main_process else None
 
     # a fixed-noise loss on a few training latents at full detail weight: comparable across steps
     probe_n = min(len(records), 8)
@@ -342,12 +346,13 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
             if acc.is_main_process and (step % a.log_every == 0 or step == total):
                 log.write({"step": step, "event": "train", "elapsed_s": round(time.time() - t0, 2), **parts})
             cb.on_step(step, parts)
+            stop = any_process(acc, interrupt.requested)
             if step % a.checkpoint_every == 0 or step == total:
                 checkpoint(step)
                 maybe_kill(step)
-            elif interrupt.requested:
+            elif stop:
                 checkpoint(step)
-            if interrupt.requested:
+            if stop:
                 cb.on_message(f"interrupted: checkpoint at step {step}; continue with --resume")
                 raise KeyboardInterrupt
 

@@ -96,6 +96,25 @@ def _split_validation(source: ImageSource, num_val: int, seed: int) -> tuple[Ima
     return train, val
 
 
+def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_vae"):
+    """(accelerator, preset, checkpoint): the main process creates or checks the run folder first, the
+    others then read what it wrote (no race on a fresh folder under `accelerate launch`)."""
+    acc = _make_accelerator(getattr(preset, section).seed)
+    if acc.is_main_process:
+        preset, ckpt = prepare_run_dir(run_dir, preset, resume, section)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        preset, ckpt = prepare_run_dir(run_dir, preset, True, section)
+    return acc, preset, ckpt
+
+
+def any_process(acc, flag: bool) -> bool:
+    """True on every process if `flag` is true on any (so all stop at the same step)."""
+    if acc.num_processes == 1:
+        return bool(flag)
+    return bool(acc.reduce(torch.tensor([int(flag)], device=acc.device), "sum").item() > 0)
+
+
 def _make_accelerator(seed: int):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -271,9 +290,8 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     """Train (or, with `preset.train_vae.steps == 0`, just build and export) a DA-VAE. See the module doc."""
     cb = callbacks or Callbacks()
     run_dir = Path(run_dir)
-    preset, ckpt_path = prepare_run_dir(run_dir, preset, resume)
+    acc, preset, ckpt_path = open_run(run_dir, preset, resume)
     t, lo = preset.train_vae, preset.loss
-    acc = _make_accelerator(t.seed)
     device = acc.device
 
     base = load_base_vae(preset.vae.base_vae, preset.vae.base_vae_subfolder, preset.vae.base_channels,
@@ -344,9 +362,10 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     ema.to(device)
 
     if disc is not None:
-        model, opt, disc, opt_d, sched = acc.prepare(model, opt, disc, opt_d, sched)
+        model, opt, disc, opt_d = acc.prepare(model, opt, disc, opt_d)
     else:
-        model, opt, sched = acc.prepare(model, opt, sched)
+        model, opt = acc.prepare(model, opt)
+    # the scheduler is not prepared: accelerate would step it once per process per call
     raw: DetailAlignedVAE = acc.unwrap_model(model)
 
     crop = t.crop_size or t.resolution
@@ -362,7 +381,8 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
         sampler=StepSampler(start_step, total, t.batch_size, rank, world), drop_last=False,
     )
     val_images = center_crops(val_source, t.resolution)[0] if len(val_source) else None
-    log = JsonlLog(run_dir / "log.jsonl", resume_step=start_step if ckpt_path is not None else None)
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=start_step if ckpt_path is not None else None) \
+        if acc.is_main_process else None
     stepper = VAETrainStep(preset, raw, lpips_model, disc)
 
     def evaluate(step: int) -> dict:
@@ -450,12 +470,13 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
                 if res:
                     cb.on_message(f"step {step}: held-out PSNR {res['davae.psnr']:.2f} dB "
                                   f"(baseline {res['base_half_bicubic.psnr']:.2f}, full-res base {res['base_full.psnr']:.2f})")
+            stop = any_process(acc, interrupt.requested)
             if step % t.checkpoint_every == 0 or step == total:
                 checkpoint(step)
                 maybe_kill(step)
-            elif interrupt.requested:
+            elif stop:
                 checkpoint(step)  # keep the work: a consistent checkpoint at the last completed step
-            if interrupt.requested:
+            if stop:
                 cb.on_message(f"interrupted: checkpoint at step {step}; continue with --resume")
                 raise KeyboardInterrupt
 
