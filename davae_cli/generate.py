@@ -311,6 +311,21 @@ def _check_fits_cpu(n_params: int, device: torch.device, what: str) -> None:
                          f"{free / 2**30:.0f} GB free; run on a GPU")
 
 
+def _params_of_config(config_file: Path, backend: str) -> int:
+    """Parameter count of a model folder's architecture, built on the meta device (no memory used)."""
+    cfg = {k: v for k, v in json.loads(Path(config_file).read_text()).items() if not k.startswith("_")}
+    if backend == "sd3":
+        from diffusers import SD3Transformer2DModel as cls
+    else:
+        from .dit.lightningdit import LightningDiT as cls
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(cfg)
+    except Exception:  # noqa: BLE001 - an unknown config: no estimate
+        return 0
+    return sum(p.numel() for p in model.parameters())
+
+
 class DAVAEModel(Model):
     """The adapted DiT on the DA-VAE latent; decodes with the DA-VAE."""
 
@@ -333,6 +348,8 @@ class DAVAEModel(Model):
             if cfg.get("in_channels") not in (None, c + d):
                 raise DavaeError(f"the DiT in {dit_dir} reads {cfg.get('in_channels')} channels, the DA-VAE gives "
                                  f"C+D = {c + d}: they do not fit together")
+        if cfg_path.is_file():
+            _check_fits_cpu(_params_of_config(cfg_path, self.backend), torch.device(device), f"the DiT in {dit_dir}")
         self.dit = cls.load_adapted(Path(dit_dir)).to(device=device)
         if dtype != torch.float32:
             self.dit.to(dtype)
@@ -365,6 +382,10 @@ class NativeSD3Model(Model):
         from .dit.sd3 import load_sd3_transformer
         from .vae.base import load_base_vae
 
+        for cand in (Path(pipeline) / "transformer" / "config.json", Path(pipeline) / "config.json"):
+            if cand.is_file():
+                _check_fits_cpu(_params_of_config(cand, "sd3"), torch.device(device), f"the transformer of {pipeline}")
+                break
         self.dit = load_sd3_transformer(pipeline, "transformer").to(device)
         if dtype != torch.float32:
             self.dit.to(dtype)

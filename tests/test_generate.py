@@ -146,3 +146,17 @@ def test_tiled_decode_blends_exactly_for_a_local_decoder():
         tiled = tiled_decode(decode, z, tile=12, overlap=4, scale=4)
     assert tiled.shape == full.shape
     torch.testing.assert_close(tiled, full, rtol=1e-5, atol=1e-5)
+
+
+def test_model_too_large_for_this_cpu_is_refused(tmp_path):
+    """A model that cannot fit without a GPU gets a one-line error before anything is loaded."""
+    from davae_cli.errors import DavaeError
+    from davae_cli.generate import _check_fits_cpu, _params_of_config
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(load_preset("sd35m-1024").dit.arch))
+    n = _params_of_config(cfg, "sd3")
+    assert 2.2e9 < n < 2.3e9  # SD3.5 Medium, counted on the meta device
+    with pytest.raises(DavaeError, match="no GPU"):
+        _check_fits_cpu(100 * n, torch.device("cpu"), "a 224B model")
+    _check_fits_cpu(100 * n, torch.device("cuda"), "on a GPU the check does not apply")
