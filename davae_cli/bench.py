@@ -26,6 +26,7 @@ import torch
 from . import flops as F
 from . import flow
 from .config import Preset
+from .dit.backend import lightningdit_velocity, place_frozen, sd3_velocity
 from .errors import DavaeError
 
 NOISY_SPREAD = 0.10  # warn when (max - min) / median of the repeats exceeds this
@@ -122,9 +123,13 @@ class _Config:
         self.peak_mb: Optional[float] = None
 
 
-def _to(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
-    module.to(device)
-    return module if dtype == torch.float32 else module.to(dtype)
+def _maybe_compiled(cache: dict, key: str, module: torch.nn.Module, s: BenchSettings):
+    """`module`, or its torch.compile'd wrapper (made once per configuration) with --compile."""
+    if not s.compile:
+        return module
+    if key not in cache:
+        cache[key] = torch.compile(module, mode=s.compile_mode)
+    return cache[key]
 
 
 def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
@@ -138,33 +143,24 @@ def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
     d = preset.vae.detail_channels
     heads = {"native": (model.pos_embed.proj, model.proj_out, c),
              "davae": (extend_patch_embed(model.pos_embed.proj, d), extend_output_head(model.proj_out, p, c, d), c + d)}
-    _to(model, device, dtype).eval().requires_grad_(False)
+    place_frozen(model, device, dtype)
     heads = {k: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), n) for k, (a, b, n) in heads.items()}
     cfg = dict(model.config)
     text_tokens = 77 + preset.dit.max_sequence_length
-    n_text = preset.dit.max_sequence_length + 77
     compiled = {}
 
     def activate(which):
         def f():
             proj, out, ch = heads[which]
             model.pos_embed.proj, model.proj_out, model.out_channels = proj, out, ch
-            if s.compile:
-                if which not in compiled:
-                    compiled[which] = torch.compile(model, mode=s.compile_mode)
-                return compiled[which]
-            return model
+            return _maybe_compiled(compiled, which, model, s)
         return f
 
     def velocity_factory(net, batch):
         g = torch.Generator(device="cpu").manual_seed(s.seed)
-        embeds = torch.randn(batch, n_text, cfg["joint_attention_dim"], generator=g).to(device, dtype)
-        pooled = torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)
-
-        def v(x, sigma):
-            return net(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled,
-                       timestep=sigma * 1000.0, return_dict=False)[0]
-        return v
+        cond = {"embeds": torch.randn(batch, text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
+                "pooled": torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)}
+        return lambda x, sigma: sd3_velocity(net, x, sigma, cond)
 
     def flops_for(tokens, batch, channels):
         return F.sd3_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, text_tokens, batch)
@@ -178,36 +174,25 @@ def _build_lightningdit(preset: Preset, s: BenchSettings, device, dtype):
     from .dit.backend import LightningDiTBackend
     from .dit.lightningdit import extend_lightningdit
 
-    g = preset.granularity
-    sides = {"native": s.res // preset.vae.downsample, "davae": s.res // g}
+    sides = {"native": s.res // preset.vae.downsample, "davae": s.res // preset.granularity}
     models = {}
     for which, side in sides.items():
-        p2 = copy.deepcopy(preset)
-        p2.adapt_dit.resolution = side * g  # LightningDiTBackend derives input_size from it
-        m = LightningDiTBackend(p2).load("random" if s.weights == "random" else s.weights, seed=s.seed)
+        m = LightningDiTBackend(preset).load("random" if s.weights == "random" else s.weights, seed=s.seed,
+                                             latent_side=side)
         if which == "davae":
             extend_lightningdit(m, preset.vae.detail_channels)
-        models[which] = _to(m, device, dtype).eval().requires_grad_(False)
+        models[which] = place_frozen(m, device, dtype)
     c = int(models["native"].config.in_channels)
     p = int(models["native"].config.patch_size)
     cfg = dict(models["native"].config)
     compiled = {}
 
     def activate(which):
-        def f():
-            if s.compile:
-                if which not in compiled:
-                    compiled[which] = torch.compile(models[which], mode=s.compile_mode)
-                return compiled[which]
-            return models[which]
-        return f
+        return lambda: _maybe_compiled(compiled, which, models[which], s)
 
     def velocity_factory(net, batch):
-        y = (torch.arange(batch) % preset.dit.num_classes).to(device)
-
-        def v(x, sigma):
-            return -net(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
-        return v
+        cond = {"labels": (torch.arange(batch) % preset.dit.num_classes).to(device)}
+        return lambda x, sigma: lightningdit_velocity(net, x, sigma, cond)
 
     def flops_for(tokens, batch, channels):
         return F.lightningdit_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, batch)
@@ -223,8 +208,8 @@ def _build_decoders(preset: Preset, device, dtype):
     base = load_base_vae("random", latent_channels=preset.vae.base_channels, arch=preset.vae.base_vae_arch)
     vcfg = copy.deepcopy(preset.vae)
     vcfg.base_latent_transform = "config"  # speed only: the per-channel statistics file is not needed
-    davae = _to(DetailAlignedVAE.from_base(base, vcfg), device, dtype).eval().requires_grad_(False)
-    _to(base.vae, device, dtype)
+    davae = place_frozen(DetailAlignedVAE.from_base(base, vcfg), device, dtype)
+    place_frozen(base.vae, device, dtype)
 
     def native(z):
         return base_decode(base.vae, davae.transform.inverse(z))

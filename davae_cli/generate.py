@@ -25,7 +25,7 @@ import torch
 from . import flow
 from .config import Preset
 from .errors import DavaeError
-from .latents import atomic_write_bytes, save_latent
+from .latents import LatentNormalizer, atomic_write_bytes, save_latent
 
 
 @dataclass
@@ -199,9 +199,11 @@ class Model:
     shift: float
     conditioning: str  # prompt | class
     identity: dict
+    dit: torch.nn.Module
+    dit_velocity: Callable  # the backend's convention: (model, x, sigma, cond) -> eps - x0
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        raise NotImplementedError
+        return self.dit_velocity(self.dit, x, sigma, cond)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -285,17 +287,6 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
 
 
 # ---------------------------------------------------------------------------------------------- models
-class _DetailNorm:
-    def __init__(self, facts: dict):
-        self.c = int(facts["base_channels"])
-        self.mean = torch.tensor(facts["detail_mean"]).view(1, -1, 1, 1)
-        self.std = torch.tensor(facts["detail_std"]).view(1, -1, 1, 1)
-
-    def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        m, s = self.mean.to(x), self.std.to(x)
-        return torch.cat([x[:, : self.c], x[:, self.c :] * s + m], 1)
-
-
 def _check_fits_cpu(n_params: int, device: torch.device, what: str) -> None:
     import os
 
@@ -330,7 +321,7 @@ class DAVAEModel(Model):
     """The adapted DiT on the DA-VAE latent; decodes with the DA-VAE."""
 
     def __init__(self, vae_dir: Path, dit_dir: Path, device, dtype):
-        from .dit.backend import LightningDiTBackend, SD3Backend, read_facts
+        from .dit.backend import LightningDiTBackend, SD3Backend, place_frozen, read_facts
         from .vae.model import DetailAlignedVAE
 
         self.facts = facts = read_facts(dit_dir)
@@ -340,22 +331,18 @@ class DAVAEModel(Model):
             raise DavaeError(f"the DA-VAE ({vae_dir}) has C+D = {c}+{d} but the DiT ({dit_dir}) was adapted to "
                              f"{facts['base_channels']}+{facts['detail_channels']}: they do not fit together")
         self.mismatch = facts["davae"]["identity"] != self.vae.identity
-        self.backend = facts["backend"]
-        cls = SD3Backend if self.backend == "sd3" else LightningDiTBackend
+        cls = SD3Backend if facts["backend"] == "sd3" else LightningDiTBackend
+        self.dit_velocity = cls.velocity
         cfg_path = Path(dit_dir) / "config.json"
         if cfg_path.is_file():
             cfg = json.loads(cfg_path.read_text())
             if cfg.get("in_channels") not in (None, c + d):
                 raise DavaeError(f"the DiT in {dit_dir} reads {cfg.get('in_channels')} channels, the DA-VAE gives "
                                  f"C+D = {c + d}: they do not fit together")
-        if cfg_path.is_file():
-            _check_fits_cpu(_params_of_config(cfg_path, self.backend), torch.device(device), f"the DiT in {dit_dir}")
-        self.dit = cls.load_adapted(Path(dit_dir)).to(device=device)
-        if dtype != torch.float32:
-            self.dit.to(dtype)
-        self.dit.eval().requires_grad_(False)
+            _check_fits_cpu(_params_of_config(cfg_path, cls.name), torch.device(device), f"the DiT in {dit_dir}")
+        self.dit = place_frozen(cls.load_adapted(Path(dit_dir)), device, dtype)
         self.vae.to(device).eval()
-        self.norm = _DetailNorm(facts)
+        self.norm = LatentNormalizer.from_facts(facts)
         self.name = "davae"
         self.base_channels, self.detail_channels = c, d
         self.granularity, self.patch_size = self.vae.granularity, int(facts["patch_size"])
@@ -363,13 +350,6 @@ class DAVAEModel(Model):
         self.conditioning = facts["conditioning"]["type"]
         self.identity = {"davae": self.vae.identity, "dit": str(Path(dit_dir).resolve()), "preset": facts.get("preset"),
                          "dit_source": facts.get("dit_source")}
-
-    def velocity(self, x, sigma, cond):
-        if self.backend == "sd3":
-            return self.dit(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
-                            timestep=sigma * 1000.0, return_dict=False)[0]
-        y = cond["labels"]
-        return -self.dit(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
 
     def decode(self, latent):
         return self.vae.decode(self.norm.inverse(latent.float()))
@@ -379,32 +359,25 @@ class NativeSD3Model(Model):
     """The unmodified SD3 transformer and VAE of a pipeline folder / hub id."""
 
     def __init__(self, pipeline: str, shift: float, device, dtype):
+        from .dit.backend import place_frozen, sd3_velocity
         from .dit.sd3 import load_sd3_transformer
-        from .vae.base import load_base_vae
+        from .vae.base import base_downsample_factor, load_base_vae
 
         for cand in (Path(pipeline) / "transformer" / "config.json", Path(pipeline) / "config.json"):
             if cand.is_file():
                 _check_fits_cpu(_params_of_config(cand, "sd3"), torch.device(device), f"the transformer of {pipeline}")
                 break
-        self.dit = load_sd3_transformer(pipeline, "transformer").to(device)
-        if dtype != torch.float32:
-            self.dit.to(dtype)
-        self.dit.eval().requires_grad_(False)
+        self.dit = place_frozen(load_sd3_transformer(pipeline, "transformer"), device, dtype)
+        self.dit_velocity = sd3_velocity
         base = load_base_vae(pipeline, "vae")
         self.vae = base.vae.to(device)
         self.name = "native"
         self.base_channels, self.detail_channels = int(self.dit.config.in_channels), 0
-        from .vae.base import base_downsample_factor
-
         self.granularity, self.patch_size = base_downsample_factor(self.vae), int(self.dit.config.patch_size)
         self.shift, self.conditioning = shift, "prompt"
         self.scale = float(getattr(self.vae.config, "scaling_factor", None) or 1.0)
         self.offset = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.identity = {"base_pipeline": pipeline, "base_vae_hash": base.content_hash}
-
-    def velocity(self, x, sigma, cond):
-        return self.dit(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
-                        timestep=sigma * 1000.0, return_dict=False)[0]
 
     def decode(self, latent):
         from .vae.base import base_decode
@@ -417,27 +390,18 @@ class NativeLightningDiTModel(Model):
     decodes with the base VAE of the DA-VAE in `vae_dir` (its latent transform inverted)."""
 
     def __init__(self, preset: Preset, spec: str, vae_dir: Path, res: int, shift: float, device, dtype):
-        import copy
-
-        from .dit.backend import LightningDiTBackend
+        from .dit.backend import LightningDiTBackend, lightningdit_velocity, place_frozen
         from .vae.model import DetailAlignedVAE
 
-        p2 = copy.deepcopy(preset)
-        p2.adapt_dit.resolution = res * preset.vae.scale  # the backend derives input_size = res / f from it
-        self.dit = LightningDiTBackend(p2).load(spec, seed=preset.adapt_dit.seed).to(device)
-        if dtype != torch.float32:
-            self.dit.to(dtype)
-        self.dit.eval().requires_grad_(False)
+        dit = LightningDiTBackend(preset).load(spec, seed=preset.adapt_dit.seed, latent_side=res // preset.vae.downsample)
+        self.dit = place_frozen(dit, device, dtype)
+        self.dit_velocity = lightningdit_velocity
         self.davae = DetailAlignedVAE.from_pretrained(str(vae_dir)).to(device).eval()
         self.name = "native"
         self.base_channels, self.detail_channels = int(self.dit.config.in_channels), 0
         self.granularity, self.patch_size = preset.vae.downsample, int(self.dit.config.patch_size)
         self.shift, self.conditioning = shift, "class"
         self.identity = {"dit_source": spec, "base_vae_hash": self.davae.config.base_vae_hash}
-
-    def velocity(self, x, sigma, cond):
-        y = cond["labels"]
-        return -self.dit(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
 
     def decode(self, latent):
         from .vae.base import base_decode

@@ -91,3 +91,30 @@ def load_latent(path: Path) -> tuple[torch.Tensor, dict]:
     if latent.ndim != 3:
         raise DavaeError(f"{path}: latent has shape {tuple(latent.shape)}, expected (C+D, h, w)")
     return latent, meta
+
+
+class LatentNormalizer:
+    """The DiT's view of a DA-VAE latent: base channels as encoded (the DiT's own normalisation), detail
+    channels standardised per channel, (z_d - mean) / std, with the statistics stored in the DA-VAE."""
+
+    def __init__(self, base_channels: int, mean, std):
+        self.c = int(base_channels)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).detach().cpu().view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).detach().cpu().view(1, -1, 1, 1)
+
+    @classmethod
+    def from_vae(cls, vae) -> "LatentNormalizer":
+        return cls(vae.config.base_channels, vae.detail_mean, vae.detail_std)
+
+    @classmethod
+    def from_facts(cls, facts: dict) -> "LatentNormalizer":
+        """From an adapted DiT's `davae_dit.json`."""
+        return cls(facts["base_channels"], facts["detail_mean"], facts["detail_std"])
+
+    def __call__(self, lat: torch.Tensor) -> torch.Tensor:
+        m, s = self.mean.to(lat), self.std.to(lat)
+        return torch.cat([lat[:, : self.c], (lat[:, self.c :] - m) / s], 1)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        m, s = self.mean.to(x), self.std.to(x)
+        return torch.cat([x[:, : self.c], x[:, self.c :] * s + m], 1)

@@ -19,23 +19,53 @@ from ..errors import DavaeError
 FACTS_FILE = "davae_dit.json"  # the sampling facts written beside an adapted model
 
 
-class SD3Backend:
-    name = "sd3"
-    conditioning = "prompt"
+def sd3_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    """SD3 already uses the sigma convention; its timestep is sigma * 1000."""
+    return model(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
+                 timestep=sigma * 1000.0, return_dict=False)[0]
+
+
+def lightningdit_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    """LightningDiT: t = 1 - sigma (t = 1 is data) and it predicts x0 - eps (see lightningdit.py). Labels
+    arrive already dropped to the null class by the caller, so the model's own dropout is disabled."""
+    y = cond["labels"]
+    return -model(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
+
+
+def place_frozen(module: nn.Module, device, dtype) -> nn.Module:
+    """Move an inference-only module to `device`, cast it unless float32 (diffusers warns on a no-op cast),
+    and freeze it."""
+    module.to(device)
+    if dtype != torch.float32:
+        module.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
+class _Backend:
+    """What both backends share; subclasses set `name`, `conditioning` and `velocity`."""
+
+    name: str
+    conditioning: str
 
     def __init__(self, preset: Preset):
         self.preset = preset
-
-    def load(self, spec: str, seed: int = 0, dtype=torch.float32) -> nn.Module:
-        from .sd3 import load_sd3_transformer
-
-        return load_sd3_transformer(spec, self.preset.dit.subfolder, self.preset.dit.arch, seed=seed, dtype=dtype)
 
     def channels(self, model) -> int:
         return int(model.config.in_channels)
 
     def patch_size(self, model) -> int:
         return int(model.config.patch_size)
+
+
+class SD3Backend(_Backend):
+    name = "sd3"
+    conditioning = "prompt"
+    velocity = staticmethod(sd3_velocity)
+
+    def load(self, spec: str, seed: int = 0, dtype=torch.float32) -> nn.Module:
+        from .sd3 import load_sd3_transformer
+
+        return load_sd3_transformer(spec, self.preset.dit.subfolder, self.preset.dit.arch, seed=seed, dtype=dtype)
 
     def extend(self, model, detail_channels: int):
         from .sd3 import extend_sd3
@@ -53,10 +83,6 @@ class SD3Backend:
         model.requires_grad_(True)
         return [n for n, _ in model.named_parameters()]
 
-    def velocity(self, model, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        return model(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
-                     timestep=sigma * 1000.0, return_dict=False)[0]
-
     def export(self, model, folder: Path) -> None:
         """A plain diffusers SD3Transformer2DModel folder (LoRA merged) + the adapter in `lora/`."""
         from .sd3 import merged_copy, save_lora
@@ -73,21 +99,21 @@ class SD3Backend:
         return SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
 
 
-class LightningDiTBackend:
+class LightningDiTBackend(_Backend):
     name = "lightningdit"
     conditioning = "class"
+    velocity = staticmethod(lightningdit_velocity)
 
-    def __init__(self, preset: Preset):
-        self.preset = preset
-
-    def load(self, spec: str, seed: int = 0, dtype=torch.float32) -> nn.Module:
+    def load(self, spec: str, seed: int = 0, dtype=torch.float32, latent_side: int | None = None) -> nn.Module:
+        """`latent_side`: the token grid's side (p = 1) when it is not the DA-VAE latent of
+        adapt_dit.resolution (the native model at the base resolution, benchmarks)."""
         from . import lightningdit as L
 
         arch = dict(self.preset.dit.arch)
         size = arch.pop("size", "XL/1")
         # the token grid follows the recipe's resolution; the class count and the null class follow dit.*
         # (class_dropout_prob > 0 keeps the null-class row; the trainer drops labels itself)
-        arch.setdefault("input_size", self.preset.adapt_dit.resolution // (self.preset.vae.scale * self.preset.vae.downsample))
+        arch.setdefault("input_size", latent_side or self.preset.adapt_dit.resolution // self.preset.granularity)
         arch.setdefault("num_classes", self.preset.dit.num_classes)
         arch.setdefault("class_dropout_prob", self.preset.dit.cond_dropout)
         p = Path(spec).expanduser()
@@ -105,12 +131,6 @@ class LightningDiTBackend:
             L.load_lightningdit_weights(model, str(p))
         return model.to(dtype)
 
-    def channels(self, model) -> int:
-        return int(model.config.in_channels)
-
-    def patch_size(self, model) -> int:
-        return int(model.config.patch_size)
-
     def extend(self, model, detail_channels: int):
         from .lightningdit import extend_lightningdit
 
@@ -122,12 +142,6 @@ class LightningDiTBackend:
         if isinstance(getattr(model, "pos_embed", None), nn.Parameter):
             model.pos_embed.requires_grad_(False)
         return [n for n, p in model.named_parameters() if p.requires_grad]
-
-    def velocity(self, model, x, sigma, cond):
-        # LightningDiT: t = 1 - sigma (t = 1 is data) and it predicts x0 - eps (see lightningdit.py); labels
-        # arrive already dropped to the null class by the caller, so the model's own dropout is disabled
-        y = cond["labels"]
-        return -model(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
 
     def export(self, model, folder: Path) -> None:
         model.save_pretrained(str(folder), safe_serialization=True)

@@ -30,10 +30,10 @@ from ..data import StepSampler
 from ..dit.backend import FACTS_FILE, get_backend
 from ..errors import DavaeError
 from ..latent_data import LatentDataset, prepare_latent_dataset
-from ..latents import atomic_write_bytes
+from ..latents import LatentNormalizer, atomic_write_bytes
 from ..vae.model import DetailAlignedVAE
-from .loop import (Callbacks, GracefulInterrupt, JsonlLog, load_checkpoint, maybe_kill, rng_state, save_checkpoint,
-                   set_rng_state)
+from .loop import (Callbacks, GracefulInterrupt, JsonlLog, load_checkpoint, maybe_kill, restore_training_state,
+                   save_checkpoint, training_state)
 from .vae import _lr_lambda, any_process, open_run
 
 
@@ -43,23 +43,6 @@ class AdaptDiTResult:
     final_dir: str
     steps: int
     metrics: dict
-
-
-class LatentNormalizer:
-    """Base channels as encoded (the DiT's own normalisation); detail channels (z_d - mean) / std."""
-
-    def __init__(self, vae: DetailAlignedVAE):
-        self.c = vae.config.base_channels
-        self.mean = vae.detail_mean.detach().float().cpu().view(1, -1, 1, 1)
-        self.std = vae.detail_std.detach().float().cpu().view(1, -1, 1, 1)
-
-    def __call__(self, lat: torch.Tensor) -> torch.Tensor:
-        m, s = self.mean.to(lat), self.std.to(lat)
-        return torch.cat([lat[:, : self.c], (lat[:, self.c :] - m) / s], 1)
-
-    def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        m, s = self.mean.to(x), self.std.to(x)
-        return torch.cat([x[:, : self.c], x[:, self.c :] * s + m], 1)
 
 
 def build_adapted_dit(preset: Preset, vae: DetailAlignedVAE, dit_spec: Optional[str] = None, seed: int = 0):
@@ -206,10 +189,11 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     backend, model = build_adapted_dit(preset, vae, dit_spec, seed=a.seed)
     c = vae.config.base_channels
     final_dir = run_dir / "final"
+    facts = sampling_facts(preset, vae, vae_dir, backend, model, dit_spec, 0)  # "steps" is set at export
 
     if a.steps == 0:
         if acc.is_main_process:
-            export_adapted(backend, model, sampling_facts(preset, vae, vae_dir, backend, model, dit_spec, 0), final_dir)
+            export_adapted(backend, model, facts, final_dir)
         cb.on_end({"steps": 0})
         return AdaptDiTResult(str(run_dir), str(final_dir), 0, {})
 
@@ -231,7 +215,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
                              f"(dit.num_classes)")
         conditioner = ClassConditioner(preset.dit.num_classes, device)
         keys = [r.label for r in records]
-    normalize = LatentNormalizer(vae)
+    normalize = LatentNormalizer.from_vae(vae)
     del vae
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -259,11 +243,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         with torch.no_grad():
             for n, t in state["trainable"].items():
                 current[n].copy_(t)
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        set_rng_state(state["rng"])
-        start_step = int(state["step"])
+        start_step = restore_training_state(state, ema, opt, sched)
         cb.on_message(f"resumed from {ckpt_path.name} (step {start_step})")
     elif resume:
         cb.on_message("no checkpoint yet: starting from step 0")
@@ -310,9 +290,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     def checkpoint(at: int) -> None:
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"step": at, "trainable": {n: p.detach().cpu() for n, p in named}, "ema": ema.state_dict(),
-                     "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng_state(),
-                     "preset": preset.to_dict()}
+            state = training_state(at, ema, opt, sched, preset, trainable={n: p.detach().cpu() for n, p in named})
             save_checkpoint(run_dir, at, state, a.keep_checkpoints)
 
     raw.train()
@@ -360,8 +338,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     ema.store(params)
     ema.copy_to(params)
     metrics["probe_loss_end_ema"] = probe_loss()
-    vae_facts = DetailAlignedVAE.from_pretrained(str(vae_dir))
-    facts = sampling_facts(preset, vae_facts, vae_dir, backend, raw, dit_spec, total)
+    facts["steps"] = total
     if acc.is_main_process:
         export_adapted(backend, raw, facts, final_dir)
         log.write({"step": total, "event": "export", "final": str(final_dir), **metrics, "skipped_steps": skipped})

@@ -92,6 +92,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_state(step: int, ema, opt, sched, preset, **extra) -> dict:
+    """What both trainers checkpoint besides their own weights (`extra`)."""
+    return {"step": step, "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            "rng": rng_state(), "preset": preset.to_dict(), **extra}
+
+
+def restore_training_state(state: dict, ema, opt, sched) -> int:
+    """The inverse of `training_state` (weights excluded); returns the step to continue from."""
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
 class JsonlLog:
     """Append-only JSONL log; on resume, entries after the resumed step are dropped so the log
     describes exactly one run."""

@@ -28,8 +28,8 @@ from ..vae.base import load_base_vae
 from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm_ratio, hinge_d_loss,
                           kl_divergence)
 from ..vae.model import DetailAlignedVAE
-from .loop import (Callbacks, GracefulInterrupt, JsonlLog, latest_checkpoint, load_checkpoint, maybe_kill, rng_state,
-                   save_checkpoint, set_rng_state)
+from .loop import (Callbacks, GracefulInterrupt, JsonlLog, latest_checkpoint, load_checkpoint, maybe_kill,
+                   restore_training_state, save_checkpoint, training_state)
 
 
 @dataclass
@@ -348,14 +348,10 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     if ckpt_path is not None:
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
         if disc is not None:
             disc.load_state_dict(state["disc"])
             opt_d.load_state_dict(state["opt_d"])
-        set_rng_state(state["rng"])
-        start_step = int(state["step"])
+        start_step = restore_training_state(state, ema, opt, sched)
         cb.on_message(f"resumed from {ckpt_path.name} (step {start_step})")
     elif resume:
         cb.on_message("no checkpoint yet: starting from step 0")
@@ -419,8 +415,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     def checkpoint(at: int) -> None:
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"step": at, "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "sched": sched.state_dict(), "rng": rng_state(), "preset": preset.to_dict()}
+            state = training_state(at, ema, opt, sched, preset, model=raw.state_dict())
             if disc is not None:
                 state.update(disc=acc.unwrap_model(disc).state_dict(), opt_d=opt_d.state_dict())
             save_checkpoint(run_dir, at, state, t.keep_checkpoints)
