@@ -55,6 +55,8 @@ class VAEConfig:
     train_decoder_trunk: bool = True
     up_hidden: int = 0  # 0: one 3x3 conv up block (official); >0: conv-SiLU-conv with this many hidden channels
     down_hidden: int = 0  # 0: one 3x3 conv down block (official); >0: conv-SiLU-conv with this many hidden channels
+    down_blocks: int = 0  # >0 (residual design): a deeper detail encoder, this many residual blocks of down_hidden channels
+    up_blocks: int = 0  # >0 (residual design): a deeper decoder that also reads the baseline, this many residual blocks
     # what the up block reads: the latent as is, or [z_base, z_d - expand(z_base)] (the detail channels'
     # departure from the base they are aligned to; expand repeats each base channel r times)
     up_input: Literal["latent", "detail_residual"] = "latent"
@@ -360,6 +362,20 @@ def validate(p: Preset) -> None:
         raise ConfigError("vae.detail_shortcut: 'base' needs D = C")
     if v.decoder_input == "residual" and v.up_shortcut != "none":
         raise ConfigError("vae.up_shortcut must be 'none' with vae.decoder_input = residual")
+    if v.down_blocks < 0 or v.up_blocks < 0:
+        raise ConfigError("vae.down_blocks / vae.up_blocks must be >= 0")
+    if v.down_blocks > 0:
+        if v.detail_features != "residual":
+            raise ConfigError("vae.down_blocks > 0 needs vae.detail_features = residual")
+        if v.down_hidden <= 0:
+            raise ConfigError("vae.down_blocks > 0 needs vae.down_hidden > 0 (the encoder's width)")
+        if v.detail_shortcut != "base":
+            raise ConfigError("vae.detail_shortcut must be 'base' with vae.down_blocks > 0")
+    if v.up_blocks > 0:
+        if v.decoder_input != "residual":
+            raise ConfigError("vae.up_blocks > 0 needs vae.decoder_input = residual")
+        if v.up_hidden <= 0 or v.up_hidden % 4:
+            raise ConfigError(f"vae.up_blocks > 0 needs vae.up_hidden > 0 and divisible by 4, got {v.up_hidden}")
     if t.cache_base and (v.detail_features != "residual" or v.decoder_input != "residual"):
         raise ConfigError("train_vae.cache_base needs vae.detail_features = residual and vae.decoder_input = residual "
                           "(a frozen base path)")

@@ -179,3 +179,80 @@ class DecoderTrunk(nn.Module):
         for block in dec.up_blocks:
             h = block(h, None)
         return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
+
+
+class ResBlock(nn.Module):
+    """x + conv(SiLU(conv(SiLU(x)))), 3x3 convs, constant width, no normalisation."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+class ResidualDetailEncoder(nn.Module):
+    """A deeper detail encoder for the residual design: features (B, F, 2h, 2w) -> mean, logvar (B, D, h, w).
+
+    3x3 conv to `hidden` channels, `blocks` residual blocks at the feature grid (2x the token grid),
+    SiLU, pixel-unshuffle(2), 1x1 conv to 2D channels (mean, logvar), plus z_base on the mean (shortcut
+    `base`, needs D = C), so Proj(z_d) is close to z_base from step 0; the last conv keeps its
+    default (non-zero) initialisation, because zero-initialising both this and the decoder's last conv
+    leaves neither a gradient.
+    """
+
+    def __init__(self, in_channels: int, detail_channels: int, hidden: int, blocks: int, shortcut: str = "base",
+                 logvar_init: float = 0.0, learn_logvar: bool = True):
+        super().__init__()
+        if hidden <= 0:
+            raise ValueError("the residual detail encoder needs vae.down_hidden > 0")
+        if shortcut != "base":
+            raise ValueError(f"detail shortcut {shortcut!r} is not supported with vae.down_blocks > 0 (use base)")
+        self.detail_channels, self.shortcut, self.learn_logvar = detail_channels, shortcut, learn_logvar
+        self.conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResBlock(hidden) for _ in range(blocks)])
+        self.conv_out = nn.Conv2d(4 * hidden, 2 * detail_channels, 1)
+        self.register_buffer("logvar_offset", torch.tensor(float(logvar_init)))
+
+    def last_layer(self) -> nn.Parameter:
+        return self.conv_out.weight
+
+    def forward(self, feats: torch.Tensor, z_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.silu(self.blocks(self.conv_in(feats)))
+        mean, logvar = self.conv_out(F.pixel_unshuffle(h, 2)).chunk(2, dim=1)
+        mean = mean + z_base
+        if not self.learn_logvar:
+            logvar = torch.zeros_like(logvar)
+        return mean, (logvar + self.logvar_offset).clamp(-30.0, 20.0)
+
+
+class ResidualDetailDecoder(nn.Module):
+    """A decoder for the residual design that also sees the baseline image.
+
+    latent (B, C+D, h, w) -> 3x3 conv to `hidden` + one residual block at the token grid ->
+    pixel-shuffle(2) (hidden/4 channels at the f-grid), concatenated with pixel_unshuffle(baseline, f)
+    -> 3x3 conv to `hidden`, `blocks` residual blocks, SiLU, 3x3 conv to 3 f^2 channels (zero-initialised)
+    -> pixel-shuffle(f), added to the baseline. At step 0 the output is exactly the baseline.
+    """
+
+    def __init__(self, in_channels: int, downsample: int, hidden: int, blocks: int):
+        super().__init__()
+        if hidden <= 0 or hidden % 4:
+            raise ValueError(f"the residual detail decoder needs vae.up_hidden > 0 and divisible by 4, got {hidden}")
+        cell = 3 * downsample * downsample
+        self.downsample = downsample
+        self.latent_in = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), ResBlock(hidden))
+        self.conv_in = nn.Conv2d(hidden // 4 + cell, hidden, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResBlock(hidden) for _ in range(blocks)])
+        self.conv_out = _zero(nn.Conv2d(hidden, cell, 3, padding=1))
+
+    def last_layer(self) -> nn.Parameter:
+        return self.conv_out.weight
+
+    def forward(self, z: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+        f = self.downsample
+        lat = F.pixel_shuffle(self.latent_in(z), 2)
+        h = self.conv_in(torch.cat([lat, F.pixel_unshuffle(baseline, f)], dim=1))
+        return baseline + F.pixel_shuffle(self.conv_out(F.silu(self.blocks(h))), f)

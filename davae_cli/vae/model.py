@@ -39,7 +39,8 @@ from .base import (
     state_dict_hash,
     vae_from_config,
 )
-from .blocks import DecoderTrunk, DetailDownBlock, DetailUpBlock, EncoderTrunk
+from .blocks import (DecoderTrunk, DetailDownBlock, DetailUpBlock, EncoderTrunk, ResidualDetailDecoder,
+                     ResidualDetailEncoder)
 
 
 @dataclass
@@ -82,6 +83,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         decoder_input: str = "trunk",
         up_hidden: int = 0,
         down_hidden: int = 0,
+        down_blocks: int = 0,
+        up_blocks: int = 0,
         up_shortcut: str = "repeat",
         up_conv_init: str = "default",
         up_input: str = "latent",
@@ -102,16 +105,27 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         else:
             self.detail_trunk = EncoderTrunk(copy.deepcopy(arch.encoder), kind, detail_features, base_channels)
             feat_channels = self.detail_trunk.out_channels
-        self.down = DetailDownBlock(feat_channels, detail_channels, detail_shortcut, detail_conv_init,
-                                    logvar_init, learn_logvar, hidden=down_hidden)
+        if down_blocks > 0:
+            if detail_features != "residual":
+                raise DavaeError("vae.down_blocks > 0 needs vae.detail_features = residual")
+            self.down = ResidualDetailEncoder(feat_channels, detail_channels, down_hidden, down_blocks, detail_shortcut,
+                                              logvar_init, learn_logvar)
+        else:
+            self.down = DetailDownBlock(feat_channels, detail_channels, detail_shortcut, detail_conv_init,
+                                        logvar_init, learn_logvar, hidden=down_hidden)
         if decoder_input == "residual":
             self.decoder_trunk = None  # x_hat = baseline + pixel_shuffle(up(z), f)
             up_out = pixels_per_cell
         else:
+            if up_blocks > 0:
+                raise DavaeError("vae.up_blocks > 0 needs vae.decoder_input = residual")
             self.decoder_trunk = DecoderTrunk(copy.deepcopy(arch.decoder), kind, decoder_input)
             up_out = self.decoder_trunk.in_channels
-        self.up = DetailUpBlock(base_channels + detail_channels, up_out, base_channels, up_hidden, up_shortcut,
-                                up_conv_init)
+        if up_blocks > 0:  # a deeper decoder that reads the baseline image too (x_hat = baseline + its output)
+            self.up = ResidualDetailDecoder(base_channels + detail_channels, downsample, up_hidden, up_blocks)
+        else:
+            self.up = DetailUpBlock(base_channels + detail_channels, up_out, base_channels, up_hidden, up_shortcut,
+                                    up_conv_init)
         self.transform = LatentTransform(base_channels)
         self.register_buffer("detail_mean", torch.zeros(detail_channels))
         self.register_buffer("detail_std", torch.ones(detail_channels))
@@ -155,6 +169,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             decoder_input=vcfg.decoder_input,
             up_hidden=vcfg.up_hidden,
             down_hidden=vcfg.down_hidden,
+            down_blocks=vcfg.down_blocks,
+            up_blocks=vcfg.up_blocks,
             up_shortcut=vcfg.up_shortcut,
             up_conv_init=vcfg.up_conv_init,
             up_input=vcfg.up_input,
@@ -264,11 +280,15 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         """The decoder's final trainable weight (where the adaptive GAN weight is measured)."""
         if self.decoder_trunk is not None and self.config.train_decoder_trunk:
             return self.decoder_trunk.last_layer()
+        if isinstance(self.up, ResidualDetailDecoder):
+            return self.up.last_layer()
         last = self.up.conv[-1] if isinstance(self.up.conv, nn.Sequential) else self.up.conv
         return last.weight
 
     def encoder_last_layer(self) -> nn.Parameter:
         """The detail encoder's last conv weight (where the adaptive alignment weight is measured)."""
+        if isinstance(self.down, ResidualDetailEncoder):
+            return self.down.last_layer()
         conv = self.down.conv
         return (conv[-1] if isinstance(conv, nn.Sequential) else conv).weight
 
@@ -325,11 +345,13 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         if self.config.up_input == "detail_residual":
             r = self.config.detail_channels // c
             up_in = torch.cat([latent[:, :c], latent[:, c:] - latent[:, :c].repeat_interleave(r, dim=1)], dim=1)
+        if self.decoder_trunk is None and baseline is None:
+            baseline = self.decode_baseline(latent[:, :c])
+        if isinstance(self.up, ResidualDetailDecoder):
+            return self.up(up_in, baseline)
         h = self.up(up_in)  # (B, G, 2h, 2w)
         if self.decoder_trunk is not None:
             return self.decoder_trunk(h)
-        if baseline is None:
-            baseline = self.decode_baseline(latent[:, :c])
         return baseline + F.pixel_shuffle(h, self.config.downsample)
 
     def forward(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
