@@ -56,7 +56,8 @@ class VAEConfig:
     up_hidden: int = 0  # 0: one 3x3 conv up block (official); >0: conv-SiLU-conv with this many hidden channels
     down_hidden: int = 0  # 0: one 3x3 conv down block (official); >0: conv-SiLU-conv with this many hidden channels
     down_blocks: int = 0  # >0 (residual design): a deeper detail encoder, this many residual blocks of down_hidden channels
-    up_blocks: int = 0  # >0 (residual design): a deeper decoder that also reads the baseline, this many residual blocks
+    up_blocks: int = 0  # >0 (residual design): a deeper decoder that also reads the baseline, this many residual
+    # blocks of up_hidden channels; its last conv is always zero-initialised (up_conv_init, up_shortcut unused)
     # what the up block reads: the latent as is, or [z_base, z_d - expand(z_base)] (the detail channels'
     # departure from the base they are aligned to; expand repeats each base channel r times)
     up_input: Literal["latent", "detail_residual"] = "latent"

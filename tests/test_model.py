@@ -161,3 +161,101 @@ def test_nonlinear_detail_encoder_option(tae_base, tmp_path):
     model.save_pretrained(tmp_path / "m")
     again = DetailAlignedVAE.from_pretrained(tmp_path / "m", base_vae=str(tae_base))
     assert again.config.down_hidden == 8
+
+
+def _deep_residual_model(tae_base, tmp_path, **extra):
+    from davae_cli.config import load_preset
+    from davae_cli.vae.base import load_base_vae
+    from davae_cli.vae.model import DetailAlignedVAE
+    from conftest import write_preset
+
+    overrides = dict(vae__down_hidden=8, vae__down_blocks=2, vae__up_hidden=8, vae__up_blocks=2, **extra)
+    preset = load_preset(write_preset(tmp_path / "p.yaml", tae_base, style="residual", **overrides))
+    return DetailAlignedVAE.from_base(load_base_vae(str(tae_base)), preset.vae)
+
+
+def test_deep_residual_design_starts_as_baseline_and_round_trips(tae_base, tmp_path):
+    """vae.down_blocks / vae.up_blocks (the `tiny` preset's networks): the decoder starts as exactly the
+    baseline, the encoder's mean is z_base + its output, and save/load gives the same function."""
+    from davae_cli.vae.blocks import ResidualDetailDecoder, ResidualDetailEncoder
+    from davae_cli.vae.model import DetailAlignedVAE
+
+    model = _deep_residual_model(tae_base, tmp_path)
+    assert isinstance(model.down, ResidualDetailEncoder) and isinstance(model.up, ResidualDetailDecoder)
+    assert len(model.down.blocks) == 2 and len(model.up.blocks) == 2
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        enc = model.encode(x)
+        assert enc.latent.shape == (2, 8, 2, 2)
+        assert not torch.equal(enc.mean, enc.z_base)  # the encoder's last conv is not zero-initialised
+        # with the last conv zeroed, the mean is exactly z_base (the `base` shortcut)
+        model.down.conv_out.weight.zero_()
+        model.down.conv_out.bias.zero_()
+        torch.testing.assert_close(model.encode(x).mean, enc.z_base, rtol=0, atol=0)
+        torch.testing.assert_close(model.decode(enc.latent), model.decode_baseline(enc.z_base), rtol=0, atol=0)
+        for p in model.up.parameters():  # make the decoder a non-trivial function for the round trip
+            p.add_(0.01 * torch.randn_like(p))
+        for p in model.down.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        before = model.decode(model.encode(x).latent)
+    model.save_pretrained(tmp_path / "m")
+    again = DetailAlignedVAE.from_pretrained(tmp_path / "m", base_vae=str(tae_base))
+    assert again.config.down_blocks == 2 and again.config.up_blocks == 2
+    with torch.no_grad():
+        torch.testing.assert_close(again.decode(again.encode(x).latent), before)
+
+
+def test_deep_residual_decoder_pixel_layout(tae_base, tmp_path):
+    """The decoder's output channel c*f*f + i*f + j lands on pixel (c, i, j) of every f x f cell: the
+    inverse of the pixel_unshuffle(baseline, f) it reads."""
+    model = _deep_residual_model(tae_base, tmp_path)
+    f = model.config.downsample
+    with torch.no_grad():
+        model.up.conv_out.bias.copy_(torch.arange(3 * f * f, dtype=torch.float32))
+        z = torch.randn(1, 8, 2, 2)
+        baseline = torch.zeros(1, 3, 32, 32)
+        out = model.up(z, baseline)
+    for c, i, j in [(0, 0, 0), (0, 0, 5), (1, 3, 2), (2, 7, 7)]:
+        expected = float(c * f * f + i * f + j)
+        assert torch.all(out[0, c, i::f, j::f] == expected), (c, i, j)
+
+
+def test_deep_residual_design_encoder_gets_gradient_after_one_step(tae_base, tmp_path):
+    """The decoder's last conv starts at zero, so step 0 gives the encoder no gradient; the encoder's own
+    last conv is not zero, so after one optimizer step the reconstruction loss reaches the encoder (both
+    zero-initialised would leave the detail path dead)."""
+    model = _deep_residual_model(tae_base, tmp_path)
+    opt = torch.optim.SGD(model.new_block_parameters(), lr=0.1)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    grads = []
+    for _ in range(2):
+        opt.zero_grad()
+        out = model(x)
+        (out["x_hat"] - x).abs().mean().backward()
+        grads.append((model.down.conv_out.weight.grad.abs().sum().item(), model.up.conv_out.weight.grad.abs().sum().item()))
+        opt.step()
+    assert grads[0][0] == 0 and grads[0][1] > 0
+    assert grads[1][0] > 0
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(vae__up_blocks=2, vae__up_hidden=10), "vae.up_hidden"),
+    (dict(vae__down_blocks=2, vae__down_hidden=0), "vae.down_hidden"),
+    (dict(vae__down_blocks=-1), "vae.down_blocks"),
+])
+def test_deep_residual_design_bad_options(tae_base, tmp_path, overrides, key):
+    from davae_cli.config import ConfigError, load_preset
+    from conftest import write_preset
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_preset(write_preset(tmp_path / "p.yaml", tae_base, style="residual", **overrides))
+
+
+def test_deep_residual_design_needs_residual_paths(kl_base, tmp_path):
+    from davae_cli.config import ConfigError, load_preset
+    from conftest import write_preset
+
+    with pytest.raises(ConfigError, match="up_blocks > 0 needs vae.decoder_input = residual"):
+        load_preset(write_preset(tmp_path / "p.yaml", kl_base, vae__up_blocks=1, vae__up_hidden=8))
+    with pytest.raises(ConfigError, match="down_blocks > 0 needs vae.detail_features = residual"):
+        load_preset(write_preset(tmp_path / "q.yaml", kl_base, vae__down_blocks=1, vae__down_hidden=8))

@@ -61,6 +61,9 @@ def _cli(args, env=None, check=True):
     ("residual", "tae_base", []),
     # the CPU shortcut: the frozen base's outputs cached per image, a nonlinear detail encoder
     ("residual", "tae_base", ["--set", "train_vae.cache_base=true", "--set", "vae.down_hidden=8"]),
+    # the `tiny` preset's deeper residual encoder/decoder
+    ("residual", "tae_base", ["--set", "train_vae.cache_base=true", "--set", "vae.down_hidden=8", "--set",
+                              "vae.down_blocks=1", "--set", "vae.up_hidden=8", "--set", "vae.up_blocks=1"]),
     # the paper's full loss on the official architecture: LPIPS, a PatchGAN from step 1, adaptive alignment
     ("official", "kl_base", ["--set", "loss.lpips=0.5", "--set", "loss.adv=0.1", "--set", "loss.disc_start=1",
                              "--set", "loss.align_mode=adaptive", "--set", "loss.detail_dropout=0.5"]),
