@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _finish_logvar(logvar: torch.Tensor, learn: bool, offset: torch.Tensor) -> torch.Tensor:
+    """The logvar channels as the posterior uses them: constant `offset` when not learned, clamped."""
+    if not learn:
+        logvar = torch.zeros_like(logvar)
+    return (logvar + offset).clamp(-30.0, 20.0)
+
+
 def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -88,6 +95,9 @@ class DetailDownBlock(nn.Module):
         # a constant offset of the logvar channels (a buffer: part of the artifact, not trained)
         self.register_buffer("logvar_offset", torch.tensor(float(logvar_init)))
 
+    def last_layer(self) -> nn.Parameter:
+        return (self.conv[-1] if isinstance(self.conv, nn.Sequential) else self.conv).weight
+
     def forward(self, feats: torch.Tensor, z_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.pixel_unshuffle(self.conv(feats), 2)  # (B, 2D, h, w)
         unshuffled = F.pixel_unshuffle(feats, 2)  # (B, 4F, h, w)
@@ -99,10 +109,7 @@ class DetailDownBlock(nn.Module):
             mean = mean + unshuffled.reshape(b, self.detail_channels, c4 // self.detail_channels, hh, ww).mean(2)
         elif self.shortcut == "base":
             mean = mean + z_base
-        if not self.learn_logvar:
-            logvar = torch.zeros_like(logvar)
-        logvar = (logvar + self.logvar_offset).clamp(-30.0, 20.0)
-        return mean, logvar
+        return mean, _finish_logvar(logvar, self.learn_logvar, self.logvar_offset)
 
 
 class DetailUpBlock(nn.Module):
@@ -132,6 +139,9 @@ class DetailUpBlock(nn.Module):
             raise ValueError(f"repeat shortcut needs 4G = {4 * out_channels} divisible by C+D = {in_channels}")
         if shortcut not in ("repeat", "none"):
             raise ValueError(f"unknown up shortcut {shortcut!r}")
+
+    def last_layer(self) -> nn.Parameter:
+        return (self.conv[-1] if isinstance(self.conv, nn.Sequential) else self.conv).weight
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = F.pixel_shuffle(self.conv(z), 2)
@@ -210,7 +220,7 @@ class ResidualDetailEncoder(nn.Module):
             raise ValueError("the residual detail encoder needs vae.down_hidden > 0")
         if shortcut != "base":
             raise ValueError(f"detail shortcut {shortcut!r} is not supported with vae.down_blocks > 0 (use base)")
-        self.detail_channels, self.shortcut, self.learn_logvar = detail_channels, shortcut, learn_logvar
+        self.learn_logvar = learn_logvar
         self.conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(hidden) for _ in range(blocks)])
         self.conv_out = nn.Conv2d(4 * hidden, 2 * detail_channels, 1)
@@ -222,10 +232,7 @@ class ResidualDetailEncoder(nn.Module):
     def forward(self, feats: torch.Tensor, z_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.silu(self.blocks(self.conv_in(feats)))
         mean, logvar = self.conv_out(F.pixel_unshuffle(h, 2)).chunk(2, dim=1)
-        mean = mean + z_base
-        if not self.learn_logvar:
-            logvar = torch.zeros_like(logvar)
-        return mean, (logvar + self.logvar_offset).clamp(-30.0, 20.0)
+        return mean + z_base, _finish_logvar(logvar, self.learn_logvar, self.logvar_offset)
 
 
 class ResidualDetailDecoder(nn.Module):

@@ -280,17 +280,11 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         """The decoder's final trainable weight (where the adaptive GAN weight is measured)."""
         if self.decoder_trunk is not None and self.config.train_decoder_trunk:
             return self.decoder_trunk.last_layer()
-        if isinstance(self.up, ResidualDetailDecoder):
-            return self.up.last_layer()
-        last = self.up.conv[-1] if isinstance(self.up.conv, nn.Sequential) else self.up.conv
-        return last.weight
+        return self.up.last_layer()
 
     def encoder_last_layer(self) -> nn.Parameter:
         """The detail encoder's last conv weight (where the adaptive alignment weight is measured)."""
-        if isinstance(self.down, ResidualDetailEncoder):
-            return self.down.last_layer()
-        conv = self.down.conv
-        return (conv[-1] if isinstance(conv, nn.Sequential) else conv).weight
+        return self.down.last_layer()
 
     # ------------------------------------------------------------------ the method
     @property
