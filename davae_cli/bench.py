@@ -2,8 +2,8 @@
 
 Both configurations use the same DiT architecture; the DA-VAE one reads and writes C + D channels on a
 latent with 1/s the side, so it has 1/s^2 the image tokens. With random weights nothing is downloaded
-(speed does not depend on the weights). For SD3 the two configurations share one trunk and swap only the
-patch embedder and output head, so the SD3.5 Medium architecture is held once (fp32 fits a 24 GB CPU
+(speed does not depend on the weights). For SD3 the two configurations share one trunk (each a view of it with
+its own patch embedder and output head), so the SD3.5 Medium architecture is held once (fp32 fits a 24 GB CPU
 machine). Measurements alternate native / DA-VAE, repeat, and report medians: the denoising loop (Euler,
 CFG doubling the batch unless disabled), the VAE decode (the base VAE at full resolution for native, the
 DA-VAE decoder for DA-VAE), end to end per image, peak GPU memory, and the analytic FLOPs with achieved
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import statistics
 import time
@@ -35,7 +36,7 @@ NOISY_SPREAD = 0.10  # warn when (max - min) / median of the repeats exceeds thi
 @dataclass
 class BenchSettings:
     res: int
-    steps: int = 28
+    steps: Optional[int] = None  # None: the preset's sample.steps
     batch_size: int = 1
     repeats: int = 3
     warmup: int = 1
@@ -43,7 +44,7 @@ class BenchSettings:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     cfg: bool = True
-    guidance: float = 4.5
+    guidance: Optional[float] = None  # None: the preset's sample.guidance (CFG runs only inside sample.guidance_interval)
     decode: bool = True
     attention: str = "default"  # SDPA backend: default, flash, efficient, cudnn, math
     weights: str = "random"
@@ -60,7 +61,7 @@ def check_settings(preset: Preset, s: BenchSettings) -> None:
     if s.res <= 0 or s.res % (g * p):
         raise DavaeError(f"--res {s.res}: must be a positive multiple of s*f*p = {g}*{p} = {g * p} for this preset")
     for name in ("steps", "batch_size", "repeats"):
-        if getattr(s, name) < 1:
+        if getattr(s, name) is not None and getattr(s, name) < 1:
             raise DavaeError(f"--{name.replace('_', '-')} must be at least 1")
     if s.warmup < 0:
         raise DavaeError("--warmup must be >= 0")
@@ -124,12 +125,28 @@ class _Config:
 
 
 def _maybe_compiled(cache: dict, key: str, module: torch.nn.Module, s: BenchSettings):
-    """`module`, or its torch.compile'd wrapper (made once per configuration) with --compile."""
+    """`module`, or its torch.compile'd wrapper (made once per configuration) with --compile. Static shapes
+    (`dynamic=False`): each configuration gets its own graph specialised to its latent shape, compiled in the
+    warm-up; nothing recompiles during the timed repeats (tested by counting graphs)."""
     if not s.compile:
         return module
     if key not in cache:
-        cache[key] = torch.compile(module, mode=s.compile_mode)
+        cache[key] = torch.compile(module, mode=s.compile_mode, dynamic=False)
     return cache[key]
+
+
+def _with_heads(model: torch.nn.Module, proj: torch.nn.Module, out: torch.nn.Module, channels: int):
+    """A view of `model` that shares every weight of its trunk but has its own patch-embedder projection and
+    output head: one module object per configuration, so no attribute is swapped under a compiled graph."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    pos = copy.copy(model.pos_embed)
+    pos._modules = dict(model.pos_embed._modules)
+    pos._modules["proj"] = proj
+    view._modules["pos_embed"] = pos
+    view._modules["proj_out"] = out
+    view.out_channels = channels
+    return view
 
 
 def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
@@ -149,12 +166,10 @@ def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
     text_tokens = 77 + preset.dit.max_sequence_length
     compiled = {}
 
+    views = {k: _with_heads(model, proj, out, ch) for k, (proj, out, ch) in heads.items()}
+
     def activate(which):
-        def f():
-            proj, out, ch = heads[which]
-            model.pos_embed.proj, model.proj_out, model.out_channels = proj, out, ch
-            return _maybe_compiled(compiled, which, model, s)
-        return f
+        return lambda: _maybe_compiled(compiled, which, views[which], s)
 
     def velocity_factory(net, batch):
         g = torch.Generator(device="cpu").manual_seed(s.seed)
@@ -220,6 +235,8 @@ def _build_decoders(preset: Preset, device, dtype):
 def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Measure both configurations; returns the report dict (see `davae bench --json`)."""
     check_settings(preset, s)
+    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps,
+                            guidance=preset.sample.guidance if s.guidance is None else s.guidance)
     say = progress or (lambda text: None)
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = s.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -235,7 +252,13 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     dec_native = dec_davae = None
     if s.decode:
         dec_native, dec_davae = _build_decoders(preset, device, dtype)
-    batch = s.batch_size * (2 if s.cfg else 1)
+    from .dit.backend import sigma_grid
+
+    # the preset's sampling grid; CFG (a doubled batch) only on the steps inside its guidance interval
+    interval = preset.sample.guidance_interval
+    sigmas = sigma_grid(preset.dit.backend, s.steps, preset.sample.shift)
+    guided = [s.cfg and flow.in_interval(float(sigmas[i]), interval) for i in range(s.steps)]
+    n_guided = sum(guided)
     shapes = plan(preset, s.res)
     if shapes["native"]["latent"][0] != c or shapes["native"]["patch_size"] != p:
         raise DavaeError(f"the DiT reads {c} channels with patch {p}; the preset's dit.arch says "
@@ -244,27 +267,29 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     for name, dec in (("native", dec_native), ("davae", dec_davae)):
         ch, side = shapes[name]["latent"][0], shapes[name]["latent"][1]
         tokens = shapes[name]["image_tokens"]
-        configs.append(_Config(name, ch, side, tokens, flops_for(tokens, batch, ch), activate(name), dec))
+        # FLOPs of the average step: guided steps run a batch of 2 x batch_size
+        f2, f1 = flops_for(tokens, 2 * s.batch_size, ch), flops_for(tokens, s.batch_size, ch)
+        mean = {k: (n_guided * f2[k] + (s.steps - n_guided) * f1[k]) / s.steps if isinstance(f2[k], (int, float))
+                else f2[k] for k in f2}
+        configs.append(_Config(name, ch, side, tokens, mean, activate(name), dec))
     clock = _Clock(device)
-    sigmas = flow.sampling_sigmas(s.steps, preset.dit.timestep_shift)
 
     def run_once(cfg: _Config, record: bool) -> None:
         net = cfg.activate()
-        v = velocity_factory(net, batch)
+        v2, v1 = velocity_factory(net, 2 * s.batch_size), velocity_factory(net, s.batch_size)
         gen = torch.Generator(device="cpu").manual_seed(s.seed)
         noise = torch.randn(s.batch_size, cfg.channels, cfg.latent_side, cfg.latent_side, generator=gen).to(device, dtype)
 
-        def velocity(x, sigma, guided):
-            if s.cfg:
-                out = v(torch.cat([x, x]), torch.cat([sigma, sigma]))
-                u, cnd = out.chunk(2)
-                return u + s.guidance * (cnd - u) if guided else cnd
-            return v(x, sigma)
+        def velocity(x, sigma, guided_step):
+            if s.cfg and guided_step:
+                u, cnd = v2(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
+                return u + s.guidance * (cnd - u)
+            return v1(x, sigma)
 
         result = {}
 
         def loop():
-            result["x"] = flow.sample(velocity, noise, sigmas)
+            result["x"] = flow.sample(velocity, noise, sigmas, guidance_interval=interval)
 
         with torch.inference_mode(), _sdpa(s.attention):
             if device.type == "cuda":
@@ -292,7 +317,9 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     peak_tflops = F.device_peak_tflops(torch.cuda.get_device_name(device), dtype_name) if device.type == "cuda" else None
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     out = {"res": s.res, "preset": preset.name, "device": device_name, "dtype": dtype_name, "steps": s.steps,
-           "batch_size": s.batch_size, "cfg": s.cfg, "repeats": s.repeats, "warmup": s.warmup,
+           "batch_size": s.batch_size, "cfg": s.cfg, "guidance": s.guidance,
+           "guidance_interval": list(interval) if interval else None, "guided_steps": n_guided,
+           "shift": preset.sample.shift, "repeats": s.repeats, "warmup": s.warmup,
            "compile": s.compile and s.compile_mode, "attention": s.attention, "weights": s.weights, "text_tokens": text_tokens,
            "peak_tflops": peak_tflops, "warnings": []}
     for cfg in configs:

@@ -123,9 +123,10 @@ class DiTConfig:
     pretrained: str = "random"
     subfolder: Optional[str] = "transformer"  # used when `pretrained` is a pipeline (folder or hub id)
     arch: dict = field(default_factory=dict)  # SD3: SD3Transformer2DModel kwargs; LightningDiT: {size: ..., ...}
-    # rectified-flow timestep shift in the sigma convention (sigma = 1 is noise):
-    # sigma' = shift * sigma / (1 + (shift - 1) * sigma). Stored with the adapted model; sampling reuses it.
-    timestep_shift: float = 3.0
+    # the training timestep shift in the sigma convention (sigma = 1 is noise), applied to the logit-normal
+    # sigmas of adapt-dit: sigma' = shift * sigma / (1 + (shift - 1) * sigma); 1.0 = no shift. Stored with
+    # the adapted model. The sampling shift is a separate value, `sample.shift` (SPEC §6).
+    train_shift: float = 1.0
     # SD3 text conditioning: a pipeline folder / hub id with text encoders, or "tiny-random" (CPU tests)
     text_encoders: Optional[str] = None
     max_sequence_length: int = 256  # T5 tokens (SD3 pipelines: 256)
@@ -157,11 +158,30 @@ class AdaptDiTConfig:
     logit_std: float = 1.0
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
+    # weight of the cosine velocity term 1 - cos(u_hat, u) over channels per token (the official LightningDiT
+    # recipe's `use_cosine_loss`, weight 1); the detail channels enter it with the same w(n) as the MSE
+    cosine_loss: float = 0.0
+    # training latents read to measure the detail channels' per-channel mean/std (SPEC §6); 0 = all
+    detail_stats_latents: int = 4096
     encode_batch_size: int = 8  # batch size of the one-off latent encoding of --data images
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    """The sampling recipe (`davae generate`, `davae bench`); each flag of those commands overrides it."""
+
+    steps: int = 28  # sampling steps (network evaluations per image: steps, x2 with guidance)
+    guidance: float = 4.5  # classifier-free guidance scale (1 = off)
+    guidance_interval: Optional[tuple[float, float]] = None  # apply CFG only for sigma in [lo, hi]; None: always
+    sampler: Literal["euler", "heun"] = "euler"
+    # the sampling timestep shift in the sigma convention; SD3 models sample on the sigma grid of diffusers'
+    # FlowMatchEulerDiscreteScheduler with this shift. Stored with the adapted model by adapt-dit. A native
+    # SD3 pipeline samples with its own scheduler_config.json instead (SPEC §6).
+    shift: float = 3.0
 
 
 @dataclass
@@ -173,6 +193,7 @@ class Preset:
     train_vae: TrainVAEConfig = field(default_factory=TrainVAEConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     adapt_dit: AdaptDiTConfig = field(default_factory=AdaptDiTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     @property
     def granularity(self) -> int:
@@ -321,6 +342,9 @@ def preset_from_dict(data: dict, overrides: list[str] | None = None) -> Preset:
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
+    if isinstance(data.get("dit"), dict) and "timestep_shift" in data["dit"]:
+        raise ConfigError("dit.timestep_shift was split in two: dit.train_shift (training) and sample.shift "
+                          "(sampling); see CHANGELOG.md")
     preset = _build(Preset, data, "")
     validate(preset)
     return preset
@@ -391,8 +415,13 @@ def validate(p: Preset) -> None:
         raise ConfigError(f"adapt_dit.steps must be >= 0, got {a.steps}")
     if not 0 <= a.ema_decay < 1:
         raise ConfigError(f"adapt_dit.ema_decay must be in [0, 1), got {a.ema_decay}")
-    if d.timestep_shift <= 0:
-        raise ConfigError(f"dit.timestep_shift must be positive, got {d.timestep_shift}")
+    if d.train_shift <= 0:
+        raise ConfigError(f"dit.train_shift must be positive, got {d.train_shift}")
+    if a.cosine_loss < 0:
+        raise ConfigError(f"adapt_dit.cosine_loss must be >= 0, got {a.cosine_loss}")
+    if a.detail_stats_latents < 0:
+        raise ConfigError(f"adapt_dit.detail_stats_latents must be >= 0, got {a.detail_stats_latents}")
+    check_sampling(p.sample.steps, p.sample.shift, p.sample.guidance_interval, p.sample.sampler, prefix="sample.")
     if not 0 <= d.cond_dropout < 1:
         raise ConfigError(f"dit.cond_dropout must be in [0, 1), got {d.cond_dropout}")
     if d.lora_rank < 0:
@@ -403,3 +432,22 @@ def validate(p: Preset) -> None:
                    ("loss.align", lo.align)]:
         if w < 0:
             raise ConfigError(f"{key} must be >= 0, got {w}")
+
+
+def check_sampling(steps: Optional[int], shift: Optional[float], interval: Optional[tuple[float, float]],
+                   sampler: Optional[str] = None, prefix: str = "") -> None:
+    """The sampling settings' bounds, shared by the preset's `sample` section (`prefix="sample."`) and the
+    commands' flags (`prefix="--"`: the names are then written as flags). None: not given, not checked."""
+    def name(key: str) -> str:
+        return prefix + (key.replace("_", "-") if prefix == "--" else key)
+
+    if steps is not None and steps < 1:
+        raise ConfigError(f"{name('steps')} must be at least 1, got {steps}")
+    if shift is not None and not shift > 0:
+        raise ConfigError(f"{name('shift')} must be positive, got {shift}")
+    if interval is not None:
+        lo, hi = interval
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ConfigError(f"{name('guidance_interval')} {lo},{hi}: needs 0 <= LO <= HI <= 1 (sigma; 1 is noise)")
+    if sampler is not None and sampler not in ("euler", "heun"):
+        raise ConfigError(f"{name('sampler')} {sampler}: choose euler or heun")

@@ -46,8 +46,23 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, base_channels: int, w: f
     return (eb.sum() + w * ed.sum()) / (eb.numel() + w * ed.numel())
 
 
+def cosine_loss(pred: torch.Tensor, target: torch.Tensor, base_channels: int, w: float, eps: float = 1e-8) -> torch.Tensor:
+    """The official LightningDiT recipe's cosine velocity term, mean over tokens of 1 - cos(u_hat, u) along
+    the channel axis, with the detail channels scaled by sqrt(w) inside both vectors: at w = 0 it is the
+    base channels' term (the pretrained objective), at w = 1 the term over all C + D channels."""
+    p, t = pred.float(), target.float()
+    if p.shape[1] > base_channels:
+        scale = torch.ones(p.shape[1], device=p.device, dtype=p.dtype)
+        scale[base_channels:] = math.sqrt(max(w, 0.0))
+        scale = scale.view(1, -1, *([1] * (p.dim() - 2)))
+        p, t = p * scale, t * scale
+    cos = (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(eps)
+    return (1.0 - cos).mean()
+
+
 def sampling_sigmas(steps: int, shift: float, device=None) -> torch.Tensor:
-    """steps + 1 sigmas from 1 to 0, uniform in time then shifted (the SD3 schedule)."""
+    """steps + 1 sigmas from 1 to 0, uniform in time then shifted: LightningDiT's official integrator grid
+    (SD3 models sample on diffusers' scheduler grid instead, `dit.backend.sigma_grid`)."""
     return shift_sigma(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift)
 
 

@@ -6,8 +6,13 @@ with exactly the shape the native model uses at half the resolution (so the nati
 the DA-VAE model at R start from the same base noise), then the detail channels. Seeds are therefore
 independent of the device and of the batch size.
 
-Sampling: Euler (or Heun) on the rectified-flow ODE (`davae_cli.flow`), the timestep shift stored with the
-adapted model (or `shift`), classifier-free guidance with an optional sigma interval.
+Sampling: Euler (or Heun) on the rectified-flow ODE (`davae_cli.flow`). SD3 models step through the sigma
+grid of diffusers' FlowMatchEulerDiscreteScheduler exactly as StableDiffusion3Pipeline does (so `native`
+reproduces the pipeline's own `__call__`); LightningDiT models through their official integrator's grid.
+The recipe (steps, guidance, guidance interval, sampler) comes from the adapted model (the preset it was
+adapted with) or, for `native`, from the preset; the shift from the adapted model, the native pipeline's
+scheduler_config.json, or the preset (native LightningDiT). Every setting given in `GenerateSettings`
+overrides its recipe value.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from . import flow
-from .config import Preset
+from .config import Preset, check_sampling
 from .errors import DavaeError
 from .latents import LatentNormalizer, atomic_write_bytes, save_latent
 
@@ -34,14 +39,15 @@ class GenerateSettings:
     prompts: list[str] = field(default_factory=list)
     class_ids: list[int] = field(default_factory=list)
     res: Optional[int] = None  # default: the adapted model's resolution
-    steps: int = 28
-    guidance: float = 4.5
-    guidance_interval: Optional[tuple[float, float]] = None  # sigma range where CFG applies
+    # None (and RECIPE for the interval): the model's sampling recipe (see the module doc)
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    guidance_interval: object = "recipe"  # (lo, hi) sigma range where CFG applies, None = every step
     negative_prompt: str = ""
     seed: int = 0
     num_images: int = 1  # per prompt / class
     batch_size: int = 1
-    sampler: str = "euler"
+    sampler: Optional[str] = None
     shift: Optional[float] = None
     save_latents: bool = False
     grid: bool = False
@@ -60,6 +66,28 @@ class Job:
     @property
     def stem(self) -> str:
         return f"{self.index:06d}"
+
+
+RECIPE = "recipe"
+
+
+def apply_recipe(s: GenerateSettings, recipe: dict) -> None:
+    """Fill the settings left unset with the recipe's values (steps, guidance, guidance_interval, sampler)."""
+    if s.steps is None:
+        s.steps = int(recipe["steps"])
+    if s.guidance is None:
+        s.guidance = float(recipe["guidance"])
+    if isinstance(s.guidance_interval, str) and s.guidance_interval == RECIPE:
+        gi = recipe.get("guidance_interval")
+        s.guidance_interval = tuple(float(v) for v in gi) if gi else None
+    if s.sampler is None:
+        s.sampler = recipe.get("sampler", "euler")
+
+
+def recipe_of(preset: Preset) -> dict:
+    smp = preset.sample
+    return {"steps": smp.steps, "guidance": smp.guidance, "guidance_interval": smp.guidance_interval,
+            "sampler": smp.sampler}
 
 
 def make_jobs(s: GenerateSettings) -> list[Job]:
@@ -196,7 +224,10 @@ class Model:
     detail_channels: int
     granularity: int  # pixels per latent pixel
     patch_size: int
-    shift: float
+    shift: float  # the default sampling shift (sigma convention)
+    backend: str  # sd3 | lightningdit: which sigma grid (dit.backend.sigma_grid)
+    scheduler_config: Optional[dict] = None  # SD3: the FlowMatchEulerDiscreteScheduler config to sample with
+    recipe: dict  # steps, guidance, guidance_interval, sampler
     conditioning: str  # prompt | class
     identity: dict
     dit: torch.nn.Module
@@ -241,7 +272,12 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = [j for j in jobs[rank::world]]
     todo = [j for j in mine if not (out_dir / f"{j.stem}.png").exists()]
-    sigmas = flow.sampling_sigmas(s.steps, s.shift if s.shift is not None else model.shift)
+    from .dit.backend import sigma_grid
+
+    shift = s.shift if s.shift is not None else model.shift
+    tokens = (side // model.patch_size) ** 2
+    sigmas = sigma_grid(model.backend, s.steps, shift, model.scheduler_config, tokens)
+    grid = [round(float(v), 8) for v in sigmas]
     written, timings = [], {"sample_s": 0.0, "decode_s": 0.0}
     tile = s.tile  # None: decode whole, and fall back to tiles if the GPU runs out of memory
     done = len(mine) - len(todo)
@@ -273,7 +309,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
             meta = {"prompt": j.prompt, "negative_prompt": s.negative_prompt if j.prompt is not None else None,
                     "class_id": j.class_id, "seed": j.seed, "steps": s.steps, "guidance": s.guidance,
                     "guidance_interval": s.guidance_interval, "sampler": s.sampler,
-                    "shift": s.shift if s.shift is not None else model.shift, "res": res, "mode": model.name,
+                    "shift": shift, "sigmas": grid, "res": res, "mode": model.name,
                     **model.identity}
             meta = {k2: v for k2, v in meta.items() if v is not None}
             if s.save_latents:
@@ -283,7 +319,8 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         done += len(batch)
         if progress:
             progress(done, len(mine))
-    return {"written": written, "skipped_existing": len(mine) - len(todo), "images": len(mine), **timings}
+    return {"written": written, "skipped_existing": len(mine) - len(todo), "images": len(mine), "shift": shift,
+            "sigmas": grid, **timings}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -330,7 +367,11 @@ class DAVAEModel(Model):
         if (c, d) != (facts["base_channels"], facts["detail_channels"]):
             raise DavaeError(f"the DA-VAE ({vae_dir}) has C+D = {c}+{d} but the DiT ({dit_dir}) was adapted to "
                              f"{facts['base_channels']}+{facts['detail_channels']}: they do not fit together")
-        self.mismatch = facts["davae"]["identity"] != self.vae.identity
+        want = facts["davae"]
+        if want["identity"] != self.vae.identity:
+            raise DavaeError(f"--dit {dit_dir} was adapted for the DA-VAE {want['identity'][:16]} ({want.get('path')}), "
+                             f"but --vae {vae_dir} is the DA-VAE {self.vae.identity[:16]}: other weights or base "
+                             f"(base VAE {self.vae.config.base_vae_hash or '?'}); pass the DA-VAE it was adapted with")
         cls = SD3Backend if facts["backend"] == "sd3" else LightningDiTBackend
         self.dit_velocity = cls.velocity
         cfg_path = Path(dit_dir) / "config.json"
@@ -346,7 +387,11 @@ class DAVAEModel(Model):
         self.name = "davae"
         self.base_channels, self.detail_channels = c, d
         self.granularity, self.patch_size = self.vae.granularity, int(facts["patch_size"])
-        self.shift = float(facts["timestep_shift"])
+        # version 1 facts had one shift for both training and sampling
+        self.shift = float(facts.get("sample_shift", facts.get("timestep_shift")))
+        self.backend = facts["backend"]
+        self.scheduler_config = facts.get("scheduler_config")
+        self.recipe = facts.get("sampling")
         self.conditioning = facts["conditioning"]["type"]
         self.identity = {"davae": self.vae.identity, "dit": str(Path(dit_dir).resolve()), "preset": facts.get("preset"),
                          "dit_source": facts.get("dit_source")}
@@ -358,9 +403,11 @@ class DAVAEModel(Model):
 class NativeSD3Model(Model):
     """The unmodified SD3 transformer and VAE of a pipeline folder / hub id."""
 
-    def __init__(self, pipeline: str, shift: float, device, dtype):
+    def __init__(self, pipeline: str, shift: Optional[float], device, dtype, recipe: dict,
+                 on_message: Callable[[str], None] = lambda t: None):
+        """`shift` None: the pipeline's own scheduler shift (scheduler/scheduler_config.json), as its `__call__`."""
         from .dit.backend import place_frozen, sd3_velocity
-        from .dit.sd3 import load_sd3_transformer
+        from .dit.sd3 import load_sd3_transformer, scheduler_config_of
         from .vae.base import base_downsample_factor, load_base_vae
 
         for cand in (Path(pipeline) / "transformer" / "config.json", Path(pipeline) / "config.json"):
@@ -374,7 +421,13 @@ class NativeSD3Model(Model):
         self.name = "native"
         self.base_channels, self.detail_channels = int(self.dit.config.in_channels), 0
         self.granularity, self.patch_size = base_downsample_factor(self.vae), int(self.dit.config.patch_size)
-        self.shift, self.conditioning = shift, "prompt"
+        cfg = scheduler_config_of(pipeline)
+        if cfg is None:
+            on_message(f"warning: {pipeline} has no scheduler/scheduler_config.json: sampling with diffusers' "
+                       f"FlowMatchEulerDiscreteScheduler defaults")
+        self.scheduler_config = {k: v for k, v in (cfg or {}).items() if not k.startswith("_")}
+        self.shift = float(shift if shift is not None else self.scheduler_config.get("shift", 1.0))
+        self.backend, self.recipe, self.conditioning = "sd3", recipe, "prompt"
         self.scale = float(getattr(self.vae.config, "scaling_factor", None) or 1.0)
         self.offset = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.identity = {"base_pipeline": pipeline, "base_vae_hash": base.content_hash}
@@ -401,6 +454,7 @@ class NativeLightningDiTModel(Model):
         self.base_channels, self.detail_channels = int(self.dit.config.in_channels), 0
         self.granularity, self.patch_size = preset.vae.downsample, int(self.dit.config.patch_size)
         self.shift, self.conditioning = shift, "class"
+        self.backend, self.recipe = "lightningdit", recipe_of(preset)
         self.identity = {"dit_source": spec, "base_vae_hash": self.davae.config.base_vae_hash}
 
     def decode(self, latent):
@@ -451,27 +505,26 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
     device = torch.device(s.device) if s.device else state.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         s.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    if s.steps < 1 or s.num_images < 1 or s.batch_size < 1:
-        raise DavaeError("--steps, --num-images and --batch-size must be at least 1")
-    if s.sampler not in ("euler", "heun"):
-        raise DavaeError(f"--sampler {s.sampler}: choose euler or heun")
+    if s.num_images < 1 or s.batch_size < 1:
+        raise DavaeError("--num-images and --batch-size must be at least 1")
+    interval = None if isinstance(s.guidance_interval, str) else s.guidance_interval
+    check_sampling(s.steps, s.shift, interval, s.sampler, prefix="--")
     jobs = make_jobs(s)
     t0 = time.perf_counter()
     if native:
-        shift = s.shift if s.shift is not None else preset.dit.timestep_shift
         if preset.dit.backend == "sd3":
             spec = base_pipeline or preset.dit.pretrained
             if spec == "random":
                 raise DavaeError("--native needs --base-pipeline (an SD3 pipeline folder or hub id)")
             if s.res is None:
                 raise DavaeError("--native needs --res")
-            model: Model = NativeSD3Model(spec, shift, device, dtype)
+            model: Model = NativeSD3Model(spec, s.shift, device, dtype, recipe_of(preset), on_message)
             cond_fn = _prompt_conditioner(spec, use_t5, preset.dit.max_sequence_length, s.negative_prompt, device, dtype)
         else:
             if not vae_dir or s.res is None:
                 raise DavaeError("--native with a LightningDiT preset needs --vae (for its base VAE) and --res")
-            model = NativeLightningDiTModel(preset, base_pipeline or preset.dit.pretrained, Path(vae_dir), s.res, shift,
-                                            device, dtype)
+            model = NativeLightningDiTModel(preset, base_pipeline or preset.dit.pretrained, Path(vae_dir), s.res,
+                                            preset.sample.shift, device, dtype)
             cond_fn = _class_conditioner(preset.dit.num_classes, device)
     else:
         if not vae_dir or not dit_dir:
@@ -479,8 +532,8 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
         if not (Path(dit_dir) / "config.json").is_file():
             raise DavaeError(f"--dit {dit_dir}: not an adapted DiT folder (RUN/final of `davae adapt-dit`)")
         model = DAVAEModel(Path(vae_dir), Path(dit_dir), device, dtype)
-        if model.mismatch:
-            on_message("warning: this DA-VAE is not the one the DiT was adapted with (different weights)")
+        if model.recipe is None:  # adapted before the recipe was stored: the preset's
+            model.recipe = recipe_of(preset)
         if s.res is None:
             s.res = int(model.facts["resolution"])
         cond = model.facts["conditioning"]
@@ -490,6 +543,7 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
                                           s.negative_prompt, device, dtype)
         else:
             cond_fn = _class_conditioner(int(cond["num_classes"]), device)
+    apply_recipe(s, model.recipe)
     if model.conditioning == "prompt" and s.class_ids:
         raise DavaeError("--class-id is for class-conditional (LightningDiT) models; this one takes prompts")
     if model.conditioning == "class" and s.prompts:
@@ -503,7 +557,8 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
         write_grid([out_dir / f"{j.stem}.png" for j in jobs if (out_dir / f"{j.stem}.png").exists()], out_dir / "grid.png")
         report["grid"] = str(out_dir / "grid.png")
     n = len(report["written"])
-    report.update(mode=model.name, res=s.res, steps=s.steps, guidance=s.guidance, device=str(device),
+    report.update(mode=model.name, res=s.res, steps=s.steps, guidance=s.guidance,
+                  guidance_interval=s.guidance_interval, sampler=s.sampler, device=str(device),
                   dtype=str(dtype).replace("torch.", ""), load_s=load_s,
                   s_per_image=(report["sample_s"] + report["decode_s"]) / n if n else None,
                   tokens=(s.res // model.granularity // model.patch_size) ** 2)

@@ -220,3 +220,28 @@ class LatentDataset(torch.utils.data.Dataset):
         i = self.index(n)
         lat, _ = load_latent(Path(self.records[i].latent))
         return lat.float(), i
+
+
+def detail_statistics(records: list[LatentRecord], base_channels: int, limit: int = 0,
+                      seed: int = 0) -> tuple[list[float], list[float], int]:
+    """Per-channel mean and std of the detail channels over the training latents (SPEC §6: measured on the
+    DiT's own data): all of them, or a seeded random `limit` of them. Returns (mean, std, latents read)."""
+    if not records:
+        raise DavaeError("no training latents to measure the detail statistics on")
+    idx = np.arange(len(records))
+    if limit and len(records) > limit:
+        idx = np.sort(np.random.default_rng([seed, 17]).choice(len(records), limit, replace=False))
+    s = s2 = None
+    count = 0
+    for i in idx:
+        lat, _ = load_latent(Path(records[int(i)].latent))
+        zd = lat[base_channels:].double().flatten(1)  # (D, h*w)
+        if zd.shape[0] == 0:
+            raise DavaeError(f"{records[int(i)].latent}: no detail channels after the first {base_channels}")
+        s = zd.sum(1) if s is None else s + zd.sum(1)
+        s2 = zd.pow(2).sum(1) if s2 is None else s2 + zd.pow(2).sum(1)
+        count += zd.shape[1]
+    mean = s / count
+    var = (s2 / count - mean.pow(2)).clamp_min(0.0)
+    std = var.sqrt().clamp_min(1e-6)
+    return [float(v) for v in mean], [float(v) for v in std], len(idx)

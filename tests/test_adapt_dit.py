@@ -165,8 +165,11 @@ def test_step0_export_reloads_with_plain_diffusers(tiny_vae, tmp_path):
     assert (out[:, :16] - _run(ref, inp["x"][:, :16], inp)).abs().max() <= 1e-6
     assert torch.count_nonzero(out[:, 16:]) == 0
     facts = json.loads((tmp_path / "run" / "final" / "davae_dit.json").read_text())
-    assert facts["timestep_shift"] == preset.dit.timestep_shift and facts["detail_channels"] == 16
-    assert len(facts["detail_std"]) == 16
+    assert facts["train_shift"] == preset.dit.train_shift == 4.0 and facts["sample_shift"] == preset.sample.shift
+    assert facts["sampling"] == {"steps": preset.sample.steps, "guidance": preset.sample.guidance,
+                                 "guidance_interval": None, "sampler": "euler"}
+    assert facts["detail_channels"] == 16 and len(facts["detail_std"]) == 16
+    assert facts["detail_stats"]["source"] == "davae"  # no training data: the DA-VAE's own statistics
 
 
 def _losses(run):
@@ -252,3 +255,85 @@ def test_lightningdit_path_class_folders(tmp_path, captioned):
     with pytest.raises(DavaeError, match="outside 0..9"):
         adapt_dit(load_preset("tiny-imagenet", ["adapt_dit.steps=2"]), tmp_path / "vae" / "final", tmp_path / "r3",
                   data=[str(data)], captions=str(data / "labels.jsonl"))
+
+
+def test_cosine_velocity_term_by_hand():
+    """1 - cos over channels per token, mean over tokens; detail channels weighted by sqrt(w) inside both
+    vectors: w = 0 -> the base channels' term, w = 1 -> all channels'."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 5, 3, 2, generator=g), torch.randn(2, 5, 3, 2, generator=g)
+
+    def by_hand(p, t):
+        vals = []
+        for b in range(p.shape[0]):
+            for i in range(p.shape[2]):
+                for j in range(p.shape[3]):
+                    a, c = p[b, :, i, j].tolist(), t[b, :, i, j].tolist()
+                    dot = sum(x * y for x, y in zip(a, c))
+                    na, nc = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in c))
+                    vals.append(1 - dot / (na * nc))
+        return sum(vals) / len(vals)
+
+    assert flow.cosine_loss(pred, target, 2, 0.0).item() == pytest.approx(by_hand(pred[:, :2], target[:, :2]), abs=1e-6)
+    assert flow.cosine_loss(pred, target, 2, 1.0).item() == pytest.approx(by_hand(pred, target), abs=1e-6)
+    w = 0.3
+    scale = torch.tensor([1, 1] + [math.sqrt(w)] * 3).view(1, -1, 1, 1)
+    assert flow.cosine_loss(pred, target, 2, w).item() == pytest.approx(by_hand(pred * scale, target * scale), abs=1e-6)
+
+
+def test_step_loss_uses_the_training_shift_and_the_cosine_term(monkeypatch):
+    """flow_step_loss draws sigmas with dit.train_shift (not the sampling shift) and adds
+    adapt_dit.cosine_loss x the cosine term to the scheduled MSE."""
+    from davae_cli.train.dit import flow_step_loss
+
+    preset = load_preset("tiny-imagenet", ["dit.train_shift=2.5", "sample.shift=7.0", "adapt_dit.cosine_loss=0.7"])
+    seen = {}
+    orig = flow.sample_sigmas
+
+    def spy(n, **kw):
+        seen["shift"] = kw["shift"]
+        return orig(n, **kw)
+
+    monkeypatch.setattr(flow, "sample_sigmas", spy)
+    pred_holder = {}
+
+    class Backend:
+        @staticmethod
+        def velocity(model, x, sigma, cond):
+            pred_holder["pred"] = torch.sin(x * 3)  # any deterministic function
+            return pred_holder["pred"]
+
+    x0 = torch.randn(3, 32, 4, 4, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(5)
+    loss, parts = flow_step_loss(Backend, None, x0, {}, 10, preset, 16, gen)
+    assert seen["shift"] == 2.5
+    # recompute the target with the same random draws
+    g2 = torch.Generator().manual_seed(5)
+    sigma = orig(3, mean=0.0, std=1.0, shift=2.5, generator=g2)
+    eps = torch.randn(x0.shape, generator=g2)
+    _, target = flow.noisy(x0, eps, sigma)
+    w = flow.detail_weight(10, preset.adapt_dit.detail_ramp_steps)
+    want = flow.flow_loss(pred_holder["pred"], target, 16, w) + 0.7 * flow.cosine_loss(pred_holder["pred"], target, 16, w)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6) and "loss_cos" in parts
+
+
+def test_detail_statistics_come_from_the_dits_own_latents(tiny_vae, captioned, tmp_path):
+    """adapt-dit measures the detail channels' mean/std on its cached training latents and stores them with
+    the adapted model: over those latents the normalised detail channels have mean 0 and std 1 per channel,
+    although the DA-VAE's own statistics (from other images) differ."""
+    from davae_cli.latents import LatentNormalizer, load_latent
+    from davae_cli.vae.model import DetailAlignedVAE
+
+    run_cli("adapt-dit", "--preset", "tiny", "--vae", tiny_vae, "--data", captioned, "--steps", "0",
+            *sum((["--set", s] for s in TINY), []), "--out", tmp_path / "run")
+    facts = json.loads((tmp_path / "run" / "final" / "davae_dit.json").read_text())
+    assert facts["detail_stats"] == {"source": "adapt-dit training latents", "latents": 6}
+    lats = torch.stack([load_latent(f)[0] for f in sorted((tmp_path / "run" / "cache" / "latents").rglob("*.safetensors"))])
+    assert lats.shape[0] == 6
+    z = LatentNormalizer.from_facts(facts)(lats)[:, 16:].double()
+    per_channel = z.transpose(0, 1).flatten(1)
+    assert per_channel.mean(1).abs().max() < 1e-4
+    assert (per_channel.std(1, unbiased=False) - 1).abs().max() < 1e-4
+    vae = DetailAlignedVAE.from_pretrained(str(tiny_vae))
+    own = LatentNormalizer.from_vae(vae)(lats)[:, 16:].double().transpose(0, 1).flatten(1)
+    assert (own.std(1, unbiased=False) - 1).abs().max() > 0.05  # the fallback would not have standardised them

@@ -88,3 +88,48 @@ def test_human_table_and_errors():
                       (["--attention", "magic"], "--attention")]:
         bad = run_cli("bench", *args, check=False)
         assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_compile_builds_one_static_graph_per_configuration_and_never_recompiles(monkeypatch):
+    """--compile: each configuration is its own module (shared trunk, own heads) compiled with static shapes
+    in the warm-up; the timed repeats add no graph. (Dynamo's eager backend: the guards and recompiles are
+    the same as inductor's, without the C++ compile.)"""
+    from torch._dynamo.utils import counters
+
+    import davae_cli.bench as B
+
+    real = torch.compile
+    calls = []
+
+    def spy(module, **kw):
+        calls.append(kw)
+        return real(module, **{**kw, "backend": "eager", "mode": None})
+
+    monkeypatch.setattr(torch, "compile", spy)
+    torch._dynamo.reset()
+    counters.clear()
+    seen = []
+    B.run_bench(load_preset("tiny"), B.BenchSettings(res=256, steps=2, repeats=3, warmup=1, compile=True, decode=False),
+                progress=lambda t: seen.append((t, counters["stats"]["unique_graphs"])))
+    assert len(calls) == 2 and all(kw.get("dynamic") is False for kw in calls)
+    timed = [g for t, g in seen if t.startswith("repeat")]
+    assert timed[0] == 2 and set(timed) == {2} and counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+
+
+def test_bench_uses_the_presets_sampling_recipe():
+    """Steps and guidance default to the preset's sample section; with a guidance interval, CFG (a doubled
+    batch) runs only on the steps inside it, and the FLOPs are those of the average step."""
+    import davae_cli.bench as B
+    from davae_cli.dit.backend import sigma_grid
+
+    p = load_preset("tiny-imagenet", ["sample.steps=4"])
+    r = B.run_bench(p, B.BenchSettings(res=128, repeats=1, warmup=0, decode=False))
+    assert r["steps"] == 4 and r["guidance"] == p.sample.guidance and r["guidance_interval"] == [0.0, 0.8]
+    sig = sigma_grid("lightningdit", 4, p.sample.shift)
+    want = sum(1 for i in range(4) if float(sig[i]) <= 0.8)
+    assert r["guided_steps"] == want and 0 < want < 4
+    r1 = B.run_bench(p, B.BenchSettings(res=128, repeats=1, warmup=0, decode=False, cfg=False))
+    assert r1["guided_steps"] == 0 and r1["steps"] == 4
+    for side in ("native", "davae"):  # FLOPs are linear in the batch: the average step is (1 + guided/steps) x
+        assert r[side]["tflops_per_step"] == pytest.approx(r1[side]["tflops_per_step"] * (1 + want / 4), rel=1e-9)

@@ -16,6 +16,7 @@ from davae_cli.generate import tiled_decode
 from conftest import run_cli
 
 R = 64  # DA-VAE resolution: 4x4 latent, 2x2 tokens with p = 2; native at R/2 has the same 4x4 base latent
+PIPE_SHIFT = 2.5  # the tiny pipeline's scheduler shift
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def pipe(tmp_path_factory):
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
                   norm_num_groups=4, scaling_factor=1.5, shift_factor=0.1).save_pretrained(d / "vae")
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(d / "scheduler")
+    # not the tiny preset's sample.shift (3.0): --native must follow the pipeline's own scheduler
+    FlowMatchEulerDiscreteScheduler(shift=PIPE_SHIFT).save_pretrained(d / "scheduler")
     save_tiny_sd3_text_components(d)
     return d
 
@@ -40,7 +42,8 @@ def pipe(tmp_path_factory):
 def adapted(pipe, tmp_path_factory):
     """(DA-VAE folder, step-0 adapted DiT folder) on the tiny pipeline."""
     d = tmp_path_factory.mktemp("adapted")
-    common = ["--set", "dit.max_sequence_length=8", "--set", f"adapt_dit.resolution={R}"]
+    common = ["--set", "dit.max_sequence_length=8", "--set", f"adapt_dit.resolution={R}",
+              "--set", f"sample.shift={PIPE_SHIFT}"]
     run_cli("train-vae", "--preset", "tiny", "--base-vae", pipe / "vae", "--out", d / "vae", "--steps", "0")
     run_cli("adapt-dit", "--preset", "tiny", "--vae", d / "vae" / "final", "--dit", pipe, "--text-encoders", pipe,
             "--out", d / "dit", "--steps", "0", *common)
@@ -75,20 +78,124 @@ def test_sizes_seeds_metadata(adapted, tmp_path):
     assert (a0 - a1).abs().mean() > 0  # different seeds differ
 
 
-def test_warm_start_end_to_end_matches_native_at_half_res(adapted, pipe, tmp_path):
+def _diffusers_pipeline(pipe):
+    """StableDiffusion3Pipeline itself, from the tiny pipeline folder's components."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel.from_pretrained(pipe / "transformer"),
+        vae=AutoencoderKL.from_pretrained(pipe / "vae"),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pipe / "scheduler"),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(pipe / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(pipe / "tokenizer"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(pipe / "text_encoder_2"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(pipe / "tokenizer_2"),
+        text_encoder_3=T5EncoderModel.from_pretrained(pipe / "text_encoder_3"),
+        tokenizer_3=T5TokenizerFast.from_pretrained(pipe / "tokenizer_3"),
+    )
+
+
+def _pipeline_latent(pipe, prompt, negative, seed, res, steps, guidance):
+    """The final latent of StableDiffusion3Pipeline.__call__, from davae's initial noise for `seed`."""
+    from davae_cli.generate import initial_noise
+
+    sd3 = _diffusers_pipeline(pipe)
+    noise = initial_noise(seed, 16, 0, res // 8)
+    with torch.no_grad():
+        out = sd3(prompt=prompt, negative_prompt=negative, height=res, width=res, num_inference_steps=steps,
+                  guidance_scale=guidance, latents=noise, max_sequence_length=8, output_type="latent")
+    return out.images[0], sd3.scheduler.sigmas
+
+
+def _rel_l2(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_native_is_the_diffusers_pipeline(pipe, tmp_path):
+    """generate --native on an SD3 pipeline reproduces StableDiffusion3Pipeline.__call__ (same noise, prompt,
+    negative prompt, steps, guidance, max_sequence_length) on the final latent, sampling with the shift of the
+    pipeline's own scheduler_config.json, recorded with the sigma grid in the PNG and the JSON report."""
+    from PIL import Image
+
+    from davae_cli.latents import load_latent
+
+    rep = json.loads(run_cli("generate", "--preset", "tiny", "--native", "--base-pipeline", pipe, "--res", "128",
+                             "--out", tmp_path / "nat", "--steps", "12", "--guidance", "3", "--seed", "5",
+                             "--set", "dit.max_sequence_length=8", "--prompt", "the cat", "--negative-prompt",
+                             "blurry", "--save-latents", "--json").stdout)
+    ours, _ = load_latent(tmp_path / "nat" / "000000.safetensors")
+    ref, ref_sigmas = _pipeline_latent(pipe, "the cat", "blurry", 5, 128, 12, 3.0)
+    assert _rel_l2(ours, ref) <= 1e-4
+    meta = json.loads(Image.open(tmp_path / "nat" / "000000.png").text["parameters"])
+    assert meta["shift"] == rep["shift"] == PIPE_SHIFT
+    torch.testing.assert_close(torch.tensor(meta["sigmas"]), ref_sigmas.float(), rtol=0, atol=1e-7)
+    assert rep["sigmas"] == meta["sigmas"] and len(meta["sigmas"]) == 13 and meta["sigmas"][-1] == 0
+    assert 0 < meta["sigmas"][-2] < 0.05  # the pipeline's grid: the last step starts near sigma 0.01, not 0.1+
+    # --shift still overrides the pipeline's own
+    run_cli("generate", "--preset", "tiny", "--native", "--base-pipeline", pipe, "--res", "32", "--out",
+            tmp_path / "s", "--steps", "2", "--shift", "5", "--set", "dit.max_sequence_length=8", "--prompt", "x")
+    assert json.loads(Image.open(tmp_path / "s" / "000000.png").text["parameters"])["shift"] == 5.0
+
+
+def test_warm_start_end_to_end_matches_the_pipeline_at_half_res(adapted, pipe, tmp_path):
+    """The step-0 adapted model at R, sampled by generate, gives StableDiffusion3Pipeline's latent at R/2 on
+    its base channels (zero-init extension + the same base noise + the same sigma grid)."""
     from davae_cli.latents import load_latent
 
     _gen(adapted, tmp_path / "da", "--prompt", "a red cube", "--prompt", "two dogs", "--seed", "3",
          "--guidance", "3.0", "--save-latents")
-    run_cli("generate", "--preset", "tiny", "--native", "--base-pipeline", pipe, "--res", str(R // 2), "--out",
-            tmp_path / "nat", "--steps", "3", "--set", "dit.max_sequence_length=8", "--prompt", "a red cube",
-            "--prompt", "two dogs", "--seed", "3", "--guidance", "3.0", "--save-latents", "--json")
-    for stem in ("000000", "000001"):
-        da, _ = load_latent(tmp_path / "da" / f"{stem}.safetensors")
-        nat, meta = load_latent(tmp_path / "nat" / f"{stem}.safetensors")
-        assert da.shape == (32, 4, 4) and nat.shape == (16, 4, 4)
-        torch.testing.assert_close(da[:16], nat, rtol=1e-5, atol=1e-5)
-        assert meta["mode"] == "native"
+    for stem, prompt in (("000000", "a red cube"), ("000001", "two dogs")):
+        da, meta = load_latent(tmp_path / "da" / f"{stem}.safetensors")
+        ref, _ = _pipeline_latent(pipe, prompt, "", 3, R // 2, 3, 3.0)
+        assert da.shape == (32, 4, 4) and ref.shape == (16, 4, 4)
+        assert _rel_l2(da[:16], ref) <= 1e-4
+        assert meta["mode"] == "davae" and meta["shift"] == PIPE_SHIFT
+
+
+def test_generate_uses_the_stored_recipe(adapted, tmp_path):
+    """Without flags, the adapted model's stored recipe (the tiny preset's sample section) is used."""
+    vae, dit = adapted
+    rep = json.loads(run_cli("generate", "--preset", "tiny", "--vae", vae, "--dit", dit, "--out", tmp_path / "o",
+                             "--set", "dit.max_sequence_length=8", "--prompt", "x", "--json").stdout)
+    smp = load_preset("tiny").sample
+    assert (rep["steps"], rep["guidance"], rep["sampler"]) == (smp.steps, smp.guidance, smp.sampler)
+    assert len(rep["sigmas"]) == smp.steps + 1
+
+
+def test_mismatched_pair_is_refused(adapted, tmp_path):
+    """A DA-VAE with the same C + D but other weights than the one the DiT was adapted for: exit 1, one
+    line naming both, before any sampling (nothing written)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    vae, dit = adapted
+    other = tmp_path / "other"
+    shutil.copytree(vae, other)
+    wfile = next(other.glob("*.safetensors"))
+    sd = load_file(wfile)
+    k = next(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)
+    sd[k] = sd[k] + 0.01
+    save_file(sd, wfile)
+    r = run_cli("generate", "--preset", "tiny", "--vae", other, "--dit", dit, "--out", tmp_path / "o", "--prompt",
+                "x", "--set", "dit.max_sequence_length=8", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "adapted for the DA-VAE" in r.stderr and str(other) in r.stderr.replace("\n", "")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [(["--shift", "0"], "--shift must be positive"),
+                                          (["--shift", "-1"], "--shift must be positive"),
+                                          (["--steps", "0"], "--steps must be at least 1"),
+                                          (["--guidance-interval", "0.9,0.1"], "--guidance-interval"),
+                                          (["--guidance-interval", "0,1.5"], "--guidance-interval"),
+                                          (["--guidance-interval", "a,b"], "--guidance-interval")])
+def test_bad_sampling_settings_are_refused(adapted, tmp_path, flags, needle):
+    r = _gen(adapted, tmp_path / "o", "--prompt", "x", *flags, check=False)
+    assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_prompts_file_and_resume(adapted, tmp_path):

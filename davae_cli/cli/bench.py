@@ -31,7 +31,7 @@ def bench_cmd(
     res: Optional[int] = typer.Option(None, "--res", help="Target image resolution (default: the preset's adapt_dit.resolution)."),
     preset: str = PresetOpt,
     weights: str = typer.Option("random", "--weights", help="`random` (no download) or a local DiT folder / checkpoint."),
-    steps: int = typer.Option(28, "--steps", help="Denoising steps per image."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per image (default: the preset's sample.steps)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per batch."),
     repeats: int = typer.Option(3, "--repeats", help="Measured repeats per configuration (medians are reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs per configuration first."),
@@ -47,7 +47,8 @@ def bench_cmd(
 ) -> None:
     """Measure the DA-VAE speedup: native vs DA-VAE latent on the same DiT, side by side.
 
-    Alternating runs, medians, CUDA events on GPU; the analytic FLOP ratio is shown as the ideal."""
+    The preset's sampling recipe (steps, guidance, interval, shift; --steps overrides); alternating runs,
+    medians, CUDA events on GPU; the analytic FLOP ratio is shown as the ideal."""
     with errors():
         from ..bench import BenchSettings, run_bench
 
@@ -70,7 +71,7 @@ def _render(r: dict) -> None:
 
     out = Console(highlight=False)
     n, d = r["native"], r["davae"]
-    cfg = "CFG (batch x2)" if r["cfg"] else "no CFG"
+    cfg = (f"CFG (batch x2) on {r['guided_steps']} of {r['steps']} steps" if r["cfg"] else "no CFG")
     title = (f"{r['preset']} at {r['res']}², {r['device']}, {r['dtype']}, {r['steps']} steps, {cfg}, "
              f"batch {r['batch_size']}, median of {r['repeats']}")
     t = Table(title=title, title_justify="left")

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..config import check_sampling
 from .app import app
 from .common import JsonOpt, PresetOpt, SetOpt, err, errors, fail, print_json, progress_bar, resolve_preset
 
@@ -38,16 +39,16 @@ def generate_cmd(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="File with one prompt per line (or .jsonl with \"prompt\")."),
     class_id: Optional[list[int]] = typer.Option(None, "--class-id", help="Class id for class-conditional models (repeatable)."),
     res: Optional[int] = typer.Option(None, "--res", help="Image resolution (default: the adapted model's)."),
-    steps: int = typer.Option(28, "--steps", help="Sampling steps."),
-    guidance: float = typer.Option(4.5, "--guidance", help="Classifier-free guidance scale (1 = off)."),
-    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Apply CFG only for sigma in LO,HI (e.g. 0,0.8)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the recipe's; see below)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, 1 = off (default: the recipe's)."),
+    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Apply CFG only for sigma in LO,HI, e.g. 0,0.8, or 'all' (default: the recipe's)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (the unconditional branch)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image; image k of each prompt uses seed + k."),
     num_images: int = typer.Option(1, "--num-images", help="Images per prompt / class."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images sampled together."),
-    sampler: str = typer.Option("euler", "--sampler", help="euler or heun."),
-    shift: Optional[float] = typer.Option(None, "--shift", help="Override the timestep shift (both modes)."),
-    native: bool = typer.Option(False, "--native", help="Run the unmodified base model at --res, same sampler settings."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or heun (default: the recipe's)."),
+    shift: Optional[float] = typer.Option(None, "--shift", help="Sampling timestep shift, sigma convention (default: the adapted model's; --native SD3: the pipeline's scheduler_config.json; --native LightningDiT: the preset's sample.shift)."),
+    native: bool = typer.Option(False, "--native", help="Run the unmodified base model at --res with its own sampling settings (SD3: exactly StableDiffusion3Pipeline's sampler)."),
     no_t5: bool = typer.Option(False, "--no-t5", help="SD3: skip the T5 encoder (saves memory; zeros in its place)."),
     tile: Optional[int] = typer.Option(None, "--tile", help="Decode in latent tiles of this side (default: whole, falling back to 64-tiles if the GPU runs out of memory; 0 = never tile)."),
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write each final latent (DiT space) as <stem>.safetensors."),
@@ -59,7 +60,9 @@ def generate_cmd(
 ) -> None:
     """Generate images with an adapted DiT and its DA-VAE, or with the native base model (--native).
 
-    2x the resolution at the base token count. PNGs carry prompt, seed, steps, guidance and model identities."""
+    2x the resolution at the base token count. Sampling recipe (steps, guidance, interval, sampler): the one
+    stored with the adapted model, or the preset's `sample` section with --native; flags override it. PNGs
+    carry prompt, seed, the settings, shift and sigma grid actually used, and the model identities."""
     with errors():
         from ..generate import GenerateSettings, generate, read_prompts
 
@@ -67,13 +70,16 @@ def generate_cmd(
         texts = list(prompt or [])
         if prompts is not None:
             texts += read_prompts(prompts)
-        interval = None
-        if guidance_interval:
+        interval: object = "recipe"
+        if guidance_interval is not None and guidance_interval.strip().lower() in ("all", "none", "off"):
+            interval = None
+        elif guidance_interval is not None:
             try:
                 lo, hi = (float(v) for v in guidance_interval.split(","))
             except ValueError:
-                fail(f"--guidance-interval {guidance_interval!r}: expected LO,HI")
+                fail(f"--guidance-interval {guidance_interval!r}: expected LO,HI (e.g. 0,0.8) or 'all'")
             interval = (lo, hi)
+        check_sampling(steps, shift, None if isinstance(interval, str) else interval, sampler, prefix="--")
         if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
             fail(f"--dtype {dtype}: choose bf16, fp16 or fp32")
         s = GenerateSettings(out_dir=out, prompts=texts, class_ids=list(class_id or []), res=res, steps=steps,

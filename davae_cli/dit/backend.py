@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -155,6 +155,20 @@ class LightningDiTBackend(_Backend):
 
 def get_backend(preset: Preset):
     return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend}[preset.dit.backend](preset)
+
+
+def sigma_grid(backend: str, steps: int, shift: float, scheduler_config: Optional[dict] = None,
+               image_tokens: Optional[int] = None) -> torch.Tensor:
+    """The sampling grid, `steps + 1` sigmas from noise to 0 (SPEC §6). SD3: the grid of diffusers'
+    FlowMatchEulerDiscreteScheduler as StableDiffusion3Pipeline runs it (its scheduler_config with `shift`);
+    LightningDiT: its official integrator's grid, uniform in time then shifted."""
+    if backend == "sd3":
+        from .sd3 import pipeline_sigmas
+
+        return pipeline_sigmas(steps, shift, scheduler_config, image_tokens)
+    from ..flow import sampling_sigmas
+
+    return sampling_sigmas(steps, shift).float()
 
 
 def read_facts(folder: Path) -> dict:

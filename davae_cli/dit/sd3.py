@@ -139,3 +139,52 @@ def save_lora(model: nn.Module, folder: Path) -> None:
     cfg = model.peft_config["default"].to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     (Path(folder) / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------------------- sampling grid
+def scheduler_config_of(spec: Optional[str]) -> Optional[dict]:
+    """The `scheduler/scheduler_config.json` of an SD3 pipeline (local folder or hub id), or None when
+    `spec` has none (a bare transformer folder, `random`, or a hub id that cannot be reached)."""
+    if not spec or spec == "random":
+        return None
+    path = Path(spec).expanduser()
+    if path.exists():
+        for cand in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json",
+                     path.parent / "scheduler" / "scheduler_config.json"):
+            if cand.is_file():
+                return json.loads(cand.read_text())
+        return None
+    try:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return dict(FlowMatchEulerDiscreteScheduler.load_config(spec, subfolder="scheduler"))
+    except Exception:  # noqa: BLE001 - offline or gated: no pipeline scheduler to follow
+        return None
+
+
+def pipeline_sigmas(steps: int, shift: Optional[float] = None, scheduler_config: Optional[dict] = None,
+                    image_tokens: Optional[int] = None) -> torch.Tensor:
+    """The `steps + 1` sigmas (float32, ending in 0) that `StableDiffusion3Pipeline.__call__` steps through
+    with this scheduler configuration: diffusers' own `FlowMatchEulerDiscreteScheduler.set_timesteps`,
+    called as the pipeline calls it (`retrieve_timesteps`, and `mu` from the pipeline's `calculate_shift`
+    when the config uses dynamic shifting). `shift` replaces the config's shift; `scheduler_config` None:
+    diffusers' defaults."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+    cfg = {k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}
+    if cfg.get("stochastic_sampling"):
+        raise DavaeError("the pipeline's scheduler uses stochastic sampling, which davae's ODE sampler does not "
+                         "reproduce; pass a scheduler_config without it")
+    if shift is not None:
+        cfg["shift"] = float(shift)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    kwargs = {}
+    if sched.config.get("use_dynamic_shifting"):
+        if image_tokens is None:
+            raise DavaeError("the scheduler uses dynamic shifting: the image token count is needed")
+        c = sched.config
+        kwargs["mu"] = calculate_shift(image_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                       c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+    retrieve_timesteps(sched, steps, "cpu", **kwargs)
+    return sched.sigmas.detach().float().cpu()

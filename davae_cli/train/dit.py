@@ -1,9 +1,11 @@
 """`adapt_dit`: warm-start a pretrained DiT on DA-VAE latents (SPEC §6).
 
 The DiT is extended with zero-initialised channels, so step 0 is exactly the pretrained model; it then
-trains with rectified flow (velocity target, logit-normal timesteps, the preset's timestep shift) and
-the cosine detail-loss schedule w(n). Base channels keep the DiT's own normalisation (the DA-VAE's latent
-transform); detail channels are standardised with the per-channel statistics stored in the DA-VAE.
+trains with rectified flow (velocity target, logit-normal timesteps shifted by `dit.train_shift`) and the
+cosine detail-loss schedule w(n), plus the optional cosine velocity term (`adapt_dit.cosine_loss`). Base
+channels keep the DiT's own normalisation (the DA-VAE's latent transform); detail channels are standardised
+with per-channel statistics measured on the DiT's own training latents (the DA-VAE's stored statistics
+only for a warm start exported without data).
 
 Run folder: `config.yaml`, `run.json` (DA-VAE, DiT and data it was started with), `cache/` (latents and
 prompt embeddings, made once), `checkpoints/`, `log.jsonl`, and `final/`: the adapted model (SD3: a plain
@@ -13,6 +15,7 @@ safetensors + config) and `final/davae_dit.json` with what sampling needs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -62,24 +65,66 @@ def build_adapted_dit(preset: Preset, vae: DetailAlignedVAE, dit_spec: Optional[
 
 
 def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend, model, dit_spec: str,
-                   steps: int) -> dict:
-    d = preset.dit
+                   steps: int, detail_stats: Optional[dict] = None) -> dict:
+    """What sampling needs, written beside the adapted model (`davae_dit.json`): both timestep shifts, the
+    sampling recipe, SD3's scheduler configuration, and the detail channels' statistics (`detail_stats`:
+    measured on the DiT's training latents; None: the DA-VAE's own, from its training crops)."""
+    d, smp = preset.dit, preset.sample
     cond: dict[str, Any]
     if backend.conditioning == "prompt":
         cond = {"type": "prompt", "text_encoders": d.text_encoders, "max_sequence_length": d.max_sequence_length,
                 "use_t5": d.use_t5}
     else:
         cond = {"type": "class", "num_classes": d.num_classes}
-    return {
-        "format": "davae-dit", "version": 1, "backend": backend.name, "preset": preset.name,
-        "timestep_shift": d.timestep_shift, "base_channels": vae.config.base_channels,
+    if detail_stats is None:
+        detail_stats = {"mean": [float(v) for v in vae.detail_mean], "std": [float(v) for v in vae.detail_std],
+                        "source": "davae"}
+    facts = {
+        "format": "davae-dit", "version": 2, "backend": backend.name, "preset": preset.name,
+        "train_shift": d.train_shift, "sample_shift": smp.shift,
+        "sampling": {"steps": smp.steps, "guidance": smp.guidance,
+                     "guidance_interval": list(smp.guidance_interval) if smp.guidance_interval else None,
+                     "sampler": smp.sampler},
+        "base_channels": vae.config.base_channels,
         "detail_channels": vae.config.detail_channels, "patch_size": backend.patch_size(model),
         "resolution": preset.adapt_dit.resolution, "granularity": vae.granularity,
-        "detail_mean": [float(v) for v in vae.detail_mean], "detail_std": [float(v) for v in vae.detail_std],
+        "detail_mean": detail_stats["mean"], "detail_std": detail_stats["std"],
+        "detail_stats": {k: v for k, v in detail_stats.items() if k not in ("mean", "std")},
         "base_normalisation": "as encoded by the DA-VAE (its base latent transform), unchanged",
-        "davae": {"path": str(Path(vae_dir).resolve()), "identity": vae.identity},
+        "davae": {"path": str(Path(vae_dir).resolve()), "identity": vae.identity,
+                  "base_vae_hash": vae.config.base_vae_hash},
         "dit_source": dit_spec, "steps": steps, "conditioning": cond,
     }
+    if backend.name == "sd3":
+        from ..dit.sd3 import scheduler_config_of
+
+        cfg = scheduler_config_of(dit_spec)
+        facts["scheduler_config"] = {k: v for k, v in (cfg or {}).items() if not k.startswith("_")}
+        facts["scheduler_source"] = "the DiT's pipeline" if cfg else "diffusers' FlowMatchEulerDiscreteScheduler defaults"
+    return facts
+
+
+def measure_detail_stats(records, base_channels: int, cache_dir: Path, preset: Preset, is_main: bool, barrier,
+                         on_message=lambda s: None) -> dict:
+    """The detail channels' mean/std on the DiT's own training latents (SPEC §6), measured once by the main
+    process into `cache_dir/detail_stats.json` and reused by every process and by --resume."""
+    from ..latent_data import detail_statistics
+
+    path = Path(cache_dir) / "detail_stats.json"
+    a = preset.adapt_dit
+    key = {"latents": sorted(r.latent for r in records), "limit": a.detail_stats_latents, "seed": a.seed}
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    if is_main:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if not saved or saved.get("key") != digest:
+            n = min(len(records), a.detail_stats_latents or len(records))
+            on_message(f"measuring the detail channels' statistics on {n} training latent(s)")
+            mean, std, n = detail_statistics(records, base_channels, a.detail_stats_latents, a.seed)
+            atomic_write_bytes(path, json.dumps({"key": digest, "mean": mean, "std": std, "latents": n,
+                                                 "source": "adapt-dit training latents"}).encode())
+    barrier()
+    saved = json.loads(path.read_text())
+    return {k: saved[k] for k in ("mean", "std", "latents", "source")}
 
 
 def export_adapted(backend, model, facts: dict, out_dir: Path) -> None:
@@ -148,7 +193,7 @@ def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, pres
                    gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """The training objective at `step` for normalised latents x0 (noise and sigmas from `gen`)."""
     a = preset.adapt_dit
-    sigma = flow.sample_sigmas(x0.shape[0], mean=a.logit_mean, std=a.logit_std, shift=preset.dit.timestep_shift,
+    sigma = flow.sample_sigmas(x0.shape[0], mean=a.logit_mean, std=a.logit_std, shift=preset.dit.train_shift,
                                generator=gen, device=x0.device)
     eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     xt, target = flow.noisy(x0, eps, sigma)
@@ -159,6 +204,10 @@ def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, pres
         err = (pred.float() - target.float()).pow(2)
         parts = {"loss_base": err[:, :base_channels].mean().item(), "loss_detail": err[:, base_channels:].mean().item(),
                  "w": w}
+    if a.cosine_loss > 0:
+        cos = flow.cosine_loss(pred, target, base_channels, w)
+        parts["loss_cos"] = cos.item()
+        loss = loss + a.cosine_loss * cos
     return loss, parts
 
 
@@ -189,11 +238,10 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     backend, model = build_adapted_dit(preset, vae, dit_spec, seed=a.seed)
     c = vae.config.base_channels
     final_dir = run_dir / "final"
-    facts = sampling_facts(preset, vae, vae_dir, backend, model, dit_spec, 0)  # "steps" is set at export
 
-    if a.steps == 0:
+    if a.steps == 0 and not data:  # the warm start itself, with the DA-VAE's own detail statistics
         if acc.is_main_process:
-            export_adapted(backend, model, facts, final_dir)
+            export_adapted(backend, model, sampling_facts(preset, vae, vae_dir, backend, model, dit_spec, 0), final_dir)
         cb.on_end({"steps": 0})
         return AdaptDiTResult(str(run_dir), str(final_dir), 0, {})
 
@@ -215,7 +263,15 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
                              f"(dit.num_classes)")
         conditioner = ClassConditioner(preset.dit.num_classes, device)
         keys = [r.label for r in records]
-    normalize = LatentNormalizer.from_vae(vae)
+    stats = measure_detail_stats(records, c, run_dir / "cache", preset, acc.is_main_process, acc.wait_for_everyone,
+                                 cb.on_message)
+    normalize = LatentNormalizer(c, stats["mean"], stats["std"])
+    facts = sampling_facts(preset, vae, vae_dir, backend, model, dit_spec, 0, stats)  # "steps" is set at export
+    if a.steps == 0:
+        if acc.is_main_process:
+            export_adapted(backend, model, facts, final_dir)
+        cb.on_end({"steps": 0, "detail_stats": stats})
+        return AdaptDiTResult(str(run_dir), str(final_dir), 0, {})
     del vae
     if device.type == "cuda":
         torch.cuda.empty_cache()

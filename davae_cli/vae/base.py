@@ -1,4 +1,5 @@
-"""The pretrained base VAE: loading (hub id, local folder, `random`), identity hash, latent transform."""
+"""The pretrained base VAE: loading (hub id, local folder, a single LDM-layout checkpoint file such as the
+official VA-VAE release, or `random`), identity hash, latent transform."""
 
 from __future__ import annotations
 
@@ -134,10 +135,81 @@ def _resolve_folder(spec: str, subfolder: Optional[str]) -> Path:
     return folder
 
 
+SINGLE_FILE_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors")
+_LDM_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "vae.")
+
+
+def is_single_file(spec: Optional[str]) -> bool:
+    """Whether `spec` names one checkpoint file (LDM/taming layout) rather than a diffusers folder."""
+    if not spec or spec == RANDOM_BASE:
+        return False
+    p = Path(spec).expanduser()
+    return p.is_file() and p.suffix in SINGLE_FILE_SUFFIXES
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def load_single_file_vae(path: Path, arch: Optional[dict]) -> nn.Module:
+    """An AutoencoderKL from one checkpoint file in the LDM/taming key layout (the official VA-VAE f16d32
+    release: `.pt`/`.ckpt` with a `state_dict`, or `.safetensors`), converted in memory by diffusers' own
+    single-file loader (`AutoencoderKL.from_single_file`) with `arch` (a diffusers config dict) as its
+    config. Training-only entries (loss, discriminator, the vision foundation model) are dropped."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    if not arch:
+        raise DavaeError(f"base VAE {path}: a single checkpoint file needs the VAE's architecture "
+                         f"(vae.base_vae_arch, a diffusers AutoencoderKL config)")
+    if arch.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise DavaeError(f"base VAE {path}: single checkpoint files load as AutoencoderKL, but vae.base_vae_arch "
+                         f"names {arch.get('_class_name')}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one line
+        raise DavaeError(f"base VAE {path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise DavaeError(f"base VAE {path}: expected a state dict")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.startswith(_LDM_PREFIXES)}
+    if not any(k.startswith(("encoder.", "first_stage_model.encoder.", "vae.encoder.")) for k in state):
+        raise DavaeError(f"base VAE {path}: no LDM-layout VAE weights (encoder.*, decoder.*) in the file")
+    with tempfile.TemporaryDirectory() as d:
+        cfg = {k: v for k, v in arch.items() if not k.startswith("_")}
+        (Path(d) / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **cfg}))
+        try:
+            vae = AutoencoderKL.from_single_file(state, config=d, local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise DavaeError(f"base VAE {path}: diffusers could not convert it with vae.base_vae_arch "
+                             f"({str(e).splitlines()[0][:160]})") from None
+    missing = [k for k in AutoencoderKL.from_config(vae.config).state_dict() if k not in vae.state_dict()]
+    if missing:
+        raise DavaeError(f"base VAE {path}: {len(missing)} weights missing after conversion (e.g. {missing[0]})")
+    return vae
+
+
 def load_base_vae(spec: str, subfolder: Optional[str] = None, latent_channels: int = 16,
                   arch: Optional[dict] = None) -> BaseVAE:
-    """Load a frozen base VAE from a hub id, a local folder, or `random` (seeded, built in code from `arch`,
-    a diffusers config dict, or a small AutoencoderTiny when `arch` is empty)."""
+    """Load a frozen base VAE from a hub id, a local folder, one LDM-layout checkpoint file (with `arch`, its
+    diffusers config; identity = the file's sha256), or `random` (seeded, built in code from `arch`, or a
+    small AutoencoderTiny when `arch` is empty)."""
+    if is_single_file(spec):
+        path = Path(spec).expanduser()
+        vae = load_single_file_vae(path, arch)
+        vae.eval().requires_grad_(False)
+        return BaseVAE(vae, spec, None, file_hash(path))
     if spec == RANDOM_BASE:
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(0)  # the same `random` base on every machine, so its hash is stable

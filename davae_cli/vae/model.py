@@ -34,6 +34,7 @@ from .base import (
     base_downsample_factor,
     base_encode_mean,
     folder_hash,
+    is_single_file,
     load_base_vae,
     load_latent_stats,
     state_dict_hash,
@@ -219,7 +220,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             try:
                 base = load_base_vae(source, cfg.base_vae_subfolder if base_vae is None else None,
                                      latent_channels=cfg.base_channels,
-                                     arch=dict(cfg.base_vae_config) if source == "random" else None)
+                                     arch=dict(cfg.base_vae_config) if source == "random" or is_single_file(source)
+                                     else None)
             except DavaeError as e:
                 raise DavaeError(
                     f"DA-VAE {path} needs its base VAE {source!r}, which cannot be loaded ({e}); "
