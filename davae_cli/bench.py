@@ -27,6 +27,7 @@ import torch
 from . import flops as F
 from . import flow
 from .config import Preset
+from .devices import DTYPES, resolve_device, resolve_dtype
 from .dit.backend import lightningdit_velocity, place_frozen, sd3_velocity
 from .errors import DavaeError
 
@@ -52,23 +53,20 @@ class BenchSettings:
     seed: int = 0
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def check_settings(preset: Preset, s: BenchSettings) -> None:
     g = preset.granularity
     p = int(preset.dit.arch.get("patch_size", 1))
     if s.res <= 0 or s.res % (g * p):
-        raise DavaeError(f"--res {s.res}: must be a positive multiple of s*f*p = {g}*{p} = {g * p} for this preset")
+        raise DavaeError(f"{s.res}: must be a positive multiple of s*f*p = {g}*{p} = {g * p} for this preset", param="res")
     for name in ("steps", "batch_size", "repeats"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
-            raise DavaeError(f"--{name.replace('_', '-')} must be at least 1")
+            raise DavaeError("must be at least 1", param="sampling_steps" if name == "steps" else name)
     if s.warmup < 0:
-        raise DavaeError("--warmup must be >= 0")
+        raise DavaeError("must be >= 0", param="warmup")
     if s.dtype is not None and s.dtype not in DTYPES:
-        raise DavaeError(f"--dtype {s.dtype}: choose bf16, fp16 or fp32")
+        raise DavaeError(f"dtype {s.dtype}: choose bf16, fp16 or fp32")
     if s.attention not in ("default", "flash", "efficient", "cudnn", "math"):
-        raise DavaeError(f"--attention {s.attention}: choose default, flash, efficient, cudnn or math")
+        raise DavaeError(f"{s.attention}: choose default, flash, efficient, cudnn or math", param="attention")
 
 
 def plan(preset: Preset, res: int) -> dict:
@@ -238,9 +236,9 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     s = dataclasses.replace(s, steps=s.steps or preset.sample.steps,
                             guidance=preset.sample.guidance if s.guidance is None else s.guidance)
     say = progress or (lambda text: None)
-    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = s.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = DTYPES[dtype_name]
+    device = resolve_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
+    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     if device.type == "cpu" and dtype != torch.float32:
         say(f"warning: {dtype_name} on a CPU is usually far slower than fp32")
     torch.manual_seed(s.seed)

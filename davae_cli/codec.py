@@ -61,11 +61,11 @@ def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | P
     (C+D, h, w), base first, with metadata. `res` resizes the short side, then each side is centre-
     cropped down to a multiple of s*f (an image already at that size is untouched)."""
     if batch_size < 1:
-        raise DavaeError("--batch-size must be >= 1")
+        raise DavaeError("must be >= 1", param="batch_size")
     progress = progress or (lambda n: None)
     g = vae.granularity
     if res is not None and (res < g or res % g):
-        raise DavaeError(f"--res {res} is not a positive multiple of the model's granularity s*f = {g}")
+        raise DavaeError(f"{res} is not a positive multiple of the model's granularity s*f = {g}", param="res")
     source = D.list_images(inputs, missing_ok=True)
     report = BatchReport()
     for path, why in source.skipped:

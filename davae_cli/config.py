@@ -17,7 +17,14 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_PACKAGE = "davae_cli.presets"  # the repository's top-level presets/, installed as package data
+
+
+def _bundled():
+    """The bundled presets folder (an importlib.resources Traversable: a folder, or inside a wheel/zip)."""
+    import importlib.resources
+
+    return importlib.resources.files(PRESET_PACKAGE)
 
 
 class ConfigError(ValueError):
@@ -216,7 +223,7 @@ def _to_plain(obj: Any) -> Any:
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.name[:-5] for p in _bundled().iterdir() if p.name.endswith(".yaml"))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -317,12 +324,14 @@ def parse_override(item: str) -> tuple[str, Any]:
 def read_preset_yaml(name_or_path: str | Path) -> dict:
     """The raw mapping of a bundled preset name or a YAML file path."""
     p = Path(name_or_path)
+    stem = p.stem
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
             raise ConfigError(f"preset file not found: {p}")
         path = p
     else:
-        path = PRESET_DIR / f"{name_or_path}.yaml"
+        path = _bundled() / f"{name_or_path}.yaml"
+        stem = str(name_or_path)
         if not path.is_file():
             raise ConfigError(
                 f"unknown preset '{name_or_path}' (bundled: {', '.join(available_presets())}; or pass a YAML path)"
@@ -333,7 +342,7 @@ def read_preset_yaml(name_or_path: str | Path) -> dict:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a YAML mapping")
-    data.setdefault("name", path.stem)
+    data.setdefault("name", stem)
     return data
 
 
@@ -439,7 +448,9 @@ def check_sampling(steps: Optional[int], shift: Optional[float], interval: Optio
     """The sampling settings' bounds, shared by the preset's `sample` section (`prefix="sample."`) and the
     commands' flags (`prefix="--"`: the names are then written as flags). None: not given, not checked."""
     def name(key: str) -> str:
-        return prefix + (key.replace("_", "-") if prefix == "--" else key)
+        if prefix == "--":  # the command-line flags (sampling steps have their own name there)
+            return "--" + {"steps": "sampling_steps"}.get(key, key).replace("_", "-")
+        return prefix + key
 
     if steps is not None and steps < 1:
         raise ConfigError(f"{name('steps')} must be at least 1, got {steps}")

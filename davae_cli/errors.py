@@ -1,5 +1,30 @@
 """The one exception type for expected failures: the CLI prints its message as a single line."""
 
+from __future__ import annotations
+
+from typing import Optional
+
 
 class DavaeError(Exception):
-    """An expected, user-facing failure (bad input, missing file, incompatible artifact)."""
+    """An expected, user-facing failure (bad input, missing file, incompatible artifact).
+
+    `param`: the library parameter the message is about (e.g. "batch_size"); the message then reads
+    "batch_size must be >= 1" from the library and the command line shows the flag, "--batch-size must be
+    >= 1" (`as_flag`)."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+    @staticmethod
+    def _join(name: str, message: str) -> str:
+        return name + ("" if message.startswith((":", ",")) else " ") + message
+
+    def __str__(self) -> str:
+        return self._join(self.param, self.message) if self.param else self.message
+
+    def as_flag(self) -> str:
+        """The message with the parameter written as the command-line flag."""
+        if not self.param:
+            return self.message
+        return self._join("--" + self.param.replace("_", "-"), self.message)

@@ -105,7 +105,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line (blank lines skipped), or a JSONL with a "prompt" field per line."""
     p = Path(path)
     if not p.is_file():
-        raise DavaeError(f"--prompts {path}: file not found")
+        raise DavaeError(f"{path}: file not found", param="prompts")
     out = []
     for i, line in enumerate(p.read_text().splitlines(), 1):
         if not line.strip():
@@ -118,7 +118,7 @@ def read_prompts(path: str | Path) -> list[str]:
         else:
             out.append(line.strip())
     if not out:
-        raise DavaeError(f"--prompts {path}: no prompts in the file")
+        raise DavaeError(f"{path}: no prompts in the file", param="prompts")
     return out
 
 
@@ -266,7 +266,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
     res = s.res
     g = model.granularity * model.patch_size
     if res is None or res <= 0 or res % g:
-        raise DavaeError(f"--res {res}: must be a positive multiple of {g} for this model (pixels per token)")
+        raise DavaeError(f"{res}: must be a positive multiple of {g} for this model (pixels per token)", param="res")
     side = res // model.granularity
     out_dir = Path(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -369,9 +369,9 @@ class DAVAEModel(Model):
                              f"{facts['base_channels']}+{facts['detail_channels']}: they do not fit together")
         want = facts["davae"]
         if want["identity"] != self.vae.identity:
-            raise DavaeError(f"--dit {dit_dir} was adapted for the DA-VAE {want['identity'][:16]} ({want.get('path')}), "
+            raise DavaeError(f"{dit_dir} was adapted for the DA-VAE {want['identity'][:16]} ({want.get('path')}), "
                              f"but --vae {vae_dir} is the DA-VAE {self.vae.identity[:16]}: other weights or base "
-                             f"(base VAE {self.vae.config.base_vae_hash or '?'}); pass the DA-VAE it was adapted with")
+                             f"(base VAE {self.vae.config.base_vae_hash or '?'}); pass the DA-VAE it was adapted with", param="dit")
         cls = SD3Backend if facts["backend"] == "sd3" else LightningDiTBackend
         self.dit_velocity = cls.velocity
         cfg_path = Path(dit_dir) / "config.json"
@@ -489,7 +489,7 @@ def _class_conditioner(num_classes: int, device):
     def cond_fn(batch: list[Job]):
         y = torch.tensor([j.class_id for j in batch], device=device)
         if (y < 0).any() or (y >= num_classes).any():
-            raise DavaeError(f"--class-id must be in 0..{num_classes - 1}")
+            raise DavaeError(f"must be in 0..{num_classes - 1}", param="class_id")
         return {"labels": torch.full_like(y, num_classes)}, {"labels": y}
 
     return cond_fn
@@ -502,35 +502,36 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
     from accelerate import PartialState
 
     state = PartialState()
-    device = torch.device(s.device) if s.device else state.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        s.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    from .devices import resolve_device, resolve_dtype
+
+    device = resolve_device(s.device, default=state.device)
+    dtype = resolve_dtype(s.dtype, device)
     if s.num_images < 1 or s.batch_size < 1:
-        raise DavaeError("--num-images and --batch-size must be at least 1")
+        raise DavaeError("and --batch-size must be at least 1", param="num_images")
     interval = None if isinstance(s.guidance_interval, str) else s.guidance_interval
-    check_sampling(s.steps, s.shift, interval, s.sampler, prefix="--")
+    check_sampling(s.steps, s.shift, interval, s.sampler)
     jobs = make_jobs(s)
     t0 = time.perf_counter()
     if native:
         if preset.dit.backend == "sd3":
             spec = base_pipeline or preset.dit.pretrained
             if spec == "random":
-                raise DavaeError("--native needs --base-pipeline (an SD3 pipeline folder or hub id)")
+                raise DavaeError("needs --base-pipeline (an SD3 pipeline folder or hub id)", param="native")
             if s.res is None:
-                raise DavaeError("--native needs --res")
+                raise DavaeError("needs --res", param="native")
             model: Model = NativeSD3Model(spec, s.shift, device, dtype, recipe_of(preset), on_message)
             cond_fn = _prompt_conditioner(spec, use_t5, preset.dit.max_sequence_length, s.negative_prompt, device, dtype)
         else:
             if not vae_dir or s.res is None:
-                raise DavaeError("--native with a LightningDiT preset needs --vae (for its base VAE) and --res")
+                raise DavaeError("with a LightningDiT preset needs --vae (for its base VAE) and --res", param="native")
             model = NativeLightningDiTModel(preset, base_pipeline or preset.dit.pretrained, Path(vae_dir), s.res,
                                             preset.sample.shift, device, dtype)
             cond_fn = _class_conditioner(preset.dit.num_classes, device)
     else:
         if not vae_dir or not dit_dir:
-            raise DavaeError("--vae and --dit are required (or --native for the base model)")
+            raise DavaeError("and --dit are required (or --native for the base model)", param="vae")
         if not (Path(dit_dir) / "config.json").is_file():
-            raise DavaeError(f"--dit {dit_dir}: not an adapted DiT folder (RUN/final of `davae adapt-dit`)")
+            raise DavaeError(f"{dit_dir}: not an adapted DiT folder (RUN/final of `davae adapt-dit`)", param="dit")
         model = DAVAEModel(Path(vae_dir), Path(dit_dir), device, dtype)
         if model.recipe is None:  # adapted before the recipe was stored: the preset's
             model.recipe = recipe_of(preset)
@@ -545,7 +546,7 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
             cond_fn = _class_conditioner(int(cond["num_classes"]), device)
     apply_recipe(s, model.recipe)
     if model.conditioning == "prompt" and s.class_ids:
-        raise DavaeError("--class-id is for class-conditional (LightningDiT) models; this one takes prompts")
+        raise DavaeError("is for class-conditional (LightningDiT) models; this one takes prompts", param="class_id")
     if model.conditioning == "class" and s.prompts:
         raise DavaeError("this model is class-conditional: use --class-id, not prompts")
     load_s = time.perf_counter() - t0

@@ -56,7 +56,7 @@ def _find_jsonl(inputs: list[str], explicit: Optional[str]) -> Optional[Path]:
     if explicit:
         p = Path(explicit)
         if not p.is_file():
-            raise DavaeError(f"--captions {explicit}: file not found")
+            raise DavaeError(f"{explicit}: file not found", param="captions")
         return p
     for inp in inputs:
         for name in ("captions.jsonl", "metadata.jsonl"):
@@ -145,12 +145,12 @@ def prepare_latent_dataset(vae, inputs: list[str], cache_dir: Path, *, resolutio
             return recs
     for inp in inputs:
         if not Path(inp).exists() and inp != D.SKIMAGE_SOURCE:
-            raise DavaeError(f"--data {inp}: not found")
+            raise DavaeError(f"{inp}: not found", param="data")
     h = resolution // vae.granularity
     lat_files = _latent_files(inputs)
     images = D.list_images(inputs, check=False) if not lat_files else D.ImageSource()
     if lat_files and len(D.list_images(inputs, check=False)):
-        raise DavaeError("--data mixes images and latent files; pass one kind")
+        raise DavaeError("mixes images and latent files; pass one kind", param="data")
     if lat_files:
         conds = attach_conditions([str(f) for f in lat_files], inputs, conditioning, captions)
         recs = []

@@ -84,10 +84,12 @@ def test_lightningdit_bench_runs():
 def test_human_table_and_errors():
     r = run_cli("bench", "--steps", "2", "--repeats", "1", "--warmup", "0", "--no-decode")
     assert "image tokens" in r.stdout and "ideal" in r.stdout and "sd35m-1024" in r.stdout  # says what to run next
-    for args, msg in [(["--res", "100"], "multiple of"), (["--steps", "0"], "--steps"), (["--dtype", "int8"], "--dtype"),
+    for args, msg in [(["--res", "100"], "multiple of"), (["--steps", "0"], "--sampling-steps"),
                       (["--attention", "magic"], "--attention")]:
         bad = run_cli("bench", *args, check=False)
         assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("bench", "--dtype", "int8", check=False)  # a choice Typer validates: its usage error, exit 2
+    assert bad.returncode == 2 and "int8" in bad.stderr and "bf16" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_compile_builds_one_static_graph_per_configuration_and_never_recompiles(monkeypatch):

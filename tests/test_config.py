@@ -71,3 +71,33 @@ def test_parse_override_values():
     assert parse_override("a.b=1e-4") == ("a.b", 1e-4)
     assert parse_override("a.b=madebyollin/taesd3") == ("a.b", "madebyollin/taesd3")
     assert parse_override("a.b=") == ("a.b", "")
+
+
+def test_the_built_wheel_ships_every_preset_and_package(tmp_path):
+    """presets/ at the top of the repository installs as the package data davae_cli.presets: build the wheel,
+    import from it (not from the checkout) and load every bundled preset; every subpackage is in it."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("davae-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    repo_presets = sorted(p.name for p in (root / "presets").glob("*.yaml"))
+    assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("davae_cli/presets/") and n.endswith(".yaml")) \
+        == repo_presets
+    # every module of the source tree is in the wheel (a package missing from pyproject's list would not be)
+    source = sorted(str(f.relative_to(root)) for f in (root / "davae_cli").rglob("*.py") if "__pycache__" not in f.parts)
+    assert [f for f in source if f not in names] == []
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    probe = ("import davae_cli, davae_cli.config as c, davae_cli.train.dit, davae_cli.cli.app; "
+             f"assert davae_cli.__file__.startswith({str(tmp_path / 'site')!r}), davae_cli.__file__; "
+             "names = c.available_presets(); [c.load_preset(n) for n in names]; print(' '.join(names))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == sorted(n[:-5] for n in repo_presets)

@@ -15,7 +15,8 @@ from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 from conftest import run_cli
-from davae_cli import fid as FID
+from davae_cli.metrics import extractors as FID
+from davae_cli.metrics import stats as STATS
 from davae_cli.cli.app import app
 from davae_cli.errors import DavaeError
 
@@ -310,11 +311,11 @@ def test_no_extractor_at_all_is_one_line(monkeypatch, folders):
 
 
 def test_stats_name_syntax():
-    assert FID.parse_stats_name("cifar10:32:test") == ("cifar10", "32", "test")
-    assert FID.parse_stats_name("ffhq:1024") == ("ffhq", "1024", "train")
-    assert FID.parse_stats_name("my_stats") == ("my_stats", "na", "custom")
+    assert STATS.parse_stats_name("cifar10:32:test") == ("cifar10", "32", "test")
+    assert STATS.parse_stats_name("ffhq:1024") == ("ffhq", "1024", "train")
+    assert STATS.parse_stats_name("my_stats") == ("my_stats", "na", "custom")
     with pytest.raises(DavaeError):
-        FID.parse_stats_name("a:1:b:c")
+        STATS.parse_stats_name("a:1:b:c")
 
 
 # ------------------------------------------------------------------------------ the real Inception

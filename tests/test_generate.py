@@ -187,7 +187,8 @@ def test_mismatched_pair_is_refused(adapted, tmp_path):
 
 @pytest.mark.parametrize("flags,needle", [(["--shift", "0"], "--shift must be positive"),
                                           (["--shift", "-1"], "--shift must be positive"),
-                                          (["--steps", "0"], "--steps must be at least 1"),
+                                          (["--steps", "0"], "--sampling-steps must be at least 1"),
+                                          (["--sampling-steps", "0"], "--sampling-steps must be at least 1"),
                                           (["--guidance-interval", "0.9,0.1"], "--guidance-interval"),
                                           (["--guidance-interval", "0,1.5"], "--guidance-interval"),
                                           (["--guidance-interval", "a,b"], "--guidance-interval")])

@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import app
-from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, errors, fail, print_json, resolve_preset
+from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, VaeOpt, fail, print_json, resolve_preset
 
 EXAMPLES = """
 Examples:
@@ -27,9 +26,8 @@ Examples:
 """
 
 
-@app.command("adapt-dit", epilog=EXAMPLES)
 def adapt_dit_cmd(
-    vae: Path = typer.Option(..., "--vae", help="DA-VAE folder (RUN/final of `davae train-vae`)."),
+    vae: Path = VaeOpt,
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (created; must be new unless --resume)."),
     data: Optional[list[str]] = typer.Option(None, "--data", "-d", help="Image folder(s) with captions (sidecar .txt or captions.jsonl) or class sub-folders; or latent folders from `davae encode`."),
     preset: str = PresetOpt,
@@ -48,30 +46,29 @@ def adapt_dit_cmd(
     Writes RUN/config.yaml, RUN/cache/ (latents and prompt embeddings, made once), RUN/checkpoints/,
     RUN/log.jsonl and the adapted model at RUN/final (with davae_dit.json: shift, channels, statistics).
     """
-    with errors():
-        extra = []
-        if steps is not None:
-            extra.append(f"adapt_dit.steps={steps}")
-        if text_encoders is not None:
-            extra.append(f"dit.text_encoders={text_encoders}")
-        p = resolve_preset(preset, sets, extra)
-        if p.adapt_dit.steps > 0 and not data:
-            fail("--data is required when training (use --steps 0 to export the warm-started model)")
-        from ..train.dit import adapt_dit
+    extra = []
+    if steps is not None:
+        extra.append(f"adapt_dit.steps={steps}")
+    if text_encoders is not None:
+        extra.append(f"dit.text_encoders={text_encoders}")
+    p = resolve_preset(preset, sets, extra)
+    if p.adapt_dit.steps > 0 and not data:
+        fail("--data is required when training (use --steps 0 to export the warm-started model)")
+    from ..train.dit import adapt_dit
 
-        cb = RichTrainCallbacks("adapt-dit")
-        try:
-            result = adapt_dit(p, vae, out, data=list(data or []), dit=dit, captions=captions, resume=resume,
-                               callbacks=cb)
-        finally:
-            cb.on_end({})
-        m = result.metrics
-        if json_out:
-            print_json({"run_dir": result.run_dir, "final": result.final_dir, "steps": result.steps, **m})
-            return
-        if "probe_loss_end" in m:
-            start = m.get("probe_loss_start")
-            s = f"{start:.4f} -> " if start is not None else ""
-            typer.echo(f"fixed-noise loss on training latents: {s}{m['probe_loss_end']:.4f} "
-                       f"(EMA {m['probe_loss_end_ema']:.4f}); skipped steps: {m['skipped_steps']}")
-        typer.echo(f"adapted DiT written to {result.final_dir}")
+    cb = RichTrainCallbacks("adapt-dit")
+    try:
+        result = adapt_dit(p, vae, out, data=list(data or []), dit=dit, captions=captions, resume=resume,
+                           callbacks=cb)
+    finally:
+        cb.on_end({})
+    m = result.metrics
+    if json_out:
+        print_json({"run_dir": result.run_dir, "final": result.final_dir, "steps": result.steps, **m})
+        return
+    if "probe_loss_end" in m:
+        start = m.get("probe_loss_start")
+        s = f"{start:.4f} -> " if start is not None else ""
+        typer.echo(f"fixed-noise loss on training latents: {s}{m['probe_loss_end']:.4f} "
+                   f"(EMA {m['probe_loss_end_ema']:.4f}); skipped steps: {m['skipped_steps']}")
+    typer.echo(f"adapted DiT written to {result.final_dir}")

@@ -1,13 +1,20 @@
-"""The `davae` command line: a thin Typer app over the library."""
+"""The `davae` command line: a thin Typer app over the library.
+
+Each command module exports a plain function and its examples; this module registers them and maps the
+library's errors to one line and an exit code once, for every command. Nothing here, nor in the command
+modules at import time, loads torch or diffusers: `davae --help` and `davae <command> --help` start at once.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from typing import Callable
 
 import typer
 
-from . import common
+from . import adapt_dit, bench, codec, common, eval_fid, generate, presets, train_vae
 
 app = typer.Typer(
     name="davae",
@@ -34,21 +41,36 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         raise typer.Exit(0)
 
 
-from . import adapt_dit as _adapt_dit  # noqa: E402,F401
-from . import bench as _bench  # noqa: E402,F401
-from . import codec as _codec  # noqa: E402,F401  (registers encode/decode)
-from . import eval_fid as _eval_fid  # noqa: E402,F401
-from . import generate as _generate  # noqa: E402,F401
-from . import presets as _presets  # noqa: E402,F401
-from . import train_vae as _train_vae  # noqa: E402,F401
+def _one_line_errors(fn: Callable) -> Callable:
+    """Run a command inside `common.errors()`: expected failures become one line on stderr and exit 1."""
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        with common.errors():
+            return fn(*args, **kwargs)
+
+    return command
+
+
+COMMANDS: list[tuple[str, Callable, str | None]] = [
+    ("train-vae", train_vae.train_vae_cmd, train_vae.EXAMPLES),
+    ("encode", codec.encode_cmd, codec.ENCODE_EXAMPLES),
+    ("decode", codec.decode_cmd, codec.DECODE_EXAMPLES),
+    ("adapt-dit", adapt_dit.adapt_dit_cmd, adapt_dit.EXAMPLES),
+    ("generate", generate.generate_cmd, generate.EXAMPLES),
+    ("bench", bench.bench_cmd, bench.EXAMPLES),
+    ("eval-fid", eval_fid.eval_fid_cmd, eval_fid.EXAMPLES),
+    ("presets", presets.presets_cmd, None),
+]
+for _name, _fn, _examples in COMMANDS:
+    app.command(_name, epilog=_examples)(_one_line_errors(_fn))
 
 
 def main() -> None:
-    # keep library chatter (diffusers config notices, tqdm bars) off the user's terminal
+    # keep library chatter (diffusers/transformers config notices, hub progress bars) off the user's terminal,
+    # without importing either library here
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from diffusers.utils import logging as dlog
-
-    dlog.set_verbosity_error()
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     app(prog_name="davae")
 
 

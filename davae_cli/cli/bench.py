@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from .app import app
-from .common import JsonOpt, PresetOpt, SetOpt, err, errors, print_json, resolve_preset
+from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, print_json,
+                     resolve_preset)
 
 EXAMPLES = """
 Examples:
@@ -26,22 +26,21 @@ def _fmt(v, spec=".2f", none="n/a"):
     return none if v is None else format(v, spec)
 
 
-@app.command("bench", epilog=EXAMPLES)
 def bench_cmd(
     res: Optional[int] = typer.Option(None, "--res", help="Target image resolution (default: the preset's adapt_dit.resolution)."),
     preset: str = PresetOpt,
     weights: str = typer.Option("random", "--weights", help="`random` (no download) or a local DiT folder / checkpoint."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per image (default: the preset's sample.steps)."),
+    steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Denoising (sampling) steps per image (default: the preset's sample.steps)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per batch."),
     repeats: int = typer.Option(3, "--repeats", help="Measured repeats per configuration (medians are reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs per configuration first."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)."),
+    dtype: Optional[Dtype] = DtypeOpt,
     compile_: bool = typer.Option(False, "--compile", help="torch.compile both DiT configurations."),
     compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune."),
     no_cfg: bool = typer.Option(False, "--no-cfg", help="No classifier-free guidance (batch not doubled)."),
     no_decode: bool = typer.Option(False, "--no-decode", help="Skip the VAE decode timing."),
     attention: str = typer.Option("default", "--attention", help="SDPA backend: default, flash, efficient, cudnn, math."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if available)."),
+    device: Optional[str] = DeviceOpt,
     sets: Optional[list[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -49,20 +48,19 @@ def bench_cmd(
 
     The preset's sampling recipe (steps, guidance, interval, shift; --steps overrides); alternating runs,
     medians, CUDA events on GPU; the analytic FLOP ratio is shown as the ideal."""
-    with errors():
-        from ..bench import BenchSettings, run_bench
+    from ..bench import BenchSettings, run_bench
 
-        p = resolve_preset(preset, sets)
-        s = BenchSettings(res=res or p.adapt_dit.resolution, steps=steps, batch_size=batch_size, repeats=repeats,
-                          warmup=warmup, dtype=dtype, compile=compile_, compile_mode=compile_mode, cfg=not no_cfg, decode=not no_decode,
-                          attention=attention, weights=weights, device=device)
-        if json_out:
-            r = run_bench(p, s)
-            print_json(r)
-            return
-        with err.status("measuring") as status:
-            r = run_bench(p, s, progress=lambda text: status.update(text))
-        _render(r)
+    p = resolve_preset(preset, sets)
+    s = BenchSettings(res=res or p.adapt_dit.resolution, steps=steps, batch_size=batch_size, repeats=repeats,
+                      warmup=warmup, dtype=dtype_name(dtype), compile=compile_, compile_mode=compile_mode, cfg=not no_cfg, decode=not no_decode,
+                      attention=attention, weights=weights, device=device)
+    if json_out:
+        r = run_bench(p, s)
+        print_json(r)
+        return
+    with err.status("measuring") as status:
+        r = run_bench(p, s, progress=lambda text: status.update(text))
+    _render(r)
 
 
 def _render(r: dict) -> None:

@@ -7,23 +7,19 @@ from typing import Optional
 
 import typer
 
-from .app import app
-from .common import JsonOpt, err, errors, print_json, progress_bar
+from .common import DeviceOpt, JsonOpt, VaeOpt, err, print_json, progress_bar
 
-VaeOpt = typer.Option(..., "--vae", help="A DA-VAE folder (e.g. RUN/final from train-vae).")
 BaseOpt = typer.Option(None, "--base-vae", help="Where the DA-VAE's base VAE is, if not where it was recorded.")
 OutOpt = typer.Option(..., "--out", "-o", help="Output folder.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing outputs.")
-DeviceOpt = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu).")
 
 
 def _load(vae: Path, base_vae: Optional[str], device: Optional[str]):
-    import torch
-
+    from ..devices import resolve_device
     from ..vae.model import DetailAlignedVAE
 
+    dev = resolve_device(device)
     model = DetailAlignedVAE.from_pretrained(vae, base_vae=base_vae)
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(dev).eval()
 
 
@@ -48,13 +44,15 @@ def _finish(report, json_out: bool, what: str) -> None:
         raise typer.Exit(1)
 
 
-@app.command("encode", epilog="""
+ENCODE_EXAMPLES = """
 Examples:
 
   davae encode photos/ --vae runs/tiny/final --out latents/ --res 256
 
   davae encode cat.png dog.jpg --vae runs/tiny/final --out latents/ --json
-""")
+"""
+
+
 def encode_cmd(
     inputs: list[str] = typer.Argument(..., help="Images or folders of images (recursive)."),
     vae: Path = VaeOpt,
@@ -69,22 +67,23 @@ def encode_cmd(
     json_out: bool = JsonOpt,
 ) -> None:
     """Encode images to latent files: OUT/<stem>.safetensors, key `latent`, shape (C+D, h, w), base first."""
-    with errors():
-        from ..codec import encode_images
+    from ..codec import encode_images
 
-        model = _load(vae, base_vae, device)
-        report = _with_progress("encode", encode_images, model, inputs, out, res=res, batch_size=batch_size,
-                                sample=sample, seed=seed, overwrite=overwrite)
-        _finish(report, json_out, "latent file(s)")
+    model = _load(vae, base_vae, device)
+    report = _with_progress("encode", encode_images, model, inputs, out, res=res, batch_size=batch_size,
+                            sample=sample, seed=seed, overwrite=overwrite)
+    _finish(report, json_out, "latent file(s)")
 
 
-@app.command("decode", epilog="""
+DECODE_EXAMPLES = """
 Examples:
 
   davae decode latents/ --vae runs/tiny/final --out recon/
 
   davae decode latents/cat.safetensors --vae runs/tiny/final --out recon/ --overwrite
-""")
+"""
+
+
 def decode_cmd(
     inputs: list[str] = typer.Argument(..., help="Latent files or folders of them (recursive)."),
     vae: Path = VaeOpt,
@@ -95,9 +94,8 @@ def decode_cmd(
     json_out: bool = JsonOpt,
 ) -> None:
     """Decode latent files to PNGs (OUT/<stem>.png) at full resolution; refuses latents of another DA-VAE."""
-    with errors():
-        from ..codec import decode_latents
+    from ..codec import decode_latents
 
-        model = _load(vae, base_vae, device)
-        report = _with_progress("decode", decode_latents, model, inputs, out, overwrite=overwrite)
-        _finish(report, json_out, "image(s)")
+    model = _load(vae, base_vae, device)
+    report = _with_progress("decode", decode_latents, model, inputs, out, overwrite=overwrite)
+    _finish(report, json_out, "image(s)")

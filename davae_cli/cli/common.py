@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+from enum import Enum
 from typing import Any, Iterator, Optional
 
 import typer
@@ -13,9 +14,9 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from ..callbacks import Callbacks
 from ..config import ConfigError, Preset, load_preset
 from ..errors import DavaeError
-from ..train.loop import Callbacks
 
 err = Console(stderr=True, highlight=False)
 STATE = {"debug": os.environ.get("DAVAE_DEBUG") == "1"}
@@ -23,6 +24,23 @@ STATE = {"debug": os.environ.get("DAVAE_DEBUG") == "1"}
 PresetOpt = typer.Option("tiny", "--preset", "-p", help="Bundled preset name (see `davae presets`) or a YAML file.")
 SetOpt = typer.Option(None, "--set", help="Override a preset value, e.g. --set loss.align=0 (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there.")
+DeviceOpt = typer.Option(None, "--device", help="torch device: cuda, cuda:1, cpu (default: cuda if available, else cpu; "
+                                                "under accelerate launch, each process's own GPU).")
+VaeOpt = typer.Option(..., "--vae", help="A DA-VAE folder (RUN/final of `davae train-vae`).")
+
+
+class Dtype(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+DtypeOpt = typer.Option(None, "--dtype", case_sensitive=False,
+                        help="Precision of the networks (default: bf16 on a GPU, fp32 on a CPU).")
+
+
+def dtype_name(dtype: Optional[Dtype]) -> Optional[str]:
+    return dtype.value if dtype is not None else None
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -40,7 +58,7 @@ def errors() -> Iterator[None]:
     except (DavaeError, ConfigError) as e:
         if STATE["debug"]:
             raise
-        fail(str(e).replace("\n", " "))
+        fail((e.as_flag() if isinstance(e, DavaeError) else str(e)).replace("\n", " "))
     except KeyboardInterrupt:
         err.print("Interrupted.")
         raise typer.Exit(130)

@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import app
-from .common import JsonOpt, err, errors, fail, print_json, progress_bar
+from .common import DeviceOpt, JsonOpt, err, fail, print_json, progress_bar
 
 EXAMPLES = """
 Examples:
@@ -93,7 +92,6 @@ def _human_saved(r: dict) -> None:
     typer.echo(f"  skipped    {r['skipped_gen']} (unreadable)")
 
 
-@app.command("eval-fid", epilog=EXAMPLES)
 def eval_fid_cmd(
     gen: Optional[str] = typer.Argument(None, metavar="GEN", show_default=False,
                                         help="Folder of generated images (recursive). With --save-stats: the folder "
@@ -108,7 +106,7 @@ def eval_fid_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass (the feature extractor; with --reconstruct also the DA-VAE)."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers",
                                               help="Processes reading and resizing images (default: min(8, CPUs); 0 = main process)."),
-    device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
+    device: Optional[str] = DeviceOpt,
     inception: Optional[str] = typer.Option(None, "--inception", metavar="PATH",
                                             help="A TorchScript feature extractor: (x-128)/128 at 299x299 -> (B, F)."),
     save_stats: Optional[str] = typer.Option(None, "--save-stats", metavar="OUT.npz",
@@ -127,45 +125,44 @@ def eval_fid_cmd(
     --save-stats stores a folder's statistics; --reconstruct gives rFID, PSNR, SSIM and LPIPS of a DA-VAE.
     Inception Score is reported as null: these extractors expose no logits.
     """
-    with errors():
-        if gen is None:
-            fail("give a GEN folder (see `davae eval-fid --help`)")
-        if not reconstruct and (vae is not None or res is not None or base_vae is not None):
-            fail("--vae, --res and --base-vae only apply with --reconstruct")
-        if reconstruct and vae is None:
-            fail("--reconstruct needs --vae DAVAE_DIR")
-        if reconstruct and (ref is not None or ref_stats is not None or save_stats is not None):
-            fail("--reconstruct takes one folder (the reference images) and no REF, --ref-stats or --save-stats")
-        if save_stats is not None and (ref is not None or ref_stats is not None):
-            fail("--save-stats takes one folder (GEN) and no REF or --ref-stats")
-        if num_workers is None:
-            num_workers = min(8, os.cpu_count() or 1)
+    if gen is None:
+        fail("give a GEN folder (see `davae eval-fid --help`)")
+    if not reconstruct and (vae is not None or res is not None or base_vae is not None):
+        fail("--vae, --res and --base-vae only apply with --reconstruct")
+    if reconstruct and vae is None:
+        fail("--reconstruct needs --vae DAVAE_DIR")
+    if reconstruct and (ref is not None or ref_stats is not None or save_stats is not None):
+        fail("--reconstruct takes one folder (the reference images) and no REF, --ref-stats or --save-stats")
+    if save_stats is not None and (ref is not None or ref_stats is not None):
+        fail("--save-stats takes one folder (GEN) and no REF or --ref-stats")
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
 
-        from .. import fid as F
+    from ..metrics import evaluate as F
 
-        with progress_bar(transient=True) as bar:
-            tasks: dict = {}
+    with progress_bar(transient=True) as bar:
+        tasks: dict = {}
 
-            def progress(phase: str, done: int, total: Optional[int]) -> None:
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task(phase, total=total, info="")
-                bar.update(tasks[phase], completed=done, total=total)
+        def progress(phase: str, done: int, total: Optional[int]) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total, info="")
+            bar.update(tasks[phase], completed=done, total=total)
 
-            common = dict(mode=mode, batch_size=batch_size, num_workers=num_workers, device=device,
-                          inception=inception, progress=progress)
-            if reconstruct:
-                result = F.evaluate_reconstruction(gen, vae, res=res, base_vae=base_vae, with_kid=with_kid, **common)
-            elif save_stats is not None:
-                result = F.save_statistics(gen, save_stats, with_feats=with_kid, use_cache=not no_cache, **common)
-            else:
-                result = F.evaluate_fid(gen, ref, ref_stats=ref_stats, with_kid=with_kid, use_cache=not no_cache,
-                                        **common)
-        if json_out:
-            print_json(result)
-            _print_skipped(result)
-            return
-        _print_skipped(result)
-        if save_stats is not None:
-            _human_saved(result)
+        common = dict(mode=mode, batch_size=batch_size, num_workers=num_workers, device=device,
+                      inception=inception, progress=progress)
+        if reconstruct:
+            result = F.evaluate_tokenizer(gen, vae, res=res, base_vae=base_vae, with_kid=with_kid, **common)
+        elif save_stats is not None:
+            result = F.save_statistics(gen, save_stats, with_feats=with_kid, use_cache=not no_cache, **common)
         else:
-            _human(result)
+            result = F.evaluate_fid(gen, ref, ref_stats=ref_stats, with_kid=with_kid, use_cache=not no_cache,
+                                    **common)
+    if json_out:
+        print_json(result)
+        _print_skipped(result)
+        return
+    _print_skipped(result)
+    if save_stats is not None:
+        _human_saved(result)
+    else:
+        _human(result)

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from ..config import check_sampling
-from .app import app
-from .common import JsonOpt, PresetOpt, SetOpt, err, errors, fail, print_json, progress_bar, resolve_preset
+from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, fail, print_json,
+                     progress_bar, resolve_preset)
 
 EXAMPLES = """
 Examples:
@@ -18,7 +18,7 @@ Examples:
       --prompt "a lighthouse at dusk, photo" --res 2048 --out out/
 
   davae generate --preset sd35m-1024 --native --base-pipeline /models/stable-diffusion-3.5-medium \\
-      --prompt "a lighthouse at dusk, photo" --res 1024 --out out-native/      # the unmodified model, same sampler
+      --prompt "a lighthouse at dusk, photo" --res 1024 --out out-native/      # the unmodified model, sampled as its pipeline
 
   davae generate --preset tiny --vae runs/tvae/final --dit runs/tdit/final --prompts prompts.txt \\
       --num-images 4 --grid --save-latents --out out/
@@ -28,7 +28,6 @@ Examples:
 """
 
 
-@app.command("generate", epilog=EXAMPLES)
 def generate_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (existing images are kept and skipped: resumable)."),
     preset: str = PresetOpt,
@@ -39,7 +38,7 @@ def generate_cmd(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="File with one prompt per line (or .jsonl with \"prompt\")."),
     class_id: Optional[list[int]] = typer.Option(None, "--class-id", help="Class id for class-conditional models (repeatable)."),
     res: Optional[int] = typer.Option(None, "--res", help="Image resolution (default: the adapted model's)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the recipe's; see below)."),
+    steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Sampling steps (default: the recipe's; see below)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, 1 = off (default: the recipe's)."),
     guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Apply CFG only for sigma in LO,HI, e.g. 0,0.8, or 'all' (default: the recipe's)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (the unconditional branch)."),
@@ -53,8 +52,8 @@ def generate_cmd(
     tile: Optional[int] = typer.Option(None, "--tile", help="Decode in latent tiles of this side (default: whole, falling back to 64-tiles if the GPU runs out of memory; 0 = never tile)."),
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write each final latent (DiT space) as <stem>.safetensors."),
     grid: bool = typer.Option(False, "--grid", help="Also write grid.png of all images."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: the accelerate device)."),
+    dtype: Optional[Dtype] = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
     sets: Optional[list[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -63,52 +62,49 @@ def generate_cmd(
     2x the resolution at the base token count. Sampling recipe (steps, guidance, interval, sampler): the one
     stored with the adapted model, or the preset's `sample` section with --native; flags override it. PNGs
     carry prompt, seed, the settings, shift and sigma grid actually used, and the model identities."""
-    with errors():
-        from ..generate import GenerateSettings, generate, read_prompts
+    from ..generate import GenerateSettings, generate, read_prompts
 
-        p = resolve_preset(preset, sets)
-        texts = list(prompt or [])
-        if prompts is not None:
-            texts += read_prompts(prompts)
-        interval: object = "recipe"
-        if guidance_interval is not None and guidance_interval.strip().lower() in ("all", "none", "off"):
-            interval = None
-        elif guidance_interval is not None:
-            try:
-                lo, hi = (float(v) for v in guidance_interval.split(","))
-            except ValueError:
-                fail(f"--guidance-interval {guidance_interval!r}: expected LO,HI (e.g. 0,0.8) or 'all'")
-            interval = (lo, hi)
-        check_sampling(steps, shift, None if isinstance(interval, str) else interval, sampler, prefix="--")
-        if dtype is not None and dtype not in ("bf16", "fp16", "fp32"):
-            fail(f"--dtype {dtype}: choose bf16, fp16 or fp32")
-        s = GenerateSettings(out_dir=out, prompts=texts, class_ids=list(class_id or []), res=res, steps=steps,
-                             guidance=guidance, guidance_interval=interval, negative_prompt=negative_prompt, seed=seed,
-                             num_images=num_images, batch_size=batch_size, sampler=sampler, shift=shift,
-                             save_latents=save_latents, grid=grid, tile=tile, device=device, dtype=dtype)
-        bar = progress_bar()
-        task = None
-
-        def progress(done, total):
-            nonlocal task
-            if task is None:
-                bar.start()
-                task = bar.add_task("generate", total=total, completed=done, info="")
-            bar.update(task, completed=done)
-
+    p = resolve_preset(preset, sets)
+    texts = list(prompt or [])
+    if prompts is not None:
+        texts += read_prompts(prompts)
+    interval: object = "recipe"
+    if guidance_interval is not None and guidance_interval.strip().lower() in ("all", "none", "off"):
+        interval = None
+    elif guidance_interval is not None:
         try:
-            report = generate(p, s, vae_dir=str(vae) if vae else None, dit_dir=str(dit) if dit else None,
-                              base_pipeline=base_pipeline, native=native, use_t5=not no_t5, progress=progress,
-                              on_message=lambda t: err.print(t))
-        finally:
-            if task is not None:
-                bar.stop()
-        if json_out:
-            print_json(report)
-            return
-        n = len(report["written"])
-        typer.echo(f"{n} image(s) written to {out} ({report['skipped_existing']} already there), "
-                   f"{report['res']}² with {report['tokens']} image tokens ({report['mode']})")
-        if n:
-            typer.echo(f"sampling {report['sample_s']:.1f} s, decoding {report['decode_s']:.1f} s "
-                       f"({report['s_per_image']:.2f} s per image on {report['device']})")
+            lo, hi = (float(v) for v in guidance_interval.split(","))
+        except ValueError:
+            fail(f"--guidance-interval {guidance_interval!r}: expected LO,HI (e.g. 0,0.8) or 'all'")
+        interval = (lo, hi)
+    check_sampling(steps, shift, None if isinstance(interval, str) else interval, sampler, prefix="--")
+    s = GenerateSettings(out_dir=out, prompts=texts, class_ids=list(class_id or []), res=res, steps=steps,
+                         guidance=guidance, guidance_interval=interval, negative_prompt=negative_prompt, seed=seed,
+                         num_images=num_images, batch_size=batch_size, sampler=sampler, shift=shift,
+                         save_latents=save_latents, grid=grid, tile=tile, device=device, dtype=dtype_name(dtype))
+    bar = progress_bar()
+    task = None
+
+    def progress(done, total):
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("generate", total=total, completed=done, info="")
+        bar.update(task, completed=done)
+
+    try:
+        report = generate(p, s, vae_dir=str(vae) if vae else None, dit_dir=str(dit) if dit else None,
+                          base_pipeline=base_pipeline, native=native, use_t5=not no_t5, progress=progress,
+                          on_message=lambda t: err.print(t))
+    finally:
+        if task is not None:
+            bar.stop()
+    if json_out:
+        print_json(report)
+        return
+    n = len(report["written"])
+    typer.echo(f"{n} image(s) written to {out} ({report['skipped_existing']} already there), "
+               f"{report['res']}² with {report['tokens']} image tokens ({report['mode']})")
+    if n:
+        typer.echo(f"sampling {report['sample_s']:.1f} s, decoding {report['decode_s']:.1f} s "
+                   f"({report['s_per_image']:.2f} s per image on {report['device']})")

@@ -7,11 +7,9 @@ from typing import Optional
 import typer
 
 from ..config import available_presets, read_preset_yaml
-from .app import app
-from .common import SetOpt, errors, print_json, resolve_preset
+from .common import SetOpt, print_json, resolve_preset
 
 
-@app.command("presets")
 def presets_cmd(
     name: Optional[str] = typer.Argument(None, help="A preset to print (name or YAML path)."),
     sets: Optional[list[str]] = SetOpt,
@@ -21,17 +19,16 @@ def presets_cmd(
 
     Example: davae presets tiny --set train_vae.steps=50
     """
-    with errors():
-        if name is None:
-            rows = {n: read_preset_yaml(n).get("description", "") for n in available_presets()}
-            if json_out:
-                print_json(rows)
-            else:
-                for n, d in rows.items():
-                    typer.echo(f"{n:14s} {d}")
-            return
-        p = resolve_preset(name, sets)
+    if name is None:
+        rows = {n: read_preset_yaml(n).get("description", "") for n in available_presets()}
         if json_out:
-            print_json(p.to_dict())
+            print_json(rows)
         else:
-            typer.echo(p.to_yaml(), nl=False)
+            for n, d in rows.items():
+                typer.echo(f"{n:14s} {d}")
+        return
+    p = resolve_preset(name, sets)
+    if json_out:
+        print_json(p.to_dict())
+    else:
+        typer.echo(p.to_yaml(), nl=False)

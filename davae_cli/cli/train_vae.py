@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import app
-from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, err, errors, fail, print_json, resolve_preset
+from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, err, fail, print_json, resolve_preset
 
 EXAMPLES = """
 Examples:
@@ -23,7 +22,6 @@ Examples:
 """
 
 
-@app.command("train-vae", epilog=EXAMPLES)
 def train_vae_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (created; must be new unless --resume)."),
     data: Optional[list[str]] = typer.Option(None, "--data", "-d", help="Image folder(s), recursive; `skimage` = scikit-image's bundled photos."),
@@ -39,36 +37,35 @@ def train_vae_cmd(
 
     Writes RUN/config.yaml, RUN/checkpoints/, RUN/log.jsonl, RUN/samples/ and the exported model at RUN/final.
     """
-    with errors():
-        extra = []
-        if base_vae is not None:
-            extra.append(f"vae.base_vae={base_vae}")
-            if base_vae == "random" or Path(base_vae).exists():
-                extra.append("vae.base_vae_subfolder=null")
-        if steps is not None:
-            extra.append(f"train_vae.steps={steps}")
-        p = resolve_preset(preset, sets, extra)
-        if p.train_vae.steps > 0 and not data:
-            fail("--data is required when training (use --steps 0 to export an untrained model)")
-        from ..train.vae import train_vae
+    extra = []
+    if base_vae is not None:
+        extra.append(f"vae.base_vae={base_vae}")
+        if base_vae == "random" or Path(base_vae).exists():
+            extra.append("vae.base_vae_subfolder=null")
+    if steps is not None:
+        extra.append(f"train_vae.steps={steps}")
+    p = resolve_preset(preset, sets, extra)
+    if p.train_vae.steps > 0 and not data:
+        fail("--data is required when training (use --steps 0 to export an untrained model)")
+    from ..train.vae import train_vae
 
-        cb = RichTrainCallbacks("train-vae")
-        try:
-            result = train_vae(p, list(data or []), out, resume=resume, val_data=val_data, callbacks=cb)
-        finally:
-            cb.on_end({})
-        m = result.metrics
-        if json_out:
-            print_json({"run_dir": result.run_dir, "final": result.final_dir, "steps": result.steps,
-                        "skipped_images": result.skipped_images, "eval": m})
-            return
-        if m:
-            typer.echo(f"held-out {m['num_images']} images at {p.train_vae.resolution}px:")
-            typer.echo(f"  (a) base at 1/2 + bicubic  PSNR {m['base_half_bicubic.psnr']:.2f} dB  SSIM {m['base_half_bicubic.ssim']:.4f}")
-            typer.echo(f"  (b) DA-VAE (same tokens)   PSNR {m['davae.psnr']:.2f} dB  SSIM {m['davae.ssim']:.4f}")
-            typer.echo(f"  (c) base at full res (4x)  PSNR {m['base_full.psnr']:.2f} dB  SSIM {m['base_full.ssim']:.4f}")
-            gap = "n/a (c is not better than a)" if m["gap_closed"] is None else f"{100 * m['gap_closed']:.1f}%"
-            typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}   MSE(Proj(z_d), z_base) {m['align_mse']:.4f}")
-        if result.skipped_images:
-            err.print(f"{result.skipped_images} unreadable image(s) were skipped")
-        typer.echo(f"DA-VAE written to {result.final_dir}")
+    cb = RichTrainCallbacks("train-vae")
+    try:
+        result = train_vae(p, list(data or []), out, resume=resume, val_data=val_data, callbacks=cb)
+    finally:
+        cb.on_end({})
+    m = result.metrics
+    if json_out:
+        print_json({"run_dir": result.run_dir, "final": result.final_dir, "steps": result.steps,
+                    "skipped_images": result.skipped_images, "eval": m})
+        return
+    if m:
+        typer.echo(f"held-out {m['num_images']} images at {p.train_vae.resolution}px:")
+        typer.echo(f"  (a) base at 1/2 + bicubic  PSNR {m['base_half_bicubic.psnr']:.2f} dB  SSIM {m['base_half_bicubic.ssim']:.4f}")
+        typer.echo(f"  (b) DA-VAE (same tokens)   PSNR {m['davae.psnr']:.2f} dB  SSIM {m['davae.ssim']:.4f}")
+        typer.echo(f"  (c) base at full res (4x)  PSNR {m['base_full.psnr']:.2f} dB  SSIM {m['base_full.ssim']:.4f}")
+        gap = "n/a (c is not better than a)" if m["gap_closed"] is None else f"{100 * m['gap_closed']:.1f}%"
+        typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}   MSE(Proj(z_d), z_base) {m['align_mse']:.4f}")
+    if result.skipped_images:
+        err.print(f"{result.skipped_images} unreadable image(s) were skipped")
+    typer.echo(f"DA-VAE written to {result.final_dir}")

@@ -20,7 +20,12 @@ FACTS_FILE = "davae_dit.json"  # the sampling facts written beside an adapted mo
 
 
 def sd3_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-    """SD3 already uses the sigma convention; its timestep is sigma * 1000."""
+    """SD3 already uses the sigma convention; its timestep is sigma * 1000.
+
+    x (N, C[+D], h, w) -> velocity of the same shape; embeds (N, 77 + T5 tokens, joint_attention_dim),
+    pooled (N, pooled_projection_dim), sigma (N,). Inside diffusers' SD3Transformer2DModel: patchify to
+    (N, h w / p^2, hidden), joint attention with the text tokens, proj_out to (N, h w / p^2, p p (C[+D])),
+    unpatchify back to (N, C[+D], h, w)."""
     return model(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
                  timestep=sigma * 1000.0, return_dict=False)[0]
 
@@ -127,7 +132,7 @@ class LightningDiTBackend(_Backend):
                 raise DavaeError(f"dit.arch: not a valid LightningDiT config ({e})") from None
         if spec != "random":
             if not p.is_file():
-                raise DavaeError(f"--dit {spec}: no such checkpoint file or folder (LightningDiT loads local files)")
+                raise DavaeError(f"{spec}: no such checkpoint file or folder (LightningDiT loads local files)", param="dit")
             L.load_lightningdit_weights(model, str(p))
         return model.to(dtype)
 

@@ -179,9 +179,9 @@ class PatchEmbed(nn.Module):
         if cb >= conv.in_channels:
             out = conv(x)
         else:
-            out = F.conv2d(x[:, :cb], conv.weight[:, :cb], conv.bias, conv.stride)
-            out = out + F.conv2d(x[:, cb:], conv.weight[:, cb:], None, conv.stride)
-        return out.flatten(2).transpose(1, 2)
+            out = F.conv2d(x[:, :cb], conv.weight[:, :cb], conv.bias, conv.stride)  # base branch (N, d, H/p, W/p)
+            out = out + F.conv2d(x[:, cb:], conv.weight[:, cb:], None, conv.stride)  # + zero-init detail branch
+        return out.flatten(2).transpose(1, 2)  # (N, T, d)
 
 
 class TimestepEmbedder(nn.Module):
@@ -252,6 +252,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding2D | None = None) -> torch.Tensor:
         n, t, d = x.shape
+        # q, k, v: (N, heads, T, head_dim)
         q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -314,8 +315,9 @@ class LightningDiTBlock(nn.Module):
             shift_msa = shift_mlp = None
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # x (N, T, d), c (N, d); every modulation (N, d), broadcast over the T tokens
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)  # (N, T, d)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, d)
         return x
 
 
@@ -464,14 +466,16 @@ class LightningDiT(ModelMixin, ConfigMixin):
         y = torch.as_tensor(y, device=x.device)
         y = y.expand(n) if y.ndim == 0 else y
 
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        # x (N, C[+D], H, W); T = (H / p) * (W / p) tokens of width d = hidden_size
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, d)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, d)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, c, self.feat_rope, use_reentrant=False)
             else:
-                h = block(h, c, self.feat_rope)
-        return self.unpatchify(self.final_layer(h, c))
+                h = block(h, c, self.feat_rope)  # (N, T, d)
+        h = self.final_layer(h, c)  # (N, T, p * p * out_channels)
+        return self.unpatchify(h)  # (N, out_channels, H, W)
 
 
 def build_lightningdit(size: str, **overrides) -> LightningDiT:

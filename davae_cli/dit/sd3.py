@@ -42,21 +42,21 @@ def load_sd3_transformer(spec: str, subfolder: Optional[str] = "transformer", ar
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise DavaeError(f"--dit {spec}: an SD3 transformer is a diffusers folder, not a file")
+            raise DavaeError(f"{spec}: an SD3 transformer is a diffusers folder, not a file", param="dit")
         folder = path
         if not (folder / "config.json").is_file() and subfolder and (folder / subfolder / "config.json").is_file():
             folder = folder / subfolder
         if not (folder / "config.json").is_file():
-            raise DavaeError(f"--dit {spec}: no config.json (expected an SD3Transformer2DModel or pipeline folder)")
+            raise DavaeError(f"{spec}: no config.json (expected an SD3Transformer2DModel or pipeline folder)", param="dit")
         cfg = json.loads((folder / "config.json").read_text())
         if cfg.get("_class_name") not in (None, "SD3Transformer2DModel"):
-            raise DavaeError(f"--dit {spec}: holds a {cfg.get('_class_name')}, not an SD3Transformer2DModel")
+            raise DavaeError(f"{spec}: holds a {cfg.get('_class_name')}, not an SD3Transformer2DModel", param="dit")
         try:
             return SD3Transformer2DModel.from_pretrained(folder, torch_dtype=dtype)
         except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
-            raise DavaeError(f"--dit {spec}: unreadable ({str(e).splitlines()[0][:160]})") from None
+            raise DavaeError(f"{spec}: unreadable ({str(e).splitlines()[0][:160]})", param="dit") from None
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise DavaeError(f"--dit {spec}: no such folder (and not a hub id like owner/name)")
+        raise DavaeError(f"{spec}: no such folder (and not a hub id like owner/name)", param="dit")
     try:
         return SD3Transformer2DModel.from_pretrained(spec, subfolder=subfolder, torch_dtype=dtype)
     except Exception as e:  # noqa: BLE001

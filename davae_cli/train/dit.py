@@ -35,9 +35,8 @@ from ..errors import DavaeError
 from ..latent_data import LatentDataset, prepare_latent_dataset
 from ..latents import LatentNormalizer, atomic_write_bytes
 from ..vae.model import DetailAlignedVAE
-from .loop import (Callbacks, GracefulInterrupt, JsonlLog, load_checkpoint, maybe_kill, restore_training_state,
-                   save_checkpoint, training_state)
-from .vae import _lr_lambda, any_process, open_run
+from .loop import (Callbacks, GracefulInterrupt, JsonlLog, any_process, load_checkpoint, lr_lambda, maybe_kill,
+                   open_run, restore_training_state, save_checkpoint, training_state)
 
 
 @dataclass
@@ -219,7 +218,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     run_dir = Path(run_dir)
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").is_file():
-        raise DavaeError(f"--vae {vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)")
+        raise DavaeError(f"{vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)", param="vae")
     acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="adapt_dit")
     a = preset.adapt_dit
     dit_spec = dit or preset.dit.pretrained
@@ -231,8 +230,8 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     if info_path.is_file():
         saved = json.loads(info_path.read_text())
         if saved.get("vae_identity") != vae.identity or saved.get("dit") != dit_spec:
-            raise DavaeError("--resume: the run was started with a different DA-VAE or DiT "
-                             f"({saved.get('vae')}, {saved.get('dit')})")
+            raise DavaeError(": the run was started with a different DA-VAE or DiT "
+                             f"({saved.get('vae')}, {saved.get('dit')})", param="resume")
     elif acc.is_main_process:
         atomic_write_bytes(info_path, json.dumps({**run_info, "vae_identity": vae.identity}, indent=2).encode())
     backend, model = build_adapted_dit(preset, vae, dit_spec, seed=a.seed)
@@ -246,7 +245,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         return AdaptDiTResult(str(run_dir), str(final_dir), 0, {})
 
     if not data:
-        raise DavaeError("--data is required when training (--steps > 0)")
+        raise DavaeError("is required when training (--steps > 0)", param="data")
     cb.on_message("preparing the latent dataset (encoded once, reused by --resume)")
     records = prepare_latent_dataset(
         vae, list(map(str, data)), run_dir / "cache", resolution=a.resolution, conditioning=backend.conditioning,
@@ -285,7 +284,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     for p in params:  # trainable weights (LoRA included) stay fp32 whatever the autocast dtype (SPEC §10.7)
         p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(a.warmup_steps, a.steps, "constant"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(a.warmup_steps, a.steps, "constant"))
     from diffusers.training_utils import EMAModel
 
     ema = EMAModel(params, decay=a.ema_decay, use_ema_warmup=False)
@@ -295,7 +294,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         state = load_checkpoint(ckpt_path)
         current = dict(named)
         if set(state["trainable"]) != set(current):
-            raise DavaeError(f"--resume: checkpoint {ckpt_path.name} holds other trainable weights than this model")
+            raise DavaeError(f": checkpoint {ckpt_path.name} holds other trainable weights than this model", param="resume")
         with torch.no_grad():
             for n, t in state["trainable"].items():
                 current[n].copy_(t)

@@ -1,9 +1,12 @@
-"""Run-folder bookkeeping shared by the trainers: atomic checkpoints with a `latest` pointer, pruning,
-resumable JSONL logs, RNG state, and the callback protocol the CLI renders as a progress bar."""
+"""The machinery every trainer shares: the run folder (created, or reopened and checked, by the main
+process first), the accelerator, the learning-rate schedule, atomic checkpoints with a `latest` pointer and
+pruning, exact resume (weights, EMA, optimizers, schedulers, RNG), resumable JSONL logs, agreed stops
+across processes, and the callback protocol the CLI renders as a progress bar."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -13,24 +16,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..callbacks import Callbacks  # noqa: F401  (re-exported for the trainers)
+from ..config import Preset, preset_from_dict
 from ..errors import DavaeError
 from ..latents import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 KILL_ENV = "DAVAE_KILL_AFTER_STEP"  # tests: hard-kill the process right after this step's checkpoint
-
-
-class Callbacks:
-    """What a trainer reports while it runs. The CLI subclasses this to draw a rich progress bar."""
-
-    def on_start(self, total_steps: int, start_step: int, info: dict) -> None: ...
-
-    def on_step(self, step: int, metrics: dict) -> None: ...
-
-    def on_message(self, text: str) -> None: ...
-
-    def on_end(self, summary: dict) -> None: ...
 
 
 def step_name(step: int) -> str:
@@ -167,3 +160,89 @@ class GracefulInterrupt:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+# ------------------------------------------------------------------------------------------ run set-up
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool,
+                    section: str = "train_vae") -> tuple[Preset, Optional[Path]]:
+    """Create or reopen a run folder. Returns the preset to use and the checkpoint to resume from.
+
+    Never overwrites: an existing run needs `--resume`; a resumed run must use the same preset
+    (only `<section>.steps` may change, to train longer).
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if resume:
+        if not cfg_path.is_file():
+            raise DavaeError(f": {run_dir} is not a run folder (no config.yaml)", param="resume")
+        import yaml
+
+        saved = preset_from_dict(yaml.safe_load(cfg_path.read_text()))
+        ignored = (f"{section}.steps", "name", "description")  # what may differ: the length, and labels
+        diff = [k for k in _differences(saved.to_dict(), preset.to_dict()) if k not in ignored]
+        if diff:
+            raise DavaeError(f": the run was made with different settings ({', '.join(diff[:4])}); "
+                             f"resume with the same preset and --set values", param="resume")
+        getattr(saved, section).steps = getattr(preset, section).steps
+        return saved, ckpt
+    if run_dir.exists() and any(run_dir.iterdir()):
+        hint = "pass --resume to continue it" if ckpt or cfg_path.exists() else "choose an empty or new folder"
+        raise DavaeError(f"{run_dir} already exists and is not empty; {hint}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cfg_path, preset.to_yaml().encode())
+    return preset, None
+
+
+def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_vae"):
+    """(accelerator, preset, checkpoint): the main process creates or checks the run folder first, the
+    others then read what it wrote (no race on a fresh folder under `accelerate launch`)."""
+    acc = _make_accelerator(getattr(preset, section).seed)
+    if acc.is_main_process:
+        preset, ckpt = prepare_run_dir(run_dir, preset, resume, section)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        preset, ckpt = prepare_run_dir(run_dir, preset, True, section)
+    return acc, preset, ckpt
+
+
+def any_process(acc, flag: bool) -> bool:
+    """True on every process if `flag` is true on any (so all stop at the same step)."""
+    if acc.num_processes == 1:
+        return bool(flag)
+    return bool(acc.reduce(torch.tensor([int(flag)], device=acc.device), "sum").item() > 0)
+
+
+def _make_accelerator(seed: int):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(mixed_precision=os.environ.get("DAVAE_MIXED_PRECISION", mp))
+    set_seed(seed)
+    return acc
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    """Linear warmup, then constant or cosine decay to 0 at `total` steps."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f

@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from .. import latents as L
-from ..config import Preset, preset_from_dict
+from ..config import Preset
 from ..data import CachedBaseCropDataset, ImageSource, StepCropDataset, StepSampler, center_crops, list_images
 from ..errors import DavaeError
 from ..latents import atomic_write_bytes
-from ..metrics import psnr, ssim
+from ..metrics import reconstruction_metrics
 from ..vae.base import load_base_vae
 from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm_ratio, hinge_d_loss,
                           kl_divergence)
 from ..vae.model import DetailAlignedVAE
-from .loop import (Callbacks, GracefulInterrupt, JsonlLog, latest_checkpoint, load_checkpoint, maybe_kill,
-                   restore_training_state, save_checkpoint, training_state)
+from .loop import (Callbacks, GracefulInterrupt, JsonlLog, any_process, load_checkpoint, lr_lambda, maybe_kill,
+                   open_run, restore_training_state, save_checkpoint, training_state)
 
 
 @dataclass
@@ -39,48 +39,6 @@ class TrainVAEResult:
     steps: int
     metrics: dict
     skipped_images: int
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}")
-    return out
-
-
-def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool,
-                    section: str = "train_vae") -> tuple[Preset, Optional[Path]]:
-    """Create or reopen a run folder. Returns the preset to use and the checkpoint to resume from.
-
-    Never overwrites: an existing run needs `--resume`; a resumed run must use the same preset
-    (only `<section>.steps` may change, to train longer).
-    """
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if resume:
-        if not cfg_path.is_file():
-            raise DavaeError(f"--resume: {run_dir} is not a run folder (no config.yaml)")
-        import yaml
-
-        saved = preset_from_dict(yaml.safe_load(cfg_path.read_text()))
-        ignored = (f"{section}.steps", "name", "description")  # what may differ: the length, and labels
-        diff = [k for k in _differences(saved.to_dict(), preset.to_dict()) if k not in ignored]
-        if diff:
-            raise DavaeError(f"--resume: the run was made with different settings ({', '.join(diff[:4])}); "
-                             f"resume with the same preset and --set values")
-        getattr(saved, section).steps = getattr(preset, section).steps
-        return saved, ckpt
-    if run_dir.exists() and any(run_dir.iterdir()):
-        hint = "pass --resume to continue it" if ckpt or cfg_path.exists() else "choose an empty or new folder"
-        raise DavaeError(f"{run_dir} already exists and is not empty; {hint}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cfg_path, preset.to_yaml().encode())
-    return preset, None
 
 
 def _split_validation(source: ImageSource, num_val: int, seed: int) -> tuple[ImageSource, ImageSource]:
@@ -94,35 +52,6 @@ def _split_validation(source: ImageSource, num_val: int, seed: int) -> tuple[Ima
     train = ImageSource([it for i, it in enumerate(source.items) if i not in idx], source.skipped)
     val = ImageSource([it for i, it in enumerate(source.items) if i in idx])
     return train, val
-
-
-def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_vae"):
-    """(accelerator, preset, checkpoint): the main process creates or checks the run folder first, the
-    others then read what it wrote (no race on a fresh folder under `accelerate launch`)."""
-    acc = _make_accelerator(getattr(preset, section).seed)
-    if acc.is_main_process:
-        preset, ckpt = prepare_run_dir(run_dir, preset, resume, section)
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        preset, ckpt = prepare_run_dir(run_dir, preset, True, section)
-    return acc, preset, ckpt
-
-
-def any_process(acc, flag: bool) -> bool:
-    """True on every process if `flag` is true on any (so all stop at the same step)."""
-    if acc.num_processes == 1:
-        return bool(flag)
-    return bool(acc.reduce(torch.tensor([int(flag)], device=acc.device), "sum").item() > 0)
-
-
-def _make_accelerator(seed: int):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    acc = Accelerator(mixed_precision=os.environ.get("DAVAE_MIXED_PRECISION", mp))
-    set_seed(seed)
-    return acc
 
 
 class VAETrainStep:
@@ -191,22 +120,8 @@ def _optimizer(params_groups, lr: float, betas, wd: float):
     return torch.optim.AdamW(params_groups, lr=lr, betas=tuple(betas), weight_decay=wd)
 
 
-def _lr_lambda(warmup: int, total: int, schedule: str):
-    """Linear warmup, then constant or cosine decay to 0 at `total` steps."""
-
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
-
-    return f
-
-
 @torch.no_grad()
-def evaluate_reconstruction(model: DetailAlignedVAE, images: torch.Tensor, batch_size: int = 8,
+def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size: int = 8,
                             lpips_model=None, baselines: bool = True) -> dict:
     """PSNR/SSIM(/LPIPS) on held-out images (B, 3, H, W) in [-1, 1]:
     (b) the DA-VAE; with `baselines`, (a) the base at 1/s + bicubic (same tokens) and (c) the base at
@@ -226,10 +141,8 @@ def evaluate_reconstruction(model: DetailAlignedVAE, images: torch.Tensor, batch
             outs["base_half_bicubic"] = model.decode_baseline(enc.z_base)
             outs["base_full"] = model.reconstruct_base_full(x)
         for name, y in outs.items():
-            add(f"{name}.psnr", psnr(y, x))
-            add(f"{name}.ssim", ssim(y, x))
-            if lpips_model is not None:
-                add(f"{name}.lpips", lpips_model(y.float(), x.float()).flatten())
+            for metric, values in reconstruction_metrics(y, x, lpips_model).items():
+                add(f"{name}.{metric}", values)
     res = {k: float(torch.cat(v).mean()) for k, v in acc.items()}
     res["num_images"] = int(images.shape[0])
     if baselines:
@@ -314,7 +227,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
         return TrainVAEResult(str(run_dir), str(final_dir), 0, {}, 0)
 
     if not data:
-        raise DavaeError("--data is required when training (--steps > 0)")
+        raise DavaeError("is required when training (--steps > 0)", param="data")
     source = list_images(data)
     if val_data:
         val_source = list_images(val_data)
@@ -336,7 +249,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     if trunk_params:
         groups.append({"params": trunk_params, "lr": t.lr})
     opt = _optimizer(groups, t.lr, t.betas, t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(t.warmup_steps, t.steps, t.lr_schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.lr_schedule))
     opt_d = _optimizer(disc.parameters(), t.disc_lr or t.lr, t.betas, t.weight_decay) if disc is not None else None
 
     from diffusers.training_utils import EMAModel
@@ -388,7 +301,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
         ema.copy_to(trainable)
         raw.eval()
         try:
-            res = evaluate_reconstruction(raw, val_images, t.batch_size, lpips_model)
+            res = evaluate_held_out(raw, val_images, t.batch_size, lpips_model)
             n = min(4, val_images.shape[0])
             x = val_images[:n].to(device)
             enc = raw.encode(x)

@@ -1,4 +1,5 @@
-"""Image metrics: PSNR and SSIM on images in [-1, 1] (computed on [0, 1]), per image."""
+"""Image metrics on images in [-1, 1] (computed on [0, 1]), per image: PSNR, SSIM, and the set of them
+(with LPIPS when a model is given) that every reconstruction evaluation reports."""
 
 from __future__ import annotations
 
@@ -40,3 +41,12 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     sxy = filt(x * y) - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     return s.flatten(1).mean(1).float()
+
+
+def reconstruction_metrics(y: torch.Tensor, x: torch.Tensor, lpips_model=None) -> dict[str, torch.Tensor]:
+    """Per-image PSNR, SSIM and (with `lpips_model`) LPIPS of reconstructions `y` against originals `x`,
+    both (B, 3, H, W) in [-1, 1]: what train-vae's held-out evaluation and eval-fid --reconstruct report."""
+    out = {"psnr": psnr(y, x), "ssim": ssim(y, x)}
+    if lpips_model is not None:
+        out["lpips"] = lpips_model(y.float(), x.float()).flatten().float()
+    return out

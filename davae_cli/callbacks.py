@@ -1,0 +1,15 @@
+"""The callback protocol of long-running jobs (torch-free, so the CLI can import it at start-up)."""
+
+from __future__ import annotations
+
+
+class Callbacks:
+    """What a trainer reports while it runs. The CLI subclasses this to draw a rich progress bar."""
+
+    def on_start(self, total_steps: int, start_step: int, info: dict) -> None: ...
+
+    def on_step(self, step: int, metrics: dict) -> None: ...
+
+    def on_message(self, text: str) -> None: ...
+
+    def on_end(self, summary: dict) -> None: ...

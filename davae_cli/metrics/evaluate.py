@@ -1,0 +1,253 @@
+"""The evaluations behind `davae eval-fid`: FID/KID of folders (or against statistics), statistics files,
+and tokenizer metrics (rFID, PSNR, SSIM, LPIPS of a DA-VAE's reconstructions). Every number comes with
+what produced it: the feature extractor (name, file, sha256 prefix), the clean-fid mode, how images were
+resized to the network's input, and how many images were used."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import data as D
+from ..errors import DavaeError
+from ..latents import atomic_write_bytes
+from ._util import _first_line
+from .extractors import MODES, NO_LOGITS, RESIZE, FeatureExtractor, default_device, resolve_extractor
+from .features import FeatureSet, ProgressFn, _loader, _same_shape_runs, _to_chw, folder_features, list_folder
+from .fid import frechet, kid
+from .stats import _protocol_notes, check_stats_shape, is_stats_file, load_stats_npz, named_stats, parse_stats_name
+
+
+def _protocol(extractor: FeatureExtractor, mode: str) -> dict:
+    return {"mode": mode, "feature_extractor": extractor.describe(), "resize": RESIZE[mode]}
+
+
+def _check_common(mode: str, batch_size: int, num_workers: int) -> None:
+    if mode not in MODES:
+        raise DavaeError(f"{mode}: choose from {', '.join(MODES)}", param="mode")
+    if batch_size < 1:
+        raise DavaeError("must be >= 1", param="batch_size")
+    if num_workers < 0:
+        raise DavaeError("must be >= 0", param="num_workers")
+
+
+def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats: Optional[str] = None,
+                 mode: str = "clean", with_kid: bool = False, batch_size: int = 32, num_workers: int = 0,
+                 device: Optional[str] = None, inception: Optional[str | Path] = None,
+                 progress: Optional[ProgressFn] = None, use_cache: bool = True) -> dict:
+    """FID (and KID) of the images under `gen` against the images under `ref` or against `ref_stats`
+    (an .npz with mu/sigma, or clean-fid's NAME[:RES[:SPLIT]]). Returns the result with its protocol."""
+    _check_common(mode, batch_size, num_workers)
+    if ref is None and ref_stats is None:
+        raise DavaeError("give a reference: a REF folder or --ref-stats NAME_OR_NPZ")
+    if ref is not None and ref_stats is not None:
+        raise DavaeError("give either a REF folder or --ref-stats, not both")
+    gen_src = list_folder(gen, "GEN")
+    ref_src = list_folder(ref, "REF") if ref is not None else None
+    ref_file = None
+    if ref_stats is not None and is_stats_file(ref_stats):
+        ref_file = load_stats_npz(ref_stats)
+        if with_kid and ref_file.feats is None:
+            raise DavaeError(f"needs reference features, and {ref_stats} holds only mu/sigma; pass a REF folder "
+                             f"or statistics saved with `--save-stats OUT.npz --kid` (they keep `feats`)", param="kid")
+    elif ref_stats is not None:
+        parse_stats_name(ref_stats)  # syntax errors before any model is loaded
+    notes: list = []
+    dev = default_device(device)
+    extractor = resolve_extractor(mode, dev, inception, notes)
+    if ref_stats is not None:
+        refs = ref_file if ref_file is not None else named_stats(ref_stats, mode, with_kid)
+        if ref_file is None and not extractor.is_cleanfid:
+            notes.append(f"{refs.label} come from clean-fid's Inception; this run uses {extractor.name}")
+        check_stats_shape(refs, extractor)
+        if ref_file is not None:
+            _protocol_notes(refs, extractor, mode, notes)
+    kw = dict(batch_size=batch_size, num_workers=num_workers, progress=progress, use_cache=use_cache, notes=notes)
+    g = folder_features(gen, extractor, mode, role="GEN", source=gen_src, **kw)
+    mu_g, sigma_g = g.stats()
+    result = {"fid": None, "num_gen": g.num, "num_ref": None, "mode": mode,
+              "feature_extractor": extractor.describe(), "resize": RESIZE[mode], "reference": None,
+              "skipped_gen": len(g.skipped), "skipped_ref": 0, "inception_score": None,
+              "inception_score_reason": NO_LOGITS}
+    if ref_src is not None:
+        r = folder_features(ref, extractor, mode, role="REF", source=ref_src, **kw)
+        mu_r, sigma_r = r.stats()
+        ref_feats = r.feats
+        result.update(num_ref=r.num, reference=str(Path(ref).expanduser()), skipped_ref=len(r.skipped),
+                      reference_kind="folder")
+        skipped = [(p, w) for p, w in g.skipped] + [(p, w) for p, w in r.skipped]
+        cached = {"gen": g.cached, "ref": r.cached}
+    else:
+        mu_r, sigma_r, ref_feats = refs.mu, refs.sigma, refs.feats
+        result.update(num_ref=refs.num, reference=refs.label,
+                      reference_kind="npz" if ref_file is not None else "clean-fid")
+        skipped = list(g.skipped)
+        cached = {"gen": g.cached}
+    result["fid"] = frechet(mu_g, sigma_g, mu_r, sigma_r, notes)
+    if with_kid:
+        result["kid"] = kid(g.feats, ref_feats)
+    result["feature_extractor"] = extractor.describe()
+    result["skipped"] = [{"path": p, "reason": w} for p, w in skipped]
+    result["cached"] = cached
+    result["notes"] = notes
+    return result
+
+
+def save_statistics(folder: str | Path, out: str | Path, *, mode: str = "clean", with_feats: bool = False,
+                    batch_size: int = 32, num_workers: int = 0, device: Optional[str] = None,
+                    inception: Optional[str | Path] = None, progress: Optional[ProgressFn] = None,
+                    use_cache: bool = True) -> dict:
+    """Write mu, sigma (float64), num_images and the protocol (JSON) of a folder to an .npz; `feats`
+    too with `with_feats` (needed to compute KID against the file later)."""
+    _check_common(mode, batch_size, num_workers)
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".npz":
+        raise DavaeError(f"{out}: the file name must end in .npz", param="save_stats")
+    src = list_folder(folder, "GEN")
+    notes: list = []
+    extractor = resolve_extractor(mode, default_device(device), inception, notes)
+    fs = folder_features(folder, extractor, mode, role="GEN", source=src, batch_size=batch_size,
+                         num_workers=num_workers, progress=progress, use_cache=use_cache, notes=notes)
+    mu, sigma = fs.stats()
+    protocol = {**_protocol(extractor, mode), "num_images": fs.num, "folder": str(Path(folder).expanduser())}
+    arrays = dict(mu=mu, sigma=sigma, num_images=np.array(fs.num), protocol=np.array(json.dumps(protocol)))
+    if with_feats:
+        arrays["feats"] = fs.feats
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(out, buf.getvalue())
+    return {"saved": str(out), "num_images": fs.num, "feature_dim": int(mu.shape[0]), "with_feats": with_feats,
+            "mode": mode, "feature_extractor": extractor.describe(), "resize": RESIZE[mode],
+            "skipped_gen": len(fs.skipped), "skipped": [{"path": p, "reason": w} for p, w in fs.skipped],
+            "cached": {"gen": fs.cached}, "notes": notes}
+
+
+@torch.no_grad()
+def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[int] = None,
+                            base_vae: Optional[str] = None, mode: str = "clean", with_kid: bool = False,
+                            batch_size: int = 16, num_workers: int = 0, device: Optional[str] = None,
+                            inception: Optional[str | Path] = None, progress: Optional[ProgressFn] = None) -> dict:
+    """Tokenizer metrics: every image under `ref` (short side resized to `res` if given, then centre-
+    cropped to a multiple of the DA-VAE's granularity) is encoded and decoded; the 8-bit reconstructions
+    are compared with the prepared originals: rFID (and KID), PSNR, SSIM and, when its weights are
+    available, LPIPS (VGG)."""
+    from ..vae.model import DetailAlignedVAE
+    from .image import reconstruction_metrics
+
+    _check_common(mode, batch_size, num_workers)
+    if res is not None and res < 1:
+        raise DavaeError("must be a positive number of pixels", param="res")
+    src = list_folder(ref, "REF")
+    notes: list = []
+    dev = default_device(device)
+    vae = DetailAlignedVAE.from_pretrained(vae_dir, base_vae=base_vae).to(dev).eval()
+    g = vae.granularity
+    if res is not None and res < g:
+        raise DavaeError(f"{res} is smaller than one latent token of this DA-VAE ({g} px)", param="res")
+    extractor = resolve_extractor(mode, dev, inception, notes)
+    lpips_model, lpips_reason = None, None
+    try:
+        from ..vae.losses import build_lpips
+
+        with warnings.catch_warnings():  # torchvision's deprecation notices about `pretrained`
+            warnings.simplefilter("ignore")
+            lpips_model = build_lpips("vgg").to(dev)
+    except (DavaeError, ImportError) as e:
+        lpips_reason = str(e) if isinstance(e, DavaeError) else f"the lpips package is not available ({e})"
+
+    from cleanfid.resize import build_resizer
+
+    resize = build_resizer(mode)
+    ds = _PreparedImages(src.items, res, g)
+    skipped = [(p, f"unreadable image: {why}") for p, why in src.skipped]
+    f_orig, f_rec, m_psnr, m_ssim, m_lpips = [], [], [], [], []
+    done = 0
+    for batch in _loader(ds, batch_size, num_workers):
+        good = []
+        for i, arr, why in batch:
+            if arr is None:
+                skipped.append((str(src.items[i]), why))
+            else:
+                good.append(arr)
+        groups: dict = {}
+        for arr in good:  # one VAE pass per image size
+            groups.setdefault(arr.shape, []).append(arr)
+        for arrs in groups.values():
+            x = torch.stack([D.to_tensor(a) for a in arrs]).to(dev)
+            y = vae.decode(vae.encode(x).latent)
+            rec = [D.to_uint8(t) for t in y]  # what a saved PNG would hold
+            y8 = torch.stack([D.to_tensor(a) for a in rec]).to(dev)
+            try:
+                m = reconstruction_metrics(y8, x, lpips_model)
+            except Exception as e:  # LPIPS failing (e.g. its weights): report the rest without it
+                if lpips_model is None:
+                    raise
+                lpips_model, lpips_reason, m_lpips = None, f"LPIPS failed: {_first_line(e)}", []
+                m = reconstruction_metrics(y8, x)
+            m_psnr.append(m["psnr"].cpu())
+            m_ssim.append(m["ssim"].cpu())
+            if "lpips" in m:
+                m_lpips.append(m["lpips"].cpu())
+            for src_list, dst in ((arrs, f_orig), (rec, f_rec)):
+                for run in _same_shape_runs([_to_chw(resize(a)) for a in src_list]):
+                    dst.append(extractor(torch.stack(run)).cpu().numpy())
+        done += len(batch)
+        if progress:
+            progress("reconstruct", done, len(src.items))
+    n = sum(len(a) for a in f_orig)
+    if n < 2:
+        raise DavaeError(f"REF folder {ref}: {n} usable image(s) ({len(skipped)} unreadable); FID needs at least 2")
+    fo = FeatureSet(np.concatenate(f_orig).astype(np.float32))
+    fr = FeatureSet(np.concatenate(f_rec).astype(np.float32))
+    extractor._dim = int(fo.feats.shape[1])
+    mu_o, sigma_o = fo.stats()
+    mu_r, sigma_r = fr.stats()
+    rfid = frechet(mu_r, sigma_r, mu_o, sigma_o, notes)
+    result = {"rfid": rfid, "fid": rfid, "psnr": float(torch.cat(m_psnr).mean()),
+              "ssim": float(torch.cat(m_ssim).mean()),
+              "lpips": float(torch.cat(m_lpips).mean()) if lpips_model is not None and m_lpips else None,
+              "num_images": n, "num_gen": n, "num_ref": n, "mode": mode,
+              "feature_extractor": extractor.describe(), "resize": RESIZE[mode],
+              "reference": str(Path(ref).expanduser()), "reference_kind": "reconstruction",
+              "skipped_gen": len(skipped), "skipped_ref": len(skipped),
+              "inception_score": None, "inception_score_reason": NO_LOGITS,
+              "vae": {**vae.describe(), "path": str(vae_dir)}, "res": res, "granularity": g,
+              "image_prep": (f"short side resized to {res} (PIL bicubic), " if res else "")
+              + f"centre-cropped to a multiple of {g} px; metrics on 8-bit reconstructions",
+              "lpips_net": "vgg" if lpips_reason is None else None}
+    if lpips_reason is not None:
+        result["lpips_reason"] = lpips_reason
+    elif os.environ.get("DAVAE_LPIPS_RANDOM_BACKBONE") == "1":
+        notes.append("LPIPS uses a random backbone (DAVAE_LPIPS_RANDOM_BACKBONE=1): its value is not comparable")
+    if with_kid:
+        result["kid"] = kid(fr.feats, fo.feats)
+    result["skipped"] = [{"path": p, "reason": w} for p, w in skipped]
+    result["notes"] = notes
+    return result
+
+
+class _PreparedImages(torch.utils.data.Dataset):
+    """Item i -> (H, W, 3) uint8 fitted to the DA-VAE (D.fit_to_multiple), or the reason it failed."""
+
+    def __init__(self, items: list, res: Optional[int], multiple: int):
+        self.items, self.res, self.multiple = items, res, multiple
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        try:
+            arr = D.read_image(self.items[i])
+        except Exception as e:
+            return i, None, f"unreadable image: {_first_line(e)}"
+        try:
+            return i, np.array(D.fit_to_multiple(arr, self.res, self.multiple)), None  # a writable copy
+        except DavaeError as e:
+            return i, None, str(e)

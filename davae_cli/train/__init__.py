@@ -1,0 +1,1 @@
+"""The trainers (train-vae, adapt-dit) and the run-folder machinery they share."""
