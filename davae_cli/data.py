@@ -241,3 +241,37 @@ class CachedBaseCropDataset(torch.utils.data.Dataset):
         gx = int(rng.integers(0, x.shape[-1] // c - cells + 1))
         ys, xs = slice(gy * c, (gy + cells) * c), slice(gx * c, (gx + cells) * c)
         return x[:, ys, xs], base[:, ys, xs], z[:, gy : gy + cells, gx : gx + cells]
+
+
+@dataclass
+class TrainingImages:
+    """A trainer's images: everything listed (`all`, with the unreadable ones in `all.skipped`), the training
+    share and the held-out share."""
+
+    all: ImageSource
+    train: ImageSource
+    val: ImageSource
+
+
+def split_validation(source: ImageSource, num_val: int, seed: int) -> tuple[ImageSource, ImageSource]:
+    """Hold out `num_val` images (a seeded choice) unless that would leave too few to train on."""
+    n = len(source)
+    if num_val <= 0 or n < 2 * num_val:
+        return source, ImageSource()
+    idx = set(np.random.default_rng([seed, 3]).choice(n, size=num_val, replace=False).tolist())
+    train = ImageSource([it for i, it in enumerate(source.items) if i not in idx], source.skipped)
+    val = ImageSource([it for i, it in enumerate(source.items) if i in idx])
+    return train, val
+
+
+def training_images(data: list, val_data: Optional[list] = None, num_val: int = 0, seed: int = 0) -> TrainingImages:
+    """List `data` (and `val_data`); without `val_data`, hold out `num_val` of `data`. One-line error when
+    nothing readable is left to train on."""
+    source = list_images(data)
+    if val_data:
+        train, val = source, list_images(val_data)
+    else:
+        train, val = split_validation(source, num_val, seed)
+    if len(train) == 0:
+        raise DavaeError(f"no readable images in {', '.join(map(str, data))}")
+    return TrainingImages(source, train, val)

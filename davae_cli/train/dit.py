@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -35,8 +34,8 @@ from ..errors import DavaeError
 from ..latent_data import LatentDataset, prepare_latent_dataset
 from ..latents import LatentNormalizer, atomic_write_bytes
 from ..vae.model import DetailAlignedVAE
-from .loop import (Callbacks, GracefulInterrupt, JsonlLog, any_process, load_checkpoint, lr_lambda, maybe_kill,
-                   open_run, restore_training_state, save_checkpoint, training_state)
+from .loop import (Callbacks, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
+                   training_state)
 
 
 @dataclass
@@ -310,8 +309,11 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     dataset = LatentDataset(records, a.seed, (total * world + world) * a.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=a.batch_size, num_workers=0,
                                          sampler=StepSampler(start_step, total, a.batch_size, rank, world))
-    log = JsonlLog(run_dir / "log.jsonl", resume_step=start_step if ckpt_path is not None else None) \
-        if acc.is_main_process else None
+    loop = RunLoop(acc, run_dir, total=total, start_step=start_step, resumed=ckpt_path is not None, seed=a.seed,
+                   log_every=a.log_every, checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
+                   state_fn=lambda at: training_state(at, ema, opt, sched, preset,
+                                                      trainable={n: p.detach().cpu() for n, p in named}),
+                   callbacks=cb)
 
     # a fixed-noise loss on a few training latents at full detail weight: comparable across steps
     probe_n = min(len(records), 8)
@@ -333,61 +335,38 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
 
     info = {"device": str(device), "world_size": world, "train_images": len(records), "val_images": 0,
             "trainable_params": sum(p.numel() for p in params), "start_step": start_step, "backend": backend.name}
-    if acc.is_main_process:
-        log.write({"step": start_step, "event": "start", **info})
-    cb.on_start(total, start_step, info)
+    loop.start(info)
     metrics: dict = {}
     if start_step == 0:
         metrics["probe_loss_start"] = probe_loss()
-        if acc.is_main_process:
-            log.write({"step": 0, "event": "probe", "probe_loss": metrics["probe_loss_start"]})
+        loop.write({"step": 0, "event": "probe", "probe_loss": metrics["probe_loss_start"]})
 
-    def checkpoint(at: int) -> None:
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = training_state(at, ema, opt, sched, preset, trainable={n: p.detach().cpu() for n, p in named})
-            save_checkpoint(run_dir, at, state, a.keep_checkpoints)
+    skipped = 0
+
+    def train_step(step: int, batch, gen: torch.Generator) -> dict:
+        nonlocal skipped
+        lat, idx = batch
+        x0 = normalize(lat.to(device))
+        drop = torch.rand(x0.shape[0], generator=gen, device=device) < preset.dit.cond_dropout
+        cond = conditioner.batch([keys[int(i)] for i in idx], drop)
+        with acc.autocast():
+            loss, parts = flow_step_loss(backend, model, x0, cond, step, preset, c, gen)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        gnorm = float(acc.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")))
+        parts.update(loss=loss.item(), grad_norm=gnorm, lr=sched.get_last_lr()[0])
+        if not (math.isfinite(gnorm) and math.isfinite(parts["loss"])) or gnorm > a.skip_grad_norm:
+            opt.zero_grad(set_to_none=True)
+            skipped += 1
+            parts["skipped"] = 1
+        else:
+            opt.step()
+            ema.step(params)
+        sched.step()
+        return parts
 
     raw.train()
-    skipped = 0
-    last: dict = {}
-    t0, step = time.time(), start_step
-    it = iter(loader)
-    with GracefulInterrupt() as interrupt:
-        while step < total:
-            lat, idx = next(it)
-            gen = torch.Generator(device=device).manual_seed(int(a.seed * 1_000_003 + step * 7919 + rank))
-            x0 = normalize(lat.to(device))
-            drop = torch.rand(x0.shape[0], generator=gen, device=device) < preset.dit.cond_dropout
-            cond = conditioner.batch([keys[int(i)] for i in idx], drop)
-            with acc.autocast():
-                loss, parts = flow_step_loss(backend, model, x0, cond, step, preset, c, gen)
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            gnorm = float(acc.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")))
-            parts.update(loss=loss.item(), grad_norm=gnorm, lr=sched.get_last_lr()[0])
-            if not (math.isfinite(gnorm) and math.isfinite(parts["loss"])) or gnorm > a.skip_grad_norm:
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                parts["skipped"] = 1
-            else:
-                opt.step()
-                ema.step(params)
-            sched.step()
-            step += 1
-            last = parts
-            if acc.is_main_process and (step % a.log_every == 0 or step == total):
-                log.write({"step": step, "event": "train", "elapsed_s": round(time.time() - t0, 2), **parts})
-            cb.on_step(step, parts)
-            stop = any_process(acc, interrupt.requested)
-            if step % a.checkpoint_every == 0 or step == total:
-                checkpoint(step)
-                maybe_kill(step)
-            elif stop:
-                checkpoint(step)
-            if stop:
-                cb.on_message(f"interrupted: checkpoint at step {step}; continue with --resume")
-                raise KeyboardInterrupt
+    loop.run(train_step, iter(loader))
 
     metrics["probe_loss_end"] = probe_loss()
     ema.store(params)
@@ -396,8 +375,8 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     facts["steps"] = total
     if acc.is_main_process:
         export_adapted(backend, raw, facts, final_dir)
-        log.write({"step": total, "event": "export", "final": str(final_dir), **metrics, "skipped_steps": skipped})
+    loop.write({"step": total, "event": "export", "final": str(final_dir), **metrics, "skipped_steps": skipped})
     ema.restore(params)
-    metrics.update(skipped_steps=skipped, last=last, elapsed_s=round(time.time() - t0, 1))
+    metrics.update(skipped_steps=skipped, last=loop.last, elapsed_s=round(loop.elapsed_s, 1))
     cb.on_end(metrics)
     return AdaptDiTResult(str(run_dir), str(final_dir), total, metrics)

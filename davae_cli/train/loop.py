@@ -246,3 +246,71 @@ def lr_lambda(warmup: int, total: int, schedule: str):
         return 1.0
 
     return f
+
+
+# ------------------------------------------------------------------------------------------ the step loop
+class RunLoop:
+    """The step loop every trainer shares. A trainer gives it one function, `step_fn(step, batch,
+    generator) -> metrics` (the optimisation step alone), and the loop does the rest: a per-step generator
+    seeded by (seed, step, process), the JSONL log (main process only) and the callbacks, a checkpoint
+    every `checkpoint_every` steps and at the end, an optional `after_step(step)` (evaluation), and Ctrl-C
+    agreed across processes: a consistent checkpoint at the last completed step, then KeyboardInterrupt.
+
+    `state_fn(step) -> dict` builds what a checkpoint holds (`training_state(...)` plus the trainer's own);
+    it runs on the main process only."""
+
+    def __init__(self, acc, run_dir: Path, *, total: int, start_step: int, resumed: bool, seed: int,
+                 log_every: int, checkpoint_every: int, keep_checkpoints: int, state_fn, callbacks: Callbacks):
+        self.acc, self.run_dir = acc, Path(run_dir)
+        self.total, self.start_step, self.seed = total, start_step, seed
+        self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
+        self.state_fn, self.cb = state_fn, callbacks
+        self.log = JsonlLog(self.run_dir / "log.jsonl", resume_step=start_step if resumed else None) \
+            if acc.is_main_process else None
+        self.last: dict = {}
+        self.elapsed_s = 0.0
+
+    def write(self, record: dict) -> None:
+        """One log record, written by the main process."""
+        if self.log is not None:
+            self.log.write(record)
+
+    def start(self, info: dict) -> None:
+        self.write({"step": self.start_step, "event": "start", **info})
+        self.cb.on_start(self.total, self.start_step, info)
+
+    def generator(self, step: int) -> torch.Generator:
+        return torch.Generator(device=self.acc.device).manual_seed(
+            int(self.seed * 1_000_003 + step * 7919 + self.acc.process_index))
+
+    def checkpoint(self, step: int) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            save_checkpoint(self.run_dir, step, self.state_fn(step), self.keep)
+
+    def run(self, step_fn, batches, after_step=None) -> int:
+        """Run from `start_step` to `total`; returns the last step."""
+        import time
+
+        t0, step = time.time(), self.start_step
+        with GracefulInterrupt() as interrupt:
+            while step < self.total:
+                metrics = step_fn(step, next(batches), self.generator(step))
+                step += 1
+                self.last = metrics
+                if step % self.log_every == 0 or step == self.total:
+                    self.write({"step": step, "event": "train", "elapsed_s": round(time.time() - t0, 2), **metrics})
+                self.cb.on_step(step, metrics)
+                if after_step is not None:
+                    after_step(step)
+                stop = any_process(self.acc, interrupt.requested)
+                if step % self.checkpoint_every == 0 or step == self.total:
+                    self.checkpoint(step)
+                    maybe_kill(step)
+                elif stop:
+                    self.checkpoint(step)  # keep the work: a consistent checkpoint at the last completed step
+                if stop:
+                    self.cb.on_message(f"interrupted: checkpoint at step {step}; continue with --resume")
+                    raise KeyboardInterrupt
+        self.elapsed_s = time.time() - t0
+        return step

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from .. import latents as L
 from ..config import Preset
-from ..data import CachedBaseCropDataset, ImageSource, StepCropDataset, StepSampler, center_crops, list_images
+from ..data import (CachedBaseCropDataset, ImageSource, StepCropDataset, StepSampler, center_crops, list_images,
+                    training_images)
 from ..errors import DavaeError
 from ..latents import atomic_write_bytes
 from ..metrics import reconstruction_metrics
@@ -28,8 +29,8 @@ from ..vae.base import load_base_vae
 from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm_ratio, hinge_d_loss,
                           kl_divergence)
 from ..vae.model import DetailAlignedVAE
-from .loop import (Callbacks, GracefulInterrupt, JsonlLog, any_process, load_checkpoint, lr_lambda, maybe_kill,
-                   open_run, restore_training_state, save_checkpoint, training_state)
+from .loop import (Callbacks, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
+                   training_state)
 
 
 @dataclass
@@ -39,19 +40,6 @@ class TrainVAEResult:
     steps: int
     metrics: dict
     skipped_images: int
-
-
-def _split_validation(source: ImageSource, num_val: int, seed: int) -> tuple[ImageSource, ImageSource]:
-    """Hold out `num_val` images (a seeded choice) unless that would leave too few to train on."""
-    import numpy as np
-
-    n = len(source)
-    if num_val <= 0 or n < 2 * num_val:
-        return source, ImageSource()
-    idx = set(np.random.default_rng([seed, 3]).choice(n, size=num_val, replace=False).tolist())
-    train = ImageSource([it for i, it in enumerate(source.items) if i not in idx], source.skipped)
-    val = ImageSource([it for i, it in enumerate(source.items) if i in idx])
-    return train, val
 
 
 class VAETrainStep:
@@ -228,14 +216,8 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
 
     if not data:
         raise DavaeError("is required when training (--steps > 0)", param="data")
-    source = list_images(data)
-    if val_data:
-        val_source = list_images(val_data)
-        train_source = source
-    else:
-        train_source, val_source = _split_validation(source, t.num_val, t.seed)
-    if len(train_source) == 0:
-        raise DavaeError(f"no readable images in {', '.join(map(str, data))}")
+    images = training_images(data, val_data, t.num_val, t.seed)
+    source, train_source, val_source = images.all, images.train, images.val
     for path, why in source.skipped:
         cb.on_message(f"skipped unreadable image {path}: {why}")
 
@@ -290,9 +272,17 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
         sampler=StepSampler(start_step, total, t.batch_size, rank, world), drop_last=False,
     )
     val_images = center_crops(val_source, t.resolution)[0] if len(val_source) else None
-    log = JsonlLog(run_dir / "log.jsonl", resume_step=start_step if ckpt_path is not None else None) \
-        if acc.is_main_process else None
     stepper = VAETrainStep(preset, raw, lpips_model, disc)
+
+    def state_fn(at: int) -> dict:
+        state = training_state(at, ema, opt, sched, preset, model=raw.state_dict())
+        if disc is not None:
+            state.update(disc=acc.unwrap_model(disc).state_dict(), opt_d=opt_d.state_dict())
+        return state
+
+    loop = RunLoop(acc, run_dir, total=total, start_step=start_step, resumed=ckpt_path is not None, seed=t.seed,
+                   log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+                   state_fn=state_fn, callbacks=cb)
 
     def evaluate(step: int) -> dict:
         if val_images is None:
@@ -312,81 +302,54 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
         finally:
             ema.restore(trainable)
             raw.train()
-        if acc.is_main_process:
-            log.write({"step": step, "event": "eval", **res})
+        loop.write({"step": step, "event": "eval", **res})
         return res
+
+    def train_step(step: int, batch, gen: torch.Generator) -> dict:
+        base_cache = None
+        if isinstance(batch, (list, tuple)):
+            x, baseline, z_base = (b.to(device, non_blocking=True) for b in batch)
+            base_cache = (z_base, baseline)
+        else:
+            x = batch.to(device, non_blocking=True)
+        with acc.autocast():
+            loss, parts, x_hat = stepper.generator_losses(model, raw, x, step, gen, base_cache)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if acc.sync_gradients and t.grad_clip > 0:
+            parts["grad_norm"] = float(acc.clip_grad_norm_(trainable, t.grad_clip))
+        if not math.isfinite(parts["loss"]):
+            opt.zero_grad(set_to_none=True)
+            parts["skipped"] = 1
+        else:
+            opt.step()
+        sched.step()
+        ema.step(trainable)
+        if disc is not None and step >= lo.disc_start:
+            with acc.autocast():
+                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            acc.backward(d_loss)
+            opt_d.step()
+            parts["d_loss"] = d_loss.item()
+        parts["lr"] = sched.get_last_lr()[0]
+        return parts
+
+    def after_step(step: int) -> None:
+        if step % t.eval_every == 0 and step != total:
+            res = evaluate(step)
+            if res:
+                cb.on_message(f"step {step}: held-out PSNR {res['davae.psnr']:.2f} dB "
+                              f"(baseline {res['base_half_bicubic.psnr']:.2f}, full-res base {res['base_full.psnr']:.2f})")
 
     info = {"device": str(device), "world_size": world, "train_images": len(train_source),
             "val_images": 0 if val_images is None else int(val_images.shape[0]), "crop": crop,
             "trainable_params": sum(p.numel() for p in trainable), "start_step": start_step}
-    if acc.is_main_process:
-        log.write({"step": start_step, "event": "start", **info})
-    cb.on_start(total, start_step, info)
+    loop.start(info)
     if start_step == 0 and val_images is not None:
         evaluate(0)
-
-    def checkpoint(at: int) -> None:
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = training_state(at, ema, opt, sched, preset, model=raw.state_dict())
-            if disc is not None:
-                state.update(disc=acc.unwrap_model(disc).state_dict(), opt_d=opt_d.state_dict())
-            save_checkpoint(run_dir, at, state, t.keep_checkpoints)
-
     raw.train()
-    last_metrics: dict = {}
-    t0, step = time.time(), start_step
-    it = iter(loader)
-    with GracefulInterrupt() as interrupt:
-        while step < total:
-            batch = next(it)
-            base_cache = None
-            if isinstance(batch, (list, tuple)):
-                x, baseline, z_base = (b.to(device, non_blocking=True) for b in batch)
-                base_cache = (z_base, baseline)
-            else:
-                x = batch.to(device, non_blocking=True)
-            gen = torch.Generator(device=device).manual_seed(int(t.seed * 1_000_003 + step * 7919 + rank))
-            with acc.autocast():
-                loss, parts, x_hat = stepper.generator_losses(model, raw, x, step, gen, base_cache)
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            if acc.sync_gradients and t.grad_clip > 0:
-                parts["grad_norm"] = float(acc.clip_grad_norm_(trainable, t.grad_clip))
-            if not math.isfinite(parts["loss"]):
-                opt.zero_grad(set_to_none=True)
-                parts["skipped"] = 1
-            else:
-                opt.step()
-            sched.step()
-            ema.step(trainable)
-            if disc is not None and step >= lo.disc_start:
-                with acc.autocast():
-                    d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
-                opt_d.zero_grad(set_to_none=True)
-                acc.backward(d_loss)
-                opt_d.step()
-                parts["d_loss"] = d_loss.item()
-            step += 1
-            parts["lr"] = sched.get_last_lr()[0]
-            last_metrics = parts
-            if acc.is_main_process and (step % t.log_every == 0 or step == total):
-                log.write({"step": step, "event": "train", "elapsed_s": round(time.time() - t0, 2), **parts})
-            cb.on_step(step, parts)
-            if step % t.eval_every == 0 and step != total:
-                res = evaluate(step)
-                if res:
-                    cb.on_message(f"step {step}: held-out PSNR {res['davae.psnr']:.2f} dB "
-                                  f"(baseline {res['base_half_bicubic.psnr']:.2f}, full-res base {res['base_full.psnr']:.2f})")
-            stop = any_process(acc, interrupt.requested)
-            if step % t.checkpoint_every == 0 or step == total:
-                checkpoint(step)
-                maybe_kill(step)
-            elif stop:
-                checkpoint(step)  # keep the work: a consistent checkpoint at the last completed step
-            if stop:
-                cb.on_message(f"interrupted: checkpoint at step {step}; continue with --resume")
-                raise KeyboardInterrupt
+    loop.run(train_step, iter(loader), after_step)
 
     final_eval = evaluate(total)
     # export the EMA weights with the detail channels' statistics measured on the training images
@@ -396,9 +359,9 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     raw.set_detail_stats(mean, std, n)
     if acc.is_main_process:
         export_davae(raw, final_dir)
-        log.write({"step": total, "event": "export", "final": str(final_dir), "detail_stats_images": n})
+    loop.write({"step": total, "event": "export", "final": str(final_dir), "detail_stats_images": n})
     skipped = len(source.skipped) + dataset.read_failures
-    summary = {"steps": total, "final": str(final_dir), "eval": final_eval, "last": last_metrics,
-               "skipped_images": skipped, "elapsed_s": round(time.time() - t0, 1)}
+    summary = {"steps": total, "final": str(final_dir), "eval": final_eval, "last": loop.last,
+               "skipped_images": skipped, "elapsed_s": round(loop.elapsed_s, 1)}
     cb.on_end(summary)
     return TrainVAEResult(str(run_dir), str(final_dir), total, final_eval, skipped)
