@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, VaeOpt, fail, print_json, resolve_preset
+from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, VaeOpt, print_json, trainer_preset
 
 EXAMPLES = """
 Examples:
@@ -46,14 +46,8 @@ def adapt_dit_cmd(
     Writes RUN/config.yaml, RUN/cache/ (latents and prompt embeddings, made once), RUN/checkpoints/,
     RUN/log.jsonl and the adapted model at RUN/final (with davae_dit.json: shift, channels, statistics).
     """
-    extra = []
-    if steps is not None:
-        extra.append(f"adapt_dit.steps={steps}")
-    if text_encoders is not None:
-        extra.append(f"dit.text_encoders={text_encoders}")
-    p = resolve_preset(preset, sets, extra)
-    if p.adapt_dit.steps > 0 and not data:
-        fail("--data is required when training (use --steps 0 to export the warm-started model)")
+    extra = [f"dit.text_encoders={text_encoders}"] if text_encoders is not None else []
+    p = trainer_preset(preset, sets, extra, "adapt_dit", steps, data, "export the warm-started model")
     from ..train.dit import adapt_dit
 
     cb = RichTrainCallbacks("adapt-dit")

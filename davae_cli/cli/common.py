@@ -73,6 +73,16 @@ def resolve_preset(preset: str, sets: Optional[list[str]], extra: Optional[list[
     return load_preset(preset, list(sets or []) + list(extra or []))
 
 
+def trainer_preset(preset: str, sets: Optional[list[str]], extra: list[str], section: str, steps: Optional[int],
+                   data: Optional[list], export_hint: str) -> Preset:
+    """A trainer's preset with `--steps` applied to `<section>.steps`; `--data` is required unless it is 0."""
+    extra = list(extra) + ([f"{section}.steps={steps}"] if steps is not None else [])
+    p = resolve_preset(preset, sets, extra)
+    if getattr(p, section).steps > 0 and not data:
+        fail(f"--data is required when training (use --steps 0 to {export_hint})")
+    return p
+
+
 def _finite(obj: Any) -> Any:
     """NaN/inf -> null, so stdout is always valid JSON."""
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):

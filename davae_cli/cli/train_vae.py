@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, err, fail, print_json, resolve_preset
+from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, err, print_json, trainer_preset
 
 EXAMPLES = """
 Examples:
@@ -42,11 +42,7 @@ def train_vae_cmd(
         extra.append(f"vae.base_vae={base_vae}")
         if base_vae == "random" or Path(base_vae).exists():
             extra.append("vae.base_vae_subfolder=null")
-    if steps is not None:
-        extra.append(f"train_vae.steps={steps}")
-    p = resolve_preset(preset, sets, extra)
-    if p.train_vae.steps > 0 and not data:
-        fail("--data is required when training (use --steps 0 to export an untrained model)")
+    p = trainer_preset(preset, sets, extra, "train_vae", steps, data, "export an untrained model")
     from ..train.vae import train_vae
 
     cb = RichTrainCallbacks("train-vae")
