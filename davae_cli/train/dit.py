@@ -209,6 +209,61 @@ def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, pres
     return loss, parts
 
 
+def _check_or_record_run(path: Path, info: dict, is_main: bool) -> None:
+    """`run.json`: what the run was started with; --resume refuses another DA-VAE or DiT."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("vae_identity") != info["vae_identity"] or saved.get("dit") != info["dit"]:
+            raise DavaeError(": the run was started with a different DA-VAE or DiT "
+                             f"({saved.get('vae')}, {saved.get('dit')})", param="resume")
+    elif is_main:
+        atomic_write_bytes(path, json.dumps(info, indent=2).encode())
+
+
+def _conditioning(preset: Preset, backend, records, run_dir: Path, acc, cb):
+    """(conditioner, the condition key of each record): cached prompt embeddings, or checked class labels."""
+    if backend.conditioning == "prompt":
+        conditioner = PromptConditioner(preset, run_dir / "cache" / "prompts", [r.prompt for r in records],
+                                        acc.device, acc.is_main_process, acc.wait_for_everyone, cb.on_message)
+        return conditioner, [r.prompt for r in records]
+    bad = [r for r in records if not 0 <= r.label < preset.dit.num_classes]
+    if bad:
+        raise DavaeError(f"class label {bad[0].label} of {bad[0].source} is outside 0..{preset.dit.num_classes - 1} "
+                         f"(dit.num_classes)")
+    return ClassConditioner(preset.dit.num_classes, acc.device), [r.label for r in records]
+
+
+def _optimisation(backend, model, a, device):
+    """(named trainable parameters, parameters, AdamW, schedule, EMA) of the adapted model."""
+    from diffusers.training_utils import EMAModel
+
+    trainable_names = set(backend.prepare_training(model))
+    if a.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    model.to(device)
+    named = [(n, p) for n, p in model.named_parameters() if n in trainable_names]
+    params = [p for _, p in named]
+    for p in params:  # trainable weights (LoRA included) stay fp32 whatever the autocast dtype (SPEC §10.7)
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(a.warmup_steps, a.steps, "constant"))
+    return named, params, opt, sched, EMAModel(params, decay=a.ema_decay, use_ema_warmup=False)
+
+
+def _resume(ckpt_path: Path, named, ema, opt, sched, cb) -> int:
+    """Load a checkpoint's trainable weights and training state; returns its step."""
+    state = load_checkpoint(ckpt_path)
+    current = dict(named)
+    if set(state["trainable"]) != set(current):
+        raise DavaeError(f": checkpoint {ckpt_path.name} holds other trainable weights than this model", param="resume")
+    with torch.no_grad():
+        for n, t in state["trainable"].items():
+            current[n].copy_(t)
+    start_step = restore_training_state(state, ema, opt, sched)
+    cb.on_message(f"resumed from {ckpt_path.name} (step {start_step})")
+    return start_step
+
+
 def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data: Optional[list[str]] = None,
               dit: Optional[str] = None, captions: Optional[str] = None, resume: bool = False,
               callbacks: Optional[Callbacks] = None) -> AdaptDiTResult:
@@ -222,17 +277,10 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     a = preset.adapt_dit
     dit_spec = dit or preset.dit.pretrained
     run_info = {"vae": str(vae_dir.resolve()), "dit": dit_spec, "data": [str(d) for d in data or []]}
-    info_path = run_dir / "run.json"
     device = acc.device
 
     vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).to(device).eval()
-    if info_path.is_file():
-        saved = json.loads(info_path.read_text())
-        if saved.get("vae_identity") != vae.identity or saved.get("dit") != dit_spec:
-            raise DavaeError(": the run was started with a different DA-VAE or DiT "
-                             f"({saved.get('vae')}, {saved.get('dit')})", param="resume")
-    elif acc.is_main_process:
-        atomic_write_bytes(info_path, json.dumps({**run_info, "vae_identity": vae.identity}, indent=2).encode())
+    _check_or_record_run(run_dir / "run.json", {**run_info, "vae_identity": vae.identity}, acc.is_main_process)
     backend, model = build_adapted_dit(preset, vae, dit_spec, seed=a.seed)
     c = vae.config.base_channels
     final_dir = run_dir / "final"
@@ -250,17 +298,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         vae, list(map(str, data)), run_dir / "cache", resolution=a.resolution, conditioning=backend.conditioning,
         batch_size=a.encode_batch_size, captions=captions, rank=acc.process_index, world=acc.num_processes,
         barrier=acc.wait_for_everyone)
-    if backend.conditioning == "prompt":
-        conditioner = PromptConditioner(preset, run_dir / "cache" / "prompts", [r.prompt for r in records], device,
-                                        acc.is_main_process, acc.wait_for_everyone, cb.on_message)
-        keys = [r.prompt for r in records]
-    else:
-        bad = [r for r in records if not 0 <= r.label < preset.dit.num_classes]
-        if bad:
-            raise DavaeError(f"class label {bad[0].label} of {bad[0].source} is outside 0..{preset.dit.num_classes - 1} "
-                             f"(dit.num_classes)")
-        conditioner = ClassConditioner(preset.dit.num_classes, device)
-        keys = [r.label for r in records]
+    conditioner, keys = _conditioning(preset, backend, records, run_dir, acc, cb)
     stats = measure_detail_stats(records, c, run_dir / "cache", preset, acc.is_main_process, acc.wait_for_everyone,
                                  cb.on_message)
     normalize = LatentNormalizer(c, stats["mean"], stats["std"])
@@ -274,32 +312,9 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    trainable_names = set(backend.prepare_training(model))
-    if a.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
-        model.enable_gradient_checkpointing()
-    model.to(device)
-    named = [(n, p) for n, p in model.named_parameters() if n in trainable_names]
-    params = [p for _, p in named]
-    for p in params:  # trainable weights (LoRA included) stay fp32 whatever the autocast dtype (SPEC §10.7)
-        p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(a.warmup_steps, a.steps, "constant"))
-    from diffusers.training_utils import EMAModel
-
-    ema = EMAModel(params, decay=a.ema_decay, use_ema_warmup=False)
-
-    start_step = 0
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
-        current = dict(named)
-        if set(state["trainable"]) != set(current):
-            raise DavaeError(f": checkpoint {ckpt_path.name} holds other trainable weights than this model", param="resume")
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                current[n].copy_(t)
-        start_step = restore_training_state(state, ema, opt, sched)
-        cb.on_message(f"resumed from {ckpt_path.name} (step {start_step})")
-    elif resume:
+    named, params, opt, sched, ema = _optimisation(backend, model, a, device)
+    start_step = _resume(ckpt_path, named, ema, opt, sched, cb) if ckpt_path is not None else 0
+    if ckpt_path is None and resume:
         cb.on_message("no checkpoint yet: starting from step 0")
     ema.to(device)
 

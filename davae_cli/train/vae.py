@@ -186,6 +186,35 @@ def export_davae(model: DetailAlignedVAE, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
+def _optimisation(model: DetailAlignedVAE, disc, t):
+    """(trainable parameters, AdamW with the new blocks' own rate, schedule, discriminator AdamW, EMA)."""
+    from diffusers.training_utils import EMAModel
+
+    new_params = model.new_block_parameters()
+    new_ids = {id(p) for p in new_params}
+    trunk_params = [p for p in model.parameters() if p.requires_grad and id(p) not in new_ids]
+    groups = [{"params": new_params, "lr": t.lr_new_blocks or t.lr}]
+    if trunk_params:
+        groups.append({"params": trunk_params, "lr": t.lr})
+    opt = _optimizer(groups, t.lr, t.betas, t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.lr_schedule))
+    opt_d = _optimizer(disc.parameters(), t.disc_lr or t.lr, t.betas, t.weight_decay) if disc is not None else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return trainable, opt, sched, opt_d, EMAModel(trainable, decay=t.ema_decay, use_ema_warmup=t.ema_warmup)
+
+
+def _resume(ckpt_path: Path, model, disc, opt_d, ema, opt, sched, cb) -> int:
+    """Load a checkpoint's weights (the discriminator's too) and training state; returns its step."""
+    state = load_checkpoint(ckpt_path)
+    model.load_state_dict(state["model"])
+    if disc is not None:
+        disc.load_state_dict(state["disc"])
+        opt_d.load_state_dict(state["opt_d"])
+    start_step = restore_training_state(state, ema, opt, sched)
+    cb.on_message(f"resumed from {ckpt_path.name} (step {start_step})")
+    return start_step
+
+
 def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: bool = False,
               val_data: Optional[list[str]] = None, callbacks: Optional[Callbacks] = None) -> TrainVAEResult:
     """Train (or, with `preset.train_vae.steps == 0`, just build and export) a DA-VAE. See the module doc."""
@@ -224,31 +253,9 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     lpips_model = build_lpips(lo.lpips_net).to(device) if lo.lpips > 0 else None
     disc = PatchDiscriminator(n_layers=lo.disc_layers).to(device) if lo.adv > 0 else None
 
-    new_params = model.new_block_parameters()
-    new_ids = {id(p) for p in new_params}
-    trunk_params = [p for p in model.parameters() if p.requires_grad and id(p) not in new_ids]
-    groups = [{"params": new_params, "lr": t.lr_new_blocks or t.lr}]
-    if trunk_params:
-        groups.append({"params": trunk_params, "lr": t.lr})
-    opt = _optimizer(groups, t.lr, t.betas, t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.lr_schedule))
-    opt_d = _optimizer(disc.parameters(), t.disc_lr or t.lr, t.betas, t.weight_decay) if disc is not None else None
-
-    from diffusers.training_utils import EMAModel
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ema = EMAModel(trainable, decay=t.ema_decay, use_ema_warmup=t.ema_warmup)
-
-    start_step = 0
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        if disc is not None:
-            disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["opt_d"])
-        start_step = restore_training_state(state, ema, opt, sched)
-        cb.on_message(f"resumed from {ckpt_path.name} (step {start_step})")
-    elif resume:
+    trainable, opt, sched, opt_d, ema = _optimisation(model, disc, t)
+    start_step = _resume(ckpt_path, model, disc, opt_d, ema, opt, sched, cb) if ckpt_path is not None else 0
+    if ckpt_path is None and resume:
         cb.on_message("no checkpoint yet: starting from step 0")
     ema.to(device)
 
