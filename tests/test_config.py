@@ -101,3 +101,26 @@ def test_the_built_wheel_ships_every_preset_and_package(tmp_path):
                        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == sorted(n[:-5] for n in repo_presets)
+
+
+def test_recipes_keep_training_and_sampling_apart():
+    """SPEC §6: each recipe's training shift and sampling settings are separate values."""
+    im = load_preset("imagenet-512")
+    assert im.dit.train_shift == 1.0 and im.adapt_dit.cosine_loss == 1.0
+    assert (im.sample.steps, im.sample.guidance, im.sample.guidance_interval, im.sample.sampler) == \
+        (250, 4.0, (0.0, 0.8), "euler")
+    assert abs(im.sample.shift - 1 / 0.3) < 1e-9
+    for name in ("sd35m-1024", "sd35m-2048"):
+        p = load_preset(name)
+        assert p.dit.train_shift == 4.0 and p.adapt_dit.cosine_loss == 0.0
+        assert (p.sample.steps, p.sample.guidance, p.sample.guidance_interval, p.sample.shift) == (30, 2.5, None, 3.0)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("dit.timestep_shift=3.0", "split in two"), ("sample.shift=0", "sample.shift must be positive"),
+    ("sample.steps=0", "sample.steps must be at least 1"), ("sample.guidance_interval=[0.9, 0.1]", "guidance_interval"),
+    ("sample.guidance_interval=[0.0, 1.5]", "guidance_interval"), ("sample.sampler=ddim", "sampler"),
+    ("dit.train_shift=0", "dit.train_shift must be positive"), ("adapt_dit.cosine_loss=-1", "cosine_loss")])
+def test_bad_sampling_recipes_are_one_line(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_preset("tiny", [override])
