@@ -54,6 +54,8 @@ class GenerateSettings:
     tile: Optional[int] = None  # latent tile side for decoding; None = automatic, 0 = never tile
     device: Optional[str] = None
     dtype: Optional[str] = None
+    compile: bool = False  # torch.compile the DiT (static shapes; compiled once per batch shape, then reused)
+    compile_mode: str = "default"  # "reduce-overhead" adds CUDA graphs
 
 
 @dataclass
@@ -278,7 +280,8 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
     tokens = (side // model.patch_size) ** 2
     sigmas = sigma_grid(model.backend, s.steps, shift, model.scheduler_config, tokens)
     grid = [round(float(v), 8) for v in sigmas]
-    written, timings = [], {"sample_s": 0.0, "decode_s": 0.0}
+    written, timings = [], {"text_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
+    sync = torch.cuda.synchronize if torch.device(device or "cpu").type == "cuda" else (lambda: None)
     tile = s.tile  # None: decode whole, and fall back to tiles if the GPU runs out of memory
     done = len(mine) - len(todo)
     if progress:
@@ -287,7 +290,10 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         batch = todo[k : k + s.batch_size]
         noise = torch.cat([initial_noise(j.seed, model.base_channels, model.detail_channels, side) for j in batch])
         noise = noise.to(device=device)  # the ODE state stays float32; the model runs in `dtype`
+        t_text = time.perf_counter()
         uncond, cond = cond_fn(batch)
+        sync()
+        timings["text_s"] += time.perf_counter() - t_text
         use_cfg = s.guidance != 1.0
 
         def velocity(x, sigma, guided):
@@ -300,8 +306,10 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         t0 = time.perf_counter()
         with torch.inference_mode():
             lat = flow.sample(velocity, noise, sigmas, method=s.sampler, guidance_interval=s.guidance_interval)
+            sync()
             t1 = time.perf_counter()
             images = _decode(model, lat, tile)
+            sync()
         t2 = time.perf_counter()
         timings["sample_s"] += t1 - t0
         timings["decode_s"] += t2 - t1
@@ -545,6 +553,11 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
         else:
             cond_fn = _class_conditioner(int(cond["num_classes"]), device)
     apply_recipe(s, model.recipe)
+    if s.compile:
+        model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
+        on_message("compiling the DiT on its first use: the first batch's time includes the compilation")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if model.conditioning == "prompt" and s.class_ids:
         raise DavaeError("is for class-conditional (LightningDiT) models; this one takes prompts", param="class_id")
     if model.conditioning == "class" and s.prompts:
@@ -558,6 +571,14 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
         write_grid([out_dir / f"{j.stem}.png" for j in jobs if (out_dir / f"{j.stem}.png").exists()], out_dir / "grid.png")
         report["grid"] = str(out_dir / "grid.png")
     n = len(report["written"])
+    per = (lambda sec: 1000.0 * sec / n) if n else (lambda sec: None)
+    total_s = report["text_s"] + report["sample_s"] + report["decode_s"]
+    # the names `davae bench` uses, per image (ms_loop: the denoising loop; ms_per_image: text + loop + decode)
+    report.update(ms_text=per(report["text_s"]), ms_loop=per(report["sample_s"]), ms_decode=per(report["decode_s"]),
+                  ms_per_image=per(total_s), images_per_s=n / total_s if n and total_s > 0 else None,
+                  peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                  compile=s.compile and s.compile_mode,
+                  compile_included=bool(s.compile and n))  # compilation is inside the first batch's ms_loop
     report.update(mode=model.name, res=s.res, steps=s.steps, guidance=s.guidance,
                   guidance_interval=s.guidance_interval, sampler=s.sampler, device=str(device),
                   dtype=str(dtype).replace("torch.", ""), load_s=load_s,

@@ -268,3 +268,26 @@ def test_model_too_large_for_this_cpu_is_refused(tmp_path):
     with pytest.raises(DavaeError, match="no GPU"):
         _check_fits_cpu(100 * n, torch.device("cpu"), "a 224B model")
     _check_fits_cpu(100 * n, torch.device("cuda"), "on a GPU the check does not apply")
+
+
+def test_json_timings_use_benchs_names(adapted, tmp_path):
+    rep = json.loads(_gen(adapted, tmp_path / "t", "--prompt", "x", "--prompt", "y").stdout)
+    for key in ("ms_text", "ms_loop", "ms_decode", "ms_per_image", "images_per_s", "peak_mem_mb"):
+        assert key in rep
+    assert rep["ms_per_image"] == pytest.approx(rep["ms_text"] + rep["ms_loop"] + rep["ms_decode"])
+    assert rep["images_per_s"] == pytest.approx(1000.0 / rep["ms_per_image"])
+    assert rep["peak_mem_mb"] is None and rep["compile"] is False  # on a CPU
+
+
+def test_compiled_dit_gives_the_eager_latents(adapted, tmp_path):
+    """generate --compile (inductor, static shapes) on the tiny adapted model: the final latents equal the eager
+    ones to 1e-4 (fp32; the compiled kernels reorder float sums)."""
+    from davae_cli.latents import load_latent
+
+    args = ("--prompt", "a red cube", "--seed", "4", "--sampling-steps", "2", "--save-latents")
+    _gen(adapted, tmp_path / "eager", *args)
+    rep = json.loads(_gen(adapted, tmp_path / "compiled", *args, "--compile").stdout)
+    assert rep["compile"] == "default" and rep["compile_included"] is True
+    a, _ = load_latent(tmp_path / "eager" / "000000.safetensors")
+    b, _ = load_latent(tmp_path / "compiled" / "000000.safetensors")
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -49,6 +49,8 @@ def generate_cmd(
     shift: Optional[float] = typer.Option(None, "--shift", help="Sampling timestep shift, sigma convention (default: the adapted model's; --native SD3: the pipeline's scheduler_config.json; --native LightningDiT: the preset's sample.shift)."),
     native: bool = typer.Option(False, "--native", help="Run the unmodified base model at --res with its own sampling settings (SD3: exactly StableDiffusion3Pipeline's sampler)."),
     no_t5: bool = typer.Option(False, "--no-t5", help="SD3: skip the T5 encoder (saves memory; zeros in its place)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the DiT (static shapes, once per batch shape; the first batch includes the compilation)."),
+    compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune."),
     tile: Optional[int] = typer.Option(None, "--tile", help="Decode in latent tiles of this side (default: whole, falling back to 64-tiles if the GPU runs out of memory; 0 = never tile)."),
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write each final latent (DiT space) as <stem>.safetensors."),
     grid: bool = typer.Option(False, "--grid", help="Also write grid.png of all images."),
@@ -81,7 +83,8 @@ def generate_cmd(
     s = GenerateSettings(out_dir=out, prompts=texts, class_ids=list(class_id or []), res=res, steps=steps,
                          guidance=guidance, guidance_interval=interval, negative_prompt=negative_prompt, seed=seed,
                          num_images=num_images, batch_size=batch_size, sampler=sampler, shift=shift,
-                         save_latents=save_latents, grid=grid, tile=tile, device=device, dtype=dtype_name(dtype))
+                         save_latents=save_latents, grid=grid, tile=tile, device=device, dtype=dtype_name(dtype),
+                         compile=compile_, compile_mode=compile_mode)
     bar = progress_bar()
     task = None
 
@@ -106,5 +109,7 @@ def generate_cmd(
     typer.echo(f"{n} image(s) written to {out} ({report['skipped_existing']} already there), "
                f"{report['res']}² with {report['tokens']} image tokens ({report['mode']})")
     if n:
-        typer.echo(f"sampling {report['sample_s']:.1f} s, decoding {report['decode_s']:.1f} s "
-                   f"({report['s_per_image']:.2f} s per image on {report['device']})")
+        compiled = " (the first batch includes compiling the DiT)" if report["compile_included"] else ""
+        typer.echo(f"text {report['text_s']:.1f} s, sampling {report['sample_s']:.1f} s, decoding {report['decode_s']:.1f} s: "
+                   f"{report['ms_per_image'] / 1000:.2f} s per image, {report['images_per_s']:.3f} images/s on "
+                   f"{report['device']}{compiled}")
