@@ -514,8 +514,9 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
 
     device = resolve_device(s.device, default=state.device)
     dtype = resolve_dtype(s.dtype, device)
-    if s.num_images < 1 or s.batch_size < 1:
-        raise DavaeError("and --batch-size must be at least 1", param="num_images")
+    for name in ("num_images", "batch_size"):
+        if getattr(s, name) < 1:
+            raise DavaeError("must be at least 1", param=name)
     interval = None if isinstance(s.guidance_interval, str) else s.guidance_interval
     check_sampling(s.steps, s.shift, interval, s.sampler)
     jobs = make_jobs(s)
@@ -536,8 +537,10 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
                                             preset.sample.shift, device, dtype)
             cond_fn = _class_conditioner(preset.dit.num_classes, device)
     else:
-        if not vae_dir or not dit_dir:
-            raise DavaeError("and --dit are required (or --native for the base model)", param="vae")
+        for name, given in (("vae", vae_dir), ("dit", dit_dir)):
+            if not given:
+                raise DavaeError("is required (the adapted model and its DA-VAE; or --native for the base model)",
+                                 param=name)
         if not (Path(dit_dir) / "config.json").is_file():
             raise DavaeError(f"{dit_dir}: not an adapted DiT folder (RUN/final of `davae adapt-dit`)", param="dit")
         model = DAVAEModel(Path(vae_dir), Path(dit_dir), device, dtype)
