@@ -275,3 +275,30 @@ def training_images(data: list, val_data: Optional[list] = None, num_val: int = 
     if len(train) == 0:
         raise DavaeError(f"no readable images in {', '.join(map(str, data))}")
     return TrainingImages(source, train, val)
+
+
+@dataclass
+class VAETrainingData:
+    """The DA-VAE trainer's data, as one object: its images (listed and split), the step-indexed crop
+    dataset (of the images, or of their cached base outputs), and the held-out centre crops."""
+
+    images: TrainingImages
+    dataset: torch.utils.data.Dataset
+    val_images: Optional[torch.Tensor]
+
+    def loader(self, start_step: int, total: int, batch_size: int, rank: int, world: int, num_workers: int = 0):
+        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
+                                           sampler=StepSampler(start_step, total, batch_size, rank, world),
+                                           drop_last=False)
+
+
+def vae_training_data(images: TrainingImages, *, crop: int, resolution: int, seed: int, length: int,
+                      granularity: int, base_cache: Optional[list] = None) -> VAETrainingData:
+    """Crops of the training images (or, with `base_cache`, aligned crops of their cached base outputs) for
+    `length` samples, and centre crops of the held-out images at `resolution`."""
+    if base_cache is not None:
+        dataset = CachedBaseCropDataset(base_cache, crop, granularity, seed, length)
+    else:
+        dataset = StepCropDataset(images.train, crop, seed, length)
+    val = center_crops(images.val, resolution)[0] if len(images.val) else None
+    return VAETrainingData(images, dataset, val)

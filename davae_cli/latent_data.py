@@ -11,6 +11,7 @@ Class labels come from a JSONL `{"image": ..., "label": N}` or from ImageNet-sty
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -245,3 +246,51 @@ def detail_statistics(records: list[LatentRecord], base_channels: int, limit: in
     var = (s2 / count - mean.pow(2)).clamp_min(0.0)
     std = var.sqrt().clamp_min(1e-6)
     return [float(v) for v in mean], [float(v) for v in std], len(idx)
+
+
+def cached_detail_statistics(records: list[LatentRecord], base_channels: int, cache_dir: Path, limit: int, seed: int,
+                             is_main: bool, barrier, on_message=lambda s: None) -> dict:
+    """`detail_statistics` measured once by the main process into `cache_dir/detail_stats.json` (keyed by the
+    latents, `limit` and `seed`) and read by every process and by --resume: {mean, std, latents, source}."""
+    path = Path(cache_dir) / "detail_stats.json"
+    key = {"latents": sorted(r.latent for r in records), "limit": limit, "seed": seed}
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    if is_main:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if not saved or saved.get("key") != digest:
+            on_message(f"measuring the detail channels' statistics on {min(len(records), limit or len(records))} "
+                       f"training latent(s)")
+            mean, std, n = detail_statistics(records, base_channels, limit, seed)
+            atomic_write_bytes(path, json.dumps({"key": digest, "mean": mean, "std": std, "latents": n,
+                                                 "source": "adapt-dit training latents"}).encode())
+    barrier()
+    saved = json.loads(path.read_text())
+    return {k: saved[k] for k in ("mean", "std", "latents", "source")}
+
+
+@dataclass
+class TrainingLatents:
+    """A DiT trainer's data, as one object: the latent records (encoded once, with their conditions) and the
+    detail channels' statistics measured on them."""
+
+    records: list[LatentRecord]
+    detail_stats: dict  # mean, std, latents, source
+
+    def loader(self, seed: int, start_step: int, total: int, batch_size: int, rank: int, world: int):
+        """(dataset, loader) drawing the global sample order of (seed, step), this process's share."""
+        dataset = LatentDataset(self.records, seed, (total * world + world) * batch_size)
+        return dataset, torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0,
+                                                    sampler=D.StepSampler(start_step, total, batch_size, rank, world))
+
+
+def training_latents(vae, inputs: list[str], cache_dir: Path, *, resolution: int, conditioning: str,
+                     encode_batch_size: int, captions: Optional[str], stats_limit: int, seed: int, acc,
+                     on_message=lambda s: None) -> TrainingLatents:
+    """Encode (or index) `inputs` once into `cache_dir` and measure the detail statistics on them."""
+    on_message("preparing the latent dataset (encoded once, reused by --resume)")
+    records = prepare_latent_dataset(vae, list(map(str, inputs)), cache_dir, resolution=resolution,
+                                     conditioning=conditioning, batch_size=encode_batch_size, captions=captions,
+                                     rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone)
+    stats = cached_detail_statistics(records, vae.config.base_channels, cache_dir, stats_limit, seed,
+                                     acc.is_main_process, acc.wait_for_everyone, on_message)
+    return TrainingLatents(records, stats)

@@ -15,7 +15,6 @@ safetensors + config) and `final/davae_dit.json` with what sampling needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,10 +27,9 @@ import torch
 
 from .. import flow
 from ..config import Preset
-from ..data import StepSampler
 from ..dit.backend import FACTS_FILE, get_backend
 from ..errors import DavaeError
-from ..latent_data import LatentDataset, prepare_latent_dataset
+from ..latent_data import training_latents
 from ..latents import LatentNormalizer, atomic_write_bytes
 from ..vae.model import DetailAlignedVAE
 from .loop import (Callbacks, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
@@ -100,29 +98,6 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
         facts["scheduler_config"] = {k: v for k, v in (cfg or {}).items() if not k.startswith("_")}
         facts["scheduler_source"] = "the DiT's pipeline" if cfg else "diffusers' FlowMatchEulerDiscreteScheduler defaults"
     return facts
-
-
-def measure_detail_stats(records, base_channels: int, cache_dir: Path, preset: Preset, is_main: bool, barrier,
-                         on_message=lambda s: None) -> dict:
-    """The detail channels' mean/std on the DiT's own training latents (SPEC §6), measured once by the main
-    process into `cache_dir/detail_stats.json` and reused by every process and by --resume."""
-    from ..latent_data import detail_statistics
-
-    path = Path(cache_dir) / "detail_stats.json"
-    a = preset.adapt_dit
-    key = {"latents": sorted(r.latent for r in records), "limit": a.detail_stats_latents, "seed": a.seed}
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    if is_main:
-        saved = json.loads(path.read_text()) if path.is_file() else None
-        if not saved or saved.get("key") != digest:
-            n = min(len(records), a.detail_stats_latents or len(records))
-            on_message(f"measuring the detail channels' statistics on {n} training latent(s)")
-            mean, std, n = detail_statistics(records, base_channels, a.detail_stats_latents, a.seed)
-            atomic_write_bytes(path, json.dumps({"key": digest, "mean": mean, "std": std, "latents": n,
-                                                 "source": "adapt-dit training latents"}).encode())
-    barrier()
-    saved = json.loads(path.read_text())
-    return {k: saved[k] for k in ("mean", "std", "latents", "source")}
 
 
 def export_adapted(backend, model, facts: dict, out_dir: Path) -> None:
@@ -264,6 +239,66 @@ def _resume(ckpt_path: Path, named, ema, opt, sched, cb) -> int:
     return start_step
 
 
+class DiTTrainStep:
+    """One optimisation step of the adapted DiT (RunLoop's `step_fn`): normalised latents, condition dropout,
+    the scheduled flow loss, clipping, skipping of non-finite or huge gradient norms, EMA."""
+
+    def __init__(self, preset: Preset, backend, model, params, opt, sched, ema, normalize, conditioner, keys,
+                 base_channels: int, acc):
+        self.preset, self.a = preset, preset.adapt_dit
+        self.backend, self.model, self.params, self.opt, self.sched, self.ema = backend, model, params, opt, sched, ema
+        self.normalize, self.conditioner, self.keys, self.c, self.acc = normalize, conditioner, keys, base_channels, acc
+        self.skipped = 0
+
+    def __call__(self, step: int, batch, gen: torch.Generator) -> dict:
+        a, acc, device = self.a, self.acc, self.acc.device
+        lat, idx = batch
+        x0 = self.normalize(lat.to(device))
+        drop = torch.rand(x0.shape[0], generator=gen, device=device) < self.preset.dit.cond_dropout
+        cond = self.conditioner.batch([self.keys[int(i)] for i in idx], drop)
+        with acc.autocast():
+            loss, parts = flow_step_loss(self.backend, self.model, x0, cond, step, self.preset, self.c, gen)
+        self.opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        gnorm = float(acc.clip_grad_norm_(self.params, a.grad_clip if a.grad_clip > 0 else float("inf")))
+        parts.update(loss=loss.item(), grad_norm=gnorm, lr=self.sched.get_last_lr()[0])
+        if not (math.isfinite(gnorm) and math.isfinite(parts["loss"])) or gnorm > a.skip_grad_norm:
+            self.opt.zero_grad(set_to_none=True)
+            self.skipped += 1
+            parts["skipped"] = 1
+        else:
+            self.opt.step()
+            self.ema.step(self.params)
+        self.sched.step()
+        return parts
+
+
+class ProbeLoss:
+    """A fixed-noise flow loss at full detail weight on the first few training latents (sigmas 0.1..0.9):
+    comparable across steps and runs, logged at the start and the end."""
+
+    def __init__(self, backend, model, dataset, normalize, conditioner, keys, base_channels: int, seed: int, acc):
+        n = min(len(keys), 8)
+        self.x = normalize(torch.stack([dataset[i][0] for i in range(n)])).to(acc.device)
+        self.keys = [keys[dataset.index(i)] for i in range(n)]
+        self.backend, self.model, self.conditioner, self.c, self.seed, self.acc = \
+            backend, model, conditioner, base_channels, seed, acc
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        device, n = self.acc.device, self.x.shape[0]
+        g = torch.Generator(device=device).manual_seed(self.seed + 99991)
+        cond = self.conditioner.batch(self.keys, torch.zeros(n, dtype=torch.bool))
+        self.model.eval()
+        with self.acc.autocast():
+            sigma = torch.linspace(0.1, 0.9, n, device=device)
+            eps = torch.randn(self.x.shape, generator=g, device=device)
+            xt, target = flow.noisy(self.x, eps, sigma)
+            pred = self.backend.velocity(self.model, xt, sigma, cond)
+        self.model.train()
+        return float(flow.flow_loss(pred, target, self.c, 1.0))
+
+
 def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data: Optional[list[str]] = None,
               dit: Optional[str] = None, captions: Optional[str] = None, resume: bool = False,
               callbacks: Optional[Callbacks] = None) -> AdaptDiTResult:
@@ -293,14 +328,12 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
 
     if not data:
         raise DavaeError("is required when training (--steps > 0)", param="data")
-    cb.on_message("preparing the latent dataset (encoded once, reused by --resume)")
-    records = prepare_latent_dataset(
-        vae, list(map(str, data)), run_dir / "cache", resolution=a.resolution, conditioning=backend.conditioning,
-        batch_size=a.encode_batch_size, captions=captions, rank=acc.process_index, world=acc.num_processes,
-        barrier=acc.wait_for_everyone)
+    latents = training_latents(vae, data, run_dir / "cache", resolution=a.resolution,
+                               conditioning=backend.conditioning, encode_batch_size=a.encode_batch_size,
+                               captions=captions, stats_limit=a.detail_stats_latents, seed=a.seed, acc=acc,
+                               on_message=cb.on_message)
+    records, stats = latents.records, latents.detail_stats
     conditioner, keys = _conditioning(preset, backend, records, run_dir, acc, cb)
-    stats = measure_detail_stats(records, c, run_dir / "cache", preset, acc.is_main_process, acc.wait_for_everyone,
-                                 cb.on_message)
     normalize = LatentNormalizer(c, stats["mean"], stats["std"])
     facts = sampling_facts(preset, vae, vae_dir, backend, model, dit_spec, 0, stats)  # "steps" is set at export
     if a.steps == 0:
@@ -321,72 +354,31 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     model, opt = acc.prepare(model, opt)  # the scheduler is not prepared (accelerate steps it per process)
     raw = acc.unwrap_model(model)
     total, world, rank = a.steps, acc.num_processes, acc.process_index
-    dataset = LatentDataset(records, a.seed, (total * world + world) * a.batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=a.batch_size, num_workers=0,
-                                         sampler=StepSampler(start_step, total, a.batch_size, rank, world))
+    dataset, loader = latents.loader(a.seed, start_step, total, a.batch_size, rank, world)
     loop = RunLoop(acc, run_dir, total=total, start_step=start_step, resumed=ckpt_path is not None, seed=a.seed,
                    log_every=a.log_every, checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
                    state_fn=lambda at: training_state(at, ema, opt, sched, preset,
                                                       trainable={n: p.detach().cpu() for n, p in named}),
                    callbacks=cb)
 
-    # a fixed-noise loss on a few training latents at full detail weight: comparable across steps
-    probe_n = min(len(records), 8)
-    probe_x = normalize(torch.stack([dataset[i][0] for i in range(probe_n)])).to(device)
-    probe_idx = [dataset.index(i) for i in range(probe_n)]
-
-    @torch.no_grad()
-    def probe_loss() -> float:
-        g = torch.Generator(device=device).manual_seed(a.seed + 99991)
-        cond = conditioner.batch([keys[i] for i in probe_idx], torch.zeros(probe_n, dtype=torch.bool))
-        raw.eval()
-        with acc.autocast():
-            sigma = torch.linspace(0.1, 0.9, probe_n, device=device)
-            eps = torch.randn(probe_x.shape, generator=g, device=device)
-            xt, target = flow.noisy(probe_x, eps, sigma)
-            pred = backend.velocity(raw, xt, sigma, cond)
-        raw.train()
-        return float(flow.flow_loss(pred, target, c, 1.0))
-
+    probe = ProbeLoss(backend, raw, dataset, normalize, conditioner, keys, c, a.seed, acc)
     info = {"device": str(device), "world_size": world, "train_images": len(records), "val_images": 0,
             "trainable_params": sum(p.numel() for p in params), "start_step": start_step, "backend": backend.name}
     loop.start(info)
     metrics: dict = {}
     if start_step == 0:
-        metrics["probe_loss_start"] = probe_loss()
+        metrics["probe_loss_start"] = probe()
         loop.write({"step": 0, "event": "probe", "probe_loss": metrics["probe_loss_start"]})
 
-    skipped = 0
-
-    def train_step(step: int, batch, gen: torch.Generator) -> dict:
-        nonlocal skipped
-        lat, idx = batch
-        x0 = normalize(lat.to(device))
-        drop = torch.rand(x0.shape[0], generator=gen, device=device) < preset.dit.cond_dropout
-        cond = conditioner.batch([keys[int(i)] for i in idx], drop)
-        with acc.autocast():
-            loss, parts = flow_step_loss(backend, model, x0, cond, step, preset, c, gen)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        gnorm = float(acc.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf")))
-        parts.update(loss=loss.item(), grad_norm=gnorm, lr=sched.get_last_lr()[0])
-        if not (math.isfinite(gnorm) and math.isfinite(parts["loss"])) or gnorm > a.skip_grad_norm:
-            opt.zero_grad(set_to_none=True)
-            skipped += 1
-            parts["skipped"] = 1
-        else:
-            opt.step()
-            ema.step(params)
-        sched.step()
-        return parts
-
+    step_fn = DiTTrainStep(preset, backend, model, params, opt, sched, ema, normalize, conditioner, keys, c, acc)
     raw.train()
-    loop.run(train_step, iter(loader))
+    loop.run(step_fn, iter(loader))
+    skipped = step_fn.skipped
 
-    metrics["probe_loss_end"] = probe_loss()
+    metrics["probe_loss_end"] = probe()
     ema.store(params)
     ema.copy_to(params)
-    metrics["probe_loss_end_ema"] = probe_loss()
+    metrics["probe_loss_end_ema"] = probe()
     facts["steps"] = total
     if acc.is_main_process:
         export_adapted(backend, raw, facts, final_dir)

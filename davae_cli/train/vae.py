@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from .. import latents as L
 from ..config import Preset
-from ..data import (CachedBaseCropDataset, ImageSource, StepCropDataset, StepSampler, center_crops, list_images,
-                    training_images)
+from ..data import ImageSource, StepCropDataset, list_images, training_images, vae_training_data
 from ..errors import DavaeError
 from ..latents import atomic_write_bytes
 from ..metrics import reconstruction_metrics
@@ -186,6 +185,81 @@ def export_davae(model: DetailAlignedVAE, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
+class VAEOptimStep:
+    """One optimisation step of the DA-VAE (RunLoop's `step_fn`): generator losses, clipping, skipping of a
+    non-finite loss, EMA, then the discriminator's hinge step once it has started."""
+
+    def __init__(self, losses: "VAETrainStep", acc, model, opt, sched, ema, trainable, opt_d, t):
+        self.losses, self.acc, self.model, self.opt, self.sched = losses, acc, model, opt, sched
+        self.ema, self.trainable, self.opt_d, self.t = ema, trainable, opt_d, t
+        self.raw = acc.unwrap_model(model)
+
+    def __call__(self, step: int, batch, gen: torch.Generator) -> dict:
+        acc, t, device = self.acc, self.t, self.acc.device
+        base_cache = None
+        if isinstance(batch, (list, tuple)):
+            x, baseline, z_base = (b.to(device, non_blocking=True) for b in batch)
+            base_cache = (z_base, baseline)
+        else:
+            x = batch.to(device, non_blocking=True)
+        with acc.autocast():
+            loss, parts, x_hat = self.losses.generator_losses(self.model, self.raw, x, step, gen, base_cache)
+        self.opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if acc.sync_gradients and t.grad_clip > 0:
+            parts["grad_norm"] = float(acc.clip_grad_norm_(self.trainable, t.grad_clip))
+        if not math.isfinite(parts["loss"]):
+            self.opt.zero_grad(set_to_none=True)
+            parts["skipped"] = 1
+        else:
+            self.opt.step()
+        self.sched.step()
+        self.ema.step(self.trainable)
+        disc = self.losses.disc
+        if disc is not None and step >= self.losses.lo.disc_start:
+            with acc.autocast():
+                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
+            self.opt_d.zero_grad(set_to_none=True)
+            acc.backward(d_loss)
+            self.opt_d.step()
+            parts["d_loss"] = d_loss.item()
+        parts["lr"] = self.sched.get_last_lr()[0]
+        return parts
+
+
+class HeldOutEvaluator:
+    """`evaluate(step)`: the EMA weights on the held-out crops (`evaluate_held_out`), a sample grid
+    (input | baseline | DA-VAE) in `samples/`, and an `eval` log record; {} without held-out images."""
+
+    def __init__(self, model: DetailAlignedVAE, val_images, ema, trainable, lpips_model, batch_size: int,
+                 samples_dir: Path, is_main: bool, write):
+        self.model, self.val, self.ema, self.trainable = model, val_images, ema, trainable
+        self.lpips, self.batch_size, self.samples_dir, self.is_main, self.write = \
+            lpips_model, batch_size, Path(samples_dir), is_main, write
+
+    def __call__(self, step: int) -> dict:
+        if self.val is None:
+            return {}
+        raw = self.model
+        self.ema.store(self.trainable)
+        self.ema.copy_to(self.trainable)
+        raw.eval()
+        try:
+            res = evaluate_held_out(raw, self.val, self.batch_size, self.lpips)
+            n = min(4, self.val.shape[0])
+            x = self.val[:n].to(next(raw.parameters()).device)
+            enc = raw.encode(x)
+            rows = [[x[i].cpu(), raw.decode_baseline(enc.z_base[i : i + 1])[0].cpu(),
+                     raw.decode(enc.latent[i : i + 1])[0].clamp(-1, 1).cpu()] for i in range(n)]
+            if self.is_main:
+                _save_grid(self.samples_dir / f"step-{step:07d}.png", rows)
+        finally:
+            self.ema.restore(self.trainable)
+            raw.train()
+        self.write({"step": step, "event": "eval", **res})
+        return res
+
+
 def _optimisation(model: DetailAlignedVAE, disc, t):
     """(trainable parameters, AdamW with the new blocks' own rate, schedule, discriminator AdamW, EMA)."""
     from diffusers.training_utils import EMAModel
@@ -246,7 +320,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     if not data:
         raise DavaeError("is required when training (--steps > 0)", param="data")
     images = training_images(data, val_data, t.num_val, t.seed)
-    source, train_source, val_source = images.all, images.train, images.val
+    source, train_source = images.all, images.train
     for path, why in source.skipped:
         cb.on_message(f"skipped unreadable image {path}: {why}")
 
@@ -269,16 +343,11 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     crop = t.crop_size or t.resolution
     total = t.steps
     world, rank = acc.num_processes, acc.process_index
-    if t.cache_base:
-        dataset = CachedBaseCropDataset(_base_cache(raw, train_source, cb), crop, raw.granularity, t.seed,
-                                        (total * world + world) * t.batch_size)
-    else:
-        dataset = StepCropDataset(train_source, crop, t.seed, (total * world + world) * t.batch_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=t.batch_size, num_workers=t.num_workers,
-        sampler=StepSampler(start_step, total, t.batch_size, rank, world), drop_last=False,
-    )
-    val_images = center_crops(val_source, t.resolution)[0] if len(val_source) else None
+    data_ = vae_training_data(images, crop=crop, resolution=t.resolution, seed=t.seed,
+                              length=(total * world + world) * t.batch_size, granularity=raw.granularity,
+                              base_cache=_base_cache(raw, train_source, cb) if t.cache_base else None)
+    dataset, val_images = data_.dataset, data_.val_images
+    loader = data_.loader(start_step, total, t.batch_size, rank, world, t.num_workers)
     stepper = VAETrainStep(preset, raw, lpips_model, disc)
 
     def state_fn(at: int) -> dict:
@@ -291,56 +360,8 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
                    log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
                    state_fn=state_fn, callbacks=cb)
 
-    def evaluate(step: int) -> dict:
-        if val_images is None:
-            return {}
-        ema.store(trainable)
-        ema.copy_to(trainable)
-        raw.eval()
-        try:
-            res = evaluate_held_out(raw, val_images, t.batch_size, lpips_model)
-            n = min(4, val_images.shape[0])
-            x = val_images[:n].to(device)
-            enc = raw.encode(x)
-            rows = [[x[i].cpu(), raw.decode_baseline(enc.z_base[i : i + 1])[0].cpu(),
-                     raw.decode(enc.latent[i : i + 1])[0].clamp(-1, 1).cpu()] for i in range(n)]
-            if acc.is_main_process:
-                _save_grid(run_dir / "samples" / f"step-{step:07d}.png", rows)
-        finally:
-            ema.restore(trainable)
-            raw.train()
-        loop.write({"step": step, "event": "eval", **res})
-        return res
-
-    def train_step(step: int, batch, gen: torch.Generator) -> dict:
-        base_cache = None
-        if isinstance(batch, (list, tuple)):
-            x, baseline, z_base = (b.to(device, non_blocking=True) for b in batch)
-            base_cache = (z_base, baseline)
-        else:
-            x = batch.to(device, non_blocking=True)
-        with acc.autocast():
-            loss, parts, x_hat = stepper.generator_losses(model, raw, x, step, gen, base_cache)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        if acc.sync_gradients and t.grad_clip > 0:
-            parts["grad_norm"] = float(acc.clip_grad_norm_(trainable, t.grad_clip))
-        if not math.isfinite(parts["loss"]):
-            opt.zero_grad(set_to_none=True)
-            parts["skipped"] = 1
-        else:
-            opt.step()
-        sched.step()
-        ema.step(trainable)
-        if disc is not None and step >= lo.disc_start:
-            with acc.autocast():
-                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            acc.backward(d_loss)
-            opt_d.step()
-            parts["d_loss"] = d_loss.item()
-        parts["lr"] = sched.get_last_lr()[0]
-        return parts
+    evaluate = HeldOutEvaluator(raw, val_images, ema, trainable, lpips_model, t.batch_size, run_dir / "samples",
+                                acc.is_main_process, loop.write)
 
     def after_step(step: int) -> None:
         if step % t.eval_every == 0 and step != total:
@@ -356,7 +377,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     if start_step == 0 and val_images is not None:
         evaluate(0)
     raw.train()
-    loop.run(train_step, iter(loader), after_step)
+    loop.run(VAEOptimStep(stepper, acc, model, opt, sched, ema, trainable, opt_d, t), iter(loader), after_step)
 
     final_eval = evaluate(total)
     # export the EMA weights with the detail channels' statistics measured on the training images
