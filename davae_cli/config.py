@@ -430,7 +430,7 @@ def validate(p: Preset) -> None:
         raise ConfigError(f"adapt_dit.cosine_loss must be >= 0, got {a.cosine_loss}")
     if a.detail_stats_latents < 0:
         raise ConfigError(f"adapt_dit.detail_stats_latents must be >= 0, got {a.detail_stats_latents}")
-    check_sampling(p.sample.steps, p.sample.shift, p.sample.guidance_interval, p.sample.sampler, prefix="sample.")
+    check_sampling(p.sample.steps, p.sample.shift, p.sample.guidance_interval, p.sample.sampler, section="sample")
     if not 0 <= d.cond_dropout < 1:
         raise ConfigError(f"dit.cond_dropout must be in [0, 1), got {d.cond_dropout}")
     if d.lora_rank < 0:
@@ -444,21 +444,25 @@ def validate(p: Preset) -> None:
 
 
 def check_sampling(steps: Optional[int], shift: Optional[float], interval: Optional[tuple[float, float]],
-                   sampler: Optional[str] = None, prefix: str = "") -> None:
-    """The sampling settings' bounds, shared by the preset's `sample` section (`prefix="sample."`) and the
-    commands' flags (`prefix="--"`: the names are then written as flags). None: not given, not checked."""
-    def name(key: str) -> str:
-        if prefix == "--":  # the command-line flags (sampling steps have their own name there)
-            return "--" + {"steps": "sampling_steps"}.get(key, key).replace("_", "-")
-        return prefix + key
+                   sampler: Optional[str] = None, section: Optional[str] = None) -> None:
+    """The sampling settings' bounds, shared by a preset's `sample` section (`section="sample"`: a
+    ConfigError naming `sample.<key>`) and the sampling parameters of generate/bench (`section=None`: a
+    DavaeError with `param=`, which the command line writes as the flag; the step count is `sampling_steps`
+    there). None: not given, not checked."""
+    from .errors import DavaeError
+
+    def fail(key: str, message: str) -> None:
+        if section:
+            raise ConfigError(f"{section}.{key} {message}")
+        raise DavaeError(message, param="sampling_steps" if key == "steps" else key)
 
     if steps is not None and steps < 1:
-        raise ConfigError(f"{name('steps')} must be at least 1, got {steps}")
+        fail("steps", f"must be at least 1, got {steps}")
     if shift is not None and not shift > 0:
-        raise ConfigError(f"{name('shift')} must be positive, got {shift}")
+        fail("shift", f"must be positive, got {shift}")
     if interval is not None:
         lo, hi = interval
         if not (0.0 <= lo <= hi <= 1.0):
-            raise ConfigError(f"{name('guidance_interval')} {lo},{hi}: needs 0 <= LO <= HI <= 1 (sigma; 1 is noise)")
+            fail("guidance_interval", f"{lo},{hi}: needs 0 <= LO <= HI <= 1 (sigma; 1 is noise)")
     if sampler is not None and sampler not in ("euler", "heun"):
-        raise ConfigError(f"{name('sampler')} {sampler}: choose euler or heun")
+        fail("sampler", f"{sampler}: choose euler or heun")

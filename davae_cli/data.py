@@ -277,6 +277,14 @@ def training_images(data: list, val_data: Optional[list] = None, num_val: int = 
     return TrainingImages(source, train, val)
 
 
+def step_loader(dataset, start_step: int, total: int, batch_size: int, rank: int, world: int,
+                num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Batches of a step-indexed dataset for steps start_step..total, this process's share (StepSampler)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                       sampler=StepSampler(start_step, total, batch_size, rank, world),
+                                       drop_last=False)
+
+
 @dataclass
 class VAETrainingData:
     """The DA-VAE trainer's data, as one object: its images (listed and split), the step-indexed crop
@@ -287,9 +295,7 @@ class VAETrainingData:
     val_images: Optional[torch.Tensor]
 
     def loader(self, start_step: int, total: int, batch_size: int, rank: int, world: int, num_workers: int = 0):
-        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, num_workers=num_workers,
-                                           sampler=StepSampler(start_step, total, batch_size, rank, world),
-                                           drop_last=False)
+        return step_loader(self.dataset, start_step, total, batch_size, rank, world, num_workers)
 
 
 def vae_training_data(images: TrainingImages, *, crop: int, resolution: int, seed: int, length: int,

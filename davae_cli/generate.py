@@ -33,6 +33,9 @@ from .errors import DavaeError
 from .latents import LatentNormalizer, atomic_write_bytes, save_latent
 
 
+RECIPE = "recipe"  # GenerateSettings.guidance_interval: take the recipe's (None means CFG on every step)
+
+
 @dataclass
 class GenerateSettings:
     out_dir: Path
@@ -42,7 +45,7 @@ class GenerateSettings:
     # None (and RECIPE for the interval): the model's sampling recipe (see the module doc)
     steps: Optional[int] = None
     guidance: Optional[float] = None
-    guidance_interval: object = "recipe"  # (lo, hi) sigma range where CFG applies, None = every step
+    guidance_interval: object = RECIPE  # (lo, hi) sigma range where CFG applies, None = every step
     negative_prompt: str = ""
     seed: int = 0
     num_images: int = 1  # per prompt / class
@@ -68,9 +71,6 @@ class Job:
     @property
     def stem(self) -> str:
         return f"{self.index:06d}"
-
-
-RECIPE = "recipe"
 
 
 def apply_recipe(s: GenerateSettings, recipe: dict) -> None:
@@ -433,7 +433,7 @@ class NativeSD3Model(Model):
         if cfg is None:
             on_message(f"warning: {pipeline} has no scheduler/scheduler_config.json: sampling with diffusers' "
                        f"FlowMatchEulerDiscreteScheduler defaults")
-        self.scheduler_config = {k: v for k, v in (cfg or {}).items() if not k.startswith("_")}
+        self.scheduler_config = cfg or {}
         self.shift = float(shift if shift is not None else self.scheduler_config.get("shift", 1.0))
         self.backend, self.recipe, self.conditioning = "sd3", recipe, "prompt"
         self.scale = float(getattr(self.vae.config, "scaling_factor", None) or 1.0)

@@ -279,8 +279,7 @@ class TrainingLatents:
     def loader(self, seed: int, start_step: int, total: int, batch_size: int, rank: int, world: int):
         """(dataset, loader) drawing the global sample order of (seed, step), this process's share."""
         dataset = LatentDataset(self.records, seed, (total * world + world) * batch_size)
-        return dataset, torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0,
-                                                    sampler=D.StepSampler(start_step, total, batch_size, rank, world))
+        return dataset, D.step_loader(dataset, start_step, total, batch_size, rank, world)
 
 
 def training_latents(vae, inputs: list[str], cache_dir: Path, *, resolution: int, conditioning: str,

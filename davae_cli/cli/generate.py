@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from ..config import check_sampling
 from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, fail, print_json,
                      progress_bar, resolve_preset)
 
@@ -64,13 +63,13 @@ def generate_cmd(
     2x the resolution at the base token count. Sampling recipe (steps, guidance, interval, sampler): the one
     stored with the adapted model, or the preset's `sample` section with --native; flags override it. PNGs
     carry prompt, seed, the settings, shift and sigma grid actually used, and the model identities."""
-    from ..generate import GenerateSettings, generate, read_prompts
+    from ..generate import RECIPE, GenerateSettings, generate, read_prompts
 
     p = resolve_preset(preset, sets)
     texts = list(prompt or [])
     if prompts is not None:
         texts += read_prompts(prompts)
-    interval: object = "recipe"
+    interval: object = RECIPE
     if guidance_interval is not None and guidance_interval.strip().lower() in ("all", "none", "off"):
         interval = None
     elif guidance_interval is not None:
@@ -79,7 +78,6 @@ def generate_cmd(
         except ValueError:
             fail(f"--guidance-interval {guidance_interval!r}: expected LO,HI (e.g. 0,0.8) or 'all'")
         interval = (lo, hi)
-    check_sampling(steps, shift, None if isinstance(interval, str) else interval, sampler, prefix="--")
     s = GenerateSettings(out_dir=out, prompts=texts, class_ids=list(class_id or []), res=res, steps=steps,
                          guidance=guidance, guidance_interval=interval, negative_prompt=negative_prompt, seed=seed,
                          num_images=num_images, batch_size=batch_size, sampler=sampler, shift=shift,

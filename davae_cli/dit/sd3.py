@@ -143,23 +143,27 @@ def save_lora(model: nn.Module, folder: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- sampling grid
 def scheduler_config_of(spec: Optional[str]) -> Optional[dict]:
-    """The `scheduler/scheduler_config.json` of an SD3 pipeline (local folder or hub id), or None when
-    `spec` has none (a bare transformer folder, `random`, or a hub id that cannot be reached)."""
+    """The `scheduler/scheduler_config.json` of an SD3 pipeline (local folder or hub id) without its
+    `_`-prefixed bookkeeping keys, or None when `spec` has none (a bare transformer folder, `random`, or a
+    hub id that cannot be reached)."""
     if not spec or spec == "random":
         return None
+    cfg = None
     path = Path(spec).expanduser()
     if path.exists():
         for cand in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json",
                      path.parent / "scheduler" / "scheduler_config.json"):
             if cand.is_file():
-                return json.loads(cand.read_text())
-        return None
-    try:
-        from diffusers import FlowMatchEulerDiscreteScheduler
+                cfg = json.loads(cand.read_text())
+                break
+    else:
+        try:
+            from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return dict(FlowMatchEulerDiscreteScheduler.load_config(spec, subfolder="scheduler"))
-    except Exception:  # noqa: BLE001 - offline or gated: no pipeline scheduler to follow
-        return None
+            cfg = dict(FlowMatchEulerDiscreteScheduler.load_config(spec, subfolder="scheduler"))
+        except Exception:  # noqa: BLE001 - offline or gated: no pipeline scheduler to follow
+            return None
+    return None if cfg is None else {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def pipeline_sigmas(steps: int, shift: Optional[float] = None, scheduler_config: Optional[dict] = None,
@@ -172,7 +176,7 @@ def pipeline_sigmas(steps: int, shift: Optional[float] = None, scheduler_config:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-    cfg = {k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}
+    cfg = dict(scheduler_config or {})
     if cfg.get("stochastic_sampling"):
         raise DavaeError("the pipeline's scheduler uses stochastic sampling, which davae's ODE sampler does not "
                          "reproduce; pass a scheduler_config without it")

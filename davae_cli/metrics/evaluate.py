@@ -19,7 +19,8 @@ from .. import data as D
 from ..errors import DavaeError
 from ..latents import atomic_write_bytes
 from ._util import _first_line
-from .extractors import MODES, NO_LOGITS, RESIZE, FeatureExtractor, default_device, resolve_extractor
+from ..devices import resolve_device
+from .extractors import MODES, NO_LOGITS, RESIZE, FeatureExtractor, resolve_extractor
 from .features import FeatureSet, ProgressFn, _loader, _same_shape_runs, _to_chw, folder_features, list_folder
 from .fid import frechet, kid
 from .stats import _protocol_notes, check_stats_shape, is_stats_file, load_stats_npz, named_stats, parse_stats_name
@@ -60,7 +61,7 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
     elif ref_stats is not None:
         parse_stats_name(ref_stats)  # syntax errors before any model is loaded
     notes: list = []
-    dev = default_device(device)
+    dev = resolve_device(device)
     extractor = resolve_extractor(mode, dev, inception, notes)
     if ref_stats is not None:
         refs = ref_file if ref_file is not None else named_stats(ref_stats, mode, with_kid)
@@ -112,7 +113,7 @@ def save_statistics(folder: str | Path, out: str | Path, *, mode: str = "clean",
         raise DavaeError(f"{out}: the file name must end in .npz", param="save_stats")
     src = list_folder(folder, "GEN")
     notes: list = []
-    extractor = resolve_extractor(mode, default_device(device), inception, notes)
+    extractor = resolve_extractor(mode, resolve_device(device), inception, notes)
     fs = folder_features(folder, extractor, mode, role="GEN", source=src, batch_size=batch_size,
                          num_workers=num_workers, progress=progress, use_cache=use_cache, notes=notes)
     mu, sigma = fs.stats()
@@ -146,7 +147,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
         raise DavaeError("must be a positive number of pixels", param="res")
     src = list_folder(ref, "REF")
     notes: list = []
-    dev = default_device(device)
+    dev = resolve_device(device)
     vae = DetailAlignedVAE.from_pretrained(vae_dir, base_vae=base_vae).to(dev).eval()
     g = vae.granularity
     if res is not None and res < g:

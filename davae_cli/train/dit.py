@@ -95,7 +95,7 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
         from ..dit.sd3 import scheduler_config_of
 
         cfg = scheduler_config_of(dit_spec)
-        facts["scheduler_config"] = {k: v for k, v in (cfg or {}).items() if not k.startswith("_")}
+        facts["scheduler_config"] = cfg or {}
         facts["scheduler_source"] = "the DiT's pipeline" if cfg else "diffusers' FlowMatchEulerDiscreteScheduler defaults"
     return facts
 
