@@ -117,6 +117,10 @@ class TrainVAEConfig:
     # precompute the frozen base's z_base and baseline once per training image and train on aligned crops
     # of them (only with the residual design, whose base path is frozen): many more steps per CPU-minute
     cache_base: bool = False
+    # train on a seeded random subset of this many --data images (0 = all of them); with cache_base the
+    # cache holds ~2 x 3 x H x W floats per image, so a large folder needs a cap on a small machine
+    max_images: int = 0
+    max_val: int = 0  # with --val-data: evaluate on a seeded random subset of this many images (0 = all)
     seed: int = 0
 
 
@@ -171,6 +175,39 @@ class AdaptDiTConfig:
     # training latents read to measure the detail channels' per-channel mean/std (SPEC §6); 0 = all
     detail_stats_latents: int = 4096
     encode_batch_size: int = 8  # batch size of the one-off latent encoding of --data images
+    max_images: int = 0  # encode and train on a seeded random subset of this many --data images (0 = all)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class TrainDiTConfig:
+    """`davae train-dit`: a native class-conditional DiT trained from scratch on the base VAE's latents
+    (the model `adapt-dit --dit` warm-starts and `generate --native` samples). The objective is adapt-dit's
+    (rectified flow, logit-normal timesteps shifted by `dit.train_shift`, optional cosine term) on the
+    base channels alone."""
+
+    resolution: int = 256  # image resolution of the native model; its latent is resolution / f per side
+    batch_size: int = 64  # per process
+    steps: int = 1000
+    # stop (checkpoint and export) once this many minutes of training have passed, counted across resumes
+    # (0 = no limit): for comparisons at equal wall-clock
+    max_minutes: float = 0.0
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    skip_grad_norm: float = 1000.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    ema_decay: float = 0.999
+    gradient_checkpointing: bool = False
+    cosine_loss: float = 0.0
+    encode_batch_size: int = 32
+    max_images: int = 0  # a seeded random subset of this many --data images (0 = all); same choice as adapt-dit's
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -200,6 +237,7 @@ class Preset:
     train_vae: TrainVAEConfig = field(default_factory=TrainVAEConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     adapt_dit: AdaptDiTConfig = field(default_factory=AdaptDiTConfig)
+    train_dit: TrainDiTConfig = field(default_factory=TrainDiTConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     @property
@@ -430,6 +468,20 @@ def validate(p: Preset) -> None:
         raise ConfigError(f"adapt_dit.cosine_loss must be >= 0, got {a.cosine_loss}")
     if a.detail_stats_latents < 0:
         raise ConfigError(f"adapt_dit.detail_stats_latents must be >= 0, got {a.detail_stats_latents}")
+    n = p.train_dit
+    if n.resolution <= 0 or n.resolution % p.vae.downsample:
+        raise ConfigError(f"train_dit.resolution: {n.resolution} is not a positive multiple of f = {p.vae.downsample}")
+    for key in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "encode_batch_size"):
+        if getattr(n, key) <= 0:
+            raise ConfigError(f"train_dit.{key} must be positive, got {getattr(n, key)}")
+    if n.steps < 0 or n.max_minutes < 0 or n.cosine_loss < 0:
+        raise ConfigError("train_dit.steps, train_dit.max_minutes and train_dit.cosine_loss must be >= 0")
+    if not 0 <= n.ema_decay < 1:
+        raise ConfigError(f"train_dit.ema_decay must be in [0, 1), got {n.ema_decay}")
+    for key, val in (("train_vae.max_images", t.max_images), ("train_vae.max_val", t.max_val),
+                     ("train_dit.max_images", n.max_images), ("adapt_dit.max_images", p.adapt_dit.max_images)):
+        if val < 0:
+            raise ConfigError(f"{key} must be >= 0, got {val}")
     check_sampling(p.sample.steps, p.sample.shift, p.sample.guidance_interval, p.sample.sampler, section="sample")
     if not 0 <= d.cond_dropout < 1:
         raise ConfigError(f"dit.cond_dropout must be in [0, 1), got {d.cond_dropout}")

@@ -35,6 +35,13 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.items)
 
+    def subset(self, n: int, seed: int) -> "ImageSource":
+        """A seeded random `n` of the items, in their listed order (all of them when n is 0 or too large)."""
+        if not n or len(self.items) <= n:
+            return self
+        keep = set(np.random.default_rng([seed, 5]).choice(len(self.items), size=n, replace=False).tolist())
+        return ImageSource([it for i, it in enumerate(self.items) if i in keep], self.skipped)
+
     def name(self, i: int) -> str:
         it = self.items[i]
         return it[1] if isinstance(it, tuple) else Path(it).stem
@@ -264,14 +271,18 @@ def split_validation(source: ImageSource, num_val: int, seed: int) -> tuple[Imag
     return train, val
 
 
-def training_images(data: list, val_data: Optional[list] = None, num_val: int = 0, seed: int = 0) -> TrainingImages:
-    """List `data` (and `val_data`); without `val_data`, hold out `num_val` of `data`. One-line error when
-    nothing readable is left to train on."""
+def training_images(data: list, val_data: Optional[list] = None, num_val: int = 0, seed: int = 0,
+                    max_images: int = 0, max_val: int = 0) -> TrainingImages:
+    """List `data` (and `val_data`); without `val_data`, hold out `num_val` of `data`; with `max_images`
+    (`max_val`), train (evaluate on `val_data`) on a seeded random subset of that many. One-line error when nothing readable is left to train on."""
     source = list_images(data)
     if val_data:
         train, val = source, list_images(val_data)
     else:
         train, val = split_validation(source, num_val, seed)
+    train = train.subset(max_images, seed)
+    if val_data:
+        val = val.subset(max_val, seed)
     if len(train) == 0:
         raise DavaeError(f"no readable images in {', '.join(map(str, data))}")
     return TrainingImages(source, train, val)

@@ -458,6 +458,14 @@ class NativeLightningDiTModel(Model):
         self.dit = place_frozen(dit, device, dtype)
         self.dit_velocity = lightningdit_velocity
         self.davae = DetailAlignedVAE.from_pretrained(str(vae_dir)).to(device).eval()
+        side = res // preset.vae.downsample
+        if int(self.dit.config.input_size) != side or res % preset.vae.downsample:
+            raise DavaeError(f"{res}: the native DiT was built for {int(self.dit.config.input_size) * preset.vae.downsample}² "
+                             f"({self.dit.config.input_size}x{self.dit.config.input_size} latents)", param="res")
+        if Path(spec).is_dir():
+            from .train.native import check_native_space, read_native_facts
+
+            check_native_space(read_native_facts(spec), self.davae, f"the native DiT {spec}")
         self.name = "native"
         self.base_channels, self.detail_channels = int(self.dit.config.in_channels), 0
         self.granularity, self.patch_size = preset.vae.downsample, int(self.dit.config.patch_size)

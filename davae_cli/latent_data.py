@@ -131,6 +131,7 @@ def _latent_files(inputs: list[str]) -> list[Path]:
 
 def prepare_latent_dataset(vae, inputs: list[str], cache_dir: Path, *, resolution: int, conditioning: str,
                            batch_size: int = 8, captions: Optional[str] = None, rank: int = 0, world: int = 1,
+                           max_images: int = 0, seed: int = 0,
                            barrier: Callable[[], None] = lambda: None,
                            progress: Optional[Callable[[int, int], None]] = None) -> list[LatentRecord]:
     """Encode `inputs` once into `cache_dir` (or index existing latent files) and return the records.
@@ -149,7 +150,7 @@ def prepare_latent_dataset(vae, inputs: list[str], cache_dir: Path, *, resolutio
             raise DavaeError(f"{inp}: not found", param="data")
     h = resolution // vae.granularity
     lat_files = _latent_files(inputs)
-    images = D.list_images(inputs, check=False) if not lat_files else D.ImageSource()
+    images = D.list_images(inputs, check=False).subset(max_images, seed) if not lat_files else D.ImageSource()
     if lat_files and len(D.list_images(inputs, check=False)):
         raise DavaeError("mixes images and latent files; pass one kind", param="data")
     if lat_files:
@@ -284,12 +285,13 @@ class TrainingLatents:
 
 def training_latents(vae, inputs: list[str], cache_dir: Path, *, resolution: int, conditioning: str,
                      encode_batch_size: int, captions: Optional[str], stats_limit: int, seed: int, acc,
-                     on_message=lambda s: None) -> TrainingLatents:
+                     on_message=lambda s: None, max_images: int = 0) -> TrainingLatents:
     """Encode (or index) `inputs` once into `cache_dir` and measure the detail statistics on them."""
     on_message("preparing the latent dataset (encoded once, reused by --resume)")
     records = prepare_latent_dataset(vae, list(map(str, inputs)), cache_dir, resolution=resolution,
                                      conditioning=conditioning, batch_size=encode_batch_size, captions=captions,
-                                     rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone)
+                                     rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
+                                     max_images=max_images, seed=seed)
     stats = cached_detail_statistics(records, vae.config.base_channels, cache_dir, stats_limit, seed,
                                      acc.is_main_process, acc.wait_for_everyone, on_message)
     return TrainingLatents(records, stats)

@@ -14,7 +14,7 @@ from typing import Callable
 
 import typer
 
-from . import adapt_dit, bench, codec, common, eval_fid, generate, presets, train_vae
+from . import adapt_dit, bench, codec, common, eval_fid, generate, presets, train_dit, train_vae
 
 app = typer.Typer(
     name="davae",
@@ -55,6 +55,7 @@ COMMANDS: list[tuple[str, Callable, str | None]] = [
     ("train-vae", train_vae.train_vae_cmd, train_vae.EXAMPLES),
     ("encode", codec.encode_cmd, codec.ENCODE_EXAMPLES),
     ("decode", codec.decode_cmd, codec.DECODE_EXAMPLES),
+    ("train-dit", train_dit.train_dit_cmd, train_dit.EXAMPLES),
     ("adapt-dit", adapt_dit.adapt_dit_cmd, adapt_dit.EXAMPLES),
     ("generate", generate.generate_cmd, generate.EXAMPLES),
     ("bench", bench.bench_cmd, bench.EXAMPLES),

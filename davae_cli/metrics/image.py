@@ -17,28 +17,29 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
-def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> torch.Tensor:
+def _gaussian_1d(size: int, sigma: float, device, dtype) -> torch.Tensor:
     coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+    return g / g.sum()
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, valid region),
-    averaged over channels, of (B, C, H, W) images in [-1, 1] mapped to [0, 1]."""
+    averaged over channels, of (B, C, H, W) images in [-1, 1] mapped to [0, 1]. The 2-D Gaussian window is
+    applied as its two 1-D factors (the same filter, ~window/2 times fewer operations), in float64."""
     x, y = _to_unit(x).double(), _to_unit(y).double()
-    c = x.shape[1]
-    w = _gaussian_window(window, sigma, c, x.device, x.dtype)
+    b, c = x.shape[:2]
+    g = _gaussian_1d(window, sigma, x.device, x.dtype)
     c1, c2 = 0.01**2, 0.03**2
-
-    def filt(t):
-        return F.conv2d(t, w, groups=c)
-
-    mu_x, mu_y = filt(x), filt(y)
-    sxx = filt(x * x) - mu_x**2
-    syy = filt(y * y) - mu_y**2
-    sxy = filt(x * y) - mu_x * mu_y
+    # the five local means in one pass: x, y, x², y², xy for every channel, as (B, 5C, H, W)
+    stack = torch.cat([x, y, x * x, y * y, x * y], 1)
+    k = stack.shape[1]
+    stack = F.conv2d(stack, g.view(1, 1, window, 1).expand(k, 1, window, 1), groups=k)
+    stack = F.conv2d(stack, g.view(1, 1, 1, window).expand(k, 1, 1, window), groups=k)
+    mu_x, mu_y, exx, eyy, exy = stack.split(c, 1)
+    sxx = exx - mu_x**2
+    syy = eyy - mu_y**2
+    sxy = exy - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     return s.flatten(1).mean(1).float()
 

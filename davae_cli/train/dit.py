@@ -53,7 +53,17 @@ def build_adapted_dit(preset: Preset, vae: DetailAlignedVAE, dit_spec: Optional[
         raise DavaeError(f"the DiT reads {backend.channels(model)} latent channels but the DA-VAE's base has C = {c}; "
                          f"they do not belong together")
     p = backend.patch_size(model)
-    if (preset.adapt_dit.resolution // vae.granularity) % p:
+    side = preset.adapt_dit.resolution // vae.granularity
+    grid = getattr(model.config, "input_size", None) if backend.name == "lightningdit" else None
+    if grid is not None and int(grid) != side:
+        raise DavaeError(f"the DiT was built for a {grid}x{grid} latent grid, but adapt_dit.resolution "
+                         f"{preset.adapt_dit.resolution} with this DA-VAE (s*f = {vae.granularity}) needs {side}x{side}: "
+                         f"adapt a DiT trained at {side * vae.config.downsample}² (its base resolution)", param="dit")
+    if dit_spec and Path(dit_spec).is_dir():
+        from .native import check_native_space, read_native_facts
+
+        check_native_space(read_native_facts(dit_spec), vae, f"--dit {dit_spec}")
+    if side % p:
         raise DavaeError(f"adapt_dit.resolution {preset.adapt_dit.resolution}: the latent side is not divisible by "
                          f"the DiT's patch size {p}")
     backend.extend(model, d)
@@ -100,7 +110,7 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
     return facts
 
 
-def export_adapted(backend, model, facts: dict, out_dir: Path) -> None:
+def export_adapted(backend, model, facts: dict, out_dir: Path, facts_file: str = FACTS_FILE) -> None:
     """Write into a temporary folder, then rename: `out_dir` is complete or absent."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -108,7 +118,7 @@ def export_adapted(backend, model, facts: dict, out_dir: Path) -> None:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     backend.export(model, tmp)
-    atomic_write_bytes(tmp / FACTS_FILE, json.dumps(facts, indent=2).encode())
+    atomic_write_bytes(tmp / facts_file, json.dumps(facts, indent=2).encode())
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -163,20 +173,24 @@ class ClassConditioner:
 
 
 def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, preset: Preset, base_channels: int,
-                   gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """The training objective at `step` for normalised latents x0 (noise and sigmas from `gen`)."""
-    a = preset.adapt_dit
+                   gen: torch.Generator, section=None) -> tuple[torch.Tensor, dict]:
+    """The training objective at `step` for normalised latents x0 (noise and sigmas from `gen`). `section`:
+    the trainer's settings (default `preset.adapt_dit`; `preset.train_dit` for a native model, whose latents
+    have no detail channels, so w(n) does not apply)."""
+    a = section or preset.adapt_dit
     sigma = flow.sample_sigmas(x0.shape[0], mean=a.logit_mean, std=a.logit_std, shift=preset.dit.train_shift,
                                generator=gen, device=x0.device)
     eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     xt, target = flow.noisy(x0, eps, sigma)
     pred = backend.velocity(model, xt, sigma.to(x0.dtype), cond)
-    w = flow.detail_weight(step, a.detail_ramp_steps)
+    has_detail = x0.shape[1] > base_channels
+    w = flow.detail_weight(step, a.detail_ramp_steps) if has_detail else 1.0
     loss = flow.flow_loss(pred, target, base_channels, w)
     with torch.no_grad():
         err = (pred.float() - target.float()).pow(2)
-        parts = {"loss_base": err[:, :base_channels].mean().item(), "loss_detail": err[:, base_channels:].mean().item(),
-                 "w": w}
+        parts = {"loss_base": err[:, :base_channels].mean().item()}
+        if has_detail:
+            parts.update(loss_detail=err[:, base_channels:].mean().item(), w=w)
     if a.cosine_loss > 0:
         cos = flow.cosine_loss(pred, target, base_channels, w)
         parts["loss_cos"] = cos.item()
@@ -244,8 +258,8 @@ class DiTTrainStep:
     the scheduled flow loss, clipping, skipping of non-finite or huge gradient norms, EMA."""
 
     def __init__(self, preset: Preset, backend, model, params, opt, sched, ema, normalize, conditioner, keys,
-                 base_channels: int, acc):
-        self.preset, self.a = preset, preset.adapt_dit
+                 base_channels: int, acc, section=None):
+        self.preset, self.a = preset, section or preset.adapt_dit
         self.backend, self.model, self.params, self.opt, self.sched, self.ema = backend, model, params, opt, sched, ema
         self.normalize, self.conditioner, self.keys, self.c, self.acc = normalize, conditioner, keys, base_channels, acc
         self.skipped = 0
@@ -257,7 +271,7 @@ class DiTTrainStep:
         drop = torch.rand(x0.shape[0], generator=gen, device=device) < self.preset.dit.cond_dropout
         cond = self.conditioner.batch([self.keys[int(i)] for i in idx], drop)
         with acc.autocast():
-            loss, parts = flow_step_loss(self.backend, self.model, x0, cond, step, self.preset, self.c, gen)
+            loss, parts = flow_step_loss(self.backend, self.model, x0, cond, step, self.preset, self.c, gen, self.a)
         self.opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         gnorm = float(acc.clip_grad_norm_(self.params, a.grad_clip if a.grad_clip > 0 else float("inf")))
@@ -308,15 +322,20 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").is_file():
         raise DavaeError(f"{vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)", param="vae")
+    dit_spec = dit or preset.dit.pretrained
+    # the DA-VAE, the DiT and the data are checked before the run folder is made: a bad one writes nothing
+    vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).eval()
+    backend, model = build_adapted_dit(preset, vae, dit_spec, seed=preset.adapt_dit.seed)
+    if data and not resume and backend.conditioning == "class":
+        from .native import check_class_data
+
+        check_class_data([str(d) for d in data], captions, latents_ok=True)
     acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="adapt_dit")
     a = preset.adapt_dit
-    dit_spec = dit or preset.dit.pretrained
     run_info = {"vae": str(vae_dir.resolve()), "dit": dit_spec, "data": [str(d) for d in data or []]}
     device = acc.device
-
-    vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).to(device).eval()
+    vae.to(device)
     _check_or_record_run(run_dir / "run.json", {**run_info, "vae_identity": vae.identity}, acc.is_main_process)
-    backend, model = build_adapted_dit(preset, vae, dit_spec, seed=a.seed)
     c = vae.config.base_channels
     final_dir = run_dir / "final"
 
@@ -331,7 +350,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     latents = training_latents(vae, data, run_dir / "cache", resolution=a.resolution,
                                conditioning=backend.conditioning, encode_batch_size=a.encode_batch_size,
                                captions=captions, stats_limit=a.detail_stats_latents, seed=a.seed, acc=acc,
-                               on_message=cb.on_message)
+                               on_message=cb.on_message, max_images=a.max_images)
     records, stats = latents.records, latents.detail_stats
     conditioner, keys = _conditioning(preset, backend, records, run_dir, acc, cb)
     normalize = LatentNormalizer(c, stats["mean"], stats["std"])
@@ -347,6 +366,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
 
     named, params, opt, sched, ema = _optimisation(backend, model, a, device)
     start_step = _resume(ckpt_path, named, ema, opt, sched, cb) if ckpt_path is not None else 0
+    spent = float(load_checkpoint(ckpt_path).get("train_seconds", 0.0)) if ckpt_path is not None else 0.0
     if ckpt_path is None and resume:
         cb.on_message("no checkpoint yet: starting from step 0")
     ema.to(device)
@@ -355,11 +375,13 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     raw = acc.unwrap_model(model)
     total, world, rank = a.steps, acc.num_processes, acc.process_index
     dataset, loader = latents.loader(a.seed, start_step, total, a.batch_size, rank, world)
+    loop: RunLoop
     loop = RunLoop(acc, run_dir, total=total, start_step=start_step, resumed=ckpt_path is not None, seed=a.seed,
                    log_every=a.log_every, checkpoint_every=a.checkpoint_every, keep_checkpoints=a.keep_checkpoints,
                    state_fn=lambda at: training_state(at, ema, opt, sched, preset,
-                                                      trainable={n: p.detach().cpu() for n, p in named}),
-                   callbacks=cb)
+                                                      trainable={n: p.detach().cpu() for n, p in named},
+                                                      train_seconds=loop.train_seconds()),
+                   callbacks=cb, spent_s=spent)
 
     probe = ProbeLoss(backend, raw, dataset, normalize, conditioner, keys, c, a.seed, acc)
     info = {"device": str(device), "world_size": world, "train_images": len(records), "val_images": 0,
@@ -380,6 +402,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     ema.copy_to(params)
     metrics["probe_loss_end_ema"] = probe()
     facts["steps"] = total
+    facts["train_seconds"] = round(loop.train_seconds(), 1)  # the training loop's time, across resumes
     if acc.is_main_process:
         export_adapted(backend, raw, facts, final_dir)
     loop.write({"step": total, "event": "export", "final": str(final_dir), **metrics, "skipped_steps": skipped})

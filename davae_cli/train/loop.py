@@ -190,12 +190,15 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool,
         import yaml
 
         saved = preset_from_dict(yaml.safe_load(cfg_path.read_text()))
-        ignored = (f"{section}.steps", "name", "description")  # what may differ: the length, and labels
+        # what may differ: the length (steps, and a time budget where the section has one), and labels
+        ignored = (f"{section}.steps", f"{section}.max_minutes", "name", "description")
         diff = [k for k in _differences(saved.to_dict(), preset.to_dict()) if k not in ignored]
         if diff:
             raise DavaeError(f": the run was made with different settings ({', '.join(diff[:4])}); "
                              f"resume with the same preset and --set values", param="resume")
         getattr(saved, section).steps = getattr(preset, section).steps
+        if hasattr(getattr(preset, section), "max_minutes"):
+            getattr(saved, section).max_minutes = getattr(preset, section).max_minutes
         return saved, ckpt
     if run_dir.exists() and any(run_dir.iterdir()):
         hint = "pass --resume to continue it" if ckpt or cfg_path.exists() else "choose an empty or new folder"
@@ -257,10 +260,15 @@ class RunLoop:
     agreed across processes: a consistent checkpoint at the last completed step, then KeyboardInterrupt.
 
     `state_fn(step) -> dict` builds what a checkpoint holds (`training_state(...)` plus the trainer's own);
-    it runs on the main process only."""
+    it runs on the main process only; `train_seconds()` gives the training time so far (across resumes) for
+    it to store.
+
+    `time_limit_s`: stop early, with a checkpoint, once the training time (the main process's clock, counted
+    from `spent_s` already spent before a resume) reaches it; `run` then returns the step reached."""
 
     def __init__(self, acc, run_dir: Path, *, total: int, start_step: int, resumed: bool, seed: int,
-                 log_every: int, checkpoint_every: int, keep_checkpoints: int, state_fn, callbacks: Callbacks):
+                 log_every: int, checkpoint_every: int, keep_checkpoints: int, state_fn, callbacks: Callbacks,
+                 time_limit_s: Optional[float] = None, spent_s: float = 0.0):
         self.acc, self.run_dir = acc, Path(run_dir)
         self.total, self.start_step, self.seed = total, start_step, seed
         self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
@@ -269,6 +277,15 @@ class RunLoop:
             if acc.is_main_process else None
         self.last: dict = {}
         self.elapsed_s = 0.0
+        self.time_limit_s, self.spent_s = time_limit_s, float(spent_s)
+        self.out_of_time = False
+        self._t0: Optional[float] = None
+
+    def train_seconds(self) -> float:
+        """Training time so far, this process's clock, including what was spent before a resume."""
+        import time
+
+        return self.spent_s + (time.time() - self._t0 if self._t0 is not None else 0.0)
 
     def write(self, record: dict) -> None:
         """One log record, written by the main process."""
@@ -293,6 +310,7 @@ class RunLoop:
         import time
 
         t0, step = time.time(), self.start_step
+        self._t0 = t0
         with GracefulInterrupt() as interrupt:
             while step < self.total:
                 metrics = step_fn(step, next(batches), self.generator(step))
@@ -304,6 +322,14 @@ class RunLoop:
                 if after_step is not None:
                     after_step(step)
                 stop = any_process(self.acc, interrupt.requested)
+                if self.time_limit_s and not stop and step < self.total:
+                    # every process follows the main process's clock, so all stop at the same step
+                    late = self.acc.is_main_process and self.train_seconds() >= self.time_limit_s
+                    self.out_of_time = any_process(self.acc, late)
+                if self.out_of_time:
+                    self.total = step  # the run ends here: log, checkpoint and export as at the last step
+                    self.write({"step": step, "event": "time_limit", "train_seconds": round(self.train_seconds(), 1)})
+                    self.cb.on_message(f"time limit of {self.time_limit_s / 60:.1f} min reached at step {step}")
                 if step % self.checkpoint_every == 0 or step == self.total:
                     self.checkpoint(step)
                     maybe_kill(step)

@@ -319,7 +319,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
 
     if not data:
         raise DavaeError("is required when training (--steps > 0)", param="data")
-    images = training_images(data, val_data, t.num_val, t.seed)
+    images = training_images(data, val_data, t.num_val, t.seed, t.max_images, t.max_val)
     source, train_source = images.all, images.train
     for path, why in source.skipped:
         cb.on_message(f"skipped unreadable image {path}: {why}")

@@ -1,0 +1,229 @@
+"""`train_dit`: a native class-conditional LightningDiT trained from scratch on the base VAE's latents.
+
+This is the model DA-VAE starts from: `adapt-dit --dit RUN/final` warm-starts it on DA-VAE latents and
+`generate --native --base-pipeline RUN/final` samples it. It shares adapt-dit's trainer (the step, EMA,
+exact resume, JSONL log, accelerate, progress) with an empty set of detail channels; the latents are the
+base VAE's posterior means of the images at `train_dit.resolution`, mapped by the DA-VAE's base latent
+transform, exactly the base channels a DA-VAE of that base gives at s times the resolution. The DA-VAE in
+`--vae` only lends its base VAE and that transform (the native model does not depend on its detail half).
+
+`train_dit.max_minutes` stops at equal wall-clock (counted across resumes); the model is then exported at
+the step reached. `final/` is a LightningDiT folder (`config.json` + safetensors) plus `davae_native.json`
+(base VAE identity, latent transform, resolution, recipe, steps and training time), which adapt-dit and
+generate check against the DA-VAE they are given.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import Preset
+from ..errors import DavaeError
+from ..latent_data import TrainingLatents, _latent_files, prepare_latent_dataset
+from ..latents import LatentNormalizer, atomic_write_bytes
+from ..vae.base import base_encode_mean
+from ..vae.model import DetailAlignedVAE
+from .loop import Callbacks, RunLoop, load_checkpoint, open_run, training_state
+
+NATIVE_FILE = "davae_native.json"
+
+
+@dataclass
+class TrainDiTResult:
+    run_dir: str
+    final_dir: str
+    steps: int
+    metrics: dict
+
+
+@dataclass
+class _Encoded:
+    latent: torch.Tensor
+
+
+class BaseLatentEncoder(nn.Module):
+    """The native model's latents: the DA-VAE's base VAE at the image's own resolution (no downsampling),
+    mapped by the DA-VAE's base latent transform. Quacks like a DA-VAE for `prepare_latent_dataset`."""
+
+    def __init__(self, vae: DetailAlignedVAE):
+        super().__init__()
+        self.vae = vae
+        self.granularity = int(vae.config.downsample)
+        self.config = vae.config
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> _Encoded:
+        return _Encoded(self.vae.transform(base_encode_mean(self.vae.base.vae, x)))
+
+    def describe(self) -> dict:
+        d = self.vae.describe()
+        return {"base_vae": d["base_vae"], "base_vae_hash": d["base_vae_hash"], "C": d["C"], "D": 0,
+                "downsample": d["downsample"], "space": "native", "transform_of": d["davae"]}
+
+
+def base_space(vae: DetailAlignedVAE) -> dict:
+    """What fixes the native latent space: the base VAE's weights and the latent transform."""
+    return {"base_vae_hash": vae.config.base_vae_hash, "base_channels": int(vae.config.base_channels),
+            "downsample": int(vae.config.downsample),
+            "transform_shift": [round(float(v), 6) for v in vae.transform.shift],
+            "transform_scale": [round(float(v), 6) for v in vae.transform.scale]}
+
+
+def read_native_facts(folder: str | Path) -> Optional[dict]:
+    f = Path(folder) / NATIVE_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def check_native_space(facts: Optional[dict], vae: DetailAlignedVAE, what: str) -> None:
+    """One line when a native DiT (with `davae_native.json`) was trained in another latent space."""
+    if not facts:
+        return
+    mine = base_space(vae)
+    if facts.get("base_vae_hash") != mine["base_vae_hash"]:
+        raise DavaeError(f"{what} was trained on the latents of another base VAE ({str(facts.get('base_vae'))[:60]}, "
+                         f"hash {str(facts.get('base_vae_hash'))[:12]}) than this DA-VAE's "
+                         f"(hash {str(mine['base_vae_hash'])[:12]})")
+    for key in ("transform_shift", "transform_scale"):
+        a, b = facts.get(key), mine[key]
+        if a is not None and (len(a) != len(b) or any(abs(x - y) > 1e-4 * max(1.0, abs(y)) for x, y in zip(a, b))):
+            raise DavaeError(f"{what} was trained with another base latent transform than this DA-VAE's "
+                             f"({key} differs)")
+
+
+def check_class_data(inputs: list[str], captions: Optional[str], latents_ok: bool = False) -> None:
+    """Images with class labels (sub-folders or a JSONL), checked before anything is written. `latents_ok`:
+    folders of latent files are accepted as they are (adapt-dit checks them when it indexes them)."""
+    from .. import data as D
+    from ..latent_data import attach_conditions
+
+    for inp in inputs:
+        if not Path(inp).exists():
+            raise DavaeError(f"{inp}: not found", param="data")
+    if _latent_files(inputs):
+        if latents_ok:
+            return
+        raise DavaeError("train-dit encodes images itself; give image folders, not latent files", param="data")
+    images = D.list_images(inputs, check=False)
+    if not len(images):
+        raise DavaeError(f"no images in {', '.join(inputs)}", param="data")
+    srcs = [it if isinstance(it, str) else f"{it[0]}:{it[1]}" for it in images.items]
+    attach_conditions(srcs, inputs, "class", captions)
+
+
+def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data: list[str],
+              captions: Optional[str] = None, resume: bool = False,
+              callbacks: Optional[Callbacks] = None) -> TrainDiTResult:
+    """Train the preset's LightningDiT (`dit.arch`, random init) on base latents of `data`; see the module doc."""
+    from ..dit.backend import LightningDiTBackend
+    from .dit import ClassConditioner, DiTTrainStep, ProbeLoss, _check_or_record_run, _optimisation, _resume
+
+    cb = callbacks or Callbacks()
+    run_dir, vae_dir = Path(run_dir), Path(vae_dir)
+    if preset.dit.backend != "lightningdit":
+        raise DavaeError(f"train-dit trains class-conditional LightningDiT models; preset {preset.name!r} uses the "
+                         f"{preset.dit.backend} backend")
+    if not (vae_dir / "config.json").is_file():
+        raise DavaeError(f"{vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)", param="vae")
+    if not data:
+        raise DavaeError("is required (image folders with one sub-folder per class)", param="data")
+    data = [str(d) for d in data]
+    if not resume:
+        check_class_data(data, captions)
+    vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).eval()  # before the run folder: a bad one writes nothing
+    n = preset.train_dit
+    f = int(vae.config.downsample)
+    side = n.resolution // f
+    backend = LightningDiTBackend(preset)
+    model = backend.load("random", seed=n.seed, latent_side=side)
+    if backend.channels(model) != vae.config.base_channels:
+        raise DavaeError(f"dit.arch reads {backend.channels(model)} channels; the DA-VAE's base VAE has "
+                         f"C = {vae.config.base_channels}")
+    if side % backend.patch_size(model):
+        raise DavaeError(f"train_dit.resolution {n.resolution}: the latent side {side} is not divisible by the "
+                         f"patch size {backend.patch_size(model)}")
+
+    acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="train_dit")
+    n, device = preset.train_dit, acc.device
+    _check_or_record_run(run_dir / "run.json", {"vae": str(vae_dir.resolve()), "dit": "random", "data": data,
+                                                "vae_identity": vae.identity}, acc.is_main_process)
+    vae.to(device)
+    cb.on_message("preparing the latent dataset (base VAE latents, encoded once, reused by --resume)")
+    records = prepare_latent_dataset(BaseLatentEncoder(vae), data, run_dir / "cache", resolution=n.resolution,
+                                     conditioning="class", batch_size=n.encode_batch_size, captions=captions,
+                                     rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
+                                     max_images=n.max_images, seed=n.seed)
+    bad = [r for r in records if not 0 <= r.label < preset.dit.num_classes]
+    if bad:
+        raise DavaeError(f"class label {bad[0].label} of {bad[0].source} is outside 0..{preset.dit.num_classes - 1} "
+                         f"(dit.num_classes)")
+    latents = TrainingLatents(records, {})
+    keys = [r.label for r in records]
+    c = int(vae.config.base_channels)
+    space = {"base_vae": vae.config.base_vae_source, **base_space(vae)}
+    del vae
+    conditioner = ClassConditioner(preset.dit.num_classes, device)
+    normalize = LatentNormalizer(c, [], [])  # base channels as encoded; there are no detail channels
+
+    named, params, opt, sched, ema = _optimisation(backend, model, n, device)
+    start_step, spent = 0, 0.0
+    if ckpt_path is not None:
+        start_step = _resume(ckpt_path, named, ema, opt, sched, cb)
+        spent = float(load_checkpoint(ckpt_path).get("train_seconds", 0.0))
+    elif resume:
+        cb.on_message("no checkpoint yet: starting from step 0")
+    ema.to(device)
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    total, world, rank = n.steps, acc.num_processes, acc.process_index
+    dataset, loader = latents.loader(n.seed, start_step, total, n.batch_size, rank, world)
+    loop: RunLoop
+    loop = RunLoop(acc, run_dir, total=total, start_step=start_step, resumed=ckpt_path is not None, seed=n.seed,
+                   log_every=n.log_every, checkpoint_every=n.checkpoint_every, keep_checkpoints=n.keep_checkpoints,
+                   state_fn=lambda at: training_state(at, ema, opt, sched, preset,
+                                                      trainable={k: p.detach().cpu() for k, p in named},
+                                                      train_seconds=loop.train_seconds()),
+                   callbacks=cb, time_limit_s=n.max_minutes * 60 if n.max_minutes else None, spent_s=spent)
+    probe = ProbeLoss(backend, raw, dataset, normalize, conditioner, keys, c, n.seed, acc)
+    info = {"device": str(device), "world_size": world, "train_images": len(records), "val_images": 0,
+            "trainable_params": sum(p.numel() for p in params), "start_step": start_step, "backend": backend.name,
+            "resolution": n.resolution, "tokens": (side // backend.patch_size(raw)) ** 2,
+            "max_minutes": n.max_minutes}
+    loop.start(info)
+    metrics: dict = {}
+    if start_step == 0:
+        metrics["probe_loss_start"] = probe()
+        loop.write({"step": 0, "event": "probe", "probe_loss": metrics["probe_loss_start"]})
+    step_fn = DiTTrainStep(preset, backend, model, params, opt, sched, ema, normalize, conditioner, keys, c, acc,
+                           section=n)
+    raw.train()
+    t_run = time.time()
+    final_step = loop.run(step_fn, iter(loader))
+    train_seconds = loop.train_seconds()
+    metrics["probe_loss_end"] = probe()
+    ema.store(params)
+    ema.copy_to(params)
+    metrics["probe_loss_end_ema"] = probe()
+    final_dir = run_dir / "final"
+    facts = {"format": "davae-native-dit", "version": 1, "backend": backend.name, "preset": preset.name,
+             "resolution": n.resolution, "latent_side": side, "patch_size": backend.patch_size(raw),
+             "num_classes": preset.dit.num_classes, "train_shift": preset.dit.train_shift,
+             "sample_shift": preset.sample.shift, "steps": final_step, "train_seconds": round(train_seconds, 1),
+             "stopped_by_time_limit": loop.out_of_time, "davae": str(vae_dir.resolve()), **space}
+    if acc.is_main_process:
+        from .dit import export_adapted
+
+        export_adapted(backend, raw, facts, final_dir, facts_file=NATIVE_FILE)
+    loop.write({"step": final_step, "event": "export", "final": str(final_dir), **metrics,
+                "skipped_steps": step_fn.skipped, "train_seconds": round(train_seconds, 1)})
+    ema.restore(params)
+    metrics.update(skipped_steps=step_fn.skipped, last=loop.last, elapsed_s=round(time.time() - t_run, 1),
+                   train_seconds=round(train_seconds, 1), steps=final_step, stopped_by_time_limit=loop.out_of_time)
+    cb.on_end(metrics)
+    return TrainDiTResult(str(run_dir), str(final_dir), final_step, metrics)
