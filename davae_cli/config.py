@@ -200,7 +200,10 @@ class TrainDiTConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    skip_grad_norm: float = 1000.0
+    # skip updates whose gradient norm is above this (non-finite ones always). Off by default here: a model
+    # trained from scratch has a zero-initialised output head, where the cosine term's gradient is ~1/eps
+    # (clipped to grad_clip, as the official LightningDiT trainer does); skipping it would skip every step
+    skip_grad_norm: float = float("inf")
     logit_mean: float = 0.0
     logit_std: float = 1.0
     ema_decay: float = 0.999

@@ -257,6 +257,8 @@ class DiTTrainStep:
     """One optimisation step of the adapted DiT (RunLoop's `step_fn`): normalised latents, condition dropout,
     the scheduled flow loss, clipping, skipping of non-finite or huge gradient norms, EMA."""
 
+    ABORT_AFTER = 20  # this many skipped updates in a row from step 0 end the run with an error
+
     def __init__(self, preset: Preset, backend, model, params, opt, sched, ema, normalize, conditioner, keys,
                  base_channels: int, acc, section=None):
         self.preset, self.a = preset, section or preset.adapt_dit
@@ -280,6 +282,10 @@ class DiTTrainStep:
             self.opt.zero_grad(set_to_none=True)
             self.skipped += 1
             parts["skipped"] = 1
+            if self.skipped == step + 1 >= self.ABORT_AFTER:  # nothing has been learned: stop, say why
+                raise DavaeError(f"every one of the first {self.skipped} updates was skipped (gradient norm "
+                                 f"{gnorm:.3g} > skip_grad_norm {a.skip_grad_norm:g}, or not finite); raise "
+                                 f"skip_grad_norm or lower the learning rate")
         else:
             self.opt.step()
             self.ema.step(self.params)

@@ -1,0 +1,61 @@
+"""benchmarks/imagenette/run.sh --smoke: the whole chain (train-vae, train-dit x2, adapt-dit, generate x3,
+eval-fid x3, results.json, grid.png) on symlinked Imagenette subsets, through the same code paths as the full
+run; a rerun skips every finished stage. Skipped when ../shared/data/imagenette224 or TAESD3 is absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA, TAESD3 = SHARED / "data" / "imagenette224", SHARED / "weights" / "taesd3"
+
+
+@pytest.mark.skipif(not (DATA / "train").is_dir() or not TAESD3.is_dir(),
+                    reason="../shared/data/imagenette224 or ../shared/weights/taesd3 not present")
+def test_smoke_chain_writes_results_and_resumes(tmp_path):
+    env = {**os.environ, "IMAGENETTE": str(DATA), "TAESD3": str(TAESD3),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = tmp_path / "chain"
+    cmd = ["bash", str(ROOT / "benchmarks" / "imagenette" / "run.sh"), str(out), "--smoke"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    keys = {"native_half_bicubic", "davae", "native_full"}
+    for field in ("fid", "kid", "tokens", "ms_per_image", "samples"):
+        assert set(res[field]) == keys, field
+    assert res["tokens"] == {"native_half_bicubic": 49, "davae": 49, "native_full": 196}
+    assert res["num_gen"] == 20 and all(v is not None and v > 0 for v in res["fid"].values())
+    assert set(res["train_minutes"]) == {"vae", "native_half", "adapt", "native_full"}
+    assert {"half_bicubic", "davae", "full_base"} <= set(res["tokenizer"])
+    for key in keys:  # every sample is a 224² PNG, the same 20 file names (same seeds, class-balanced)
+        names = sorted(p.name for p in Path(res["samples"][key]).glob("*.png"))
+        assert names == [f"{i:06d}.png" for i in range(20)]
+    from PIL import Image
+
+    with Image.open(Path(res["samples"]["native_half_bicubic"]) / "000000.png") as im:
+        assert im.size == (224, 224)
+    with Image.open(out / "grid.png") as im:
+        assert im.size[0] > 3 * 224
+    # the native 224² model trained for the wall-clock of native-112 + adaptation
+    full = json.loads((out / "native_full" / "final" / "davae_native.json").read_text())
+    assert full["stopped_by_time_limit"]
+    # a rerun skips every finished stage
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[vae] done" in again.stdout and "[native_full] done" in again.stdout and "resuming" not in again.stdout
+
+
+def test_bad_arguments_exit_2():
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "imagenette" / "run.sh")], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "imagenette" / "run.sh"), "/tmp/x", "--scale", "tpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--scale" in r.stderr
