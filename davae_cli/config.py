@@ -174,6 +174,10 @@ class AdaptDiTConfig:
     cosine_loss: float = 0.0
     # training latents read to measure the detail channels' per-channel mean/std (SPEC §6); 0 = all
     detail_stats_latents: int = 4096
+    # the DiT's view of the detail channels: "raw" standardises z_d per channel (SPEC §6); "residual"
+    # standardises z_d - repeat(z_base, D/C), for DA-VAEs whose z_d is z_base plus a small correction
+    # (`vae.detail_shortcut: base`, the tiny design), where the detail lies in that difference
+    detail_view: Literal["raw", "residual"] = "raw"
     encode_batch_size: int = 8  # batch size of the one-off latent encoding of --data images
     max_images: int = 0  # encode and train on a seeded random subset of this many --data images (0 = all)
     checkpoint_every: int = 500

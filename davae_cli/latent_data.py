@@ -225,9 +225,10 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def detail_statistics(records: list[LatentRecord], base_channels: int, limit: int = 0,
-                      seed: int = 0) -> tuple[list[float], list[float], int]:
+                      seed: int = 0, residual: bool = False) -> tuple[list[float], list[float], int]:
     """Per-channel mean and std of the detail channels over the training latents (SPEC §6: measured on the
-    DiT's own data): all of them, or a seeded random `limit` of them. Returns (mean, std, latents read)."""
+    DiT's own data): all of them, or a seeded random `limit` of them; with `residual`, of z_d minus the base
+    channels it is aligned to (`LatentNormalizer(residual=True)`). Returns (mean, std, latents read)."""
     if not records:
         raise DavaeError("no training latents to measure the detail statistics on")
     idx = np.arange(len(records))
@@ -240,6 +241,8 @@ def detail_statistics(records: list[LatentRecord], base_channels: int, limit: in
         zd = lat[base_channels:].double().flatten(1)  # (D, h*w)
         if zd.shape[0] == 0:
             raise DavaeError(f"{records[int(i)].latent}: no detail channels after the first {base_channels}")
+        if residual:
+            zd = zd - lat[:base_channels].double().flatten(1).repeat_interleave(zd.shape[0] // base_channels, dim=0)
         s = zd.sum(1) if s is None else s + zd.sum(1)
         s2 = zd.pow(2).sum(1) if s2 is None else s2 + zd.pow(2).sum(1)
         count += zd.shape[1]
@@ -250,23 +253,26 @@ def detail_statistics(records: list[LatentRecord], base_channels: int, limit: in
 
 
 def cached_detail_statistics(records: list[LatentRecord], base_channels: int, cache_dir: Path, limit: int, seed: int,
-                             is_main: bool, barrier, on_message=lambda s: None) -> dict:
+                             is_main: bool, barrier, on_message=lambda s: None, residual: bool = False) -> dict:
     """`detail_statistics` measured once by the main process into `cache_dir/detail_stats.json` (keyed by the
     latents, `limit` and `seed`) and read by every process and by --resume: {mean, std, latents, source}."""
     path = Path(cache_dir) / "detail_stats.json"
     key = {"latents": sorted(r.latent for r in records), "limit": limit, "seed": seed}
+    if residual:
+        key["view"] = "residual"
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     if is_main:
         saved = json.loads(path.read_text()) if path.is_file() else None
         if not saved or saved.get("key") != digest:
             on_message(f"measuring the detail channels' statistics on {min(len(records), limit or len(records))} "
                        f"training latent(s)")
-            mean, std, n = detail_statistics(records, base_channels, limit, seed)
+            mean, std, n = detail_statistics(records, base_channels, limit, seed, residual)
             atomic_write_bytes(path, json.dumps({"key": digest, "mean": mean, "std": std, "latents": n,
                                                  "source": "adapt-dit training latents"}).encode())
     barrier()
     saved = json.loads(path.read_text())
-    return {k: saved[k] for k in ("mean", "std", "latents", "source")}
+    return {**{k: saved[k] for k in ("mean", "std", "latents", "source")},
+            "view": "residual" if residual else "raw"}
 
 
 @dataclass
@@ -285,7 +291,7 @@ class TrainingLatents:
 
 def training_latents(vae, inputs: list[str], cache_dir: Path, *, resolution: int, conditioning: str,
                      encode_batch_size: int, captions: Optional[str], stats_limit: int, seed: int, acc,
-                     on_message=lambda s: None, max_images: int = 0) -> TrainingLatents:
+                     on_message=lambda s: None, max_images: int = 0, residual: bool = False) -> TrainingLatents:
     """Encode (or index) `inputs` once into `cache_dir` and measure the detail statistics on them."""
     on_message("preparing the latent dataset (encoded once, reused by --resume)")
     records = prepare_latent_dataset(vae, list(map(str, inputs)), cache_dir, resolution=resolution,
@@ -293,5 +299,5 @@ def training_latents(vae, inputs: list[str], cache_dir: Path, *, resolution: int
                                      rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
                                      max_images=max_images, seed=seed)
     stats = cached_detail_statistics(records, vae.config.base_channels, cache_dir, stats_limit, seed,
-                                     acc.is_main_process, acc.wait_for_everyone, on_message)
+                                     acc.is_main_process, acc.wait_for_everyone, on_message, residual)
     return TrainingLatents(records, stats)

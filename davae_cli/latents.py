@@ -95,12 +95,19 @@ def load_latent(path: Path) -> tuple[torch.Tensor, dict]:
 
 class LatentNormalizer:
     """The DiT's view of a DA-VAE latent: base channels as encoded (the DiT's own normalisation), detail
-    channels standardised per channel, (z_d - mean) / std, with the statistics stored in the DA-VAE."""
+    channels standardised per channel, (z_d - mean) / std, with statistics measured on the DiT's data.
 
-    def __init__(self, base_channels: int, mean, std):
+    `residual=True` (`adapt_dit.detail_view: residual`): the detail channels are first taken relative to the
+    base channels they are aligned to, z_d - repeat(z_base, D/C), then standardised. For a DA-VAE whose
+    z_d = z_base + a small correction (the tiny design's `detail_shortcut: base`) the information lies in
+    that difference, a few percent of z_d's spread; standardising z_d itself would ask the DiT to place
+    it to within that fraction. The map is invertible given z_base, so the DA-VAE latent is unchanged."""
+
+    def __init__(self, base_channels: int, mean, std, residual: bool = False):
         self.c = int(base_channels)
         self.mean = torch.as_tensor(mean, dtype=torch.float32).detach().cpu().view(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).detach().cpu().view(1, -1, 1, 1)
+        self.residual = bool(residual)
 
     @classmethod
     def from_vae(cls, vae) -> "LatentNormalizer":
@@ -109,12 +116,21 @@ class LatentNormalizer:
     @classmethod
     def from_facts(cls, facts: dict) -> "LatentNormalizer":
         """From an adapted DiT's `davae_dit.json`."""
-        return cls(facts["base_channels"], facts["detail_mean"], facts["detail_std"])
+        return cls(facts["base_channels"], facts["detail_mean"], facts["detail_std"],
+                   residual=facts.get("detail_view", "raw") == "residual")
+
+    def _aligned_base(self, lat: torch.Tensor) -> torch.Tensor:
+        d = lat.shape[1] - self.c
+        return lat[:, : self.c].repeat_interleave(d // self.c, dim=1)
 
     def __call__(self, lat: torch.Tensor) -> torch.Tensor:
         m, s = self.mean.to(lat), self.std.to(lat)
-        return torch.cat([lat[:, : self.c], (lat[:, self.c :] - m) / s], 1)
+        zd = lat[:, self.c :] - self._aligned_base(lat) if self.residual else lat[:, self.c :]
+        return torch.cat([lat[:, : self.c], (zd - m) / s], 1)
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         m, s = self.mean.to(x), self.std.to(x)
-        return torch.cat([x[:, : self.c], x[:, self.c :] * s + m], 1)
+        zd = x[:, self.c :] * s + m
+        if self.residual:
+            zd = zd + self._aligned_base(x)
+        return torch.cat([x[:, : self.c], zd], 1)

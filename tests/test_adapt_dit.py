@@ -337,3 +337,31 @@ def test_detail_statistics_come_from_the_dits_own_latents(tiny_vae, captioned, t
     vae = DetailAlignedVAE.from_pretrained(str(tiny_vae))
     own = LatentNormalizer.from_vae(vae)(lats)[:, 16:].double().transpose(0, 1).flatten(1)
     assert (own.std(1, unbiased=False) - 1).abs().max() > 0.05  # the fallback would not have standardised them
+
+
+def test_residual_detail_view_by_hand(tmp_path):
+    """adapt_dit.detail_view = residual: the DiT sees (z_d - repeat(z_base, D/C) - m) / s, inverted exactly,
+    with m and s measured on that difference."""
+    from davae_cli.latent_data import LatentRecord, detail_statistics
+    from davae_cli.latents import LatentNormalizer, save_latent
+
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(3, 4 + 8, 5, 5, generator=g)  # C = 4, D = 8 (r = 2)
+    m, s = torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5
+    norm = LatentNormalizer(4, m, s, residual=True)
+    zb, zd = lat[:, :4], lat[:, 4:]
+    aligned = torch.stack([zb[:, 0], zb[:, 0], zb[:, 1], zb[:, 1], zb[:, 2], zb[:, 2], zb[:, 3], zb[:, 3]], 1)
+    want = torch.cat([zb, (zd - aligned - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)], 1)
+    assert torch.allclose(norm(lat), want, atol=1e-6)
+    assert torch.allclose(norm.inverse(norm(lat)), lat, atol=1e-5)
+    raw = LatentNormalizer(4, m, s)
+    assert torch.allclose(raw(lat)[:, 4:], (zd - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1), atol=1e-6)
+    recs = []
+    for i in range(3):
+        save_latent(tmp_path / f"{i}.safetensors", lat[i], {})
+        recs.append(LatentRecord(str(tmp_path / f"{i}.safetensors"), str(i)))
+    mean, std, n = detail_statistics(recs, 4, residual=True)
+    diff = (zd - aligned).double().transpose(0, 1).flatten(1)  # (D, N h w)
+    assert n == 3
+    assert torch.allclose(torch.tensor(mean, dtype=torch.float64), diff.mean(1), atol=1e-6)
+    assert torch.allclose(torch.tensor(std, dtype=torch.float64), diff.std(1, unbiased=False), atol=1e-6)

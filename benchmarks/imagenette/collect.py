@@ -2,6 +2,7 @@
 
   python collect.py upsample SRC DST          bicubic x2 of every PNG in SRC into DST (model (i))
   python collect.py results OUT --per-class N  OUT/results.json and OUT/grid.png from the stages' outputs
+  python collect.py diagnose OUT               OUT/diag/diagnosis.json (after diagnose.sh's runs)
 """
 
 from __future__ import annotations
@@ -142,6 +143,46 @@ def results(out: Path, per_class: int) -> None:
               f"tokens {res['tokens'][key]}  ms/image {res['ms_per_image'][key]:.1f}")
 
 
+def _residual_std(files, normalizer, c: int) -> float:
+    """Std of z_d - repeat(z_base, D/C) over DA-VAE latents (DiT-space files are mapped back first)."""
+    import torch
+    from safetensors.torch import load_file
+
+    vals = []
+    for f in files:
+        z = load_file(str(f))["latent"].float()[None]
+        if normalizer is not None:
+            z = normalizer.inverse(z)
+        zb, zd = z[:, :c], z[:, c:]
+        vals.append((zd - zb.repeat_interleave(zd.shape[1] // c, dim=1)).flatten())
+    return float(torch.cat(vals).std())
+
+
+def diagnose(out: Path) -> None:
+    from davae_cli.latents import LatentNormalizer
+
+    d = out / "diag"
+    train_files = sorted((out / "adapt" / "cache" / "latents").glob("*.safetensors"))[:200]
+    facts = {m: json.loads((p / "davae_dit.json").read_text())
+             for m, p in (("raw", out / "adapt" / "final"), ("residual", d / "adapt_residual" / "final"))}
+    c = int(facts["raw"]["base_channels"])
+    res = {"residual_std": {"training_latents": _residual_std(train_files, None, c)},
+           "fid": {"davae_raw_view": _json_lines(out / "logs" / "fid_davae.json").get("fid"),
+                   "davae_residual_view": _json_lines(d / "fid_residual.json").get("fid"),
+                   "native_half_bicubic": _json_lines(out / "logs" / "fid_native_half_bicubic.json").get("fid")},
+           "kid": {"davae_raw_view": _json_lines(out / "logs" / "fid_davae.json").get("kid"),
+                   "davae_residual_view": _json_lines(d / "fid_residual.json").get("kid"),
+                   "native_half_bicubic": _json_lines(out / "logs" / "fid_native_half_bicubic.json").get("kid")},
+           "detail_std_in_dit_space": {m: f["detail_std"][:4] for m, f in facts.items()}}
+    for m in ("raw", "residual"):
+        files = sorted((d / f"latents_{m}").glob("*.safetensors"))
+        res["residual_std"][f"generated_{m}_view"] = _residual_std(files, LatentNormalizer.from_facts(facts[m]), c)
+    tmp = d / "diagnosis.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, d / "diagnosis.json")
+    print(json.dumps(res, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -151,9 +192,13 @@ def main() -> None:
     r = sub.add_parser("results")
     r.add_argument("out", type=Path)
     r.add_argument("--per-class", type=int, required=True)
+    dg = sub.add_parser("diagnose")
+    dg.add_argument("out", type=Path)
     a = ap.parse_args()
     if a.cmd == "upsample":
         upsample(a.src, a.dst)
+    elif a.cmd == "diagnose":
+        diagnose(a.out)
     else:
         results(a.out, a.per_class)
 

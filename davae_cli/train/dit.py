@@ -95,6 +95,7 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
         "detail_channels": vae.config.detail_channels, "patch_size": backend.patch_size(model),
         "resolution": preset.adapt_dit.resolution, "granularity": vae.granularity,
         "detail_mean": detail_stats["mean"], "detail_std": detail_stats["std"],
+        "detail_view": detail_stats.get("view", "raw"),
         "detail_stats": {k: v for k, v in detail_stats.items() if k not in ("mean", "std")},
         "base_normalisation": "as encoded by the DA-VAE (its base latent transform), unchanged",
         "davae": {"path": str(Path(vae_dir).resolve()), "identity": vae.identity,
@@ -356,10 +357,11 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     latents = training_latents(vae, data, run_dir / "cache", resolution=a.resolution,
                                conditioning=backend.conditioning, encode_batch_size=a.encode_batch_size,
                                captions=captions, stats_limit=a.detail_stats_latents, seed=a.seed, acc=acc,
-                               on_message=cb.on_message, max_images=a.max_images)
+                               on_message=cb.on_message, max_images=a.max_images,
+                               residual=a.detail_view == "residual")
     records, stats = latents.records, latents.detail_stats
     conditioner, keys = _conditioning(preset, backend, records, run_dir, acc, cb)
-    normalize = LatentNormalizer(c, stats["mean"], stats["std"])
+    normalize = LatentNormalizer(c, stats["mean"], stats["std"], residual=a.detail_view == "residual")
     facts = sampling_facts(preset, vae, vae_dir, backend, model, dit_spec, 0, stats)  # "steps" is set at export
     if a.steps == 0:
         if acc.is_main_process:

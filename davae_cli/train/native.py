@@ -27,7 +27,7 @@ from torch import nn
 from ..config import Preset
 from ..errors import DavaeError
 from ..latent_data import TrainingLatents, _latent_files, prepare_latent_dataset
-from ..latents import LatentNormalizer, atomic_write_bytes
+from ..latents import LatentNormalizer
 from ..vae.base import base_encode_mean
 from ..vae.model import DetailAlignedVAE
 from .loop import Callbacks, RunLoop, load_checkpoint, open_run, training_state
