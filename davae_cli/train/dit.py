@@ -96,7 +96,7 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
         "resolution": preset.adapt_dit.resolution, "granularity": vae.granularity,
         "detail_mean": detail_stats["mean"], "detail_std": detail_stats["std"],
         "detail_view": detail_stats.get("view", "raw"),
-        "detail_stats": {k: v for k, v in detail_stats.items() if k not in ("mean", "std")},
+        "detail_stats": {k: v for k, v in detail_stats.items() if k not in ("mean", "std", "view")},
         "base_normalisation": "as encoded by the DA-VAE (its base latent transform), unchanged",
         "davae": {"path": str(Path(vae_dir).resolve()), "identity": vae.identity,
                   "base_vae_hash": vae.config.base_vae_hash},
