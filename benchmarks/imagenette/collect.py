@@ -158,6 +158,10 @@ def _residual_std(files, normalizer, c: int) -> float:
     return float(torch.cat(vals).std())
 
 
+def _maybe(path: Path, key: str):
+    return _json_lines(path).get(key) if path.is_file() and path.stat().st_size else None
+
+
 def diagnose(out: Path) -> None:
     from davae_cli.latents import LatentNormalizer
 
@@ -168,10 +172,10 @@ def diagnose(out: Path) -> None:
     c = int(facts["raw"]["base_channels"])
     res = {"residual_std": {"training_latents": _residual_std(train_files, None, c)},
            "fid": {"davae_raw_view": _json_lines(out / "logs" / "fid_davae.json").get("fid"),
-                   "davae_residual_view": _json_lines(d / "fid_residual.json").get("fid"),
+                   "davae_residual_view": _maybe(d / "fid_residual.json", "fid"),
                    "native_half_bicubic": _json_lines(out / "logs" / "fid_native_half_bicubic.json").get("fid")},
            "kid": {"davae_raw_view": _json_lines(out / "logs" / "fid_davae.json").get("kid"),
-                   "davae_residual_view": _json_lines(d / "fid_residual.json").get("kid"),
+                   "davae_residual_view": _maybe(d / "fid_residual.json", "kid"),
                    "native_half_bicubic": _json_lines(out / "logs" / "fid_native_half_bicubic.json").get("kid")},
            "detail_std_in_dit_space": {m: f["detail_std"][:4] for m, f in facts.items()}}
     for m in ("raw", "residual"):

@@ -26,13 +26,14 @@ PY
   --data "$OUT/adapt/cache/latents" --captions "$D/labels.jsonl" --steps "$STEPS" \
   --set adapt_dit.detail_view=residual --out "$D/adapt_residual" --json > "$D/adapt_residual.json"
 CLASSES=(); for i in 0 1 2 3 4 5 6 7 8 9; do CLASSES+=(--class-id "$i"); done
-NPC=$(ls "$OUT/samples/davae" | grep -c '\.png$'); NPC=$((NPC / 10))
-[ -f "$D/gen_residual.json" ] || davae generate "${P[@]}" --vae "$OUT/vae/final" --dit "$D/adapt_residual/final" \
-  --out "$D/samples_residual" --num-images "$NPC" --seed 0 --batch-size 100 "${CLASSES[@]}" --json > "$D/gen_residual.json"
-[ -f "$D/fid_residual.json" ] || davae eval-fid "$D/samples_residual" "$VAL" --kid --mode clean --json > "$D/fid_residual.json"
 for m in raw residual; do
   dit="$OUT/adapt/final"; [ $m = residual ] && dit="$D/adapt_residual/final"
   [ -d "$D/latents_$m" ] || davae generate "${P[@]}" --vae "$OUT/vae/final" --dit "$dit" --out "$D/latents_$m" \
     --num-images 2 --seed 0 --batch-size 20 "${CLASSES[@]}" --save-latents --json > /dev/null
 done
+python "$HERE/collect.py" diagnose "$OUT"   # the residual statistics first
+NPC=$(ls "$OUT/samples/davae" | grep -c '\.png$'); NPC=$((NPC / 10))
+[ -f "$D/gen_residual.json" ] || davae generate "${P[@]}" --vae "$OUT/vae/final" --dit "$D/adapt_residual/final" \
+  --out "$D/samples_residual" --num-images "$NPC" --seed 0 --batch-size 100 "${CLASSES[@]}" --json > "$D/gen_residual.json"
+[ -f "$D/fid_residual.json" ] || davae eval-fid "$D/samples_residual" "$VAL" --kid --mode clean --json > "$D/fid_residual.json"
 python "$HERE/collect.py" diagnose "$OUT"
