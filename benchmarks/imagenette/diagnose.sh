@@ -22,9 +22,9 @@ with open(sys.argv[2], "w") as f:
         r = json.loads(line)
         f.write(json.dumps({"image": r["latent"], "label": r["label"]}) + "\n")
 PY
-[ -d "$D/adapt_residual/final" ] || davae adapt-dit "${P[@]}" --vae "$OUT/vae/final" --dit "$OUT/native_half/final" \
+[ -d "$D/adapt_residual/final" ] || { davae adapt-dit "${P[@]}" --vae "$OUT/vae/final" --dit "$OUT/native_half/final" \
   --data "$OUT/adapt/cache/latents" --captions "$D/labels.jsonl" --steps "$STEPS" \
-  --set adapt_dit.detail_view=residual --out "$D/adapt_residual" --json > "$D/adapt_residual.json"
+  --set adapt_dit.detail_view=residual --out "$D/adapt_residual" --json > "$D/adapt_residual.json.tmp" && mv "$D/adapt_residual.json.tmp" "$D/adapt_residual.json"; }
 CLASSES=(); for i in 0 1 2 3 4 5 6 7 8 9; do CLASSES+=(--class-id "$i"); done
 for m in raw residual; do
   dit="$OUT/adapt/final"; [ $m = residual ] && dit="$D/adapt_residual/final"
@@ -33,7 +33,7 @@ for m in raw residual; do
 done
 python "$HERE/collect.py" diagnose "$OUT"   # the residual statistics first
 NPC=$(ls "$OUT/samples/davae" | grep -c '\.png$'); NPC=$((NPC / 10))
-[ -f "$D/gen_residual.json" ] || davae generate "${P[@]}" --vae "$OUT/vae/final" --dit "$D/adapt_residual/final" \
-  --out "$D/samples_residual" --num-images "$NPC" --seed 0 --batch-size 100 "${CLASSES[@]}" --json > "$D/gen_residual.json"
-[ -f "$D/fid_residual.json" ] || davae eval-fid "$D/samples_residual" "$VAL" --kid --mode clean --json > "$D/fid_residual.json"
+[ -f "$D/gen_residual.json" ] || { davae generate "${P[@]}" --vae "$OUT/vae/final" --dit "$D/adapt_residual/final" \
+  --out "$D/samples_residual" --num-images "$NPC" --seed 0 --batch-size 100 "${CLASSES[@]}" --json > "$D/gen_residual.json.tmp" && mv "$D/gen_residual.json.tmp" "$D/gen_residual.json"; }
+[ -f "$D/fid_residual.json" ] || { davae eval-fid "$D/samples_residual" "$VAL" --kid --mode clean --json > "$D/fid_residual.json.tmp" && mv "$D/fid_residual.json.tmp" "$D/fid_residual.json"; }
 python "$HERE/collect.py" diagnose "$OUT"
