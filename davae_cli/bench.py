@@ -7,8 +7,11 @@ its own patch embedder and output head), so the SD3.5 Medium architecture is hel
 machine). Measurements alternate native / DA-VAE, repeat, and report medians: the denoising loop (Euler,
 CFG doubling the batch unless disabled), the VAE decode (the base VAE at full resolution for native, the
 DA-VAE decoder for DA-VAE), end to end per image, peak GPU memory, and the analytic FLOPs with achieved
-TFLOP/s against the device's peak where known. Text encoding is identical for both and is not timed here
-(the prompt embeddings are random tensors of the right shape).
+TFLOP/s against the device's peak where known. Text encoding is identical for both; by default it is not
+timed (the prompt embeddings are random tensors of the right shape); `text_encoders=True` runs the preset's
+text encoders too (SD3: CLIP-L, CLIP-G and T5-XXL with random weights of their real architecture, on random
+token ids of the pipeline's lengths, prompt and negative prompt) and adds their time to end to end. The
+end-to-end FLOP ratio always counts everything: the steps, the text encoders and the decode.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class BenchSettings:
     weights: str = "random"
     device: Optional[str] = None
     seed: int = 0
+    text_encoders: bool = False  # also time the text encoders (SD3 presets; random weights of their architecture)
 
 
 def check_settings(preset: Preset, s: BenchSettings) -> None:
@@ -65,6 +69,9 @@ def check_settings(preset: Preset, s: BenchSettings) -> None:
         raise DavaeError("must be >= 0", param="warmup")
     if s.attention not in ("default", "flash", "efficient", "cudnn", "math"):
         raise DavaeError(f"{s.attention}: choose default, flash, efficient, cudnn or math", param="attention")
+    if s.text_encoders and preset.dit.backend != "sd3":
+        raise DavaeError(f"the {preset.name} preset is class-conditional: it has no text encoders to time",
+                         param="text_encoders")
 
 
 def plan(preset: Preset, res: int) -> dict:
@@ -117,6 +124,7 @@ class _Config:
         self.activate, self.decode = activate, decode
         self.loop_ms: list[float] = []
         self.decode_ms: list[float] = []
+        self.text_ms: list[float] = []
         self.peak_mb: Optional[float] = None
 
 
@@ -212,20 +220,110 @@ def _build_lightningdit(preset: Preset, s: BenchSettings, device, dtype):
 
 
 def _build_decoders(preset: Preset, device, dtype):
-    """(native decode fn, DA-VAE decode fn) on random weights with the preset's architectures."""
-    from .vae.base import base_decode, load_base_vae
+    """(native decode fn, DA-VAE decode fn) on random weights with the preset's architectures; on the meta
+    device (for FLOP counts) nothing is allocated."""
+    from .vae.base import BaseVAE, base_decode, load_base_vae, random_base_config, vae_from_config
     from .vae.model import DetailAlignedVAE
 
-    base = load_base_vae("random", latent_channels=preset.vae.base_channels, arch=preset.vae.base_vae_arch)
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            vae = vae_from_config(dict(preset.vae.base_vae_arch or random_base_config(preset.vae.base_channels)))
+        base = BaseVAE(vae, "random", None, "meta")
+    else:
+        base = load_base_vae("random", latent_channels=preset.vae.base_channels, arch=preset.vae.base_vae_arch)
     vcfg = copy.deepcopy(preset.vae)
     vcfg.base_latent_transform = "config"  # speed only: the per-channel statistics file is not needed
-    davae = place_frozen(DetailAlignedVAE.from_base(base, vcfg), device, dtype)
+    with torch.device(device) if torch.device(device).type == "meta" else contextlib.nullcontext():
+        davae = DetailAlignedVAE.from_base(base, vcfg)
+    davae = place_frozen(davae, device, dtype)
     place_frozen(base.vae, device, dtype)
 
     def native(z):
         return base_decode(base.vae, davae.transform.inverse(z))
 
     return native, davae.decode
+
+
+def _mean_step_flops(flops_for: Callable, shape: dict, s: BenchSettings, n_guided: int) -> dict:
+    """FLOPs of the average step of a batch: guided steps run the DiT on a batch of 2 x batch_size."""
+    ch, tokens = shape["latent"][0], shape["image_tokens"]
+    f2, f1 = flops_for(tokens, 2 * s.batch_size, ch), flops_for(tokens, s.batch_size, ch)
+    return {k: (n_guided * f2[k] + (s.steps - n_guided) * f1[k]) / s.steps if isinstance(f2[k], (int, float))
+            else f2[k] for k in f2}
+
+
+def _end_to_end(preset: Preset, shapes: dict, step_flops: dict, s: BenchSettings, n_guided: int) -> dict:
+    """Everything a user waits for, per image (counted, not timed): the steps, the text encoders (the prompt
+    and, with CFG, the negative prompt) and the decode."""
+    dec = decode_flops(preset, shapes)
+    text = 0
+    if preset.dit.backend == "sd3":
+        from .text import TINY_SPEC
+
+        prompts = 2 if s.cfg and n_guided else 1
+        text = prompts * F.text_encoder_flops("tiny" if preset.dit.text_encoders == TINY_SPEC else "sd3",
+                                              preset.dit.max_sequence_length)
+    e2e = F.end_to_end_flops(*({"step": step_flops[k]["total"] / s.batch_size, "decode": dec[k]}
+                               for k in ("native", "davae")), steps=s.steps, text=text)
+    return {"flop_ratio_end_to_end": e2e["ratio"],
+            "tflops_per_image": {"native": e2e["native"] / 1e12, "davae": e2e["davae"] / 1e12, "text": text / 1e12,
+                                 "decode_native": dec["native"] / 1e12, "decode_davae": dec["davae"] / 1e12}}
+
+
+def flop_report(preset: Preset, s: BenchSettings) -> dict:
+    """The FLOP model of both configurations at `s.res` with the preset's architecture and recipe, without
+    running anything (every model is built on the meta device): per step, per image end to end, and ratios."""
+    check_settings(preset, s)
+    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps)
+    from .dit.backend import sigma_grid
+
+    interval = preset.sample.guidance_interval
+    sigmas = sigma_grid(preset.dit.backend, s.steps, preset.sample.shift)
+    n_guided = sum(s.cfg and flow.in_interval(float(sigmas[i]), interval) for i in range(s.steps))
+    shapes = plan(preset, s.res)
+    if preset.dit.backend == "sd3":
+        from .dit.sd3 import load_sd3_transformer
+
+        cfg = dict(load_sd3_transformer("random", preset.dit.subfolder, preset.dit.arch, device="meta").config)
+        text_tokens = 77 + preset.dit.max_sequence_length
+
+        def flops_for(tokens, batch, channels):
+            return F.sd3_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, text_tokens, batch)
+    else:
+        from .dit.lightningdit import LightningDiT
+
+        with torch.device("meta"):
+            cfg = dict(LightningDiT.from_config(dict(preset.dit.arch)).config)
+
+        def flops_for(tokens, batch, channels):
+            return F.lightningdit_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, batch)
+    step = {k: _mean_step_flops(flops_for, shapes[k], s, n_guided) for k in ("native", "davae")}
+    out = {"res": s.res, "preset": preset.name, "steps": s.steps, "batch_size": s.batch_size, "cfg": s.cfg,
+           "guided_steps": n_guided}
+    for k in ("native", "davae"):
+        out[k] = {"image_tokens": shapes[k]["image_tokens"], "latent": shapes[k]["latent"],
+                  "tflops_per_step": step[k]["total"] / 1e12}
+    out["flop_ratio"] = F.flop_ratio(step["native"], step["davae"])
+    out.update(_end_to_end(preset, shapes, step, s, n_guided))
+    return out
+
+
+def decode_flops(preset: Preset, shapes: dict) -> dict:
+    """FLOPs of decoding one image on each side (native: the base VAE at full resolution; DA-VAE: its
+    decoder), counted on the meta device."""
+    native, davae = _build_decoders(preset, "meta", torch.float32)
+    out = {}
+    for name, fn in (("native", native), ("davae", davae)):
+        ch, side = shapes[name]["latent"][0], shapes[name]["latent"][1]
+        out[name] = F.counted_flops(fn, torch.zeros(1, ch, side, side, device="meta"))
+    return out
+
+
+def _build_text(preset: Preset, device, dtype):
+    """The preset's text encoders with random weights: tiny ones for a `tiny-random` preset, else SD3's."""
+    from .text import TINY_SPEC, build_sd3_text_encoders
+
+    return build_sd3_text_encoders("tiny" if preset.dit.text_encoders == TINY_SPEC else "sd3", device, dtype)
 
 
 def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str], None]] = None) -> dict:
@@ -248,6 +346,10 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     dec_native = dec_davae = None
     if s.decode:
         dec_native, dec_davae = _build_decoders(preset, device, dtype)
+    text = None
+    if s.text_encoders:
+        say("building the text encoders (random weights)")
+        text = _build_text(preset, device, dtype)
     from .dit.backend import sigma_grid
 
     # the preset's sampling grid; CFG (a doubled batch) only on the steps inside its guidance interval
@@ -262,11 +364,8 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     for name, dec in (("native", dec_native), ("davae", dec_davae)):
         ch, side = shapes[name]["latent"][0], shapes[name]["latent"][1]
         tokens = shapes[name]["image_tokens"]
-        # FLOPs of the average step: guided steps run a batch of 2 x batch_size
-        f2, f1 = flops_for(tokens, 2 * s.batch_size, ch), flops_for(tokens, s.batch_size, ch)
-        mean = {k: (n_guided * f2[k] + (s.steps - n_guided) * f1[k]) / s.steps if isinstance(f2[k], (int, float))
-                else f2[k] for k in f2}
-        configs.append(_Config(name, ch, side, tokens, mean, activate(name), dec))
+        configs.append(_Config(name, ch, side, tokens, _mean_step_flops(flops_for, shapes[name], s, n_guided),
+                               activate(name), dec))
     clock = _Clock(device)
 
     def run_once(cfg: _Config, record: bool) -> None:
@@ -289,6 +388,13 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
         with torch.inference_mode(), _sdpa(s.attention):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            tms = None
+            if text is not None:  # the prompt and, with CFG, the negative prompt of every image of the batch
+                from .text import run_sd3_text_encoders
+
+                g = torch.Generator().manual_seed(s.seed)
+                prompts = s.batch_size * (2 if s.cfg and n_guided else 1)
+                tms = clock.time(lambda: run_sd3_text_encoders(text, prompts, preset.dit.max_sequence_length, g))
             ms = clock.time(loop)
             dms = clock.time(lambda: cfg.decode(result["x"])) if cfg.decode is not None else None
             if device.type == "cuda":
@@ -298,6 +404,8 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
             cfg.loop_ms.append(ms)
             if dms is not None:
                 cfg.decode_ms.append(dms)
+            if tms is not None:
+                cfg.text_ms.append(tms)
 
     for i in range(s.warmup):
         for cfg in configs:
@@ -320,6 +428,7 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     for cfg in configs:
         loop = statistics.median(cfg.loop_ms)
         dec = statistics.median(cfg.decode_ms) if cfg.decode_ms else None
+        txt = statistics.median(cfg.text_ms) if cfg.text_ms else None
         step_ms = loop / s.steps
         tflops = cfg.flops["total"] / 1e12
         achieved = tflops / (step_ms / 1000.0)
@@ -331,9 +440,9 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
             out["warnings"].append(f"{cfg.name}: a single repeat cannot show noise (use --repeats 3)")
         out[cfg.name] = {
             "image_tokens": cfg.tokens, "latent": [cfg.channels, cfg.latent_side, cfg.latent_side],
-            "ms_per_step": step_ms, "ms_loop": loop, "ms_decode": dec,
-            "ms_per_image": (loop + (dec or 0.0)) / s.batch_size,
-            "images_per_s": 1000.0 * s.batch_size / (loop + (dec or 0.0)),
+            "ms_per_step": step_ms, "ms_loop": loop, "ms_decode": dec, "ms_text": txt,
+            "ms_per_image": (loop + (dec or 0.0) + (txt or 0.0)) / s.batch_size,
+            "images_per_s": 1000.0 * s.batch_size / (loop + (dec or 0.0) + (txt or 0.0)),
             "peak_mem_mb": cfg.peak_mb, "tflops_per_step": tflops, "achieved_tflops": achieved,
             "pct_of_peak": 100.0 * achieved / peak_tflops if peak_tflops else None,
             "floor_ms_per_step": F.step_floor_ms(cfg.flops, peak_tflops) if peak_tflops else None,
@@ -343,7 +452,9 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     out["speedup_step"] = n["ms_per_step"] / dv["ms_per_step"]
     out["speedup_end_to_end"] = n["ms_per_image"] / dv["ms_per_image"]
     out["flop_ratio"] = F.flop_ratio(configs[0].flops, configs[1].flops)
+    out.update(_end_to_end(preset, shapes, {c.name: c.flops for c in configs}, s, n_guided))
     out["decode_included"] = s.decode
+    out["text_included"] = s.text_encoders
     return out
 
 

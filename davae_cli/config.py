@@ -417,8 +417,13 @@ def validate(p: Preset) -> None:
                      ("train_vae.resolution", t.resolution), ("train_vae.batch_size", t.batch_size)]:
         if val <= 0:
             raise ConfigError(f"{key} must be positive, got {val}")
-    if v.scale != 2:
-        raise ConfigError(f"vae.scale: only s = 2 is implemented (the paper's setting), got {v.scale}")
+    if v.scale < 2:
+        raise ConfigError(f"vae.scale: s must be at least 2 (the paper: 2; s = 4 puts the base at a quarter of the "
+                          f"resolution), got {v.scale}")
+    ss = v.scale * v.scale
+    if v.down_blocks == 0 and (2 * v.detail_channels) % ss:
+        raise ConfigError(f"vae.detail_channels: 2D = {2 * v.detail_channels} must be divisible by s² = {ss} "
+                          f"(the detail encoder's pixel-unshuffle({v.scale}))")
     if v.detail_channels % v.base_channels:
         raise ConfigError(
             f"vae.detail_channels: D = {v.detail_channels} is not a multiple of C = {v.base_channels}"
@@ -437,8 +442,6 @@ def validate(p: Preset) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train_vae.{key} must be positive, got {getattr(t, key)}")
-    if v.detail_shortcut == "base" and v.detail_channels != v.base_channels:
-        raise ConfigError("vae.detail_shortcut: 'base' needs D = C")
     if v.decoder_input == "residual" and v.up_shortcut != "none":
         raise ConfigError("vae.up_shortcut must be 'none' with vae.decoder_input = residual")
     if v.down_blocks < 0 or v.up_blocks < 0:
@@ -453,8 +456,8 @@ def validate(p: Preset) -> None:
     if v.up_blocks > 0:
         if v.decoder_input != "residual":
             raise ConfigError("vae.up_blocks > 0 needs vae.decoder_input = residual")
-        if v.up_hidden <= 0 or v.up_hidden % 4:
-            raise ConfigError(f"vae.up_blocks > 0 needs vae.up_hidden > 0 and divisible by 4, got {v.up_hidden}")
+        if v.up_hidden <= 0 or v.up_hidden % ss:
+            raise ConfigError(f"vae.up_blocks > 0 needs vae.up_hidden > 0 and divisible by s² = {ss}, got {v.up_hidden}")
     if t.cache_base and (v.detail_features != "residual" or v.decoder_input != "residual"):
         raise ConfigError("train_vae.cache_base needs vae.detail_features = residual and vae.decoder_input = residual "
                           "(a frozen base path)")

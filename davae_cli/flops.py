@@ -21,6 +21,8 @@ from __future__ import annotations
 
 __all__ = [
     "PEAK_TFLOPS",
+    "counted_flops",
+    "end_to_end_flops",
     "SD35_MEDIUM_CONFIG",
     "device_peak_tflops",
     "flop_ratio",
@@ -28,6 +30,7 @@ __all__ = [
     "lightningdit_flops",
     "sd3_flops",
     "step_floor_ms",
+    "text_encoder_flops",
 ]
 
 
@@ -207,6 +210,43 @@ def lightningdit_flops(config: dict, image_tokens: int, batch: int = 1) -> dict:
 def flop_ratio(native: dict, davae: dict) -> float:
     """Ideal speed-up ``native["total"] / davae["total"]``."""
     return native["total"] / davae["total"]
+
+
+def counted_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of ``fn(*args, **kwargs)`` as torch's ``FlopCounterMode`` counts them (the convention above).
+    Call it on a module built on the meta device with meta inputs to count without computing: used for the
+    parts with no analytic model here (the VAE decoders, the text encoders)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # the math SDPA backend decomposes attention into the two bmm's the counter knows; fused kernels (e.g.
+    # the CPU flash kernel) have no entry in torch's FLOP registry and would count as zero
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def text_encoder_flops(arch: str = "sd3", max_sequence_length: int = 256) -> int:
+    """FLOPs of encoding one prompt with SD3's three text encoders (``davae_cli.text.SD3_TEXT_ARCH``:
+    CLIP-L and CLIP-G on 77 tokens, T5-XXL on ``max_sequence_length``), counted on the meta device."""
+    from .text import build_sd3_text_encoders, run_sd3_text_encoders
+
+    encoders = build_sd3_text_encoders(arch, device="meta")
+    return counted_flops(run_sd3_text_encoders, encoders, 1, max_sequence_length)
+
+
+def end_to_end_flops(native: dict, davae: dict, *, steps: int, text: float = 0.0) -> dict:
+    """FLOPs per image of everything a user waits for, and their ratio. ``native`` / ``davae``: ``{"step":
+    FLOPs of the average denoising step per image (CFG included), "decode": FLOPs of decoding one image}``;
+    ``text``: FLOPs of the text encoding per image (the same on both sides: the prompt and, with CFG, the
+    negative prompt). The decode is not reduced by DA-VAE (both decode the full-resolution image), so this
+    ratio is lower than the per-step one."""
+    totals = {k: steps * float(v["step"]) + float(v.get("decode", 0.0)) + float(text)
+              for k, v in (("native", native), ("davae", davae))}
+    return {"native": totals["native"], "davae": totals["davae"], "ratio": totals["native"] / totals["davae"],
+            "steps": steps, "text": float(text),
+            "decode": {"native": float(native.get("decode", 0.0)), "davae": float(davae.get("decode", 0.0))}}
 
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s, keyed "<chip>:<dtype>". H100 = SXM5 (the common

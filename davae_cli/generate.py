@@ -245,9 +245,14 @@ class Model:
 AUTO_TILE = 64  # latent tile side used when a whole decode does not fit
 
 
+def tile_overlap(tile: int) -> int:
+    """The latent overlap `generate` blends adjacent tiles over: a quarter of the tile, at least 4."""
+    return max(4, tile // 4)
+
+
 def _decode(model: "Model", lat: torch.Tensor, tile: Optional[int]) -> torch.Tensor:
     def tiled(t):
-        return torch.cat([tiled_decode(model.decode, lat[i : i + 1], t, max(4, t // 4), model.granularity)
+        return torch.cat([tiled_decode(model.decode, lat[i : i + 1], t, tile_overlap(t), model.granularity)
                           for i in range(lat.shape[0])])
 
     if tile:
@@ -281,6 +286,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
     sigmas = sigma_grid(model.backend, s.steps, shift, model.scheduler_config, tokens)
     grid = [round(float(v), 8) for v in sigmas]
     written, timings = [], {"text_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
+    batches: list[dict] = []  # per batch: images, text_s, sample_s, decode_s (the first includes warm-up/compile)
     sync = torch.cuda.synchronize if torch.device(device or "cpu").type == "cuda" else (lambda: None)
     tile = s.tile  # None: decode whole, and fall back to tiles if the GPU runs out of memory
     done = len(mine) - len(todo)
@@ -293,7 +299,8 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         t_text = time.perf_counter()
         uncond, cond = cond_fn(batch)
         sync()
-        timings["text_s"] += time.perf_counter() - t_text
+        text_s = time.perf_counter() - t_text
+        timings["text_s"] += text_s
         use_cfg = s.guidance != 1.0
 
         def velocity(x, sigma, guided):
@@ -313,6 +320,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         t2 = time.perf_counter()
         timings["sample_s"] += t1 - t0
         timings["decode_s"] += t2 - t1
+        batches.append({"images": len(batch), "text_s": text_s, "sample_s": t1 - t0, "decode_s": t2 - t1})
         for j, img, z in zip(batch, images, lat):
             meta = {"prompt": j.prompt, "negative_prompt": s.negative_prompt if j.prompt is not None else None,
                     "class_id": j.class_id, "seed": j.seed, "steps": s.steps, "guidance": s.guidance,
@@ -328,7 +336,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         if progress:
             progress(done, len(mine))
     return {"written": written, "skipped_existing": len(mine) - len(todo), "images": len(mine), "shift": shift,
-            "sigmas": grid, **timings}
+            "sigmas": grid, "batches": batches, **timings}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -479,11 +487,65 @@ class NativeLightningDiTModel(Model):
         return base_decode(self.davae.base.vae, self.davae.transform.inverse(latent.float()))
 
 
+class RandomSD3Model(Model):
+    """Speed only (`generate --random-weights`): the preset's SD3 architecture with random weights, nothing
+    downloaded, on either side: native (the transformer, and the base VAE decoding at full resolution) or
+    DA-VAE (the same transformer extended by D zero-initialised channels; the DA-VAE decoder built on that
+    base VAE). Same sampler, text encoders, decode and PNG writing as a real run; the images are noise."""
+
+    def __init__(self, preset: Preset, native: bool, device, dtype):
+        from .bench import _build_decoders
+        from .dit.backend import place_frozen, sd3_velocity
+        from .dit.sd3 import extend_sd3, load_sd3_transformer
+
+        dit = load_sd3_transformer("random", preset.dit.subfolder, preset.dit.arch, seed=0, device=device)
+        c = int(dit.config.in_channels)
+        d = 0 if native else preset.vae.detail_channels
+        if d:
+            extend_sd3(dit, d)
+        self.dit = place_frozen(dit, device, dtype)
+        self.dit_velocity = sd3_velocity
+        decode_native, decode_davae = _build_decoders(preset, device, dtype)
+        self._decode = decode_native if native else decode_davae
+        self.name = "native" if native else "davae"
+        self.base_channels, self.detail_channels = c, d
+        self.granularity = preset.vae.downsample if native else preset.granularity
+        self.patch_size = int(dit.config.patch_size)
+        self.shift = float(preset.sample.shift)
+        self.backend, self.scheduler_config = "sd3", {"shift": self.shift}
+        self.recipe, self.conditioning = recipe_of(preset), "prompt"
+        self.identity = {"weights": "random", "preset": preset.name}
+
+    def decode(self, latent):
+        return self._decode(latent.to(next(iter(self.dit.parameters())).dtype))
+
+
+def _random_prompt_conditioner(preset: Preset, use_t5: bool, negative: str, device, dtype):
+    """The preset's text encoders with random weights (SD3's CLIP-L, CLIP-G, T5-XXL architectures, or the
+    tiny set) behind locally built tokenizers: the real encoding work at the pipeline's sequence lengths."""
+    from .text import TINY_SPEC, PromptEncoder, build_sd3_text_encoders, build_tiny_sd3_text_components
+
+    tiny = preset.dit.text_encoders == TINY_SPEC
+    comps = build_tiny_sd3_text_components()
+    if not tiny:
+        comps.update(build_sd3_text_encoders("sd3", device, dtype))
+    joint = int(comps["text_encoder_3"].config.d_model)
+    if not use_t5:
+        comps["text_encoder_3"] = comps["tokenizer_3"] = None
+    enc = PromptEncoder(comps, identity="random", device=device, dtype=dtype,
+                        max_sequence_length=preset.dit.max_sequence_length, joint_attention_dim=joint)
+    return _conditioner_from(enc, negative, device, dtype)
+
+
 # ---------------------------------------------------------------------------------------------- top level
 def _prompt_conditioner(spec: str, use_t5: bool, max_len: int, negative: str, device, dtype):
     from .text import PromptEncoder
 
     enc = PromptEncoder.from_spec(spec, device=device, use_t5=use_t5, max_sequence_length=max_len)
+    return _conditioner_from(enc, negative, device, dtype)
+
+
+def _conditioner_from(enc, negative: str, device, dtype):
     memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(texts: list[str]):
@@ -513,6 +575,7 @@ def _class_conditioner(num_classes: int, device):
 
 def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = None, dit_dir: Optional[str] = None,
              base_pipeline: Optional[str] = None, native: bool = False, use_t5: bool = True,
+             random_weights: bool = False,
              progress: Optional[Callable[[int, int], None]] = None, on_message: Callable[[str], None] = lambda t: None) -> dict:
     """Generate `s`'s jobs into `s.out_dir`; returns what was written and the timings."""
     from accelerate import PartialState
@@ -529,7 +592,17 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
     check_sampling(s.steps, s.shift, interval, s.sampler)
     jobs = make_jobs(s)
     t0 = time.perf_counter()
-    if native:
+    if random_weights:
+        if preset.dit.backend != "sd3":
+            raise DavaeError(f"is for SD3 presets; {preset.name} is a {preset.dit.backend} preset", param="random_weights")
+        for name, given in (("vae", vae_dir), ("dit", dit_dir), ("base_pipeline", base_pipeline)):
+            if given:
+                raise DavaeError("cannot be combined with --random-weights (which builds every model itself)", param=name)
+        if s.res is None:
+            s.res = preset.adapt_dit.resolution
+        model = RandomSD3Model(preset, native, device, dtype)
+        cond_fn = _random_prompt_conditioner(preset, use_t5, s.negative_prompt, device, dtype)
+    elif native:
         if preset.dit.backend == "sd3":
             spec = base_pipeline or preset.dit.pretrained
             if spec == "random":
@@ -590,6 +663,13 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
                   peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                   compile=s.compile and s.compile_mode,
                   compile_included=bool(s.compile and n))  # compilation is inside the first batch's ms_loop
+    # steady state: the batches after the first (which includes warm-up and, with --compile, compilation)
+    rest = report["batches"][1:]
+    n_rest = sum(b["images"] for b in rest)
+    rest_s = sum(b["text_s"] + b["sample_s"] + b["decode_s"] for b in rest)
+    report.update(ms_per_image_steady=1000.0 * rest_s / n_rest if n_rest else None,
+                  ms_loop_steady=1000.0 * sum(b["sample_s"] for b in rest) / n_rest if n_rest else None,
+                  images_per_s_steady=n_rest / rest_s if n_rest and rest_s > 0 else None)
     report.update(mode=model.name, res=s.res, steps=s.steps, guidance=s.guidance,
                   guidance_interval=s.guidance_interval, sampler=s.sampler, device=str(device),
                   dtype=str(dtype).replace("torch.", ""), load_s=load_s,

@@ -142,6 +142,55 @@ def build_tiny_sd3_text_components(
     }
 
 
+# The architectures of SD3 / SD3.5's three text encoders (the `text_encoder*/config.json` of the
+# stabilityai pipelines: CLIP ViT-L/14's text tower, OpenCLIP ViT-bigG/14's, T5 v1.1 XXL's encoder), for
+# random-weight speed measurements (`davae bench --text-encoders`) and FLOP counts. No weights, no tokenizers.
+SD3_TEXT_ARCH: dict = {
+    "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                     "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu",
+                     "vocab_size": 49408, "max_position_embeddings": 77},
+    "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                       "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu",
+                       "vocab_size": 49408, "max_position_embeddings": 77},
+    "text_encoder_3": {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
+                       "feed_forward_proj": "gated-gelu", "vocab_size": 32128,
+                       "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128},
+}
+
+
+def build_sd3_text_encoders(arch: str = "sd3", device: str | torch.device = "cpu",
+                            dtype: torch.dtype = torch.float32) -> dict:
+    """The three SD3 text encoders with random weights, built directly on `device` (`meta` for FLOP counts):
+    `arch` "sd3" = the real architectures (SD3_TEXT_ARCH, about 5.6 B parameters), "tiny" = the tiny set."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if arch == "tiny":
+        comps = build_tiny_sd3_text_components()
+        return {k: comps[k].to(device=device, dtype=dtype) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    if arch != "sd3":
+        raise DavaeError(f"{arch}: text encoder architecture must be sd3 or tiny")
+    with torch.device(device):
+        out = {"text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**SD3_TEXT_ARCH["text_encoder"])),
+               "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SD3_TEXT_ARCH["text_encoder_2"])),
+               "text_encoder_3": T5EncoderModel(T5Config(**SD3_TEXT_ARCH["text_encoder_3"], num_decoder_layers=0,
+                                                         is_encoder_decoder=False, use_cache=False))}
+    return {k: m.to(dtype=dtype).eval().requires_grad_(False) for k, m in out.items()}
+
+
+def run_sd3_text_encoders(encoders: dict, prompts: int, max_sequence_length: int, generator=None) -> None:
+    """One forward of each encoder on `prompts` random token sequences of the pipeline's lengths (77 CLIP
+    tokens, `max_sequence_length` T5 tokens): the work `StableDiffusion3Pipeline.encode_prompt` does after
+    tokenising, for timing and FLOP counting."""
+    for name, m in encoders.items():
+        n = max_sequence_length if name == "text_encoder_3" else CLIP_MAX_LENGTH
+        dev = next(m.parameters()).device
+        ids = torch.randint(0, int(m.config.vocab_size), (prompts, n), generator=generator).to(dev)
+        if name == "text_encoder_3":
+            m(ids)
+        else:
+            m(ids, output_hidden_states=True)
+
+
 def save_tiny_sd3_text_components(folder: str | os.PathLike, **kw: Any) -> Path:
     """Write the tiny components in the diffusers pipeline layout (`text_encoder/`, ..., `tokenizer_3/`),
     each loadable with `from_pretrained(folder, subfolder=...)`. `kw` goes to `build_tiny_sd3_text_components`."""

@@ -50,7 +50,7 @@ def _flop_count_tiny_sd3(in_channels: int, side: int, text_tokens: int, batch: i
 
 
 def test_tiny_bench_json_is_consistent():
-    r = run_cli("bench", "--steps", "3", "--repeats", "2", "--warmup", "1", "--json")
+    r = run_cli("bench", "--steps", "3", "--repeats", "2", "--warmup", "1", "--text-encoders", "--json")
     out = json.loads(r.stdout)
     for key in ("res", "device", "dtype", "native", "davae", "speedup_step", "speedup_end_to_end", "flop_ratio"):
         assert key in out
@@ -60,7 +60,8 @@ def test_tiny_bench_json_is_consistent():
         for key in ("image_tokens", "ms_per_step", "ms_per_image", "peak_mem_mb", "tflops_per_step"):
             assert key in side
         assert side["ms_per_step"] > 0 and side["ms_loop"] == pytest.approx(3 * side["ms_per_step"])
-        assert side["ms_per_image"] == pytest.approx(side["ms_loop"] + side["ms_decode"])
+        assert side["ms_text"] > 0  # --text-encoders: the tiny preset's CLIP/CLIP/T5, prompt + negative prompt
+        assert side["ms_per_image"] == pytest.approx(side["ms_loop"] + side["ms_decode"] + side["ms_text"])
         assert len(side["loop_ms_repeats"]) == 2
     assert n["image_tokens"] == 4 * d["image_tokens"] == 256
     assert out["speedup_step"] == pytest.approx(n["ms_per_step"] / d["ms_per_step"])
@@ -70,6 +71,18 @@ def test_tiny_bench_json_is_consistent():
     assert n["tflops_per_step"] * 1e12 == pytest.approx(_flop_count_tiny_sd3(16, 32, text, 2), rel=1e-9)
     assert d["tflops_per_step"] * 1e12 == pytest.approx(_flop_count_tiny_sd3(32, 16, text, 2), rel=1e-9)
     assert out["flop_ratio"] == pytest.approx(n["tflops_per_step"] / d["tflops_per_step"])
+    # end to end per image = 3 steps + text (2 prompts) + decode, each part recomputed here
+    e = out["tflops_per_image"]
+    assert e["native"] == pytest.approx(3 * n["tflops_per_step"] + e["text"] + e["decode_native"], rel=1e-9)
+    assert e["davae"] == pytest.approx(3 * d["tflops_per_step"] + e["text"] + e["decode_davae"], rel=1e-9)
+    assert out["flop_ratio_end_to_end"] == pytest.approx(e["native"] / e["davae"])
+    assert out["flop_ratio_end_to_end"] < out["flop_ratio"]  # the decode is not reduced (tiny: it costs more than 3 steps)
+    assert out["text_included"] is True
+    # --flops-only gives the same model without running anything
+    f = json.loads(run_cli("bench", "--steps", "3", "--flops-only", "--json").stdout)
+    assert f["flop_ratio"] == pytest.approx(out["flop_ratio"], rel=1e-12)
+    assert f["flop_ratio_end_to_end"] == pytest.approx(out["flop_ratio_end_to_end"], rel=1e-12)
+    assert f["tflops_per_image"] == pytest.approx(e, rel=1e-12)
 
 
 def test_lightningdit_bench_runs():
@@ -85,7 +98,8 @@ def test_human_table_and_errors():
     r = run_cli("bench", "--steps", "2", "--repeats", "1", "--warmup", "0", "--no-decode")
     assert "image tokens" in r.stdout and "ideal" in r.stdout and "sd35m-1024" in r.stdout  # says what to run next
     for args, msg in [(["--res", "100"], "multiple of"), (["--steps", "0"], "--sampling-steps"),
-                      (["--attention", "magic"], "--attention")]:
+                      (["--attention", "magic"], "--attention"),
+                      (["--preset", "tiny-imagenet", "--text-encoders"], "no text encoders")]:
         bad = run_cli("bench", *args, check=False)
         assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr
     bad = run_cli("bench", "--dtype", "int8", check=False)  # a choice Typer validates: its usage error, exit 2

@@ -42,7 +42,9 @@ def test_overrides_are_typed():
     ("vae.detail_channels=24", "D = 24 is not a multiple of C = 16"),
     ("train_vae.resolution=200", "train_vae.resolution: 200 is not divisible by s*f = 16"),
     ("train_vae.crop_size=40", "train_vae.crop_size: 40 is not a positive multiple"),
-    ("vae.scale=3", "vae.scale: only s = 2"),
+    ("vae.scale=1", "vae.scale: s must be at least 2"),
+    ("vae.scale=16", "vae.up_hidden > 0 and divisible by s² = 256"),
+    ("vae.scale=3", "train_vae.resolution: 256 is not divisible by s*f = 24"),
     ("train_vae.betas=[0.9]", "train_vae.betas: expected a list of 2 numbers"),
     ("loss.align", "expected key=value"),
 ])
@@ -124,3 +126,10 @@ def test_recipes_keep_training_and_sampling_apart():
 def test_bad_sampling_recipes_are_one_line(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_preset("tiny", [override])
+
+
+def test_scale_constraints_of_the_papers_design():
+    """s = 4 is accepted; the detail encoder's pixel-unshuffle(s) needs 2D divisible by s²."""
+    assert load_preset("sd35m-1024", ["vae.scale=4", "vae.detail_channels=48"]).granularity == 32
+    with pytest.raises(ConfigError, match="2D = 32 must be divisible by s² = 64"):
+        load_preset("sd35m-1024", ["vae.scale=8"])

@@ -211,3 +211,50 @@ def test_bad_inputs():
         sd3_flops(TINY_SD3, image_tokens=0, text_tokens=5)
     with pytest.raises(ValueError):
         latent_tokens(1000, 1024, 8, 2)
+
+
+def _encoder_layer_flops(n: int, hidden: int, inner: int, ffn: int, ffn_mats: int) -> int:
+    """One pre-norm encoder layer on n tokens: q, k, v, o projections, ffn_mats FFN matrices, attention."""
+    return 2 * n * (4 * hidden * inner + ffn_mats * hidden * ffn) + 4 * n * n * inner
+
+
+def test_sd3_text_encoder_flops_by_hand():
+    from davae_cli.flops import text_encoder_flops
+    from davae_cli.text import SD3_TEXT_ARCH
+
+    total = 0
+    for name in ("text_encoder", "text_encoder_2"):  # CLIP-L, CLIP-G: 77 tokens, projection of the pooled token
+        a = SD3_TEXT_ARCH[name]
+        h = a["hidden_size"]
+        total += a["num_hidden_layers"] * _encoder_layer_flops(77, h, h, a["intermediate_size"], 2)
+        total += 2 * h * a["projection_dim"]
+    t5 = SD3_TEXT_ARCH["text_encoder_3"]  # gated-GELU: wi_0, wi_1, wo
+    total += t5["num_layers"] * _encoder_layer_flops(256, t5["d_model"], t5["num_heads"] * t5["d_kv"], t5["d_ff"], 3)
+    assert text_encoder_flops("sd3", 256) == total
+    assert 2.3e12 < total < 2.6e12  # T5-XXL dominates: ~2 x 4.7e9 parameters x 256 tokens
+
+
+def test_counted_flops_on_meta_equal_a_real_forward():
+    """The meta-device count (no memory, no compute) is the count of the real computation."""
+    from davae_cli.bench import _build_decoders, decode_flops, plan
+    from davae_cli.config import load_preset
+    from davae_cli.flops import counted_flops
+
+    p = load_preset("tiny")
+    shapes = plan(p, 64)
+    meta = decode_flops(p, shapes)
+    native, davae = _build_decoders(p, "cpu", torch.float32)
+    for name, fn in (("native", native), ("davae", davae)):
+        ch, side = shapes[name]["latent"][0], shapes[name]["latent"][1]
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
+            fn(torch.randn(1, ch, side, side))
+        assert meta[name] == c.get_total_flops() > 0
+    assert counted_flops(nn.Linear(6, 5, bias=False), torch.zeros(3, 6, device="meta")) == 2 * 3 * 6 * 5
+
+
+def test_end_to_end_flops_by_hand():
+    from davae_cli.flops import end_to_end_flops
+
+    e = end_to_end_flops({"step": 10.0, "decode": 7.0}, {"step": 2.0, "decode": 8.0}, steps=4, text=3.0)
+    assert (e["native"], e["davae"]) == (4 * 10 + 7 + 3, 4 * 2 + 8 + 3)
+    assert e["ratio"] == pytest.approx(50 / 19)

@@ -291,3 +291,27 @@ def test_compiled_dit_gives_the_eager_latents(adapted, tmp_path):
     a, _ = load_latent(tmp_path / "eager" / "000000.safetensors")
     b, _ = load_latent(tmp_path / "compiled" / "000000.safetensors")
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_random_weights_speed_mode(tmp_path):
+    """generate --random-weights: the preset's SD3 architectures with random weights on both sides, per-batch and
+    steady-state timings; refused for class-conditional presets and next to real model folders."""
+    from PIL import Image
+
+    common = ("--preset", "tiny", "--random-weights", "--prompt", "a cat", "--num-images", "3", "--batch-size", "2",
+              "--sampling-steps", "2", "--json")
+    reps = {}
+    for mode, extra in (("davae", ()), ("native", ("--native",))):
+        reps[mode] = r = json.loads(run_cli("generate", *common, *extra, "--out", str(tmp_path / mode)).stdout)
+        assert r["mode"] == mode and r["res"] == 256 and len(r["written"]) == 3
+        assert Image.open(r["written"][0]).size == (256, 256)
+        assert [b["images"] for b in r["batches"]] == [2, 1]
+        b = r["batches"][1]  # the steady state: every batch after the first
+        assert r["ms_per_image_steady"] == pytest.approx(1000.0 * (b["text_s"] + b["sample_s"] + b["decode_s"]))
+        assert r["text_s"] == pytest.approx(sum(x["text_s"] for x in r["batches"]))
+    assert reps["native"]["tokens"] == 4 * reps["davae"]["tokens"] == 256
+    bad = run_cli("generate", "--preset", "tiny-imagenet", "--random-weights", "--class-id", "1", "--out",
+                  str(tmp_path / "x"), check=False)
+    assert bad.returncode == 1 and "SD3 presets" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("generate", *common, "--dit", str(tmp_path), "--out", str(tmp_path / "y"), check=False)
+    assert bad.returncode == 1 and "--dit" in bad.stderr and "--random-weights" in bad.stderr

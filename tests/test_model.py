@@ -259,3 +259,53 @@ def test_deep_residual_design_needs_residual_paths(kl_base, tmp_path):
         load_preset(write_preset(tmp_path / "p.yaml", kl_base, vae__up_blocks=1, vae__up_hidden=8))
     with pytest.raises(ConfigError, match="down_blocks > 0 needs vae.detail_features = residual"):
         load_preset(write_preset(tmp_path / "q.yaml", kl_base, vae__down_blocks=1, vae__down_hidden=8))
+
+
+@pytest.mark.parametrize("style, base_fixture, d, extra", [
+    ("official", "kl_base", 8, dict(vae__up_shortcut="none")),  # C = 4: no D makes s²G = 256 a multiple of C+D
+    ("residual", "tae_base", 8, {}),
+    ("residual", "tae_base", 12, dict(vae__down_hidden=16, vae__down_blocks=1, vae__up_blocks=1)),  # the tiny design, D = 3C
+])
+def test_scale_4_base_at_a_quarter_and_detail_at_full_resolution(tmp_path, request, style, base_fixture, d, extra):
+    """s = 4: the base channels are the transformed base posterior mean of the image at 1/4 (antialiased
+    bicubic), the latent grid is H / (4 f); the residual design starts as exactly the baseline (base at 1/4 +
+    bicubic x4) with z_d = z_base repeated D/C times; save/load keeps the function."""
+    base_dir = request.getfixturevalue(base_fixture)
+    model, base, p = build(tmp_path, base_dir, style, vae__scale=4, vae__detail_channels=d,
+                           train_vae__resolution=64, train_vae__crop_size=64, **extra)
+    assert model.granularity == 32
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        enc = model.encode(x)
+        x_q = F.interpolate(x, size=(16, 24), mode="bicubic", antialias=True).clamp(-1, 1)
+        if style == "official":
+            ref = (base.vae.encode(x_q).latent_dist.mean - 0.1) * 1.5
+        else:
+            ref = base.vae.encode(x_q).latents
+        c = p.vae.base_channels
+        assert enc.latent.shape == (2, c + d, 2, 3)
+        torch.testing.assert_close(enc.latent[:, :c], ref, rtol=1e-5, atol=1e-5)
+        out = model.decode(enc.latent)
+        assert out.shape == x.shape
+        if style == "residual":
+            baseline = F.interpolate(base.vae.decode(ref).sample.clamp(-1, 1), scale_factor=4.0, mode="bicubic").clamp(-1, 1)
+            torch.testing.assert_close(model.decode_baseline(enc.z_base), baseline, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out, model.decode_baseline(enc.z_base), rtol=0, atol=0)  # zero last conv
+            down = model.down.conv_out if hasattr(model.down, "conv_out") else model.down.skip
+            down.weight.zero_()
+            down.bias.zero_()
+            if hasattr(model.down, "conv"):
+                model.down.conv.weight.zero_()
+                model.down.conv.bias.zero_()
+            mean = model.encode(x).mean
+            torch.testing.assert_close(mean, ref.repeat_interleave(d // c, 1), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(project(mean, c), ref, rtol=1e-5, atol=1e-5)
+        for prm in model.parameters():
+            prm.add_(0.01 * torch.randn_like(prm))
+        before = model.decode(model.encode(x).latent)
+    model.save_pretrained(tmp_path / "m")
+    again = DetailAlignedVAE.from_pretrained(tmp_path / "m", base_vae=str(base_dir))
+    assert again.config.scale == 4
+    with torch.no_grad():
+        torch.testing.assert_close(again.decode(again.encode(x).latent), before)

@@ -19,6 +19,9 @@ Examples:
   davae bench --preset sd35m-2048 --res 2048 --compile --json > bench-2048.json
 
   davae bench --preset sd35m-1024 --res 512 --steps 1 --repeats 1 --warmup 0 --no-decode   # CPU, one step
+
+  davae bench --preset sd35m-1024 --res 1024 --batch-size 10 --text-encoders   # GPU: the paper's batch, with
+                                                           # CLIP-L/CLIP-G/T5-XXL (random weights) timed too
 """
 
 
@@ -40,6 +43,8 @@ def bench_cmd(
     no_cfg: bool = typer.Option(False, "--no-cfg", help="No classifier-free guidance (batch not doubled)."),
     no_decode: bool = typer.Option(False, "--no-decode", help="Skip the VAE decode timing."),
     attention: str = typer.Option("default", "--attention", help="SDPA backend: default, flash, efficient, cudnn, math."),
+    flops_only: bool = typer.Option(False, "--flops-only", help="Print the FLOP model only (per step, per image with text encoders and decode; the preset's architecture on the meta device: instant, no memory) and run nothing."),
+    text_encoders: bool = typer.Option(False, "--text-encoders", help="Also time the text encoders (SD3: CLIP-L, CLIP-G, T5-XXL with random weights of their architecture; about 11 GB in bf16) and count them in end to end."),
     device: Optional[str] = DeviceOpt,
     sets: Optional[list[str]] = SetOpt,
     json_out: bool = JsonOpt,
@@ -48,12 +53,20 @@ def bench_cmd(
 
     The preset's sampling recipe (steps, guidance, interval, shift; --steps overrides); alternating runs,
     medians, CUDA events on GPU; the analytic FLOP ratio is shown as the ideal."""
-    from ..bench import BenchSettings, run_bench
+    from ..bench import BenchSettings, flop_report, run_bench
 
     p = resolve_preset(preset, sets)
     s = BenchSettings(res=res or p.adapt_dit.resolution, steps=steps, batch_size=batch_size, repeats=repeats,
                       warmup=warmup, dtype=dtype_name(dtype), compile=compile_, compile_mode=compile_mode, cfg=not no_cfg, decode=not no_decode,
-                      attention=attention, weights=weights, device=device)
+                      attention=attention, weights=weights, device=device,
+                      text_encoders=text_encoders)
+    if flops_only:
+        r = flop_report(p, s)
+        if json_out:
+            print_json(r)
+        else:
+            _render_flops(r)
+        return
     if json_out:
         r = run_bench(p, s)
         print_json(r)
@@ -61,6 +74,23 @@ def bench_cmd(
     with err.status("measuring") as status:
         r = run_bench(p, s, progress=lambda text: status.update(text))
     _render(r)
+
+
+def _render_flops(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    n, d, e = r["native"], r["davae"], r["tflops_per_image"]
+    t = Table(title=f"{r['preset']} at {r['res']}²: FLOP model ({r['steps']} steps, CFG on {r['guided_steps']}, "
+                    f"batch {r['batch_size']})", title_justify="left")
+    for col, j in (("", "left"), ("native", "right"), ("DA-VAE", "right"), ("native / DA-VAE", "right")):
+        t.add_column(col, justify=j)
+    t.add_row("image tokens", str(n["image_tokens"]), str(d["image_tokens"]), f"{n['image_tokens'] / d['image_tokens']:.1f}x")
+    t.add_row("TFLOP / step", f"{n['tflops_per_step']:.4g}", f"{d['tflops_per_step']:.4g}", f"{r['flop_ratio']:.2f}x")
+    t.add_row("TFLOP text encoders / image", f"{e['text']:.4g}", f"{e['text']:.4g}", "")
+    t.add_row("TFLOP decode / image", f"{e['decode_native']:.4g}", f"{e['decode_davae']:.4g}", "")
+    t.add_row("TFLOP / image (end to end)", f"{e['native']:.4g}", f"{e['davae']:.4g}", f"{r['flop_ratio_end_to_end']:.2f}x")
+    Console(highlight=False).print(t)
 
 
 def _render(r: dict) -> None:
@@ -86,6 +116,8 @@ def _render(r: dict) -> None:
               _fmt(ratio(n["image_tokens"], d["image_tokens"]), ".1f") + "x")
     t.add_row("DiT ms / step", _fmt(n["ms_per_step"]), _fmt(d["ms_per_step"]), f"[bold]{r['speedup_step']:.2f}x[/]")
     t.add_row("denoising loop ms", _fmt(n["ms_loop"], ".1f"), _fmt(d["ms_loop"], ".1f"), "")
+    if r["text_included"]:
+        t.add_row("text encoders ms", _fmt(n["ms_text"], ".1f"), _fmt(d["ms_text"], ".1f"), "")
     t.add_row("VAE decode ms", _fmt(n["ms_decode"], ".1f", "skipped"), _fmt(d["ms_decode"], ".1f", "skipped"),
               _fmt(ratio(n["ms_decode"], d["ms_decode"]), ".2f", "") + ("x" if n["ms_decode"] else ""))
     t.add_row("end to end ms / image", _fmt(n["ms_per_image"], ".1f"), _fmt(d["ms_per_image"], ".1f"),
@@ -94,6 +126,9 @@ def _render(r: dict) -> None:
     t.add_row("peak GPU memory MB", _fmt(n["peak_mem_mb"], ".0f", "n/a (CPU)"), _fmt(d["peak_mem_mb"], ".0f", "n/a (CPU)"), "")
     t.add_row("TFLOP / step (analytic)", _fmt(n["tflops_per_step"], ".4g"), _fmt(d["tflops_per_step"], ".4g"),
               f"{r['flop_ratio']:.2f}x ideal")
+    e = r["tflops_per_image"]
+    t.add_row("TFLOP / image (steps + text + decode)", _fmt(e["native"], ".4g"), _fmt(e["davae"], ".4g"),
+              f"{r['flop_ratio_end_to_end']:.2f}x ideal")
     t.add_row("achieved TFLOP/s", _fmt(n["achieved_tflops"], ".3g"), _fmt(d["achieved_tflops"], ".3g"), "")
     if r["peak_tflops"]:
         t.add_row(f"% of {r['peak_tflops']:.0f} TFLOP/s peak", _fmt(n["pct_of_peak"], ".1f"), _fmt(d["pct_of_peak"], ".1f"), "")
@@ -104,7 +139,12 @@ def _render(r: dict) -> None:
     if not r["decode_included"]:
         out.print("end to end excludes the VAE decode (--no-decode)")
     w = "random weights" if r["weights"] == "random" else f"weights from {r['weights']}"
-    text = f", {r['text_tokens']} text tokens (random embeddings; text encoding is not timed)" if r["text_tokens"] else ""
+    if not r["text_tokens"]:
+        text = ""
+    elif r["text_included"]:
+        text = f", {r['text_tokens']} text tokens (text encoders with random weights, timed)"
+    else:
+        text = f", {r['text_tokens']} text tokens (random embeddings; text encoding is not timed: --text-encoders)"
     out.print(f"Measured: the {r['preset']} preset's DiT ({w}) on the native latent and on the DA-VAE latent "
               f"at {r['res']}²{text}.")
     if r["native"]["peak_mem_mb"] is None:  # measured on a CPU

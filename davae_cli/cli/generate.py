@@ -22,6 +22,9 @@ Examples:
   davae generate --preset tiny --vae runs/tvae/final --dit runs/tdit/final --prompts prompts.txt \\
       --num-images 4 --grid --save-latents --out out/
 
+  davae generate --preset sd35m-1024 --random-weights --prompt "x" --res 1024 --num-images 20 --batch-size 10 \
+      --compile --json --out /tmp/speed        # speed only: random SD3.5 Medium weights (add --native for the baseline)
+
   accelerate launch --num_processes 8 -m davae_cli generate --preset imagenet-512 --vae runs/in512/final \\
       --dit runs/in512-dit/final --class-id 207 --class-id 360 --num-images 25 --out samples/   # resumable
 """
@@ -47,6 +50,7 @@ def generate_cmd(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or heun (default: the recipe's)."),
     shift: Optional[float] = typer.Option(None, "--shift", help="Sampling timestep shift, sigma convention (default: the adapted model's; --native SD3: the pipeline's scheduler_config.json; --native LightningDiT: the preset's sample.shift)."),
     native: bool = typer.Option(False, "--native", help="Run the unmodified base model at --res with its own sampling settings (SD3: exactly StableDiffusion3Pipeline's sampler)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Speed measurement: the preset's SD3 architectures (transformer, VAE, text encoders) with random weights, no download; DA-VAE side, or native with --native. The images are noise."),
     no_t5: bool = typer.Option(False, "--no-t5", help="SD3: skip the T5 encoder (saves memory; zeros in its place)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the DiT (static shapes, once per batch shape; the first batch includes the compilation)."),
     compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune."),
@@ -95,7 +99,7 @@ def generate_cmd(
 
     try:
         report = generate(p, s, vae_dir=str(vae) if vae else None, dit_dir=str(dit) if dit else None,
-                          base_pipeline=base_pipeline, native=native, use_t5=not no_t5, progress=progress,
+                          base_pipeline=base_pipeline, native=native, use_t5=not no_t5, random_weights=random_weights, progress=progress,
                           on_message=lambda t: err.print(t))
     finally:
         if task is not None:
@@ -111,3 +115,6 @@ def generate_cmd(
         typer.echo(f"text {report['text_s']:.1f} s, sampling {report['sample_s']:.1f} s, decoding {report['decode_s']:.1f} s: "
                    f"{report['ms_per_image'] / 1000:.2f} s per image, {report['images_per_s']:.3f} images/s on "
                    f"{report['device']}{compiled}")
+        if report["ms_per_image_steady"] is not None:
+            typer.echo(f"after the first batch: {report['ms_per_image_steady'] / 1000:.2f} s per image, "
+                       f"{report['images_per_s_steady']:.3f} images/s")

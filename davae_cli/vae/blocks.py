@@ -57,38 +57,46 @@ class EncoderTrunk(nn.Module):
         return enc.conv_act(enc.conv_norm_out(h))
 
 
-class DetailDownBlock(nn.Module):
-    """Features at 2x the latent grid (B, F, 2h, 2w) -> posterior mean and logvar (B, D, h, w) each.
+def repeat_base(z_base: torch.Tensor, detail_channels: int) -> torch.Tensor:
+    """Proj^T: each of the C base channels repeated D/C times (channel k of the result is base channel k // (D/C)),
+    the detail channels' starting point for the `base` shortcut and what `up_input: detail_residual` subtracts."""
+    return z_base.repeat_interleave(detail_channels // z_base.shape[1], dim=1)
 
-    3x3 conv to 2D/4 channels (or conv-SiLU-conv with `hidden` channels) + pixel-unshuffle(2) -> 2D
+
+class DetailDownBlock(nn.Module):
+    """Features at s x the latent grid (B, F, s h, s w) -> posterior mean and logvar (B, D, h, w) each.
+
+    3x3 conv to 2D/s² channels (or conv-SiLU-conv with `hidden` channels) + pixel-unshuffle(s) -> 2D
     channels, plus a shortcut from the
     pixel-unshuffled input: `zero_conv` (a zero-initialised 1x1 conv, ImageNet recipe),
-    `group_mean` (parameter-free: the mean of each group of 4F/D channels, added to the mean only,
-    SD3 recipe; with F = D this is the 2x2 average pool of each feature channel), or `base` (the
-    mean starts at z_base itself, so Proj(z_d) = z_base at step 0; needs D = C; plus a zero conv).
+    `group_mean` (parameter-free: the mean of each group of s²F/D channels, added to the mean only,
+    SD3 recipe; with F = D and s = 2 this is the 2x2 average pool of each feature channel), or `base` (the
+    mean starts at z_base repeated D/C times, so Proj(z_d) = z_base at step 0; plus a zero conv).
     With `learn_logvar=False` the logvar is the constant `logvar_init` (a fixed posterior width).
+    `factor` is s (the paper: 2).
     """
 
     def __init__(self, in_channels: int, detail_channels: int, shortcut: str = "zero_conv",
-                 conv_init: str = "default", logvar_init: float = 0.0, learn_logvar: bool = True, hidden: int = 0):
+                 conv_init: str = "default", logvar_init: float = 0.0, learn_logvar: bool = True, hidden: int = 0,
+                 factor: int = 2):
         super().__init__()
-        d = detail_channels
-        if (2 * d) % 4:
-            raise ValueError(f"2D = {2 * d} must be divisible by 4 for pixel-unshuffle(2)")
-        self.detail_channels, self.shortcut = d, shortcut
+        d, ff = detail_channels, factor * factor
+        if (2 * d) % ff:
+            raise ValueError(f"2D = {2 * d} must be divisible by s² = {ff} for pixel-unshuffle({factor})")
+        self.detail_channels, self.shortcut, self.factor = d, shortcut, factor
         if hidden > 0:  # a nonlinear encoder: conv-SiLU-conv
             self.conv = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(),
-                                      nn.Conv2d(hidden, 2 * d // 4, 3, padding=1))
+                                      nn.Conv2d(hidden, 2 * d // ff, 3, padding=1))
         else:
-            self.conv = nn.Conv2d(in_channels, 2 * d // 4, 3, padding=1)
+            self.conv = nn.Conv2d(in_channels, 2 * d // ff, 3, padding=1)
         if conv_init == "zero":
             _zero(self.conv[-1] if hidden > 0 else self.conv)
         self.learn_logvar = learn_logvar
         if shortcut in ("zero_conv", "base"):
-            self.skip = _zero(nn.Conv2d(4 * in_channels, 2 * d, 1))
+            self.skip = _zero(nn.Conv2d(ff * in_channels, 2 * d, 1))
         elif shortcut == "group_mean":
-            if (4 * in_channels) % d:
-                raise ValueError(f"group_mean shortcut needs 4F = {4 * in_channels} divisible by D = {d}")
+            if (ff * in_channels) % d:
+                raise ValueError(f"group_mean shortcut needs s²F = {ff * in_channels} divisible by D = {d}")
             self.skip = None
         else:
             raise ValueError(f"unknown detail shortcut {shortcut!r}")
@@ -99,8 +107,8 @@ class DetailDownBlock(nn.Module):
         return (self.conv[-1] if isinstance(self.conv, nn.Sequential) else self.conv).weight
 
     def forward(self, feats: torch.Tensor, z_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.pixel_unshuffle(self.conv(feats), 2)  # (B, 2D, h, w)
-        unshuffled = F.pixel_unshuffle(feats, 2)  # (B, 4F, h, w)
+        h = F.pixel_unshuffle(self.conv(feats), self.factor)  # (B, 2D, h, w)
+        unshuffled = F.pixel_unshuffle(feats, self.factor)  # (B, s²F, h, w)
         if self.skip is not None:
             h = h + self.skip(unshuffled)
         mean, logvar = h.chunk(2, dim=1)
@@ -108,35 +116,36 @@ class DetailDownBlock(nn.Module):
             b, c4, hh, ww = unshuffled.shape
             mean = mean + unshuffled.reshape(b, self.detail_channels, c4 // self.detail_channels, hh, ww).mean(2)
         elif self.shortcut == "base":
-            mean = mean + z_base
+            mean = mean + repeat_base(z_base, self.detail_channels)
         return mean, _finish_logvar(logvar, self.learn_logvar, self.logvar_offset)
 
 
 class DetailUpBlock(nn.Module):
-    """Latent (B, C+D, h, w) -> decoder input (B, G, 2h, 2w).
+    """Latent (B, C+D, h, w) -> decoder input (B, G, s h, s w).
 
-    A 3x3 conv to 4G channels + pixel-shuffle(2) (or conv-SiLU-conv with `hidden` channels), plus a
-    parameter-free shortcut: `repeat` (repeat-interleave the C+D channels to 4G, then pixel-shuffle;
-    official code) or `none`.
+    A 3x3 conv to s²G channels + pixel-shuffle(s) (or conv-SiLU-conv with `hidden` channels), plus a
+    parameter-free shortcut: `repeat` (repeat-interleave the C+D channels to s²G, then pixel-shuffle;
+    official code) or `none`. `factor` is s (the paper: 2).
     """
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int, hidden: int = 0,
-                 shortcut: str = "repeat", conv_init: str = "default"):
+                 shortcut: str = "repeat", conv_init: str = "default", factor: int = 2):
         super().__init__()
         self.in_channels, self.out_channels, self.base_channels = in_channels, out_channels, base_channels
-        self.shortcut = shortcut
+        self.shortcut, self.factor = shortcut, factor
+        ff = factor * factor
         if hidden > 0:
             self.conv = nn.Sequential(
-                nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, 4 * out_channels, 3, padding=1)
+                nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, ff * out_channels, 3, padding=1)
             )
             last = self.conv[-1]
         else:
-            self.conv = nn.Conv2d(in_channels, 4 * out_channels, 3, padding=1)
+            self.conv = nn.Conv2d(in_channels, ff * out_channels, 3, padding=1)
             last = self.conv
         if conv_init == "zero":
             _zero(last)
-        if shortcut == "repeat" and (4 * out_channels) % in_channels:
-            raise ValueError(f"repeat shortcut needs 4G = {4 * out_channels} divisible by C+D = {in_channels}")
+        if shortcut == "repeat" and (ff * out_channels) % in_channels:
+            raise ValueError(f"repeat shortcut needs s²G = {ff * out_channels} divisible by C+D = {in_channels}")
         if shortcut not in ("repeat", "none"):
             raise ValueError(f"unknown up shortcut {shortcut!r}")
 
@@ -144,10 +153,11 @@ class DetailUpBlock(nn.Module):
         return (self.conv[-1] if isinstance(self.conv, nn.Sequential) else self.conv).weight
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = F.pixel_shuffle(self.conv(z), 2)
+        s = self.factor
+        h = F.pixel_shuffle(self.conv(z), s)
         if self.shortcut == "repeat":
-            rep = (4 * self.out_channels) // self.in_channels
-            h = h + F.pixel_shuffle(z.repeat_interleave(rep, dim=1), 2)
+            rep = (s * s * self.out_channels) // self.in_channels
+            h = h + F.pixel_shuffle(z.repeat_interleave(rep, dim=1), s)
         return h
 
 
@@ -204,26 +214,26 @@ class ResBlock(nn.Module):
 
 
 class ResidualDetailEncoder(nn.Module):
-    """A deeper detail encoder for the residual design: features (B, F, 2h, 2w) -> mean, logvar (B, D, h, w).
+    """A deeper detail encoder for the residual design: features (B, F, s h, s w) -> mean, logvar (B, D, h, w).
 
-    3x3 conv to `hidden` channels, `blocks` residual blocks at the feature grid (2x the token grid),
-    SiLU, pixel-unshuffle(2), 1x1 conv to 2D channels (mean, logvar), plus z_base on the mean (shortcut
-    `base`, needs D = C), so Proj(z_d) is close to z_base from step 0; the last conv keeps its
+    3x3 conv to `hidden` channels, `blocks` residual blocks at the feature grid (s x the token grid),
+    SiLU, pixel-unshuffle(s), 1x1 conv to 2D channels (mean, logvar), plus z_base repeated D/C times on the
+    mean (shortcut `base`), so Proj(z_d) is close to z_base from step 0; the last conv keeps its
     default (non-zero) initialisation, because zero-initialising both this and the decoder's last conv
     leaves neither a gradient.
     """
 
     def __init__(self, in_channels: int, detail_channels: int, hidden: int, blocks: int, shortcut: str = "base",
-                 logvar_init: float = 0.0, learn_logvar: bool = True):
+                 logvar_init: float = 0.0, learn_logvar: bool = True, factor: int = 2):
         super().__init__()
         if hidden <= 0:
             raise ValueError("the residual detail encoder needs vae.down_hidden > 0")
         if shortcut != "base":
             raise ValueError(f"detail shortcut {shortcut!r} is not supported with vae.down_blocks > 0 (use base)")
-        self.learn_logvar = learn_logvar
+        self.learn_logvar, self.factor, self.detail_channels = learn_logvar, factor, detail_channels
         self.conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(hidden) for _ in range(blocks)])
-        self.conv_out = nn.Conv2d(4 * hidden, 2 * detail_channels, 1)
+        self.conv_out = nn.Conv2d(factor * factor * hidden, 2 * detail_channels, 1)
         self.register_buffer("logvar_offset", torch.tensor(float(logvar_init)))
 
     def last_layer(self) -> nn.Parameter:
@@ -231,27 +241,28 @@ class ResidualDetailEncoder(nn.Module):
 
     def forward(self, feats: torch.Tensor, z_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.silu(self.blocks(self.conv_in(feats)))
-        mean, logvar = self.conv_out(F.pixel_unshuffle(h, 2)).chunk(2, dim=1)
-        return mean + z_base, _finish_logvar(logvar, self.learn_logvar, self.logvar_offset)
+        mean, logvar = self.conv_out(F.pixel_unshuffle(h, self.factor)).chunk(2, dim=1)
+        return mean + repeat_base(z_base, self.detail_channels), _finish_logvar(logvar, self.learn_logvar, self.logvar_offset)
 
 
 class ResidualDetailDecoder(nn.Module):
     """A decoder for the residual design that also sees the baseline image.
 
     latent (B, C+D, h, w) -> 3x3 conv to `hidden` + one residual block at the token grid ->
-    pixel-shuffle(2) (hidden/4 channels at the f-grid), concatenated with pixel_unshuffle(baseline, f)
+    pixel-shuffle(s) (hidden/s² channels at the f-grid), concatenated with pixel_unshuffle(baseline, f)
     -> 3x3 conv to `hidden`, `blocks` residual blocks, SiLU, 3x3 conv to 3 f^2 channels (zero-initialised)
     -> pixel-shuffle(f), added to the baseline. At step 0 the output is exactly the baseline.
     """
 
-    def __init__(self, in_channels: int, downsample: int, hidden: int, blocks: int):
+    def __init__(self, in_channels: int, downsample: int, hidden: int, blocks: int, factor: int = 2):
         super().__init__()
-        if hidden <= 0 or hidden % 4:
-            raise ValueError(f"the residual detail decoder needs vae.up_hidden > 0 and divisible by 4, got {hidden}")
+        ff = factor * factor
+        if hidden <= 0 or hidden % ff:
+            raise ValueError(f"the residual detail decoder needs vae.up_hidden > 0 and divisible by s² = {ff}, got {hidden}")
         cell = 3 * downsample * downsample
-        self.downsample = downsample
+        self.downsample, self.factor = downsample, factor
         self.latent_in = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), ResBlock(hidden))
-        self.conv_in = nn.Conv2d(hidden // 4 + cell, hidden, 3, padding=1)
+        self.conv_in = nn.Conv2d(hidden // ff + cell, hidden, 3, padding=1)
         self.blocks = nn.Sequential(*[ResBlock(hidden) for _ in range(blocks)])
         self.conv_out = _zero(nn.Conv2d(hidden, cell, 3, padding=1))
 
@@ -260,6 +271,6 @@ class ResidualDetailDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
         f = self.downsample
-        lat = F.pixel_shuffle(self.latent_in(z), 2)
+        lat = F.pixel_shuffle(self.latent_in(z), self.factor)
         h = self.conv_in(torch.cat([lat, F.pixel_unshuffle(baseline, f)], dim=1))
         return baseline + F.pixel_shuffle(self.conv_out(F.silu(self.blocks(h))), f)

@@ -41,6 +41,7 @@ from .base import (
     vae_from_config,
 )
 from .blocks import (DecoderTrunk, DetailDownBlock, DetailUpBlock, EncoderTrunk, ResidualDetailDecoder,
+                     repeat_base,
                      ResidualDetailEncoder)
 
 
@@ -110,10 +111,10 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             if detail_features != "residual":
                 raise DavaeError("vae.down_blocks > 0 needs vae.detail_features = residual")
             self.down = ResidualDetailEncoder(feat_channels, detail_channels, down_hidden, down_blocks, detail_shortcut,
-                                              logvar_init, learn_logvar)
+                                              logvar_init, learn_logvar, factor=scale)
         else:
             self.down = DetailDownBlock(feat_channels, detail_channels, detail_shortcut, detail_conv_init,
-                                        logvar_init, learn_logvar, hidden=down_hidden)
+                                        logvar_init, learn_logvar, hidden=down_hidden, factor=scale)
         if decoder_input == "residual":
             self.decoder_trunk = None  # x_hat = baseline + pixel_shuffle(up(z), f)
             up_out = pixels_per_cell
@@ -123,10 +124,11 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             self.decoder_trunk = DecoderTrunk(copy.deepcopy(arch.decoder), kind, decoder_input)
             up_out = self.decoder_trunk.in_channels
         if up_blocks > 0:  # a deeper decoder that reads the baseline image too (x_hat = baseline + its output)
-            self.up = ResidualDetailDecoder(base_channels + detail_channels, downsample, up_hidden, up_blocks)
+            self.up = ResidualDetailDecoder(base_channels + detail_channels, downsample, up_hidden, up_blocks,
+                                            factor=scale)
         else:
             self.up = DetailUpBlock(base_channels + detail_channels, up_out, base_channels, up_hidden, up_shortcut,
-                                    up_conv_init)
+                                    up_conv_init, factor=scale)
         self.transform = LatentTransform(base_channels)
         self.register_buffer("detail_mean", torch.zeros(detail_channels))
         self.register_buffer("detail_std", torch.ones(detail_channels))
@@ -136,24 +138,9 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         del arch
 
     # ------------------------------------------------------------------ construction and loading
-    @classmethod
-    def from_base(cls, base: BaseVAE, vcfg) -> "DetailAlignedVAE":
-        """A freshly initialised DA-VAE on `base`, with trunks copied from its pretrained weights.
-
-        `vcfg` is a `config.VAEConfig`. Shapes are checked against the base VAE.
-        """
-        vae = base.vae
-        c = int(getattr(vae.config, "latent_channels"))
-        if c != vcfg.base_channels:
-            raise DavaeError(f"vae.base_channels: the preset says C = {vcfg.base_channels}, the base VAE {base.source!r} has {c}")
-        f = base_downsample_factor(vae)
-        if f != vcfg.downsample:
-            raise DavaeError(f"vae.downsample: the preset says f = {vcfg.downsample}, the base VAE {base.source!r} has f = {f}")
-        if vcfg.base_latent_transform == "stats" and not vcfg.base_latent_stats:
-            raise DavaeError("vae.base_latent_stats is required: this preset normalises z_base with the DiT's "
-                             "per-channel latent statistics (e.g. LightningDiT's latents_stats.pt); "
-                             "pass --set vae.base_latent_stats=PATH")
-        model = cls(
+    @staticmethod
+    def _kwargs_from(base: BaseVAE, vcfg) -> dict:
+        return dict(
             base_vae_config=base.config,
             base_vae_source=_portable_source(base.source),
             base_vae_subfolder=base.subfolder,
@@ -179,6 +166,28 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             train_decoder_trunk=vcfg.train_decoder_trunk,
             latent_transform="per_channel" if vcfg.base_latent_transform == "stats" else "affine",
         )
+
+    @classmethod
+    def from_base(cls, base: BaseVAE, vcfg) -> "DetailAlignedVAE":
+        """A freshly initialised DA-VAE on `base`, with trunks copied from its pretrained weights.
+
+        `vcfg` is a `config.VAEConfig`. Shapes are checked against the base VAE.
+        """
+        vae = base.vae
+        c = int(getattr(vae.config, "latent_channels"))
+        if c != vcfg.base_channels:
+            raise DavaeError(f"vae.base_channels: the preset says C = {vcfg.base_channels}, the base VAE {base.source!r} has {c}")
+        f = base_downsample_factor(vae)
+        if f != vcfg.downsample:
+            raise DavaeError(f"vae.downsample: the preset says f = {vcfg.downsample}, the base VAE {base.source!r} has f = {f}")
+        if vcfg.base_latent_transform == "stats" and not vcfg.base_latent_stats:
+            raise DavaeError("vae.base_latent_stats is required: this preset normalises z_base with the DiT's "
+                             "per-channel latent statistics (e.g. LightningDiT's latents_stats.pt); "
+                             "pass --set vae.base_latent_stats=PATH")
+        try:
+            model = cls(**cls._kwargs_from(base, vcfg))
+        except ValueError as e:  # a block's shape constraint (e.g. the repeat shortcut's s²G vs C + D)
+            raise DavaeError(f"vae: {e}") from None
         if model.detail_trunk is not None:
             model.detail_trunk.encoder.load_state_dict(vae.encoder.state_dict())
         if model.decoder_trunk is not None:
@@ -339,8 +348,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         c = self.config.base_channels
         up_in = latent
         if self.config.up_input == "detail_residual":
-            r = self.config.detail_channels // c
-            up_in = torch.cat([latent[:, :c], latent[:, c:] - latent[:, :c].repeat_interleave(r, dim=1)], dim=1)
+            up_in = torch.cat([latent[:, :c], latent[:, c:] - repeat_base(latent[:, :c], self.config.detail_channels)], dim=1)
         if self.decoder_trunk is None and baseline is None:
             baseline = self.decode_baseline(latent[:, :c])
         if isinstance(self.up, ResidualDetailDecoder):
