@@ -59,9 +59,11 @@ class BenchSettings:
 
 def check_settings(preset: Preset, s: BenchSettings) -> None:
     g = preset.granularity
-    p = int(preset.dit.arch.get("patch_size", 1))
+    p = preset.token_patch
     if s.res <= 0 or s.res % (g * p):
-        raise DavaeError(f"{s.res}: must be a positive multiple of s*f*p = {g}*{p} = {g * p} for this preset", param="res")
+        raise DavaeError(f"{s.res}: must be a positive multiple of s*f*p = {g}*{p} = {g * p} for this preset"
+                         + (" (FLUX packs 2x2 latent cells into a token)" if preset.dit.backend == "flux" else ""),
+                         param="res")
     for name in ("steps", "batch_size", "repeats"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
             raise DavaeError("must be at least 1", param="sampling_steps" if name == "steps" else name)
@@ -69,15 +71,15 @@ def check_settings(preset: Preset, s: BenchSettings) -> None:
         raise DavaeError("must be >= 0", param="warmup")
     if s.attention not in ("default", "flash", "efficient", "cudnn", "math"):
         raise DavaeError(f"{s.attention}: choose default, flash, efficient, cudnn or math", param="attention")
-    if s.text_encoders and preset.dit.backend != "sd3":
+    if s.text_encoders and preset.dit.backend not in ("sd3", "flux"):
         raise DavaeError(f"the {preset.name} preset is class-conditional: it has no text encoders to time",
                          param="text_encoders")
 
 
 def plan(preset: Preset, res: int) -> dict:
     """Latent shapes and image-token counts of both configurations at `res`, without building anything."""
-    c = int(preset.dit.arch.get("in_channels", preset.vae.base_channels))
-    p = int(preset.dit.arch.get("patch_size", 1))
+    c = preset.latent_channels_native
+    p = preset.token_patch
     d = preset.vae.detail_channels
     f, g = preset.vae.downsample, preset.granularity
     out = {}
@@ -187,6 +189,54 @@ def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
     return model, activate, velocity_factory, flops_for, c, p, text_tokens
 
 
+def _flux_view(model: torch.nn.Module, x_embedder: torch.nn.Module, proj_out: torch.nn.Module, out_channels: int):
+    """A view of a FLUX transformer sharing its trunk, with its own packed input embedder and output head."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view._modules["x_embedder"] = x_embedder
+    view._modules["proj_out"] = proj_out
+    view.out_channels = out_channels
+    return view
+
+
+def _build_flux(preset: Preset, s: BenchSettings, device, dtype):
+    from .dit.flux import extend_input, extend_output, flux_velocity, latent_channels, load_flux_transformer
+
+    model = load_flux_transformer("random" if s.weights == "random" else s.weights, preset.dit.subfolder,
+                                  preset.dit.arch, seed=s.seed, device=device)
+    c = latent_channels(model)
+    extra = 4 * preset.vae.detail_channels
+    heads = {"native": (model.x_embedder, model.proj_out, 4 * c),
+             "davae": (extend_input(model.x_embedder, extra), extend_output(model.proj_out, extra), 4 * c + extra)}
+    place_frozen(model, device, dtype)
+    heads = {k: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), n) for k, (a, b, n) in heads.items()}
+    cfg = dict(model.config)
+    text_tokens = preset.dit.max_sequence_length
+    compiled = {}
+    views = {k: _flux_view(model, a, b, n) for k, (a, b, n) in heads.items()}
+
+    def activate(which):
+        return lambda: _maybe_compiled(compiled, which, views[which], s)
+
+    def velocity_factory(net, batch):
+        g = torch.Generator(device="cpu").manual_seed(s.seed)
+        cond = {"embeds": torch.randn(batch, text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
+                "pooled": torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)}
+        if cfg.get("guidance_embeds"):
+            cond["guidance"] = torch.full((batch,), float(preset.sample.guidance), device=device)
+        return lambda x, sigma: flux_velocity(net, x, sigma, cond)
+
+    def flops_for(tokens, batch, channels):
+        return F.flux_flops({**cfg, "in_channels": 4 * channels, "out_channels": 4 * channels}, tokens, text_tokens, batch)
+
+    return model, activate, velocity_factory, flops_for, c, 2, text_tokens
+
+
+def _guidance_distilled(preset: Preset) -> bool:
+    """FLUX.1-dev-style models take the guidance scale as an input: one forward per step, no CFG batch."""
+    return preset.dit.backend == "flux" and bool(preset.dit.arch.get("guidance_embeds"))
+
+
 def _build_lightningdit(preset: Preset, s: BenchSettings, device, dtype):
     """Two models (their positional tables depend on the token grid), one at a time in memory is not
     needed at LightningDiT sizes (XL: 675M parameters)."""
@@ -257,12 +307,9 @@ def _end_to_end(preset: Preset, shapes: dict, step_flops: dict, s: BenchSettings
     and, with CFG, the negative prompt) and the decode."""
     dec = decode_flops(preset, shapes)
     text = 0
-    if preset.dit.backend == "sd3":
-        from .text import TINY_SPEC
-
+    if preset.dit.backend in ("sd3", "flux"):
         prompts = 2 if s.cfg and n_guided else 1
-        text = prompts * F.text_encoder_flops("tiny" if preset.dit.text_encoders == TINY_SPEC else "sd3",
-                                              preset.dit.max_sequence_length)
+        text = prompts * F.text_encoder_flops(_text_arch(preset), preset.dit.max_sequence_length)
     e2e = F.end_to_end_flops(*({"step": step_flops[k]["total"] / s.batch_size, "decode": dec[k]}
                                for k in ("native", "davae")), steps=s.steps, text=text)
     return {"flop_ratio_end_to_end": e2e["ratio"],
@@ -274,14 +321,20 @@ def flop_report(preset: Preset, s: BenchSettings) -> dict:
     """The FLOP model of both configurations at `s.res` with the preset's architecture and recipe, without
     running anything (every model is built on the meta device): per step, per image end to end, and ratios."""
     check_settings(preset, s)
-    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps)
-    from .dit.backend import sigma_grid
-
-    interval = preset.sample.guidance_interval
-    sigmas = sigma_grid(preset.dit.backend, s.steps, preset.sample.shift)
-    n_guided = sum(s.cfg and flow.in_interval(float(sigmas[i]), interval) for i in range(s.steps))
+    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps, cfg=s.cfg and not _guidance_distilled(preset))
     shapes = plan(preset, s.res)
-    if preset.dit.backend == "sd3":
+    sigmas, interval = _grid(preset, s, shapes)
+    n_guided = sum(s.cfg and flow.in_interval(float(sigmas[i]), interval) for i in range(s.steps))
+    if preset.dit.backend == "flux":
+        from .dit.flux import load_flux_transformer
+
+        cfg = dict(load_flux_transformer("random", preset.dit.subfolder, preset.dit.arch, device="meta").config)
+        text_tokens = preset.dit.max_sequence_length
+
+        def flops_for(tokens, batch, channels):
+            return F.flux_flops({**cfg, "in_channels": 4 * channels, "out_channels": 4 * channels}, tokens,
+                                text_tokens, batch)
+    elif preset.dit.backend == "sd3":
         from .dit.sd3 import load_sd3_transformer
 
         cfg = dict(load_sd3_transformer("random", preset.dit.subfolder, preset.dit.arch, device="meta").config)
@@ -319,17 +372,35 @@ def decode_flops(preset: Preset, shapes: dict) -> dict:
     return out
 
 
-def _build_text(preset: Preset, device, dtype):
-    """The preset's text encoders with random weights: tiny ones for a `tiny-random` preset, else SD3's."""
-    from .text import TINY_SPEC, build_sd3_text_encoders
+def _text_arch(preset: Preset) -> str:
+    from .text import TINY_SPEC
 
-    return build_sd3_text_encoders("tiny" if preset.dit.text_encoders == TINY_SPEC else "sd3", device, dtype)
+    if preset.dit.text_encoders == TINY_SPEC:
+        return "tiny"
+    return "flux" if preset.dit.backend == "flux" else "sd3"
+
+
+def _build_text(preset: Preset, device, dtype):
+    """The preset's text encoders with random weights: tiny ones for a `tiny-random` preset, else SD3's
+    (CLIP-L, CLIP-G, T5-XXL) or FLUX.1's (CLIP-L, T5-XXL)."""
+    from .text import build_sd3_text_encoders
+
+    return build_sd3_text_encoders(_text_arch(preset), device, dtype)
+
+
+def _grid(preset: Preset, s: BenchSettings, shapes: dict):
+    """The preset's sampling grid and guidance interval (FLUX: its dynamic shift at the native token count;
+    the step count, not the grid, sets the time)."""
+    from .dit.backend import sigma_grid
+
+    return (sigma_grid(preset.dit.backend, s.steps, preset.sample.shift, None, shapes["native"]["image_tokens"]),
+            preset.sample.guidance_interval)
 
 
 def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Measure both configurations; returns the report dict (see `davae bench --json`)."""
     check_settings(preset, s)
-    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps,
+    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps, cfg=s.cfg and not _guidance_distilled(preset),
                             guidance=preset.sample.guidance if s.guidance is None else s.guidance)
     say = progress or (lambda text: None)
     device = resolve_device(s.device)
@@ -339,7 +410,9 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
         say(f"warning: {dtype_name} on a CPU is usually far slower than fp32")
     torch.manual_seed(s.seed)
     say("building the models (random weights)" if s.weights == "random" else f"loading {s.weights}")
-    if preset.dit.backend == "sd3":
+    if preset.dit.backend == "flux":
+        _, activate, velocity_factory, flops_for, c, p, text_tokens = _build_flux(preset, s, device, dtype)
+    elif preset.dit.backend == "sd3":
         _, activate, velocity_factory, flops_for, c, p, text_tokens = _build_sd3(preset, s, device, dtype)
     else:
         _, activate, velocity_factory, flops_for, c, p, text_tokens = _build_lightningdit(preset, s, device, dtype)
@@ -350,13 +423,10 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     if s.text_encoders:
         say("building the text encoders (random weights)")
         text = _build_text(preset, device, dtype)
-    from .dit.backend import sigma_grid
-
     # the preset's sampling grid; CFG (a doubled batch) only on the steps inside its guidance interval
-    interval = preset.sample.guidance_interval
-    sigmas = sigma_grid(preset.dit.backend, s.steps, preset.sample.shift)
-    n_guided = sum(s.cfg and flow.in_interval(float(sigmas[i]), interval) for i in range(s.steps))
     shapes = plan(preset, s.res)
+    sigmas, interval = _grid(preset, s, shapes)
+    n_guided = sum(s.cfg and flow.in_interval(float(sigmas[i]), interval) for i in range(s.steps))
     if shapes["native"]["latent"][0] != c or shapes["native"]["patch_size"] != p:
         raise DavaeError(f"the DiT reads {c} channels with patch {p}; the preset's dit.arch says "
                          f"{shapes['native']['latent'][0]} / {shapes['native']['patch_size']}")

@@ -128,7 +128,7 @@ class TrainVAEConfig:
 class DiTConfig:
     """The pretrained DiT that `davae adapt-dit` warm-starts on DA-VAE latents (SPEC §6)."""
 
-    backend: Literal["sd3", "lightningdit"] = "sd3"
+    backend: Literal["sd3", "lightningdit", "flux"] = "sd3"
     # hub id, local folder (a diffusers model or pipeline folder), checkpoint file (LightningDiT .pt /
     # .safetensors), or "random": a randomly initialised model built from `arch` (tests, benchmarks)
     pretrained: str = "random"
@@ -249,8 +249,22 @@ class Preset:
 
     @property
     def granularity(self) -> int:
-        """Pixels per latent token side: s * f."""
+        """Pixels per latent pixel side of the DA-VAE latent: s * f."""
         return self.vae.scale * self.vae.downsample
+
+    @property
+    def token_patch(self) -> int:
+        """Latent pixels per DiT token side: the patch size p (FLUX: its 2x2 packing, patch_size 1 on top)."""
+        p = int(self.dit.arch.get("patch_size", 1) or 1)
+        return 2 * p if self.dit.backend == "flux" else p
+
+    @property
+    def latent_channels_native(self) -> int:
+        """C as the DiT reads it (FLUX's in_channels count the 2x2-packed features: 4C)."""
+        c = self.dit.arch.get("in_channels")
+        if c is None:
+            return self.vae.base_channels
+        return int(c) // 4 if self.dit.backend == "flux" else int(c)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))

@@ -23,6 +23,7 @@ __all__ = [
     "PEAK_TFLOPS",
     "counted_flops",
     "end_to_end_flops",
+    "flux_flops",
     "SD35_MEDIUM_CONFIG",
     "device_peak_tflops",
     "flop_ratio",
@@ -207,6 +208,46 @@ def lightningdit_flops(config: dict, image_tokens: int, batch: int = 1) -> dict:
     return _result(parts, attention, n, b, text_tokens=0, ffn_hidden=h_ff)
 
 
+def flux_flops(config: dict, image_tokens: int, text_tokens: int, batch: int = 1) -> dict:
+    """FLOPs of one forward of diffusers' ``FluxTransformer2DModel`` (FLUX.1) on ``image_tokens`` packed
+    tokens (one per 2x2 latent cell) and ``text_tokens`` T5 tokens.
+
+    Width h = heads x head_dim, MLP width 4h, n image and m text tokens, L = n + m:
+    - embedders: x_embedder (in_channels -> h) on n rows, context_embedder (joint -> h) on m rows, and on
+      one row per sample the timestep, guidance (guidance-distilled models) and pooled-text MLPs
+      (256 -> h -> h, 256 -> h -> h, pooled -> h -> h);
+    - each double-stream block: AdaLN-Zero modulation h -> 6h for both streams; q, k, v and output
+      projections for both streams (4 h x h on n rows and on m rows); joint attention over L tokens;
+      a GELU MLP h -> 4h -> h for both streams;
+    - each single-stream block on L rows: modulation h -> 3h; q, k, v (3 h x h) and the MLP input h -> 4h;
+      attention over L; the fused output projection 5h -> h (no separate attention output projection);
+    - final: modulation h -> 2h on one row per sample, proj_out h -> out_channels on n rows.
+    """
+    h = config["num_attention_heads"] * config["attention_head_dim"]
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    c_in = config["in_channels"]
+    c_out = config.get("out_channels") or c_in
+    ff = 4 * h
+    b, n, m = batch, image_tokens, text_tokens
+    big = b * (n + m)
+    emb = _mm(b, 256, h) + _mm(b, h, h) + _mm(b, config["pooled_projection_dim"], h) + _mm(b, h, h)
+    if config.get("guidance_embeds"):
+        emb += _mm(b, 256, h) + _mm(b, h, h)
+    double, single = config["num_layers"], config["num_single_layers"]
+    parts = {
+        "embed": _mm(b * n, c_in, h) + _mm(b * m, config["joint_attention_dim"], h) + emb,
+        "double_modulation": double * 2 * _mm(b, h, 6 * h),
+        "double_qkvo": double * (4 * _mm(b * n, h, h) + 4 * _mm(b * m, h, h)),
+        "double_mlp": double * (_mm(b * n, h, ff) + _mm(b * n, ff, h) + _mm(b * m, h, ff) + _mm(b * m, ff, h)),
+        "single_modulation": single * _mm(b, h, 3 * h),
+        "single_qkv_mlp_in": single * (3 * _mm(big, h, h) + _mm(big, h, ff)),
+        "single_out": single * _mm(big, h + ff, h),
+        "final": _mm(b, h, 2 * h) + _mm(b * n, h, c_out),
+    }
+    attention = (double + single) * 4 * b * heads * (n + m) ** 2 * head_dim
+    return _result(parts, attention, n, b, text_tokens=m)
+
+
 def flop_ratio(native: dict, davae: dict) -> float:
     """Ideal speed-up ``native["total"] / davae["total"]``."""
     return native["total"] / davae["total"]
@@ -229,7 +270,8 @@ def counted_flops(fn, *args, **kwargs) -> int:
 
 def text_encoder_flops(arch: str = "sd3", max_sequence_length: int = 256) -> int:
     """FLOPs of encoding one prompt with SD3's three text encoders (``davae_cli.text.SD3_TEXT_ARCH``:
-    CLIP-L and CLIP-G on 77 tokens, T5-XXL on ``max_sequence_length``), counted on the meta device."""
+    CLIP-L and CLIP-G on 77 tokens, T5-XXL on ``max_sequence_length``; ``arch="flux"``: FLUX.1's CLIP-L and
+    T5-XXL), counted on the meta device."""
     from .text import build_sd3_text_encoders, run_sd3_text_encoders
 
     encoders = build_sd3_text_encoders(arch, device="meta")

@@ -161,14 +161,23 @@ SD3_TEXT_ARCH: dict = {
 def build_sd3_text_encoders(arch: str = "sd3", device: str | torch.device = "cpu",
                             dtype: torch.dtype = torch.float32) -> dict:
     """The three SD3 text encoders with random weights, built directly on `device` (`meta` for FLOP counts):
-    `arch` "sd3" = the real architectures (SD3_TEXT_ARCH, about 5.6 B parameters), "tiny" = the tiny set."""
+    `arch` "sd3" = the real architectures (SD3_TEXT_ARCH, about 5.6 B parameters), "flux" = FLUX.1's two
+    (CLIP-L without projection, T5-XXL), "tiny" = the tiny set."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     if arch == "tiny":
         comps = build_tiny_sd3_text_components()
         return {k: comps[k].to(device=device, dtype=dtype) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    if arch == "flux":  # FLUX.1: CLIP-L's pooled output (CLIPTextModel, no projection) and T5-XXL
+        from transformers import CLIPTextModel
+
+        with torch.device(device):
+            out = {"text_encoder": CLIPTextModel(CLIPTextConfig(**SD3_TEXT_ARCH["text_encoder"])),
+                   "text_encoder_3": T5EncoderModel(T5Config(**SD3_TEXT_ARCH["text_encoder_3"], num_decoder_layers=0,
+                                                             is_encoder_decoder=False, use_cache=False))}
+        return {k: m.to(dtype=dtype).eval().requires_grad_(False) for k, m in out.items()}
     if arch != "sd3":
-        raise DavaeError(f"{arch}: text encoder architecture must be sd3 or tiny")
+        raise DavaeError(f"{arch}: text encoder architecture must be sd3, flux or tiny")
     with torch.device(device):
         out = {"text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**SD3_TEXT_ARCH["text_encoder"])),
                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SD3_TEXT_ARCH["text_encoder_2"])),

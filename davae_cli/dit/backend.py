@@ -166,11 +166,16 @@ def sigma_grid(backend: str, steps: int, shift: float, scheduler_config: Optiona
                image_tokens: Optional[int] = None) -> torch.Tensor:
     """The sampling grid, `steps + 1` sigmas from noise to 0 (SPEC §6). SD3: the grid of diffusers'
     FlowMatchEulerDiscreteScheduler as StableDiffusion3Pipeline runs it (its scheduler_config with `shift`);
-    LightningDiT: its official integrator's grid, uniform in time then shifted."""
+    LightningDiT: its official integrator's grid, uniform in time then shifted; FLUX: FluxPipeline's grid
+    (dynamic shift from `image_tokens`)."""
     if backend == "sd3":
         from .sd3 import pipeline_sigmas
 
         return pipeline_sigmas(steps, shift, scheduler_config, image_tokens)
+    if backend == "flux":
+        from .flux import flux_sigmas
+
+        return flux_sigmas(steps, scheduler_config or None, image_tokens, shift)
     from ..flow import sampling_sigmas
 
     return sampling_sigmas(steps, shift).float()
