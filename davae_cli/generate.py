@@ -227,7 +227,9 @@ class Model:
     granularity: int  # pixels per latent pixel
     patch_size: int
     shift: float  # the default sampling shift (sigma convention)
-    backend: str  # sd3 | lightningdit: which sigma grid (dit.backend.sigma_grid)
+    backend: str  # sd3 | lightningdit | flux: which sigma grid (dit.backend.sigma_grid)
+    guidance_distilled: Optional[bool] = None  # FLUX: True = guidance is a model input (FLUX.1-dev), False = none;
+    # None = classifier-free guidance with a negative branch (SD3, LightningDiT)
     scheduler_config: Optional[dict] = None  # SD3: the FlowMatchEulerDiscreteScheduler config to sample with
     recipe: dict  # steps, guidance, guidance_interval, sampler
     conditioning: str  # prompt | class
@@ -301,7 +303,13 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         sync()
         text_s = time.perf_counter() - t_text
         timings["text_s"] += text_s
-        use_cfg = s.guidance != 1.0
+        distilled = getattr(model, "guidance_distilled", None)
+        if distilled is not None:  # FLUX: one forward per step, no negative branch
+            use_cfg = False
+            if distilled:  # FLUX.1-dev: the guidance scale is an input of the model
+                cond = {**cond, "guidance": torch.full((len(batch),), float(s.guidance), device=device)}
+        else:
+            use_cfg = s.guidance != 1.0
 
         def velocity(x, sigma, guided):
             if use_cfg and guided:
@@ -454,6 +462,36 @@ class NativeSD3Model(Model):
         return base_decode(self.vae, latent.to(next(self.vae.parameters()).dtype) / self.scale + self.offset)
 
 
+class NativeFluxModel(NativeSD3Model):
+    """The unmodified FLUX.1 transformer and VAE of a pipeline folder / hub id, sampled as `FluxPipeline`:
+    its sigma grid (dynamic shift from the token count), the guidance embedding, one forward per step."""
+
+    def __init__(self, pipeline: str, shift: Optional[float], device, dtype, recipe: dict,
+                 on_message: Callable[[str], None] = lambda t: None):
+        from .dit.backend import place_frozen
+        from .dit.flux import FLUX1_SCHEDULER_CONFIG, flux_velocity, latent_channels, load_flux_transformer
+        from .dit.sd3 import scheduler_config_of
+        from .vae.base import base_downsample_factor, load_base_vae
+
+        self.dit = place_frozen(load_flux_transformer(pipeline, "transformer"), device, dtype)
+        self.dit_velocity = flux_velocity
+        base = load_base_vae(pipeline, "vae")
+        self.vae = base.vae.to(device)
+        self.name = "native"
+        self.base_channels, self.detail_channels = latent_channels(self.dit), 0
+        self.granularity, self.patch_size = base_downsample_factor(self.vae), 2
+        cfg = scheduler_config_of(pipeline)
+        if cfg is None:
+            on_message(f"warning: {pipeline} has no scheduler/scheduler_config.json: sampling with FLUX.1's")
+        self.scheduler_config = cfg or dict(FLUX1_SCHEDULER_CONFIG)
+        self.shift = float(shift if shift is not None else self.scheduler_config.get("shift", 1.0))
+        self.backend, self.recipe, self.conditioning = "flux", recipe, "prompt"
+        self.guidance_distilled = bool(self.dit.config.guidance_embeds)
+        self.scale = float(getattr(self.vae.config, "scaling_factor", None) or 1.0)
+        self.offset = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.identity = {"base_pipeline": pipeline, "base_vae_hash": base.content_hash}
+
+
 class NativeLightningDiTModel(Model):
     """The pretrained LightningDiT (checkpoint, folder or `random` from the preset) at the base resolution;
     decodes with the base VAE of the DA-VAE in `vae_dir` (its latent transform inverted)."""
@@ -487,32 +525,45 @@ class NativeLightningDiTModel(Model):
         return base_decode(self.davae.base.vae, self.davae.transform.inverse(latent.float()))
 
 
-class RandomSD3Model(Model):
-    """Speed only (`generate --random-weights`): the preset's SD3 architecture with random weights, nothing
-    downloaded, on either side: native (the transformer, and the base VAE decoding at full resolution) or
-    DA-VAE (the same transformer extended by D zero-initialised channels; the DA-VAE decoder built on that
-    base VAE). Same sampler, text encoders, decode and PNG writing as a real run; the images are noise."""
+class RandomModel(Model):
+    """Speed only (`generate --random-weights`): the preset's SD3 or FLUX architecture with random weights,
+    nothing downloaded, on either side: native (the transformer, and the base VAE decoding at full
+    resolution) or DA-VAE (the same transformer extended by D zero-initialised channels; the DA-VAE decoder
+    built on that base VAE). Same sampler, text encoders, decode and PNG writing as a real run; the images
+    are noise."""
 
     def __init__(self, preset: Preset, native: bool, device, dtype):
         from .bench import _build_decoders
         from .dit.backend import place_frozen, sd3_velocity
-        from .dit.sd3 import extend_sd3, load_sd3_transformer
 
-        dit = load_sd3_transformer("random", preset.dit.subfolder, preset.dit.arch, seed=0, device=device)
-        c = int(dit.config.in_channels)
         d = 0 if native else preset.vae.detail_channels
-        if d:
-            extend_sd3(dit, d)
+        if preset.dit.backend == "flux":
+            from .dit.flux import FLUX1_SCHEDULER_CONFIG, extend_flux, flux_velocity, latent_channels, load_flux_transformer
+
+            dit = load_flux_transformer("random", preset.dit.subfolder, preset.dit.arch, seed=0, device=device)
+            c = latent_channels(dit)
+            if d:
+                extend_flux(dit, d)
+            self.dit_velocity, self.patch_size = flux_velocity, 2
+            self.guidance_distilled = bool(dit.config.guidance_embeds)
+            self.scheduler_config = dict(FLUX1_SCHEDULER_CONFIG)
+        else:
+            from .dit.sd3 import extend_sd3, load_sd3_transformer
+
+            dit = load_sd3_transformer("random", preset.dit.subfolder, preset.dit.arch, seed=0, device=device)
+            c = int(dit.config.in_channels)
+            if d:
+                extend_sd3(dit, d)
+            self.dit_velocity, self.patch_size = sd3_velocity, int(dit.config.patch_size)
+            self.scheduler_config = {"shift": float(preset.sample.shift)}
         self.dit = place_frozen(dit, device, dtype)
-        self.dit_velocity = sd3_velocity
         decode_native, decode_davae = _build_decoders(preset, device, dtype)
         self._decode = decode_native if native else decode_davae
         self.name = "native" if native else "davae"
         self.base_channels, self.detail_channels = c, d
         self.granularity = preset.vae.downsample if native else preset.granularity
-        self.patch_size = int(dit.config.patch_size)
         self.shift = float(preset.sample.shift)
-        self.backend, self.scheduler_config = "sd3", {"shift": self.shift}
+        self.backend = preset.dit.backend
         self.recipe, self.conditioning = recipe_of(preset), "prompt"
         self.identity = {"weights": "random", "preset": preset.name}
 
@@ -521,11 +572,23 @@ class RandomSD3Model(Model):
 
 
 def _random_prompt_conditioner(preset: Preset, use_t5: bool, negative: str, device, dtype):
-    """The preset's text encoders with random weights (SD3's CLIP-L, CLIP-G, T5-XXL architectures, or the
-    tiny set) behind locally built tokenizers: the real encoding work at the pipeline's sequence lengths."""
+    """The preset's text encoders with random weights (SD3's CLIP-L, CLIP-G, T5-XXL architectures, FLUX.1's
+    CLIP-L and T5-XXL, or the tiny sets) behind locally built tokenizers: the real encoding work at the
+    pipeline's sequence lengths."""
     from .text import TINY_SPEC, PromptEncoder, build_sd3_text_encoders, build_tiny_sd3_text_components
 
     tiny = preset.dit.text_encoders == TINY_SPEC
+    if preset.dit.backend == "flux":
+        from .text import FluxPromptEncoder, build_tiny_flux_text_components
+
+        a = preset.dit.arch
+        comps = build_tiny_flux_text_components(int(a.get("joint_attention_dim", 32)), int(a.get("pooled_projection_dim", 16)))
+        if not tiny:
+            real = build_sd3_text_encoders("flux", device, dtype)
+            comps.update(text_encoder=real["text_encoder"], text_encoder_2=real["text_encoder_3"])
+        enc = FluxPromptEncoder(comps, identity="random", device=device, dtype=dtype,
+                                max_sequence_length=preset.dit.max_sequence_length)
+        return _conditioner_from(enc, negative, device, dtype)
     comps = build_tiny_sd3_text_components()
     if not tiny:
         comps.update(build_sd3_text_encoders("sd3", device, dtype))
@@ -563,6 +626,12 @@ def _conditioner_from(enc, negative: str, device, dtype):
     return cond_fn
 
 
+def _flux_conditioner(spec: str, max_len: int, device, dtype):
+    from .text import FluxPromptEncoder
+
+    return _conditioner_from(FluxPromptEncoder.from_spec(spec, device=device, max_sequence_length=max_len), "", device, dtype)
+
+
 def _class_conditioner(num_classes: int, device):
     def cond_fn(batch: list[Job]):
         y = torch.tensor([j.class_id for j in batch], device=device)
@@ -593,17 +662,26 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
     jobs = make_jobs(s)
     t0 = time.perf_counter()
     if random_weights:
-        if preset.dit.backend != "sd3":
-            raise DavaeError(f"is for SD3 presets; {preset.name} is a {preset.dit.backend} preset", param="random_weights")
+        if preset.dit.backend not in ("sd3", "flux"):
+            raise DavaeError(f"is for SD3 and FLUX presets; {preset.name} is a {preset.dit.backend} preset",
+                             param="random_weights")
         for name, given in (("vae", vae_dir), ("dit", dit_dir), ("base_pipeline", base_pipeline)):
             if given:
                 raise DavaeError("cannot be combined with --random-weights (which builds every model itself)", param=name)
         if s.res is None:
             s.res = preset.adapt_dit.resolution
-        model = RandomSD3Model(preset, native, device, dtype)
+        model = RandomModel(preset, native, device, dtype)
         cond_fn = _random_prompt_conditioner(preset, use_t5, s.negative_prompt, device, dtype)
     elif native:
-        if preset.dit.backend == "sd3":
+        if preset.dit.backend == "flux":
+            spec = base_pipeline or preset.dit.pretrained
+            if spec == "random":
+                raise DavaeError("needs --base-pipeline (a FLUX.1 pipeline folder or hub id)", param="native")
+            if s.res is None:
+                raise DavaeError("needs --res", param="native")
+            model = NativeFluxModel(spec, s.shift, device, dtype, recipe_of(preset), on_message)
+            cond_fn = _flux_conditioner(spec, preset.dit.max_sequence_length, device, dtype)
+        elif preset.dit.backend == "sd3":
             spec = base_pipeline or preset.dit.pretrained
             if spec == "random":
                 raise DavaeError("needs --base-pipeline (an SD3 pipeline folder or hub id)", param="native")
@@ -618,6 +696,9 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
                                             preset.sample.shift, device, dtype)
             cond_fn = _class_conditioner(preset.dit.num_classes, device)
     else:
+        if preset.dit.backend == "flux":
+            raise DavaeError("adapted FLUX models are not implemented yet (adapt-dit has no FLUX backend): use "
+                             "--native (the FLUX.1 pipeline) or --random-weights (speed)")
         for name, given in (("vae", vae_dir), ("dit", dit_dir)):
             if not given:
                 raise DavaeError("is required (the adapted model and its DA-VAE; or --native for the base model)",

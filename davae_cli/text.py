@@ -508,3 +508,80 @@ class PromptCache:
                     progress(min(start + step, len(todo)), len(todo))
         finally:
             encoder.unload()
+
+
+# --------------------------------------------------------------------------------------------- FLUX.1 prompts
+FLUX_TEXT_SUBFOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def build_tiny_flux_text_components(joint_attention_dim: int = 32, pooled_projection_dim: int = 16,
+                                    seed: int = 0) -> dict:
+    """Tiny random FLUX.1 text components (no download): `text_encoder` (CLIPTextModel, hidden =
+    `pooled_projection_dim`: FLUX's pooled vector is CLIP's pooler output), `text_encoder_2` (T5EncoderModel,
+    d_model = `joint_attention_dim`), `tokenizer` (byte-level CLIP, 77 tokens), `tokenizer_2` (character-level
+    T5). For CPU tests only."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tok, tok_2 = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
+    bos, eos = tok.convert_tokens_to_ids("<|startoftext|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        te = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=pooled_projection_dim, intermediate_size=2 * pooled_projection_dim,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="gelu",
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
+        torch.manual_seed(seed + 1)
+        te_2 = T5EncoderModel(T5Config(
+            vocab_size=len(tok_2), d_model=joint_attention_dim, d_kv=8, d_ff=2 * joint_attention_dim, num_layers=2,
+            num_decoder_layers=0, num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    for m in (te, te_2):
+        m.eval().requires_grad_(False)
+    return {"text_encoder": te, "text_encoder_2": te_2, "tokenizer": tok, "tokenizer_2": tok_2}
+
+
+class FluxPromptEncoder:
+    """FLUX.1 prompt encoder: `encode(prompts) -> (prompt_embeds (B, max_sequence_length, J), pooled (B, P))`,
+    exactly `FluxPipeline.encode_prompt` (a FluxPipeline holding only the four text components): T5's last
+    hidden states and CLIP's pooled output."""
+
+    def __init__(self, components: dict, *, identity: str, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, max_sequence_length: int = 512):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        self.identity, self.device, self.dtype = identity, torch.device(device), dtype
+        self.max_sequence_length = int(max_sequence_length)
+        comps = {k: components[k] for k in FLUX_TEXT_SUBFOLDERS}
+        for k in ("text_encoder", "text_encoder_2"):
+            comps[k] = comps[k].to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self._pipe = FluxPipeline(transformer=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(), **comps)
+
+    @classmethod
+    def from_spec(cls, spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  max_sequence_length: int = 512) -> "FluxPromptEncoder":
+        """`spec`: "tiny-random" (the tiny components, CPU tests), a local FLUX.1 pipeline folder or a hub id."""
+        if spec == TINY_SPEC:
+            comps = build_tiny_flux_text_components()
+        else:
+            from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+            kw = {"torch_dtype": dtype}
+            try:
+                comps = {"text_encoder": CLIPTextModel.from_pretrained(spec, subfolder="text_encoder", **kw),
+                         "text_encoder_2": T5EncoderModel.from_pretrained(spec, subfolder="text_encoder_2", **kw),
+                         "tokenizer": AutoTokenizer.from_pretrained(spec, subfolder="tokenizer"),
+                         "tokenizer_2": AutoTokenizer.from_pretrained(spec, subfolder="tokenizer_2")}
+            except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
+                raise DavaeError(f"cannot load FLUX.1's text encoders from {spec!r} ({_one_line(e)}); pass a local "
+                                 f"FLUX.1 pipeline folder (text_encoder, text_encoder_2, tokenizer, tokenizer_2)") from None
+        return cls(comps, identity=spec_identity(spec), device=device, dtype=dtype,
+                   max_sequence_length=max_sequence_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        embeds, pooled, _ = self._pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                     num_images_per_prompt=1,
+                                                     max_sequence_length=self.max_sequence_length)
+        return embeds.to(self.dtype), pooled.to(self.dtype)

@@ -98,3 +98,89 @@ def test_flop_model_matches_torchs_counter(kw):
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
         flux_velocity(m, torch.randn(2, 4, 8, 6), torch.tensor([0.5, 0.5]), cond)
     assert flux_flops(dict(m.config), 12, 5, 2)["total"] == c.get_total_flops()
+
+
+@pytest.fixture(scope="module")
+def flux_pipe(tmp_path_factory):
+    """A tiny FLUX.1 pipeline folder: transformer/ (the tiny-flux preset's arch), vae/ (KL, C = 16, its own
+    shift/scale), scheduler/ (FLUX.1's dynamic-shift config), text_encoder(_2)/ and tokenizer(_2)/."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from davae_cli.config import load_preset
+    from davae_cli.dit.flux import FLUX1_SCHEDULER_CONFIG
+    from davae_cli.text import build_tiny_flux_text_components
+
+    d = tmp_path_factory.mktemp("fluxpipe")
+    torch.manual_seed(0)
+    FluxTransformer2DModel(**load_preset("tiny-flux").dit.arch).save_pretrained(d / "transformer")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                  norm_num_groups=4, scaling_factor=0.36, shift_factor=0.12).save_pretrained(d / "vae")
+    FlowMatchEulerDiscreteScheduler(**FLUX1_SCHEDULER_CONFIG).save_pretrained(d / "scheduler")
+    for name, comp in build_tiny_flux_text_components().items():
+        comp.save_pretrained(str(d / name))
+    return d
+
+
+def test_native_is_fluxpipeline(flux_pipe, tmp_path):
+    """generate --native with a FLUX preset reproduces FluxPipeline.__call__ (same noise, prompt, steps,
+    guidance embedding, max_sequence_length, dynamic shift) on the final latent and on the decoded image."""
+    import json
+
+    from diffusers import FluxPipeline
+    from PIL import Image
+
+    from conftest import run_cli
+    from davae_cli.latents import load_latent
+
+    rep = json.loads(run_cli("generate", "--preset", "tiny-flux", "--native", "--base-pipeline", flux_pipe,
+                             "--res", "128", "--out", tmp_path / "nat", "--steps", "6", "--guidance", "3.5",
+                             "--seed", "5", "--prompt", "the cat", "--save-latents", "--json").stdout)
+    ours, _ = load_latent(tmp_path / "nat" / "000000.safetensors")
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    pipe = FluxPipeline(transformer=FluxTransformer2DModel.from_pretrained(flux_pipe / "transformer"),
+                        vae=AutoencoderKL.from_pretrained(flux_pipe / "vae"),
+                        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(flux_pipe / "scheduler"),
+                        text_encoder=CLIPTextModel.from_pretrained(flux_pipe / "text_encoder"),
+                        text_encoder_2=T5EncoderModel.from_pretrained(flux_pipe / "text_encoder_2"),
+                        tokenizer=AutoTokenizer.from_pretrained(flux_pipe / "tokenizer"),
+                        tokenizer_2=AutoTokenizer.from_pretrained(flux_pipe / "tokenizer_2"))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("the cat", height=128, width=128, num_inference_steps=6, guidance_scale=3.5, max_sequence_length=16,
+               generator=torch.Generator().manual_seed(5), output_type="latent").images
+    ref = unpack(out, 16, 16)[0]
+    assert ours.shape == ref.shape == (16, 16, 16)
+    assert float((ours - ref).norm() / ref.norm()) <= 1e-4
+    img = pipe("the cat", height=128, width=128, num_inference_steps=6, guidance_scale=3.5, max_sequence_length=16,
+               generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+    png = np.asarray(Image.open(tmp_path / "nat" / "000000.png")).astype(np.float32) / 255
+    assert np.abs(png - img).max() <= 2 / 255  # 8-bit rounding (and float noise) only
+    assert rep["tokens"] == 64 and rep["steps"] == 6
+    np.testing.assert_allclose(rep["sigmas"], flux_sigmas(6, image_tokens=64).numpy(), atol=1e-7)
+
+
+def test_flux_commands_and_bad_input(flux_pipe, tmp_path):
+    """bench and generate --random-weights take FLUX presets (guidance-distilled: no CFG batch); a FLUX
+    checkpoint given to an SD3 preset, or an SD3 one to a FLUX preset, and adapt-dit on FLUX are one-line
+    errors."""
+    import json
+
+    from conftest import run_cli
+
+    b = json.loads(run_cli("bench", "--preset", "tiny-flux", "--steps", "2", "--repeats", "1", "--warmup", "0",
+                           "--no-decode", "--json").stdout)
+    assert b["cfg"] is False and b["native"]["image_tokens"] == 4 * b["davae"]["image_tokens"] == 256
+    assert b["native"]["latent"] == [16, 32, 32] and b["davae"]["latent"] == [32, 16, 16]
+    g = json.loads(run_cli("generate", "--preset", "tiny-flux", "--random-weights", "--prompt", "x", "--res", "128",
+                           "--steps", "2", "--out", tmp_path / "r", "--json").stdout)
+    assert g["mode"] == "davae" and g["tokens"] == 16 and len(g["written"]) == 1
+    for args, needle in [
+        (["generate", "--preset", "tiny", "--native", "--base-pipeline", str(flux_pipe), "--res", "64", "--prompt", "x"],
+         "FluxTransformer2DModel"),
+        (["adapt-dit", "--preset", "tiny-flux", "--vae", str(tmp_path), "--data", str(tmp_path)], "not implemented"),
+        (["bench", "--preset", "tiny-flux", "--res", "48"], "FLUX packs 2x2"),
+    ]:
+        bad = run_cli(*args, "--out", str(tmp_path / "bad"), check=False) if args[0] != "bench" else run_cli(*args, check=False)
+        assert bad.returncode != 0 and needle in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

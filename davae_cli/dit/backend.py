@@ -159,6 +159,9 @@ class LightningDiTBackend(_Backend):
 
 
 def get_backend(preset: Preset):
+    if preset.dit.backend == "flux":
+        raise DavaeError("adapting a FLUX transformer is not implemented yet: FLUX presets work with train-vae, "
+                         "bench, and generate --native / --random-weights")
     return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend}[preset.dit.backend](preset)
 
 

@@ -327,6 +327,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     cb = callbacks or Callbacks()
     run_dir = Path(run_dir)
     vae_dir = Path(vae_dir)
+    get_backend(preset)  # a backend adapt-dit does not have (FLUX) is refused before anything else
     if not (vae_dir / "config.json").is_file():
         raise DavaeError(f"{vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)", param="vae")
     dit_spec = dit or preset.dit.pretrained
