@@ -2,8 +2,8 @@
 # The GPU checks of issue 14 in one run on a lent H100/H200, sized to the device time (15 min in all, the
 # machine's start included): `davae generate` end to end, native vs DA-VAE, SD3.5 Medium architecture with
 # random weights (--random-weights: transformer, VAE, CLIP-L/CLIP-G/T5-XXL), 1024² and 2048², batch 1 and 10,
-# eager and compiled; `bench` with the text encoders at batch 10; the SDPA backends; the tiled decode's seam
-# error and memory. Steps run in priority order and each only while the budget (BUDGET_S, default 500 s)
+# eager and compiled; `bench` with the text encoders at batch 10; the SDPA backends; FLUX.1-dev at 4096²
+# with s = 4 and at 2048² with s = 2 (issue 15); the tiled decode's seam error and memory. Steps run in priority order and each only while the budget (BUDGET_S, default 500 s)
 # lasts, so a short lease still returns the first ones. Everything lands in $OUT/results.jsonl (one JSON
 # object per line: {"check": name, "seconds": wall, "result": the command's JSON}) and $OUT/log.
 #   bash benchmarks/gpu_checks.sh                # on the GPU machine (diffusers wheels in .whl/ when missing)
@@ -60,12 +60,23 @@ for a in default flash efficient cudnn; do
   check "bench_${R1}_attn_$a" python3 -m davae_cli bench --preset $P1 --res $R1 --sampling-steps 5 --no-decode \
     --attention $a --repeats 2 --warmup 1 "${DEV[@]}" --json
 done
-# 6. the decoders at 2048²: whole vs tiled (seam error, time, peak memory); the DA-VAE decoder too
+# 6. FLUX.1-dev (issue 15), full architecture, bf16: s = 4 at 4096² (native: 65,536 tokens, ~10 s a step, so
+#    2 steps), s = 2 at 2048², and compiled; per-step times are what compare
+if [ "${SMOKE:-0}" = 1 ]; then FX=(--preset tiny-flux --res 256); FX2=(--preset tiny-flux --res 128); else
+  FX=(--preset flux-4096 --res 4096); FX2=(--preset flux-2048 --res 2048); fi
+check "bench_flux_s4" python3 -m davae_cli bench "${FX[@]}" --sampling-steps 2 --repeats 1 --warmup 1 --no-decode "${DEV[@]}" --json
+check "bench_flux_s2" python3 -m davae_cli bench "${FX2[@]}" --sampling-steps 5 --repeats 2 --warmup 1 --no-decode "${DEV[@]}" --json
+check "bench_flux_s4_compile" python3 -m davae_cli bench "${FX[@]}" --sampling-steps 2 --repeats 1 --warmup 1 --no-decode \
+  --compile "${DEV[@]}" --json
+# 7. the decoders at 2048²: whole vs tiled (seam error, time, peak memory); the DA-VAE decoder too; FLUX's at 4096²
+#    tiled only (the whole decode is what must not be needed)
 for w in native davae; do
   check "tiled_decode_${R2}_$w" python3 benchmarks/tiled_decode.py --preset $TILE_PRESET --res $R2 --which $w \
     --tile 64 --tile 32 "${DEV[@]}"
 done
-# 7. 2048², batch 10 (10 steps to fit the lease; per-step times are what compare), and compiled batch 1
+if [ "${SMOKE:-0}" = 1 ]; then FT=(--preset tiny-flux --res 256); else FT=(--preset flux-4096 --res 4096); fi
+check "tiled_decode_flux_davae" python3 benchmarks/tiled_decode.py "${FT[@]}" --which davae --no-whole --tile 64 "${DEV[@]}"
+# 8. 2048², batch 10 (10 steps to fit the lease; per-step times are what compare), and compiled batch 1
 for m in native davae; do gen "gen_${R2}_${m}_b10" $P2 $R2 $m 10 10 "${ST2[@]}"; done
 for m in native davae; do gen "gen_${R2}_${m}_b1_compile" $P2 $R2 $m 1 2 "${ST[@]}" --compile; done
 rm -rf "$SCRATCH"

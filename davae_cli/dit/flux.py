@@ -17,8 +17,6 @@ FLUX.1-dev is guidance-distilled: one forward per step with the guidance scale a
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -131,40 +129,10 @@ def load_flux_transformer(spec: str, subfolder: Optional[str] = "transformer", a
     folder, or a pipeline folder with `subfolder`), or a hub id."""
     from diffusers import FluxTransformer2DModel
 
-    if spec == "random":
-        if not arch:
-            raise DavaeError("dit.arch is empty: a random FLUX transformer needs its config (FluxTransformer2DModel kwargs)")
-        try:
-            dev = torch.device(device or "cpu")
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), dev:
-                torch.manual_seed(seed)
-                model = FluxTransformer2DModel(**arch)
-        except TypeError as e:
-            raise DavaeError(f"dit.arch: not a valid FluxTransformer2DModel config ({e})") from None
-        return model if dtype == torch.float32 else model.to(dtype)
-    path = Path(spec).expanduser()
-    if path.exists():
-        folder = path
-        if not (folder / "config.json").is_file() and subfolder and (folder / subfolder / "config.json").is_file():
-            folder = folder / subfolder
-        if not (folder / "config.json").is_file():
-            raise DavaeError(f"{spec}: no config.json (expected a FluxTransformer2DModel or pipeline folder)", param="dit")
-        cls_name = json.loads((folder / "config.json").read_text()).get("_class_name")
-        if cls_name not in (None, "FluxTransformer2DModel"):
-            raise DavaeError(f"{spec}: holds a {cls_name}, not a FluxTransformer2DModel (a FLUX preset needs a FLUX "
-                             f"checkpoint)", param="dit")
-        try:
-            return FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype)
-        except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
-            raise DavaeError(f"{spec}: unreadable ({str(e).splitlines()[0][:160]})", param="dit") from None
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise DavaeError(f"{spec}: no such folder (and not a hub id like owner/name)", param="dit")
-    try:
-        return FluxTransformer2DModel.from_pretrained(spec, subfolder=subfolder, torch_dtype=dtype)
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise DavaeError(f"cannot load the FLUX transformer {spec!r} ({first}); pass a local diffusers folder, or "
-                         f"for the gated FLUX.1-dev accept its licence on the hub and log in") from None
+    from .loader import load_transformer
+
+    return load_transformer(FluxTransformer2DModel, spec, subfolder, arch, seed=seed, dtype=dtype, device=device,
+                            hub_hint=", or for the gated FLUX.1-dev accept its licence on the hub and log in")
 
 
 def latent_channels(model) -> int:

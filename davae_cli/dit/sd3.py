@@ -15,12 +15,6 @@ from ..errors import DavaeError
 from .extend import extend_output_head, extend_patch_embed
 
 
-def _hub_error(spec: str, e: Exception) -> DavaeError:
-    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    return DavaeError(f"cannot load the SD3 transformer {spec!r} ({first}); pass a local diffusers folder, or for the "
-                      f"gated stabilityai models accept the licence on the hub and run `huggingface-cli login`")
-
-
 def load_sd3_transformer(spec: str, subfolder: Optional[str] = "transformer", arch: Optional[dict] = None,
                          seed: int = 0, dtype: torch.dtype = torch.float32, device=None):
     """`spec`: "random" (a new model from `arch`, seeded), a local folder (a transformer folder, or a pipeline
@@ -28,39 +22,11 @@ def load_sd3_transformer(spec: str, subfolder: Optional[str] = "transformer", ar
     faster for billions of parameters; the values then differ from a CPU initialisation)."""
     from diffusers import SD3Transformer2DModel
 
-    if spec == "random":
-        if not arch:
-            raise DavaeError("dit.arch is empty: a random SD3 transformer needs its config (SD3Transformer2DModel kwargs)")
-        try:
-            dev = torch.device(device or "cpu")
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), dev:
-                torch.manual_seed(seed)
-                model = SD3Transformer2DModel(**arch)
-        except TypeError as e:
-            raise DavaeError(f"dit.arch: not a valid SD3Transformer2DModel config ({e})") from None
-        return model if dtype == torch.float32 else model.to(dtype)
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise DavaeError(f"{spec}: an SD3 transformer is a diffusers folder, not a file", param="dit")
-        folder = path
-        if not (folder / "config.json").is_file() and subfolder and (folder / subfolder / "config.json").is_file():
-            folder = folder / subfolder
-        if not (folder / "config.json").is_file():
-            raise DavaeError(f"{spec}: no config.json (expected an SD3Transformer2DModel or pipeline folder)", param="dit")
-        cfg = json.loads((folder / "config.json").read_text())
-        if cfg.get("_class_name") not in (None, "SD3Transformer2DModel"):
-            raise DavaeError(f"{spec}: holds a {cfg.get('_class_name')}, not an SD3Transformer2DModel", param="dit")
-        try:
-            return SD3Transformer2DModel.from_pretrained(folder, torch_dtype=dtype)
-        except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
-            raise DavaeError(f"{spec}: unreadable ({str(e).splitlines()[0][:160]})", param="dit") from None
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise DavaeError(f"{spec}: no such folder (and not a hub id like owner/name)", param="dit")
-    try:
-        return SD3Transformer2DModel.from_pretrained(spec, subfolder=subfolder, torch_dtype=dtype)
-    except Exception as e:  # noqa: BLE001
-        raise _hub_error(spec, e) from None
+    from .loader import load_transformer
+
+    return load_transformer(SD3Transformer2DModel, spec, subfolder, arch, seed=seed, dtype=dtype, device=device,
+                            hub_hint=", or for the gated stabilityai models accept the licence on the hub and run "
+                                     "`huggingface-cli login`")
 
 
 def extend_sd3(model, detail_channels: int):
