@@ -368,6 +368,8 @@ def _params_of_config(config_file: Path, backend: str) -> int:
     cfg = {k: v for k, v in json.loads(Path(config_file).read_text()).items() if not k.startswith("_")}
     if backend == "sd3":
         from diffusers import SD3Transformer2DModel as cls
+    elif backend == "flux":
+        from diffusers import FluxTransformer2DModel as cls
     else:
         from .dit.lightningdit import LightningDiT as cls
     try:
@@ -382,7 +384,7 @@ class DAVAEModel(Model):
     """The adapted DiT on the DA-VAE latent; decodes with the DA-VAE."""
 
     def __init__(self, vae_dir: Path, dit_dir: Path, device, dtype):
-        from .dit.backend import LightningDiTBackend, SD3Backend, place_frozen, read_facts
+        from .dit.backend import backend_class, place_frozen, read_facts
         from .vae.model import DetailAlignedVAE
 
         self.facts = facts = read_facts(dit_dir)
@@ -396,14 +398,15 @@ class DAVAEModel(Model):
             raise DavaeError(f"{dit_dir} was adapted for the DA-VAE {want['identity'][:16]} ({want.get('path')}), "
                              f"but --vae {vae_dir} is the DA-VAE {self.vae.identity[:16]}: other weights or base "
                              f"(base VAE {self.vae.config.base_vae_hash or '?'}); pass the DA-VAE it was adapted with", param="dit")
-        cls = SD3Backend if facts["backend"] == "sd3" else LightningDiTBackend
+        cls = backend_class(facts["backend"])
         self.dit_velocity = cls.velocity
         cfg_path = Path(dit_dir) / "config.json"
         if cfg_path.is_file():
             cfg = json.loads(cfg_path.read_text())
-            if cfg.get("in_channels") not in (None, c + d):
-                raise DavaeError(f"the DiT in {dit_dir} reads {cfg.get('in_channels')} channels, the DA-VAE gives "
-                                 f"C+D = {c + d}: they do not fit together")
+            packed = 4 if facts["backend"] == "flux" else 1  # FLUX's in_channels count the 2x2-packed features
+            if cfg.get("in_channels") not in (None, packed * (c + d)):
+                raise DavaeError(f"the DiT in {dit_dir} reads {cfg.get('in_channels') // packed} channels, the DA-VAE "
+                                 f"gives C+D = {c + d}: they do not fit together")
             _check_fits_cpu(_params_of_config(cfg_path, cls.name), torch.device(device), f"the DiT in {dit_dir}")
         self.dit = place_frozen(cls.load_adapted(Path(dit_dir)), device, dtype)
         self.vae.to(device).eval()
@@ -414,6 +417,8 @@ class DAVAEModel(Model):
         # version 1 facts had one shift for both training and sampling
         self.shift = float(facts.get("sample_shift", facts.get("timestep_shift")))
         self.backend = facts["backend"]
+        if self.backend == "flux":
+            self.guidance_distilled = bool(facts.get("guidance_distilled"))
         self.scheduler_config = facts.get("scheduler_config")
         self.recipe = facts.get("sampling")
         self.conditioning = facts["conditioning"]["type"]
@@ -696,9 +701,6 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
                                             preset.sample.shift, device, dtype)
             cond_fn = _class_conditioner(preset.dit.num_classes, device)
     else:
-        if preset.dit.backend == "flux":
-            raise DavaeError("adapted FLUX models are not implemented yet (adapt-dit has no FLUX backend): use "
-                             "--native (the FLUX.1 pipeline) or --random-weights (speed)")
         for name, given in (("vae", vae_dir), ("dit", dit_dir)):
             if not given:
                 raise DavaeError("is required (the adapted model and its DA-VAE; or --native for the base model)",
@@ -711,7 +713,9 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
         if s.res is None:
             s.res = int(model.facts["resolution"])
         cond = model.facts["conditioning"]
-        if cond["type"] == "prompt":
+        if model.backend == "flux":
+            cond_fn = _flux_conditioner(base_pipeline or cond["text_encoders"], cond["max_sequence_length"], device, dtype)
+        elif cond["type"] == "prompt":
             spec = base_pipeline or cond["text_encoders"]
             cond_fn = _prompt_conditioner(spec, use_t5 and cond.get("use_t5", True), cond["max_sequence_length"],
                                           s.negative_prompt, device, dtype)

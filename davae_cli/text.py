@@ -422,9 +422,11 @@ class PromptCache:
 
     @classmethod
     def for_spec(cls, folder: str | os.PathLike, spec: str, *, max_sequence_length: int = 256,
-                 use_t5: bool = True) -> PromptCache:
-        """The cache for what `PromptEncoder.from_spec(spec, ...)` would produce (no model is loaded)."""
-        return cls(folder, spec_identity(spec), max_sequence_length=max_sequence_length, use_t5=use_t5)
+                 use_t5: bool = True, kind: str = "sd3") -> PromptCache:
+        """The cache for what `PromptEncoder.from_spec(spec, ...)` (`kind="flux"`: `FluxPromptEncoder`) would
+        produce (no model is loaded)."""
+        identity = spec_identity(spec) + ("" if kind == "sd3" else f"|{kind}")
+        return cls(folder, identity, max_sequence_length=max_sequence_length, use_t5=use_t5)
 
     def key(self, prompt: str) -> str:
         payload = json.dumps([self.identity, self.max_sequence_length, self.use_t5, prompt], ensure_ascii=False)
@@ -552,6 +554,7 @@ class FluxPromptEncoder:
 
         self.identity, self.device, self.dtype = identity, torch.device(device), dtype
         self.max_sequence_length = int(max_sequence_length)
+        self.use_t5 = True  # FLUX.1 always conditions on T5
         comps = {k: components[k] for k in FLUX_TEXT_SUBFOLDERS}
         for k in ("text_encoder", "text_encoder_2"):
             comps[k] = comps[k].to(device=self.device, dtype=dtype).eval().requires_grad_(False)
@@ -575,11 +578,15 @@ class FluxPromptEncoder:
             except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
                 raise DavaeError(f"cannot load FLUX.1's text encoders from {spec!r} ({_one_line(e)}); pass a local "
                                  f"FLUX.1 pipeline folder (text_encoder, text_encoder_2, tokenizer, tokenizer_2)") from None
-        return cls(comps, identity=spec_identity(spec), device=device, dtype=dtype,
+        return cls(comps, identity=spec_identity(spec) + "|flux", device=device, dtype=dtype,
                    max_sequence_length=max_sequence_length)
+
+    unload = PromptEncoder.unload
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pipe is None:
+            raise DavaeError("the prompt encoder was unloaded; build a new one to encode prompts")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         embeds, pooled, _ = self._pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
                                                      num_images_per_prompt=1,

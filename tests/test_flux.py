@@ -122,12 +122,27 @@ def flux_pipe(tmp_path_factory):
     return d
 
 
+def _pipeline(folder):
+    """diffusers' own FluxPipeline on the tiny folder's parts (the folder has no model_index.json)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    pipe = FluxPipeline(transformer=FluxTransformer2DModel.from_pretrained(folder / "transformer"),
+                        vae=AutoencoderKL.from_pretrained(folder / "vae"),
+                        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+                        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                        text_encoder_2=T5EncoderModel.from_pretrained(folder / "text_encoder_2"),
+                        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+                        tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def test_native_is_fluxpipeline(flux_pipe, tmp_path):
     """generate --native with a FLUX preset reproduces FluxPipeline.__call__ (same noise, prompt, steps,
     guidance embedding, max_sequence_length, dynamic shift) on the final latent and on the decoded image."""
     import json
 
-    from diffusers import FluxPipeline
     from PIL import Image
 
     from conftest import run_cli
@@ -137,17 +152,7 @@ def test_native_is_fluxpipeline(flux_pipe, tmp_path):
                              "--res", "128", "--out", tmp_path / "nat", "--steps", "6", "--guidance", "3.5",
                              "--seed", "5", "--prompt", "the cat", "--save-latents", "--json").stdout)
     ours, _ = load_latent(tmp_path / "nat" / "000000.safetensors")
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-    pipe = FluxPipeline(transformer=FluxTransformer2DModel.from_pretrained(flux_pipe / "transformer"),
-                        vae=AutoencoderKL.from_pretrained(flux_pipe / "vae"),
-                        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(flux_pipe / "scheduler"),
-                        text_encoder=CLIPTextModel.from_pretrained(flux_pipe / "text_encoder"),
-                        text_encoder_2=T5EncoderModel.from_pretrained(flux_pipe / "text_encoder_2"),
-                        tokenizer=AutoTokenizer.from_pretrained(flux_pipe / "tokenizer"),
-                        tokenizer_2=AutoTokenizer.from_pretrained(flux_pipe / "tokenizer_2"))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _pipeline(flux_pipe)
     out = pipe("the cat", height=128, width=128, num_inference_steps=6, guidance_scale=3.5, max_sequence_length=16,
                generator=torch.Generator().manual_seed(5), output_type="latent").images
     ref = unpack(out, 16, 16)[0]
@@ -163,8 +168,8 @@ def test_native_is_fluxpipeline(flux_pipe, tmp_path):
 
 def test_flux_commands_and_bad_input(flux_pipe, tmp_path):
     """bench and generate --random-weights take FLUX presets (guidance-distilled: no CFG batch); a FLUX
-    checkpoint given to an SD3 preset, or an SD3 one to a FLUX preset, and adapt-dit on FLUX are one-line
-    errors."""
+    checkpoint given to an SD3 preset, an SD3 one to a FLUX preset, and a resolution FLUX cannot pack are
+    one-line errors."""
     import json
 
     from conftest import run_cli
@@ -179,8 +184,69 @@ def test_flux_commands_and_bad_input(flux_pipe, tmp_path):
     for args, needle in [
         (["generate", "--preset", "tiny", "--native", "--base-pipeline", str(flux_pipe), "--res", "64", "--prompt", "x"],
          "FluxTransformer2DModel"),
-        (["adapt-dit", "--preset", "tiny-flux", "--vae", str(tmp_path), "--data", str(tmp_path)], "not implemented"),
+        (["generate", "--preset", "tiny-flux", "--native", "--base-pipeline", str(_sd3_folder(tmp_path)), "--res", "64",
+          "--prompt", "x"], "not a FluxTransformer2DModel"),
         (["bench", "--preset", "tiny-flux", "--res", "48"], "FLUX packs 2x2"),
     ]:
         bad = run_cli(*args, "--out", str(tmp_path / "bad"), check=False) if args[0] != "bench" else run_cli(*args, check=False)
         assert bad.returncode != 0 and needle in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def _sd3_folder(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from davae_cli.config import load_preset
+
+    d = tmp_path / "sd3pipe"
+    SD3Transformer2DModel(**load_preset("tiny").dit.arch).save_pretrained(d / "transformer")
+    return d
+
+
+def test_adapted_flux_warm_start_is_fluxpipeline_at_half_resolution(flux_pipe, tmp_path):
+    """adapt-dit on FLUX: the step-0 export is a plain FluxTransformer2DModel folder with 4(C+D) channels, and
+    generate with it at R gives, on the base channels, exactly FluxPipeline's latent at R/2 (same seed, same
+    token count hence the same dynamic shift, the guidance embedding); two LoRA training steps run and the
+    checkpointed run resumes."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    from conftest import run_cli
+    from davae_cli.latents import load_latent
+
+    r = 64
+    common = ["--set", f"adapt_dit.resolution={r}"]
+    run_cli("train-vae", "--preset", "tiny-flux", "--base-vae", flux_pipe / "vae", "--out", tmp_path / "vae", "--steps", "0")
+    run_cli("adapt-dit", "--preset", "tiny-flux", "--vae", tmp_path / "vae" / "final", "--dit", flux_pipe,
+            "--text-encoders", flux_pipe, "--out", tmp_path / "dit", "--steps", "0", *common)
+    final = tmp_path / "dit" / "final"
+    assert FluxTransformer2DModel.from_pretrained(final).config.in_channels == 4 * (16 + 16)
+    facts = json.loads((final / "davae_dit.json").read_text())
+    assert facts["backend"] == "flux" and facts["patch_size"] == 2 and facts["guidance_distilled"] is True
+    run_cli("generate", "--preset", "tiny-flux", "--vae", tmp_path / "vae" / "final", "--dit", final, "--out",
+            tmp_path / "g", "--steps", "4", "--seed", "3", "--prompt", "a red cube", "--save-latents", "--res", str(r))
+    ours, _ = load_latent(tmp_path / "g" / "000000.safetensors")
+    pipe = _pipeline(flux_pipe)
+    out = pipe("a red cube", height=r // 2, width=r // 2, num_inference_steps=4, guidance_scale=3.5,
+               max_sequence_length=16, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    ref = unpack(out, 4, 4)[0]
+    assert ours.shape == (32, 4, 4)
+    assert float((ours[:16] - ref).norm() / ref.norm()) <= 1e-4
+    # LoRA training on FLUX runs (guidance fed to the embedding) and resumes
+    data = tmp_path / "data"
+    data.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"picture {i}")
+    rep = json.loads(run_cli("adapt-dit", "--preset", "tiny-flux", "--vae", tmp_path / "vae" / "final", "--dit",
+                             flux_pipe, "--text-encoders", flux_pipe, "--data", data, "--out", tmp_path / "t",
+                             "--steps", "2", *common, "--set", "adapt_dit.batch_size=2", "--json").stdout)
+    assert rep["steps"] == 2
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) >= 1 and all(math.isfinite(v) for v in losses)
+    trained = FluxTransformer2DModel.from_pretrained(tmp_path / "t" / "final")
+    step0 = FluxTransformer2DModel.from_pretrained(final)
+    assert not torch.equal(trained.x_embedder.weight, step0.x_embedder.weight)  # the extended embedder trained

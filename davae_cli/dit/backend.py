@@ -104,6 +104,45 @@ class SD3Backend(_Backend):
         return SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
 
 
+class FluxBackend(SD3Backend):
+    """FLUX.1: the SD3 backend's LoRA, training and export on a `FluxTransformer2DModel`, with the packed
+    layout's extension (`dit/flux.py`); C is in_channels / 4 and a token covers 2x2 latent pixels."""
+
+    name = "flux"
+
+    @staticmethod
+    def velocity(model, x, sigma, cond):
+        from .flux import flux_velocity
+
+        return flux_velocity(model, x, sigma, cond)
+
+    def load(self, spec: str, seed: int = 0, dtype=torch.float32) -> nn.Module:
+        from .flux import load_flux_transformer
+
+        return load_flux_transformer(spec, self.preset.dit.subfolder, self.preset.dit.arch, seed=seed, dtype=dtype)
+
+    def extend(self, model, detail_channels: int):
+        from .flux import extend_flux
+
+        return extend_flux(model, detail_channels)
+
+    def channels(self, model) -> int:
+        from .flux import latent_channels
+
+        return latent_channels(model)
+
+    def patch_size(self, model) -> int:
+        from .flux import PACK
+
+        return PACK * int(model.config.patch_size)
+
+    @staticmethod
+    def load_adapted(folder: Path, dtype=torch.float32):
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
+
+
 class LightningDiTBackend(_Backend):
     name = "lightningdit"
     conditioning = "class"
@@ -159,10 +198,12 @@ class LightningDiTBackend(_Backend):
 
 
 def get_backend(preset: Preset):
-    if preset.dit.backend == "flux":
-        raise DavaeError("adapting a FLUX transformer is not implemented yet: FLUX presets work with train-vae, "
-                         "bench, and generate --native / --random-weights")
-    return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend}[preset.dit.backend](preset)
+    return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend, "flux": FluxBackend}[preset.dit.backend](preset)
+
+
+def backend_class(name: str):
+    """The backend class of an adapted model's facts (`davae_dit.json` "backend")."""
+    return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend, "flux": FluxBackend}[name]
 
 
 def sigma_grid(backend: str, steps: int, shift: float, scheduler_config: Optional[dict] = None,

@@ -102,12 +102,19 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
                   "base_vae_hash": vae.config.base_vae_hash},
         "dit_source": dit_spec, "steps": steps, "conditioning": cond,
     }
-    if backend.name == "sd3":
+    if backend.name in ("sd3", "flux"):
         from ..dit.sd3 import scheduler_config_of
 
         cfg = scheduler_config_of(dit_spec)
-        facts["scheduler_config"] = cfg or {}
-        facts["scheduler_source"] = "the DiT's pipeline" if cfg else "diffusers' FlowMatchEulerDiscreteScheduler defaults"
+        if backend.name == "flux":
+            from ..dit.flux import FLUX1_SCHEDULER_CONFIG
+
+            facts["scheduler_config"] = cfg or dict(FLUX1_SCHEDULER_CONFIG)
+            facts["scheduler_source"] = "the DiT's pipeline" if cfg else "FLUX.1's scheduler_config"
+            facts["guidance_distilled"] = bool(model.config.guidance_embeds)
+        else:
+            facts["scheduler_config"] = cfg or {}
+            facts["scheduler_source"] = "the DiT's pipeline" if cfg else "diffusers' FlowMatchEulerDiscreteScheduler defaults"
     return facts
 
 
@@ -130,25 +137,30 @@ class PromptConditioner:
 
     def __init__(self, preset: Preset, cache_dir: Path, prompts: list[str], device, is_main: bool, barrier,
                  on_message=lambda s: None):
-        from ..text import PromptCache, PromptEncoder
+        from ..text import FluxPromptEncoder, PromptCache, PromptEncoder
 
         d = preset.dit
+        flux = d.backend == "flux"
         if not d.text_encoders:
             raise DavaeError("dit.text_encoders is not set: name an SD3 pipeline folder or hub id with the text "
                              "encoders (--text-encoders)")
         self.cache = PromptCache.for_spec(cache_dir, d.text_encoders, max_sequence_length=d.max_sequence_length,
-                                          use_t5=d.use_t5)
+                                          use_t5=d.use_t5, kind="flux" if flux else "sd3")
         wanted = sorted(set(prompts) | {""})
         if is_main:
             missing = self.cache.missing(wanted)
             if missing:
                 on_message(f"encoding {len(missing)} prompt(s) with {d.text_encoders} (once; cached in {cache_dir})")
             self.cache.encode_cached(
-                lambda: PromptEncoder.from_spec(d.text_encoders, device=device, use_t5=d.use_t5,
-                                                max_sequence_length=d.max_sequence_length), wanted)
+                (lambda: FluxPromptEncoder.from_spec(d.text_encoders, device=device,
+                                                     max_sequence_length=d.max_sequence_length)) if flux else
+                (lambda: PromptEncoder.from_spec(d.text_encoders, device=device, use_t5=d.use_t5,
+                                                 max_sequence_length=d.max_sequence_length)), wanted)
         barrier()
         self._mem: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.device = device
+        # FLUX.1-dev trains with its guidance embedding fed the sampling guidance (as diffusers' FLUX LoRA scripts)
+        self.guidance = float(preset.sample.guidance) if flux and d.arch.get("guidance_embeds") else None
 
     def _get(self, prompt: str):
         if prompt not in self._mem:
@@ -159,8 +171,11 @@ class PromptConditioner:
 
     def batch(self, prompts: list[str], drop: torch.Tensor) -> dict:
         items = [self._get("" if bool(dr) else p) for p, dr in zip(prompts, drop)]
-        return {"embeds": torch.stack([e for e, _ in items]).to(self.device),
-                "pooled": torch.stack([p for _, p in items]).to(self.device)}
+        out = {"embeds": torch.stack([e for e, _ in items]).to(self.device),
+               "pooled": torch.stack([p for _, p in items]).to(self.device)}
+        if self.guidance is not None:
+            out["guidance"] = torch.full((len(items),), self.guidance, device=self.device)
+        return out
 
 
 class ClassConditioner:
