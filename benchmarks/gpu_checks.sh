@@ -77,7 +77,7 @@ done
 if [ "${SMOKE:-0}" = 1 ]; then FT=(--preset tiny-flux --res 256); else FT=(--preset flux-4096 --res 4096); fi
 check "tiled_decode_flux_davae" python3 benchmarks/tiled_decode.py "${FT[@]}" --which davae --no-whole --tile 64 "${DEV[@]}"
 # 8. 2048², batch 10 (10 steps to fit the lease; per-step times are what compare), and compiled batch 1
-for m in native davae; do gen "gen_${R2}_${m}_b10" $P2 $R2 $m 10 10 "${ST2[@]}"; done
+for m in native davae; do gen "gen_${R2}_${m}_b10" $P2 $R2 $m 10 20 "${ST2[@]}"; done
 for m in native davae; do gen "gen_${R2}_${m}_b1_compile" $P2 $R2 $m 1 2 "${ST[@]}" --compile; done
 rm -rf "$SCRATCH"
 echo "done in $((SECONDS - T0)) s: $(wc -l < "$RES") results in $RES" | tee -a "$LOG"

@@ -233,8 +233,9 @@ def _build_flux(preset: Preset, s: BenchSettings, device, dtype):
 
 
 def _guidance_distilled(preset: Preset) -> bool:
-    """FLUX.1-dev-style models take the guidance scale as an input: one forward per step, no CFG batch."""
-    return preset.dit.backend == "flux" and bool(preset.dit.arch.get("guidance_embeds"))
+    """FLUX runs one forward per step, no CFG batch (FLUX.1-dev takes the guidance scale as an input;
+    FluxPipeline's default has no negative branch for any FLUX model)."""
+    return preset.dit.backend == "flux"
 
 
 def _build_lightningdit(preset: Preset, s: BenchSettings, device, dtype):
@@ -375,9 +376,10 @@ def decode_flops(preset: Preset, shapes: dict) -> dict:
 def _text_arch(preset: Preset) -> str:
     from .text import TINY_SPEC
 
+    flux = preset.dit.backend == "flux"
     if preset.dit.text_encoders == TINY_SPEC:
-        return "tiny"
-    return "flux" if preset.dit.backend == "flux" else "sd3"
+        return "tiny-flux" if flux else "tiny"
+    return "flux" if flux else "sd3"
 
 
 def _build_text(preset: Preset, device, dtype):

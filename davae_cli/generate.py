@@ -478,6 +478,10 @@ class NativeFluxModel(NativeSD3Model):
         from .dit.sd3 import scheduler_config_of
         from .vae.base import base_downsample_factor, load_base_vae
 
+        for cand in (Path(pipeline) / "transformer" / "config.json", Path(pipeline) / "config.json"):
+            if cand.is_file():
+                _check_fits_cpu(_params_of_config(cand, "flux"), torch.device(device), f"the transformer of {pipeline}")
+                break
         self.dit = place_frozen(load_flux_transformer(pipeline, "transformer"), device, dtype)
         self.dit_velocity = flux_velocity
         base = load_base_vae(pipeline, "vae")
@@ -722,6 +726,9 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
         else:
             cond_fn = _class_conditioner(int(cond["num_classes"]), device)
     apply_recipe(s, model.recipe)
+    if model.backend == "flux" and s.shift is not None and (model.scheduler_config or {}).get("use_dynamic_shifting"):
+        raise DavaeError("FLUX samples with its scheduler's dynamic shift (mu from the image-token count), as "
+                         "FluxPipeline; a fixed shift does not apply", param="shift")
     if s.compile:
         model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
         on_message("compiling the DiT on its first use: the first batch's time includes the compilation")

@@ -168,6 +168,10 @@ def build_sd3_text_encoders(arch: str = "sd3", device: str | torch.device = "cpu
     if arch == "tiny":
         comps = build_tiny_sd3_text_components()
         return {k: comps[k].to(device=device, dtype=dtype) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    if arch == "tiny-flux":  # keyed like the SD3 set: text_encoder_3 is the T5 (run on max_sequence_length tokens)
+        comps = build_tiny_flux_text_components()
+        return {"text_encoder": comps["text_encoder"].to(device=device, dtype=dtype),
+                "text_encoder_3": comps["text_encoder_2"].to(device=device, dtype=dtype)}
     if arch == "flux":  # FLUX.1: CLIP-L's pooled output (CLIPTextModel, no projection) and T5-XXL
         from transformers import CLIPTextModel
 
@@ -177,7 +181,7 @@ def build_sd3_text_encoders(arch: str = "sd3", device: str | torch.device = "cpu
                                                              is_encoder_decoder=False, use_cache=False))}
         return {k: m.to(dtype=dtype).eval().requires_grad_(False) for k, m in out.items()}
     if arch != "sd3":
-        raise DavaeError(f"{arch}: text encoder architecture must be sd3, flux or tiny")
+        raise DavaeError(f"{arch}: text encoder architecture must be sd3, flux, tiny or tiny-flux")
     with torch.device(device):
         out = {"text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**SD3_TEXT_ARCH["text_encoder"])),
                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SD3_TEXT_ARCH["text_encoder_2"])),

@@ -187,6 +187,8 @@ def test_flux_commands_and_bad_input(flux_pipe, tmp_path):
         (["generate", "--preset", "tiny-flux", "--native", "--base-pipeline", str(_sd3_folder(tmp_path)), "--res", "64",
           "--prompt", "x"], "not a FluxTransformer2DModel"),
         (["bench", "--preset", "tiny-flux", "--res", "48"], "FLUX packs 2x2"),
+        (["generate", "--preset", "tiny-flux", "--native", "--base-pipeline", str(flux_pipe), "--res", "64", "--prompt",
+          "x", "--shift", "2"], "dynamic shift"),
     ]:
         bad = run_cli(*args, "--out", str(tmp_path / "bad"), check=False) if args[0] != "bench" else run_cli(*args, check=False)
         assert bad.returncode != 0 and needle in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

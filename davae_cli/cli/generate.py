@@ -50,7 +50,7 @@ def generate_cmd(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or heun (default: the recipe's)."),
     shift: Optional[float] = typer.Option(None, "--shift", help="Sampling timestep shift, sigma convention (default: the adapted model's; --native SD3: the pipeline's scheduler_config.json; --native LightningDiT: the preset's sample.shift)."),
     native: bool = typer.Option(False, "--native", help="Run the unmodified base model at --res with its own sampling settings (SD3: exactly StableDiffusion3Pipeline's sampler)."),
-    random_weights: bool = typer.Option(False, "--random-weights", help="Speed measurement: the preset's SD3 architectures (transformer, VAE, text encoders) with random weights, no download; DA-VAE side, or native with --native. The images are noise."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Speed measurement: the preset's SD3 or FLUX architectures (transformer, VAE, text encoders) with random weights, no download; DA-VAE side, or native with --native. The images are noise."),
     no_t5: bool = typer.Option(False, "--no-t5", help="SD3: skip the T5 encoder (saves memory; zeros in its place)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the DiT (static shapes, once per batch shape; the first batch includes the compilation)."),
     compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune."),

@@ -57,9 +57,10 @@ def train_vae_cmd(
         return
     if m:
         typer.echo(f"held-out {m['num_images']} images at {p.train_vae.resolution}px:")
-        typer.echo(f"  (a) base at 1/2 + bicubic  PSNR {m['base_half_bicubic.psnr']:.2f} dB  SSIM {m['base_half_bicubic.ssim']:.4f}")
+        s = p.vae.scale  # the JSON keys keep their s = 2 names (base_half_bicubic: the base at 1/s + bicubic x s)
+        typer.echo(f"  (a) base at 1/{s} + bicubic  PSNR {m['base_half_bicubic.psnr']:.2f} dB  SSIM {m['base_half_bicubic.ssim']:.4f}")
         typer.echo(f"  (b) DA-VAE (same tokens)   PSNR {m['davae.psnr']:.2f} dB  SSIM {m['davae.ssim']:.4f}")
-        typer.echo(f"  (c) base at full res (4x)  PSNR {m['base_full.psnr']:.2f} dB  SSIM {m['base_full.ssim']:.4f}")
+        typer.echo(f"  (c) base at full res ({s * s}x) PSNR {m['base_full.psnr']:.2f} dB  SSIM {m['base_full.ssim']:.4f}")
         gap = "n/a (c is not better than a)" if m["gap_closed"] is None else f"{100 * m['gap_closed']:.1f}%"
         typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}   MSE(Proj(z_d), z_base) {m['align_mse']:.4f}")
     if result.skipped_images:

@@ -203,7 +203,10 @@ def get_backend(preset: Preset):
 
 def backend_class(name: str):
     """The backend class of an adapted model's facts (`davae_dit.json` "backend")."""
-    return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend, "flux": FluxBackend}[name]
+    try:
+        return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend, "flux": FluxBackend}[name]
+    except KeyError:
+        raise DavaeError(f"{FACTS_FILE}: unknown backend {name!r} (sd3, lightningdit or flux)") from None
 
 
 def sigma_grid(backend: str, steps: int, shift: float, scheduler_config: Optional[dict] = None,

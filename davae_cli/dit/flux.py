@@ -59,14 +59,14 @@ def pack(latent: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latent.shape
     if h % PACK or w % PACK:
         raise DavaeError(f"FLUX packs 2x2 latent cells: the latent {h}x{w} must have even sides")
-    x = latent.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    x = latent.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, H/2 * W/2, 4C) -> (B, C, H, W) for a latent of height x width, as `FluxPipeline._unpack_latents`."""
     b, n, f = tokens.shape
-    x = tokens.view(b, height // 2, width // 2, f // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    x = tokens.reshape(b, height // 2, width // 2, f // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, f // 4, height, width)
 
 
@@ -87,8 +87,9 @@ def flux_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, A
     dtype = next(iter(model.parameters())).dtype
     tokens = pack(x)
     txt = cond["embeds"]
-    guidance = cond.get("guidance")
-    if guidance is None and getattr(model.config, "guidance_embeds", False):
+    distilled = bool(getattr(model.config, "guidance_embeds", False))
+    guidance = cond.get("guidance") if distilled else None  # FLUX.1-schnell has no guidance input
+    if guidance is None and distilled:
         raise DavaeError("this FLUX transformer is guidance-distilled: a guidance value is needed")
     out = model(hidden_states=tokens, encoder_hidden_states=txt, pooled_projections=cond["pooled"],
                 timestep=(sigma * 1000.0).to(dtype) / 1000, guidance=guidance,

@@ -145,7 +145,7 @@ class PromptConditioner:
             raise DavaeError("dit.text_encoders is not set: name an SD3 pipeline folder or hub id with the text "
                              "encoders (--text-encoders)")
         self.cache = PromptCache.for_spec(cache_dir, d.text_encoders, max_sequence_length=d.max_sequence_length,
-                                          use_t5=d.use_t5, kind="flux" if flux else "sd3")
+                                          use_t5=True if flux else d.use_t5, kind="flux" if flux else "sd3")
         wanted = sorted(set(prompts) | {""})
         if is_main:
             missing = self.cache.missing(wanted)
@@ -159,8 +159,9 @@ class PromptConditioner:
         barrier()
         self._mem: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.device = device
-        # FLUX.1-dev trains with its guidance embedding fed the sampling guidance (as diffusers' FLUX LoRA scripts)
-        self.guidance = float(preset.sample.guidance) if flux and d.arch.get("guidance_embeds") else None
+        # FLUX.1-dev trains with its guidance embedding fed the sampling guidance (as diffusers' FLUX LoRA
+        # scripts); flux_velocity drops it for a model without the embedding (FLUX.1-schnell)
+        self.guidance = float(preset.sample.guidance) if flux else None
 
     def _get(self, prompt: str):
         if prompt not in self._mem:
@@ -342,7 +343,6 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     cb = callbacks or Callbacks()
     run_dir = Path(run_dir)
     vae_dir = Path(vae_dir)
-    get_backend(preset)  # a backend adapt-dit does not have (FLUX) is refused before anything else
     if not (vae_dir / "config.json").is_file():
         raise DavaeError(f"{vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)", param="vae")
     dit_spec = dit or preset.dit.pretrained
