@@ -14,7 +14,11 @@ import yaml
 
 os.environ.setdefault("DAVAE_LPIPS_RANDOM_BACKBONE", "1")  # LPIPS without downloading VGG weights
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker, and for the CLIs it starts
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TAESD3 = SHARED / "weights" / "taesd3"

@@ -312,6 +312,6 @@ def test_random_weights_speed_mode(tmp_path):
     assert reps["native"]["tokens"] == 4 * reps["davae"]["tokens"] == 256
     bad = run_cli("generate", "--preset", "tiny-imagenet", "--random-weights", "--class-id", "1", "--out",
                   str(tmp_path / "x"), check=False)
-    assert bad.returncode == 1 and "SD3 presets" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and "SD3 and FLUX presets" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_cli("generate", *common, "--dit", str(tmp_path), "--out", str(tmp_path / "y"), check=False)
     assert bad.returncode == 1 and "--dit" in bad.stderr and "--random-weights" in bad.stderr
