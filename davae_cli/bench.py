@@ -155,6 +155,31 @@ def _with_heads(model: torch.nn.Module, proj: torch.nn.Module, out: torch.nn.Mod
     return view
 
 
+def _shared_trunk(model, heads: dict, make_view: Callable, s: BenchSettings, device, dtype, text_tokens: int,
+                  velocity: Callable, scalars: Optional[dict] = None):
+    """(config, activate, velocity_factory) for the two configurations of a prompt-conditioned DiT that share
+    `model`'s trunk: `heads` maps each name to its (input layer, output layer, output channels), `make_view`
+    builds the view with them; the prompt embeddings are random tensors of the right shape, `scalars` extra
+    per-sample inputs (FLUX's guidance)."""
+    place_frozen(model, device, dtype)
+    heads = {k: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), n) for k, (a, b, n) in heads.items()}
+    cfg = dict(model.config)
+    compiled = {}
+    views = {k: make_view(model, a, b, n) for k, (a, b, n) in heads.items()}
+
+    def activate(which):
+        return lambda: _maybe_compiled(compiled, which, views[which], s)
+
+    def velocity_factory(net, batch):
+        g = torch.Generator(device="cpu").manual_seed(s.seed)
+        cond = {"embeds": torch.randn(batch, text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
+                "pooled": torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)}
+        cond.update({k: torch.full((batch,), v, device=device) for k, v in (scalars or {}).items()})
+        return lambda x, sigma: velocity(net, x, sigma, cond)
+
+    return cfg, activate, velocity_factory
+
+
 def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
     from .dit.extend import extend_output_head, extend_patch_embed
     from .dit.sd3 import load_sd3_transformer
@@ -166,22 +191,9 @@ def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
     d = preset.vae.detail_channels
     heads = {"native": (model.pos_embed.proj, model.proj_out, c),
              "davae": (extend_patch_embed(model.pos_embed.proj, d), extend_output_head(model.proj_out, p, c, d), c + d)}
-    place_frozen(model, device, dtype)
-    heads = {k: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), n) for k, (a, b, n) in heads.items()}
-    cfg = dict(model.config)
     text_tokens = 77 + preset.dit.max_sequence_length
-    compiled = {}
-
-    views = {k: _with_heads(model, proj, out, ch) for k, (proj, out, ch) in heads.items()}
-
-    def activate(which):
-        return lambda: _maybe_compiled(compiled, which, views[which], s)
-
-    def velocity_factory(net, batch):
-        g = torch.Generator(device="cpu").manual_seed(s.seed)
-        cond = {"embeds": torch.randn(batch, text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
-                "pooled": torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)}
-        return lambda x, sigma: sd3_velocity(net, x, sigma, cond)
+    cfg, activate, velocity_factory = _shared_trunk(model, heads, _with_heads, s, device, dtype, text_tokens,
+                                                    sd3_velocity)
 
     def flops_for(tokens, batch, channels):
         return F.sd3_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, text_tokens, batch)
@@ -208,23 +220,10 @@ def _build_flux(preset: Preset, s: BenchSettings, device, dtype):
     extra = 4 * preset.vae.detail_channels
     heads = {"native": (model.x_embedder, model.proj_out, 4 * c),
              "davae": (extend_input(model.x_embedder, extra), extend_output(model.proj_out, extra), 4 * c + extra)}
-    place_frozen(model, device, dtype)
-    heads = {k: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), n) for k, (a, b, n) in heads.items()}
-    cfg = dict(model.config)
     text_tokens = preset.dit.max_sequence_length
-    compiled = {}
-    views = {k: _flux_view(model, a, b, n) for k, (a, b, n) in heads.items()}
-
-    def activate(which):
-        return lambda: _maybe_compiled(compiled, which, views[which], s)
-
-    def velocity_factory(net, batch):
-        g = torch.Generator(device="cpu").manual_seed(s.seed)
-        cond = {"embeds": torch.randn(batch, text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
-                "pooled": torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)}
-        if cfg.get("guidance_embeds"):
-            cond["guidance"] = torch.full((batch,), float(preset.sample.guidance), device=device)
-        return lambda x, sigma: flux_velocity(net, x, sigma, cond)
+    guidance = ({"guidance": float(preset.sample.guidance)} if model.config.guidance_embeds else {})
+    cfg, activate, velocity_factory = _shared_trunk(model, heads, _flux_view, s, device, dtype, text_tokens,
+                                                    flux_velocity, guidance)
 
     def flops_for(tokens, batch, channels):
         return F.flux_flops({**cfg, "in_channels": 4 * channels, "out_channels": 4 * channels}, tokens, text_tokens, batch)

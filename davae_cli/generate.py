@@ -432,34 +432,54 @@ class DAVAEModel(Model):
 class NativeSD3Model(Model):
     """The unmodified SD3 transformer and VAE of a pipeline folder / hub id."""
 
+    backend = "sd3"
+    default_scheduler_name = "diffusers' FlowMatchEulerDiscreteScheduler defaults"
+
     def __init__(self, pipeline: str, shift: Optional[float], device, dtype, recipe: dict,
                  on_message: Callable[[str], None] = lambda t: None):
         """`shift` None: the pipeline's own scheduler shift (scheduler/scheduler_config.json), as its `__call__`."""
-        from .dit.backend import place_frozen, sd3_velocity
-        from .dit.sd3 import load_sd3_transformer, scheduler_config_of
+        from .dit.backend import place_frozen
+        from .dit.sd3 import scheduler_config_of
         from .vae.base import base_downsample_factor, load_base_vae
 
         for cand in (Path(pipeline) / "transformer" / "config.json", Path(pipeline) / "config.json"):
             if cand.is_file():
-                _check_fits_cpu(_params_of_config(cand, "sd3"), torch.device(device), f"the transformer of {pipeline}")
+                _check_fits_cpu(_params_of_config(cand, self.backend), torch.device(device),
+                                f"the transformer of {pipeline}")
                 break
-        self.dit = place_frozen(load_sd3_transformer(pipeline, "transformer"), device, dtype)
-        self.dit_velocity = sd3_velocity
+        self.dit = place_frozen(self._load(pipeline), device, dtype)
         base = load_base_vae(pipeline, "vae")
         self.vae = base.vae.to(device)
         self.name = "native"
-        self.base_channels, self.detail_channels = int(self.dit.config.in_channels), 0
-        self.granularity, self.patch_size = base_downsample_factor(self.vae), int(self.dit.config.patch_size)
+        self.base_channels, self.detail_channels = self._channels(), 0
+        self.granularity, self.patch_size = base_downsample_factor(self.vae), self._token_patch()
         cfg = scheduler_config_of(pipeline)
         if cfg is None:
-            on_message(f"warning: {pipeline} has no scheduler/scheduler_config.json: sampling with diffusers' "
-                       f"FlowMatchEulerDiscreteScheduler defaults")
-        self.scheduler_config = cfg or {}
+            on_message(f"warning: {pipeline} has no scheduler/scheduler_config.json: sampling with "
+                       f"{self.default_scheduler_name}")
+        self.scheduler_config = cfg or self._default_scheduler()
         self.shift = float(shift if shift is not None else self.scheduler_config.get("shift", 1.0))
-        self.backend, self.recipe, self.conditioning = "sd3", recipe, "prompt"
+        self.recipe, self.conditioning = recipe, "prompt"
         self.scale = float(getattr(self.vae.config, "scaling_factor", None) or 1.0)
         self.offset = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.identity = {"base_pipeline": pipeline, "base_vae_hash": base.content_hash}
+
+    # what differs between the SD3 and FLUX pipelines
+    def _load(self, pipeline: str):
+        from .dit.backend import sd3_velocity
+        from .dit.sd3 import load_sd3_transformer
+
+        self.dit_velocity = sd3_velocity
+        return load_sd3_transformer(pipeline, "transformer")
+
+    def _channels(self) -> int:
+        return int(self.dit.config.in_channels)
+
+    def _token_patch(self) -> int:
+        return int(self.dit.config.patch_size)
+
+    def _default_scheduler(self) -> dict:
+        return {}
 
     def decode(self, latent):
         from .vae.base import base_decode
@@ -471,34 +491,31 @@ class NativeFluxModel(NativeSD3Model):
     """The unmodified FLUX.1 transformer and VAE of a pipeline folder / hub id, sampled as `FluxPipeline`:
     its sigma grid (dynamic shift from the token count), the guidance embedding, one forward per step."""
 
-    def __init__(self, pipeline: str, shift: Optional[float], device, dtype, recipe: dict,
-                 on_message: Callable[[str], None] = lambda t: None):
-        from .dit.backend import place_frozen
-        from .dit.flux import FLUX1_SCHEDULER_CONFIG, flux_velocity, latent_channels, load_flux_transformer
-        from .dit.sd3 import scheduler_config_of
-        from .vae.base import base_downsample_factor, load_base_vae
+    backend = "flux"
+    default_scheduler_name = "FLUX.1's"
 
-        for cand in (Path(pipeline) / "transformer" / "config.json", Path(pipeline) / "config.json"):
-            if cand.is_file():
-                _check_fits_cpu(_params_of_config(cand, "flux"), torch.device(device), f"the transformer of {pipeline}")
-                break
-        self.dit = place_frozen(load_flux_transformer(pipeline, "transformer"), device, dtype)
+    def _load(self, pipeline: str):
+        from .dit.flux import flux_velocity, load_flux_transformer
+
         self.dit_velocity = flux_velocity
-        base = load_base_vae(pipeline, "vae")
-        self.vae = base.vae.to(device)
-        self.name = "native"
-        self.base_channels, self.detail_channels = latent_channels(self.dit), 0
-        self.granularity, self.patch_size = base_downsample_factor(self.vae), 2
-        cfg = scheduler_config_of(pipeline)
-        if cfg is None:
-            on_message(f"warning: {pipeline} has no scheduler/scheduler_config.json: sampling with FLUX.1's")
-        self.scheduler_config = cfg or dict(FLUX1_SCHEDULER_CONFIG)
-        self.shift = float(shift if shift is not None else self.scheduler_config.get("shift", 1.0))
-        self.backend, self.recipe, self.conditioning = "flux", recipe, "prompt"
-        self.guidance_distilled = bool(self.dit.config.guidance_embeds)
-        self.scale = float(getattr(self.vae.config, "scaling_factor", None) or 1.0)
-        self.offset = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-        self.identity = {"base_pipeline": pipeline, "base_vae_hash": base.content_hash}
+        dit = load_flux_transformer(pipeline, "transformer")
+        self.guidance_distilled = bool(dit.config.guidance_embeds)
+        return dit
+
+    def _channels(self) -> int:
+        from .dit.flux import latent_channels
+
+        return latent_channels(self.dit)
+
+    def _token_patch(self) -> int:
+        from .dit.flux import PACK
+
+        return PACK * int(self.dit.config.patch_size)
+
+    def _default_scheduler(self) -> dict:
+        from .dit.flux import FLUX1_SCHEDULER_CONFIG
+
+        return dict(FLUX1_SCHEDULER_CONFIG)
 
 
 class NativeLightningDiTModel(Model):
@@ -682,22 +699,18 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
         model = RandomModel(preset, native, device, dtype)
         cond_fn = _random_prompt_conditioner(preset, use_t5, s.negative_prompt, device, dtype)
     elif native:
-        if preset.dit.backend == "flux":
+        if preset.dit.backend in ("sd3", "flux"):
+            flux = preset.dit.backend == "flux"
             spec = base_pipeline or preset.dit.pretrained
             if spec == "random":
-                raise DavaeError("needs --base-pipeline (a FLUX.1 pipeline folder or hub id)", param="native")
+                raise DavaeError(f"needs --base-pipeline (a{' FLUX.1' if flux else 'n SD3'} pipeline folder or hub id)",
+                                 param="native")
             if s.res is None:
                 raise DavaeError("needs --res", param="native")
-            model = NativeFluxModel(spec, s.shift, device, dtype, recipe_of(preset), on_message)
-            cond_fn = _flux_conditioner(spec, preset.dit.max_sequence_length, device, dtype)
-        elif preset.dit.backend == "sd3":
-            spec = base_pipeline or preset.dit.pretrained
-            if spec == "random":
-                raise DavaeError("needs --base-pipeline (an SD3 pipeline folder or hub id)", param="native")
-            if s.res is None:
-                raise DavaeError("needs --res", param="native")
-            model: Model = NativeSD3Model(spec, s.shift, device, dtype, recipe_of(preset), on_message)
-            cond_fn = _prompt_conditioner(spec, use_t5, preset.dit.max_sequence_length, s.negative_prompt, device, dtype)
+            model: Model = (NativeFluxModel if flux else NativeSD3Model)(spec, s.shift, device, dtype,
+                                                                          recipe_of(preset), on_message)
+            cond_fn = (_flux_conditioner(spec, preset.dit.max_sequence_length, device, dtype) if flux else
+                       _prompt_conditioner(spec, use_t5, preset.dit.max_sequence_length, s.negative_prompt, device, dtype))
         else:
             if not vae_dir or s.res is None:
                 raise DavaeError("with a LightningDiT preset needs --vae (for its base VAE) and --res", param="native")
