@@ -303,7 +303,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         sync()
         text_s = time.perf_counter() - t_text
         timings["text_s"] += text_s
-        distilled = getattr(model, "guidance_distilled", None)
+        distilled = model.guidance_distilled
         if distilled is not None:  # FLUX: one forward per step, no negative branch
             use_cfg = False
             if distilled:  # FLUX.1-dev: the guidance scale is an input of the model

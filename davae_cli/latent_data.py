@@ -23,7 +23,7 @@ import torch
 from . import data as D
 from .codec import check_latent_compatible
 from .errors import DavaeError
-from .latents import atomic_write_bytes, load_latent, save_latent
+from .latents import atomic_write_bytes, detail_residual, load_latent, save_latent
 
 INDEX = "index.jsonl"
 
@@ -238,11 +238,10 @@ def detail_statistics(records: list[LatentRecord], base_channels: int, limit: in
     count = 0
     for i in idx:
         lat, _ = load_latent(Path(records[int(i)].latent))
-        zd = lat[base_channels:].double().flatten(1)  # (D, h*w)
-        if zd.shape[0] == 0:
+        if lat.shape[0] <= base_channels:
             raise DavaeError(f"{records[int(i)].latent}: no detail channels after the first {base_channels}")
-        if residual:
-            zd = zd - lat[:base_channels].double().flatten(1).repeat_interleave(zd.shape[0] // base_channels, dim=0)
+        lat = lat.double()
+        zd = (detail_residual(lat[None], base_channels)[0] if residual else lat[base_channels:]).flatten(1)  # (D, h*w)
         s = zd.sum(1) if s is None else s + zd.sum(1)
         s2 = zd.pow(2).sum(1) if s2 is None else s2 + zd.pow(2).sum(1)
         count += zd.shape[1]

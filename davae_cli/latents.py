@@ -47,6 +47,19 @@ def project(z_detail: torch.Tensor, base_channels: int) -> torch.Tensor:
     return z_detail.reshape(b, base_channels, r, h, w).mean(dim=2)
 
 
+def repeat_base(z_base: torch.Tensor, detail_channels: int) -> torch.Tensor:
+    """Proj^T: each of the C base channels repeated D/C times (channel k of the result is base channel k // (D/C)):
+    (B, C, h, w) -> (B, D, h, w). The detail channels' starting point for the `base` shortcut."""
+    return z_base.repeat_interleave(detail_channels // z_base.shape[1], dim=1)
+
+
+def detail_residual(latent: torch.Tensor, base_channels: int) -> torch.Tensor:
+    """z_d - repeat_base(z_base): the detail channels relative to the base channels they are aligned to.
+    (B, C + D, h, w) -> (B, D, h, w)."""
+    zd = latent[:, base_channels:]
+    return zd - repeat_base(latent[:, :base_channels], zd.shape[1])
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,18 +132,14 @@ class LatentNormalizer:
         return cls(facts["base_channels"], facts["detail_mean"], facts["detail_std"],
                    residual=facts.get("detail_view", "raw") == "residual")
 
-    def _aligned_base(self, lat: torch.Tensor) -> torch.Tensor:
-        d = lat.shape[1] - self.c
-        return lat[:, : self.c].repeat_interleave(d // self.c, dim=1)
-
     def __call__(self, lat: torch.Tensor) -> torch.Tensor:
         m, s = self.mean.to(lat), self.std.to(lat)
-        zd = lat[:, self.c :] - self._aligned_base(lat) if self.residual else lat[:, self.c :]
+        zd = detail_residual(lat, self.c) if self.residual else lat[:, self.c :]
         return torch.cat([lat[:, : self.c], (zd - m) / s], 1)
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         m, s = self.mean.to(x), self.std.to(x)
         zd = x[:, self.c :] * s + m
         if self.residual:
-            zd = zd + self._aligned_base(x)
+            zd = zd + repeat_base(x[:, : self.c], zd.shape[1])
         return torch.cat([x[:, : self.c], zd], 1)

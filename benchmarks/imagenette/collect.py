@@ -148,13 +148,14 @@ def _residual_std(files, normalizer, c: int) -> float:
     import torch
     from safetensors.torch import load_file
 
+    from davae_cli.latents import detail_residual
+
     vals = []
     for f in files:
         z = load_file(str(f))["latent"].float()[None]
         if normalizer is not None:
             z = normalizer.inverse(z)
-        zb, zd = z[:, :c], z[:, c:]
-        vals.append((zd - zb.repeat_interleave(zd.shape[1] // c, dim=1)).flatten())
+        vals.append(detail_residual(z, c).flatten())
     return float(torch.cat(vals).std())
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..latents import repeat_base
+
 
 def _finish_logvar(logvar: torch.Tensor, learn: bool, offset: torch.Tensor) -> torch.Tensor:
     """The logvar channels as the posterior uses them: constant `offset` when not learned, clamped."""
@@ -55,12 +57,6 @@ class EncoderTrunk(nn.Module):
             h = block(h)
         h = enc.mid_block(h)
         return enc.conv_act(enc.conv_norm_out(h))
-
-
-def repeat_base(z_base: torch.Tensor, detail_channels: int) -> torch.Tensor:
-    """Proj^T: each of the C base channels repeated D/C times (channel k of the result is base channel k // (D/C)),
-    the detail channels' starting point for the `base` shortcut and what `up_input: detail_residual` subtracts."""
-    return z_base.repeat_interleave(detail_channels // z_base.shape[1], dim=1)
 
 
 class DetailDownBlock(nn.Module):

@@ -41,7 +41,6 @@ from .base import (
     vae_from_config,
 )
 from .blocks import (DecoderTrunk, DetailDownBlock, DetailUpBlock, EncoderTrunk, ResidualDetailDecoder,
-                     repeat_base,
                      ResidualDetailEncoder)
 
 
@@ -348,7 +347,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         c = self.config.base_channels
         up_in = latent
         if self.config.up_input == "detail_residual":
-            up_in = torch.cat([latent[:, :c], latent[:, c:] - repeat_base(latent[:, :c], self.config.detail_channels)], dim=1)
+            up_in = torch.cat([latent[:, :c], L.detail_residual(latent, c)], dim=1)
         if self.decoder_trunk is None and baseline is None:
             baseline = self.decode_baseline(latent[:, :c])
         if isinstance(self.up, ResidualDetailDecoder):
