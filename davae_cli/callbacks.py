@@ -12,4 +12,8 @@ class Callbacks:
 
     def on_message(self, text: str) -> None: ...
 
+    def on_progress(self, phase: str, done: int, total: int | None) -> None:
+        """A phase before or after the steps (caching the base's outputs, encoding latents, statistics):
+        `done` of `total` items finished (`total` None when unknown)."""
+
     def on_end(self, summary: dict) -> None: ...

@@ -35,7 +35,8 @@ class BatchReport:
 
     def to_dict(self) -> dict:
         return {"written": self.written, "failed": [{"input": i, "error": e} for i, e in self.failed],
-                "num_written": len(self.written), "num_failed": len(self.failed)}
+                "skipped_existing": self.skipped_existing, "num_written": len(self.written),
+                "num_failed": len(self.failed), "num_skipped_existing": len(self.skipped_existing)}
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -43,11 +44,13 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _claim_output(out: Path, claimed: set, overwrite: bool, report: BatchReport, item: str) -> bool:
+    """True if `item` may write `out`; an output already on disk is skipped (kept, not a failure) unless
+    `overwrite`, and two inputs with the same stem are a failure of the second."""
     if out in claimed:
         report.failed.append((item, f"another input also maps to {out.name} (same file stem)"))
         return False
     if out.exists() and not overwrite:
-        report.failed.append((item, f"{out} exists (use --overwrite to replace it)"))
+        report.skipped_existing.append(str(out))
         return False
     claimed.add(out)
     return True
@@ -59,19 +62,19 @@ def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | P
                   progress: Optional[ProgressFn] = None, on_total: Optional[Callable[[int], None]] = None) -> BatchReport:
     """Encode images (files or folders, recursive) to `out_dir/<stem>.safetensors`, key `latent`
     (C+D, h, w), base first, with metadata. `res` resizes the short side, then each side is centre-
-    cropped down to a multiple of s*f (an image already at that size is untouched)."""
+    cropped down to a multiple of s*f (an image already at that size is untouched): `res` = 1000 with s*f = 16
+    gives 992 px on the short side. `out_dir` is created with the first file written."""
     if batch_size < 1:
         raise DavaeError("must be >= 1", param="batch_size")
     progress = progress or (lambda n: None)
     g = vae.granularity
-    if res is not None and (res < g or res % g):
-        raise DavaeError(f"{res} is not a positive multiple of the model's granularity s*f = {g}", param="res")
+    if res is not None and res < g:
+        raise DavaeError(f"{res} is smaller than one latent token of this DA-VAE (s*f = {g} px)", param="res")
     source = D.list_images(inputs, missing_ok=True)
     report = BatchReport()
     for path, why in source.skipped:
         report.failed.append((path, why if why == "not found" else f"unreadable image: {why}"))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if on_total:
         on_total(len(source))
     device = _device_of(vae)
@@ -157,8 +160,7 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
             files += sorted(p.rglob("*.safetensors"))
         else:
             files.append(p)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created with the first file written
     if on_total:
         on_total(len(files))
     device = _device_of(vae)

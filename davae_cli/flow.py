@@ -85,27 +85,48 @@ def in_interval(sigma: float, interval: Optional[tuple[float, float]]) -> bool:
     return interval is None or interval[0] <= sigma <= interval[1]
 
 
+Constraint = Callable[[torch.Tensor, float], torch.Tensor]
+"""constrain(x, sigma) -> x with some channels put back on a known path at sigma (e.g. `hold_channels`)."""
+
+
+def hold_channels(x0: torch.Tensor, eps: torch.Tensor, channels: int, until: float = 0.0) -> Constraint:
+    """Keep the first `channels` channels on the straight path of a known clean value: at sigma they are
+    replaced by (1 - sigma) x0 + sigma eps (the same eps all along, the path the noise started on). Applied
+    for sigma >= `until`: `until` = 0 holds them to the end (the result's channels equal x0 exactly); a larger
+    `until` lets the model move them freely below it (SDEdit-style regeneration from that sigma)."""
+    def constrain(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if sigma < until and until > 0:
+            return x
+        held = ((1.0 - sigma) * x0.float() + sigma * eps.float()).to(x.dtype)
+        return torch.cat([held, x[:, channels:]], 1)
+    return constrain
+
+
 @torch.no_grad()
 def sample(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, *, method: str = "euler",
            guidance_interval: Optional[tuple[float, float]] = None,
-           callback: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+           callback: Optional[Callable[[int], None]] = None, constrain: Optional[Constraint] = None) -> torch.Tensor:
     """Integrate the flow ODE from sigma = sigmas[0] (noise) to sigmas[-1] (data); Euler or Heun
-    (Heun's correction is skipped on the last step, which ends at sigma = 0)."""
+    (Heun's correction is skipped on the last step, which ends at sigma = 0). `constrain(x, sigma)`, when
+    given, is applied to the state before every velocity evaluation and to the result at sigmas[-1]."""
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown sampler {method!r}")
+    keep = constrain or (lambda x, sigma: x)
     x = noise
     n = noise.shape[0]
     # sigmas stay float32 whatever the state's dtype (a bf16 timestep is off by up to ~4/1000 near noise)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         guided = in_interval(s, guidance_interval)
+        x = keep(x, s)
         v = velocity(x, torch.full((n,), s, device=x.device, dtype=torch.float32), guided)
         x_next = x + (s_next - s) * v
         if method == "heun" and s_next > 0:
+            x_next = keep(x_next, s_next)
             v2 = velocity(x_next, torch.full((n,), s_next, device=x.device, dtype=torch.float32),
                           in_interval(s_next, guidance_interval))
             x_next = x + (s_next - s) * 0.5 * (v + v2)
         x = x_next
         if callback:
             callback(i)
-    return x
+    return keep(x, float(sigmas[-1]))

@@ -124,13 +124,15 @@ def read_prompts(path: str | Path) -> list[str]:
     return out
 
 
-def initial_noise(seed: int, base_channels: int, detail_channels: int, side: int) -> torch.Tensor:
-    """(1, C + D, side, side) float32 on the CPU: base channels first, as the native pipeline draws them."""
+def initial_noise(seed: int, base_channels: int, detail_channels: int, side: int,
+                  width: Optional[int] = None) -> torch.Tensor:
+    """(1, C + D, side, width or side) float32 on the CPU: base channels first, as the native pipeline draws them."""
     g = torch.Generator("cpu").manual_seed(int(seed))
-    base = torch.randn((1, base_channels, side, side), generator=g)
+    w = side if width is None else width
+    base = torch.randn((1, base_channels, side, w), generator=g)
     if detail_channels == 0:
         return base
-    return torch.cat([base, torch.randn((1, detail_channels, side, side), generator=g)], 1)
+    return torch.cat([base, torch.randn((1, detail_channels, side, w), generator=g)], 1)
 
 
 def _blend_window(n: int, overlap: int, first: bool, last: bool) -> torch.Tensor:
@@ -193,6 +195,13 @@ def _png_bytes(img: torch.Tensor, meta: dict) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def grid_path(out_dir: str | Path) -> Path:
+    """Where `--grid` writes: beside the sample folder (`samples/` -> `samples-grid.png`), never inside it, so
+    the folder holds exactly the samples (what `eval-fid` counts)."""
+    out_dir = Path(out_dir).resolve()
+    return out_dir.with_name(f"{out_dir.name}-grid.png")
 
 
 def write_grid(paths: list[Path], out: Path) -> None:
@@ -268,6 +277,29 @@ def _decode(model: "Model", lat: torch.Tensor, tile: Optional[int]) -> torch.Ten
         return tiled(AUTO_TILE)
 
 
+def guided_velocity(model: Model, guidance: float, uncond: dict, cond: dict, batch: int, device,
+                    dtype) -> flow.Velocity:
+    """The velocity the sampler integrates, in float32: classifier-free guidance v_u + g (v_c - v_u) over
+    one doubled batch where guided (SD3, LightningDiT; none at g = 1), the guidance scale as a model input
+    for guidance-distilled FLUX.1-dev, a single conditional forward for other FLUX models."""
+    distilled = model.guidance_distilled
+    if distilled is not None:  # FLUX: one forward per step, no negative branch
+        use_cfg = False
+        if distilled:  # FLUX.1-dev: the guidance scale is an input of the model
+            cond = {**cond, "guidance": torch.full((batch,), float(guidance), device=device)}
+    else:
+        use_cfg = guidance != 1.0
+
+    def velocity(x, sigma, guided):
+        if use_cfg and guided:
+            both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+            v_u, v_c = model.velocity(torch.cat([x, x]).to(dtype), torch.cat([sigma, sigma]), both).float().chunk(2)
+            return v_u + guidance * (v_c - v_u)
+        return model.velocity(x.to(dtype), sigma, cond).float()
+
+    return velocity
+
+
 def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Job]], tuple[dict, dict]],
                    jobs: list[Job], *, rank: int = 0, world: int = 1, device=None, dtype=torch.float32,
                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
@@ -303,21 +335,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
         sync()
         text_s = time.perf_counter() - t_text
         timings["text_s"] += text_s
-        distilled = model.guidance_distilled
-        if distilled is not None:  # FLUX: one forward per step, no negative branch
-            use_cfg = False
-            if distilled:  # FLUX.1-dev: the guidance scale is an input of the model
-                cond = {**cond, "guidance": torch.full((len(batch),), float(s.guidance), device=device)}
-        else:
-            use_cfg = s.guidance != 1.0
-
-        def velocity(x, sigma, guided):
-            if use_cfg and guided:
-                both = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
-                v_u, v_c = model.velocity(torch.cat([x, x]).to(dtype), torch.cat([sigma, sigma]), both).float().chunk(2)
-                return v_u + s.guidance * (v_c - v_u)
-            return model.velocity(x.to(dtype), sigma, cond).float()
-
+        velocity = guided_velocity(model, s.guidance, uncond, cond, len(batch), device, dtype)
         t0 = time.perf_counter()
         with torch.inference_mode():
             lat = flow.sample(velocity, noise, sigmas, method=s.sampler, guidance_interval=s.guidance_interval)
@@ -659,13 +677,40 @@ def _flux_conditioner(spec: str, max_len: int, device, dtype):
 
 
 def _class_conditioner(num_classes: int, device):
+    """Labels per job; a job without a class gets the null class (index `num_classes`): unconditional."""
     def cond_fn(batch: list[Job]):
-        y = torch.tensor([j.class_id for j in batch], device=device)
-        if (y < 0).any() or (y >= num_classes).any():
+        given = [j.class_id for j in batch if j.class_id is not None]
+        if any(not 0 <= c < num_classes for c in given):
             raise DavaeError(f"must be in 0..{num_classes - 1}", param="class_id")
+        y = torch.tensor([num_classes if j.class_id is None else j.class_id for j in batch], device=device)
         return {"labels": torch.full_like(y, num_classes)}, {"labels": y}
 
     return cond_fn
+
+
+def load_adapted(preset: Preset, vae_dir: Optional[str], dit_dir: Optional[str], *, base_pipeline: Optional[str],
+                 use_t5: bool, negative_prompt: str, device, dtype) -> tuple["DAVAEModel", Callable]:
+    """(the adapted DiT with its DA-VAE, its conditioner `cond_fn(jobs) -> (uncond, cond)`): prompts through
+    the text encoders it was adapted with (or `base_pipeline`'s), or class labels with the null class."""
+    for name, given in (("vae", vae_dir), ("dit", dit_dir)):
+        if not given:
+            raise DavaeError("is required (the adapted model and its DA-VAE; or --native for the base model)",
+                             param=name)
+    if not (Path(dit_dir) / "config.json").is_file():
+        raise DavaeError(f"{dit_dir}: not an adapted DiT folder (RUN/final of `davae adapt-dit`)", param="dit")
+    model = DAVAEModel(Path(vae_dir), Path(dit_dir), device, dtype)
+    if model.recipe is None:  # adapted before the recipe was stored: the preset's
+        model.recipe = recipe_of(preset)
+    cond = model.facts["conditioning"]
+    if model.backend == "flux":
+        cond_fn = _flux_conditioner(base_pipeline or cond["text_encoders"], cond["max_sequence_length"], device, dtype)
+    elif cond["type"] == "prompt":
+        spec = base_pipeline or cond["text_encoders"]
+        cond_fn = _prompt_conditioner(spec, use_t5 and cond.get("use_t5", True), cond["max_sequence_length"],
+                                      negative_prompt, device, dtype)
+    else:
+        cond_fn = _class_conditioner(int(cond["num_classes"]), device)
+    return model, cond_fn
 
 
 def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = None, dit_dir: Optional[str] = None,
@@ -718,26 +763,10 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
                                             preset.sample.shift, device, dtype)
             cond_fn = _class_conditioner(preset.dit.num_classes, device)
     else:
-        for name, given in (("vae", vae_dir), ("dit", dit_dir)):
-            if not given:
-                raise DavaeError("is required (the adapted model and its DA-VAE; or --native for the base model)",
-                                 param=name)
-        if not (Path(dit_dir) / "config.json").is_file():
-            raise DavaeError(f"{dit_dir}: not an adapted DiT folder (RUN/final of `davae adapt-dit`)", param="dit")
-        model = DAVAEModel(Path(vae_dir), Path(dit_dir), device, dtype)
-        if model.recipe is None:  # adapted before the recipe was stored: the preset's
-            model.recipe = recipe_of(preset)
+        model, cond_fn = load_adapted(preset, vae_dir, dit_dir, base_pipeline=base_pipeline, use_t5=use_t5,
+                                      negative_prompt=s.negative_prompt, device=device, dtype=dtype)
         if s.res is None:
             s.res = int(model.facts["resolution"])
-        cond = model.facts["conditioning"]
-        if model.backend == "flux":
-            cond_fn = _flux_conditioner(base_pipeline or cond["text_encoders"], cond["max_sequence_length"], device, dtype)
-        elif cond["type"] == "prompt":
-            spec = base_pipeline or cond["text_encoders"]
-            cond_fn = _prompt_conditioner(spec, use_t5 and cond.get("use_t5", True), cond["max_sequence_length"],
-                                          s.negative_prompt, device, dtype)
-        else:
-            cond_fn = _class_conditioner(int(cond["num_classes"]), device)
     apply_recipe(s, model.recipe)
     if model.backend == "flux" and s.shift is not None and (model.scheduler_config or {}).get("use_dynamic_shifting"):
         raise DavaeError("FLUX samples with its scheduler's dynamic shift (mu from the image-token count), as "
@@ -757,8 +786,8 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
     state.wait_for_everyone()
     out_dir = Path(s.out_dir)
     if s.grid and state.is_main_process:
-        write_grid([out_dir / f"{j.stem}.png" for j in jobs if (out_dir / f"{j.stem}.png").exists()], out_dir / "grid.png")
-        report["grid"] = str(out_dir / "grid.png")
+        write_grid([out_dir / f"{j.stem}.png" for j in jobs if (out_dir / f"{j.stem}.png").exists()], grid_path(out_dir))
+        report["grid"] = str(grid_path(out_dir))
     n = len(report["written"])
     per = (lambda sec: 1000.0 * sec / n) if n else (lambda sec: None)
     total_s = report["text_s"] + report["sample_s"] + report["decode_s"]

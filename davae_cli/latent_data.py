@@ -290,13 +290,14 @@ class TrainingLatents:
 
 def training_latents(vae, inputs: list[str], cache_dir: Path, *, resolution: int, conditioning: str,
                      encode_batch_size: int, captions: Optional[str], stats_limit: int, seed: int, acc,
-                     on_message=lambda s: None, max_images: int = 0, residual: bool = False) -> TrainingLatents:
+                     on_message=lambda s: None, max_images: int = 0, residual: bool = False,
+                     progress: Optional[Callable[[int, int], None]] = None) -> TrainingLatents:
     """Encode (or index) `inputs` once into `cache_dir` and measure the detail statistics on them."""
     on_message("preparing the latent dataset (encoded once, reused by --resume)")
     records = prepare_latent_dataset(vae, list(map(str, inputs)), cache_dir, resolution=resolution,
                                      conditioning=conditioning, batch_size=encode_batch_size, captions=captions,
                                      rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
-                                     max_images=max_images, seed=seed)
+                                     max_images=max_images, seed=seed, progress=progress)
     stats = cached_detail_statistics(records, vae.config.base_channels, cache_dir, stats_limit, seed,
                                      acc.is_main_process, acc.wait_for_everyone, on_message, residual)
     return TrainingLatents(records, stats)

@@ -360,6 +360,7 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
     assert r["granularity"] == 16 and "multiple of 16" in r["image_prep"]
     # without LPIPS weights: null, and the human output says why
     from davae_cli.vae import losses
+    from davae_cli.vae.losses import build_lpips
 
     def no_weights(*a, **k):
         raise DavaeError("LPIPS needs the torchvision vgg ImageNet weights, which could not be downloaded")
@@ -368,5 +369,17 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
     out = invoke(*args).stdout
     assert out.startswith("rFID") and "PSNR" in out and "SSIM" in out
     assert "LPIPS  n/a" in out and "could not be downloaded" in out and "edges.pt" in out
+    # the real message when the backbone cannot be had: what eval-fid can do, not a flag only trainers have
+    import lpips
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(losses, "build_lpips", build_lpips)
+    monkeypatch.setattr(lpips, "LPIPS", offline)
+    out = invoke(*args).stdout
+    assert "LPIPS  n/a" in out and "no network" in out and "--set" not in out
+    with pytest.raises(DavaeError, match="--set loss.lpips=0"):  # the trainers do have --set
+        build_lpips("vgg")
     res = invoke("eval-fid", eight, "--reconstruct", "--vae", tmp_path / "novae", ok=False)
     one_line_error(res.exit_code, res.stderr, "is not a DA-VAE folder")

@@ -67,7 +67,8 @@ def test_sizes_seeds_metadata(adapted, tmp_path):
     meta = json.loads(im.text["parameters"])
     assert meta["prompt"] == "a red cube" and meta["seed"] == 5 and meta["steps"] == 3 and "davae" in meta
     assert json.loads(Image.open(tmp_path / "a" / "000001.png").text["parameters"])["seed"] == 6
-    assert (tmp_path / "a" / "grid.png").is_file()
+    assert (tmp_path / "a-grid.png").is_file() and rep["grid"] == str(tmp_path / "a-grid.png")
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == ["000000.png", "000001.png"]  # samples only
     _gen(adapted, tmp_path / "b", "--prompt", "a red cube", "--num-images", "2", "--seed", "5")
     same = [(tmp_path / d / "000000.png").read_bytes() for d in ("a", "b")]
     assert same[0] == same[1]  # same seed, same image

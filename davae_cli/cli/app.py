@@ -14,7 +14,7 @@ from typing import Callable
 
 import typer
 
-from . import adapt_dit, bench, codec, common, eval_fid, generate, presets, train_dit, train_vae
+from . import adapt_dit, bench, codec, common, eval_fid, generate, presets, train_dit, train_vae, upscale
 
 app = typer.Typer(
     name="davae",
@@ -28,17 +28,22 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (also DAVAE_DEBUG=1)."),
-          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
-    if debug:
-        common.STATE["debug"] = True
-        os.environ["DAVAE_DEBUG"] = "1"
-    if version:
+def _print_version(value: bool) -> None:
+    """`--version`, eager: handled while the options are parsed, so it needs no command after it."""
+    if value:
         from .. import __version__
 
         print(__version__)
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (also DAVAE_DEBUG=1)."),
+          version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                       callback=_print_version)) -> None:
+    if debug:
+        common.STATE["debug"] = True
+        os.environ["DAVAE_DEBUG"] = "1"
 
 
 def _one_line_errors(fn: Callable) -> Callable:
@@ -58,6 +63,7 @@ COMMANDS: list[tuple[str, Callable, str | None]] = [
     ("train-dit", train_dit.train_dit_cmd, train_dit.EXAMPLES),
     ("adapt-dit", adapt_dit.adapt_dit_cmd, adapt_dit.EXAMPLES),
     ("generate", generate.generate_cmd, generate.EXAMPLES),
+    ("upscale", upscale.upscale_cmd, upscale.EXAMPLES),
     ("bench", bench.bench_cmd, bench.EXAMPLES),
     ("eval-fid", eval_fid.eval_fid_cmd, eval_fid.EXAMPLES),
     ("presets", presets.presets_cmd, None),

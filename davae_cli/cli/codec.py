@@ -11,7 +11,7 @@ from .common import DeviceOpt, JsonOpt, VaeOpt, err, print_json, progress_bar
 
 BaseOpt = typer.Option(None, "--base-vae", help="Where the DA-VAE's base VAE is, if not where it was recorded.")
 OutOpt = typer.Option(..., "--out", "-o", help="Output folder.")
-OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing outputs.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing outputs (without it they are kept and counted as skipped).")
 
 
 def _load(vae: Path, base_vae: Optional[str], device: Optional[str]):
@@ -37,9 +37,11 @@ def _finish(report, json_out: bool, what: str) -> None:
         for path in report.written:
             typer.echo(path)
     for item, why in report.failed:
-        err.print(f"[red]failed[/] {item}: {why}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]Error:[/] {item}: {why}", markup=True, soft_wrap=True)
+    kept = len(report.skipped_existing)
     if not json_out:
-        err.print(f"{len(report.written)} {what} written, {len(report.failed)} failed")
+        skipped = f", {kept} skipped (already there; --overwrite replaces them)" if kept else ""
+        err.print(f"{len(report.written)} {what} written{skipped}, {len(report.failed)} failed")
     if report.failed:
         raise typer.Exit(1)
 
@@ -57,7 +59,7 @@ def encode_cmd(
     inputs: list[str] = typer.Argument(..., help="Images or folders of images (recursive)."),
     vae: Path = VaeOpt,
     out: Path = OutOpt,
-    res: Optional[int] = typer.Option(None, "--res", help="Resize the short side to RES, then centre-crop to a multiple of s*f."),
+    res: Optional[int] = typer.Option(None, "--res", help="Resize the short side to RES, then centre-crop each side down to a multiple of s*f (e.g. 1000 -> 992 for s*f = 16)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass (same-size images are batched)."),
     sample: bool = typer.Option(False, "--sample", help="Store a posterior sample of z_d instead of its mean."),
     seed: int = typer.Option(0, "--seed", help="Seed for --sample."),

@@ -56,7 +56,7 @@ def generate_cmd(
     compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune."),
     tile: Optional[int] = typer.Option(None, "--tile", help="Decode in latent tiles of this side (default: whole, falling back to 64-tiles if the GPU runs out of memory; 0 = never tile)."),
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write each final latent (DiT space) as <stem>.safetensors."),
-    grid: bool = typer.Option(False, "--grid", help="Also write grid.png of all images."),
+    grid: bool = typer.Option(False, "--grid", help="Also write a grid of all images beside OUT (out/ -> out-grid.png), outside the sample set."),
     dtype: Optional[Dtype] = DtypeOpt,
     device: Optional[str] = DeviceOpt,
     sets: Optional[list[str]] = SetOpt,
@@ -110,6 +110,8 @@ def generate_cmd(
     n = len(report["written"])
     typer.echo(f"{n} image(s) written to {out} ({report['skipped_existing']} already there), "
                f"{report['res']}² with {report['tokens']} image tokens ({report['mode']})")
+    if report.get("grid"):
+        typer.echo(f"grid: {report['grid']}")
     if n:
         compiled = " (the first batch includes compiling the DiT)" if report["compile_included"] else ""
         typer.echo(f"text {report['text_s']:.1f} s, sampling {report['sample_s']:.1f} s, decoding {report['decode_s']:.1f} s: "

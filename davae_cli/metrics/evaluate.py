@@ -159,7 +159,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
 
         with warnings.catch_warnings():  # torchvision's deprecation notices about `pretrained`
             warnings.simplefilter("ignore")
-            lpips_model = build_lpips("vgg").to(dev)
+            lpips_model = build_lpips("vgg", off_hint="and run again to get LPIPS (the other metrics do not need it)").to(dev)
     except (DavaeError, ImportError) as e:
         lpips_reason = str(e) if isinstance(e, DavaeError) else f"the lpips package is not available ({e})"
 

@@ -353,7 +353,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         from .native import check_class_data
 
         check_class_data([str(d) for d in data], captions, latents_ok=True)
-    acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="adapt_dit")
+    acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="adapt_dit", on_message=cb.on_message)
     a = preset.adapt_dit
     run_info = {"vae": str(vae_dir.resolve()), "dit": dit_spec, "data": [str(d) for d in data or []]}
     device = acc.device
@@ -374,7 +374,8 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
                                conditioning=backend.conditioning, encode_batch_size=a.encode_batch_size,
                                captions=captions, stats_limit=a.detail_stats_latents, seed=a.seed, acc=acc,
                                on_message=cb.on_message, max_images=a.max_images,
-                               residual=a.detail_view == "residual")
+                               residual=a.detail_view == "residual",
+                               progress=lambda done, total: cb.on_progress("encoding the training latents", done, total))
     records, stats = latents.records, latents.detail_stats
     conditioner, keys = _conditioning(preset, backend, records, run_dir, acc, cb)
     normalize = LatentNormalizer(c, stats["mean"], stats["std"], residual=a.detail_view == "residual")

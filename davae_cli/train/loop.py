@@ -174,16 +174,46 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool,
-                    section: str = "train_vae") -> tuple[Preset, Optional[Path]]:
+# what a start writes before its first checkpoint; a folder holding only these never trained
+_START_FILES = {"config.yaml", "log.jsonl", "samples", CHECKPOINT_DIR}
+
+
+def abandoned_start(run_dir: Path) -> bool:
+    """True for a folder left by a start that failed (or was killed) before its first checkpoint: a
+    config.yaml, no checkpoint, no export, and nothing else that took work to make (a latent cache keeps
+    the folder as it is: `--resume` reuses it)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or latest_checkpoint(run_dir) is not None:
+        return False
+    return {p.name for p in run_dir.iterdir()} <= _START_FILES
+
+
+def _clear_abandoned_start(run_dir: Path) -> None:
+    for name in _START_FILES:
+        p = Path(run_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool, section: str = "train_vae",
+                    on_message=lambda text: None, reader: bool = False) -> tuple[Preset, Optional[Path]]:
     """Create or reopen a run folder. Returns the preset to use and the checkpoint to resume from.
 
-    Never overwrites: an existing run needs `--resume`; a resumed run must use the same preset
-    (only `<section>.steps` may change, to train longer).
+    Never overwrites a run: an existing run needs `--resume`; a resumed run must use the same preset
+    (only `<section>.steps` may change, to train longer). A folder left by a start that never reached its
+    first checkpoint (`abandoned_start`) holds no work: a new start, or `--resume`, begins afresh there with
+    the settings given now, so the command that failed succeeds once its input is fixed. `reader=True`
+    (the other processes of a launch, after the main one prepared the folder) only reads it.
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if not reader and run_dir.is_dir() and abandoned_start(run_dir):
+        on_message(f"{run_dir} holds a start that never reached a checkpoint: starting afresh")
+        _clear_abandoned_start(run_dir)
+        resume = False
     if resume:
         if not cfg_path.is_file():
             raise DavaeError(f": {run_dir} is not a run folder (no config.yaml)", param="resume")
@@ -208,15 +238,15 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool,
     return preset, None
 
 
-def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_vae"):
+def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_vae", on_message=lambda text: None):
     """(accelerator, preset, checkpoint): the main process creates or checks the run folder first, the
     others then read what it wrote (no race on a fresh folder under `accelerate launch`)."""
     acc = _make_accelerator(getattr(preset, section).seed)
     if acc.is_main_process:
-        preset, ckpt = prepare_run_dir(run_dir, preset, resume, section)
+        preset, ckpt = prepare_run_dir(run_dir, preset, resume, section, on_message)
     acc.wait_for_everyone()
     if not acc.is_main_process:
-        preset, ckpt = prepare_run_dir(run_dir, preset, True, section)
+        preset, ckpt = prepare_run_dir(run_dir, preset, True, section, reader=True)
     return acc, preset, ckpt
 
 

@@ -149,7 +149,7 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         raise DavaeError(f"train_dit.resolution {n.resolution}: the latent side {side} is not divisible by the "
                          f"patch size {backend.patch_size(model)}")
 
-    acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="train_dit")
+    acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="train_dit", on_message=cb.on_message)
     n, device = preset.train_dit, acc.device
     _check_or_record_run(run_dir / "run.json", {"vae": str(vae_dir.resolve()), "dit": "random", "data": data,
                                                 "vae_identity": vae.identity}, acc.is_main_process)
@@ -158,7 +158,8 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     records = prepare_latent_dataset(BaseLatentEncoder(vae), data, run_dir / "cache", resolution=n.resolution,
                                      conditioning="class", batch_size=n.encode_batch_size, captions=captions,
                                      rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
-                                     max_images=n.max_images, seed=n.seed)
+                                     max_images=n.max_images, seed=n.seed,
+                                     progress=lambda done, total: cb.on_progress("encoding the training latents", done, total))
     bad = [r for r in records if not 0 <= r.label < preset.dit.num_classes]
     if bad:
         raise DavaeError(f"class label {bad[0].label} of {bad[0].source} is outside 0..{preset.dit.num_classes - 1} "

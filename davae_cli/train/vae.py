@@ -90,7 +90,10 @@ def _base_cache(model: DetailAlignedVAE, source: ImageSource, cb: Callbacks) -> 
 
     device = next(model.parameters()).device
     out, t0 = [], time.time()
+    phase = "caching the frozen base's outputs"
+    cb.on_progress(phase, 0, len(source.items))
     for i, item in enumerate(source.items):
+        cb.on_progress(phase, i, len(source.items))
         try:
             arr = fit_to_multiple(read_image(item), None, model.granularity)
         except Exception as e:  # noqa: BLE001 - an unreadable image is skipped, like StepCropDataset does
@@ -99,6 +102,7 @@ def _base_cache(model: DetailAlignedVAE, source: ImageSource, cb: Callbacks) -> 
         x = to_tensor(arr)[None].to(device)
         z = model.encode_base(x)
         out.append((x[0].cpu(), model.decode_baseline(z)[0].cpu(), z[0].cpu()))
+    cb.on_progress(phase, len(source.items), len(source.items))
     cb.on_message(f"cached the frozen base's outputs for {len(out)} training images in {time.time() - t0:.0f} s")
     return out
 
@@ -141,18 +145,21 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
 
 @torch.no_grad()
 def measure_detail_stats(model: DetailAlignedVAE, source: ImageSource, num_images: int, size: int,
-                         seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+                         seed: int, batch_size: int, cb: Optional[Callbacks] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel mean/std of the detail posterior mean over `num_images` random crops."""
     device = next(model.parameters()).device
     ds = StepCropDataset(source, size, seed + 1_000_003, num_images)
     total, sq, count = None, None, 0
+    cb = cb or Callbacks()
     for i in range(0, num_images, batch_size):
+        cb.on_progress("measuring the detail channels' statistics", i, num_images)
         x = torch.stack([ds[n] for n in range(i, min(num_images, i + batch_size))]).to(device)
         mu = model.encode(x).mean.double()
         s1, s2 = mu.sum(dim=(0, 2, 3)), mu.pow(2).sum(dim=(0, 2, 3))
         total = s1 if total is None else total + s1
         sq = s2 if sq is None else sq + s2
         count += mu.shape[0] * mu.shape[2] * mu.shape[3]
+    cb.on_progress("measuring the detail channels' statistics", num_images, num_images)
     mean = total / count
     std = (sq / count - mean.pow(2)).clamp_min(0).sqrt()
     return mean.float().cpu(), std.float().cpu(), num_images
@@ -294,7 +301,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     """Train (or, with `preset.train_vae.steps == 0`, just build and export) a DA-VAE. See the module doc."""
     cb = callbacks or Callbacks()
     run_dir = Path(run_dir)
-    acc, preset, ckpt_path = open_run(run_dir, preset, resume)
+    acc, preset, ckpt_path = open_run(run_dir, preset, resume, on_message=cb.on_message)
     t, lo = preset.train_vae, preset.loss
     device = acc.device
 
@@ -309,7 +316,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
             source = list_images(data)
             if len(source):
                 mean, std, n = measure_detail_stats(model, source, min(t.stats_images, 4 * len(source)),
-                                                    t.resolution, t.seed, t.batch_size)
+                                                    t.resolution, t.seed, t.batch_size, cb)
                 model.set_detail_stats(mean, std, n)
         if acc.is_main_process:
             export_davae(model, final_dir)
@@ -375,15 +382,18 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
             "trainable_params": sum(p.numel() for p in trainable), "start_step": start_step}
     loop.start(info)
     if start_step == 0 and val_images is not None:
+        cb.on_message(f"evaluating the start on {int(val_images.shape[0])} held-out image(s)")
         evaluate(0)
     raw.train()
     loop.run(VAEOptimStep(stepper, acc, model, opt, sched, ema, trainable, opt_d, t), iter(loader), after_step)
 
+    if val_images is not None:
+        cb.on_message(f"evaluating on {int(val_images.shape[0])} held-out image(s)")
     final_eval = evaluate(total)
     # export the EMA weights with the detail channels' statistics measured on the training images
     ema.copy_to(trainable)
     raw.eval()
-    mean, std, n = measure_detail_stats(raw, train_source, t.stats_images, t.resolution, t.seed, t.batch_size)
+    mean, std, n = measure_detail_stats(raw, train_source, t.stats_images, t.resolution, t.seed, t.batch_size, cb)
     raw.set_detail_stats(mean, std, n)
     if acc.is_main_process:
         export_davae(raw, final_dir)

@@ -17,9 +17,13 @@ from ..errors import DavaeError
 LPIPS_RANDOM_ENV = "DAVAE_LPIPS_RANDOM_BACKBONE"  # tests: LPIPS with a random backbone (no download)
 
 
-def build_lpips(net: str = "vgg", random_backbone: Optional[bool] = None) -> nn.Module:
+TRAINING_LPIPS_OFF = "or turn the term off with --set loss.lpips=0"
+
+
+def build_lpips(net: str = "vgg", random_backbone: Optional[bool] = None, off_hint: str = TRAINING_LPIPS_OFF) -> nn.Module:
     """A frozen `lpips.LPIPS`. Its ImageNet backbone is downloaded by torchvision on first use; when that
-    is impossible this raises a one-line `DavaeError` saying how to provide the weights or turn LPIPS off."""
+    is impossible this raises a one-line `DavaeError` saying how to provide the weights, then `off_hint`
+    (what the calling command can do without them; the trainers' default names their `--set`)."""
     import lpips
 
     if random_backbone is None:
@@ -32,7 +36,7 @@ def build_lpips(net: str = "vgg", random_backbone: Optional[bool] = None) -> nn.
         hub = os.path.join(os.environ.get("TORCH_HOME", "~/.cache/torch"), "hub", "checkpoints")
         raise DavaeError(
             f"LPIPS needs the torchvision {net} ImageNet weights, which could not be downloaded ({reason}); "
-            f"put the .pth file in {hub}, or turn the term off with --set loss.lpips=0"
+            f"put the .pth file in {hub}, {off_hint}"
         ) from None
     return model.eval().requires_grad_(False)
 

@@ -316,7 +316,13 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def encode_base(self, x: torch.Tensor) -> torch.Tensor:
         """z_base: the transformed base posterior mean of the downsampled image. x (B, 3, H, W) -> (B, C, h, w)."""
-        return self.transform(base_encode_mean(self.base.vae, L.downsample(x, self.config.scale)))
+        return self.encode_base_image(L.downsample(x, self.config.scale))
+
+    @torch.no_grad()
+    def encode_base_image(self, x_base: torch.Tensor) -> torch.Tensor:
+        """z_base of an image already at the base resolution (1/s): (B, 3, H/s, W/s) -> (B, C, h, w).
+        `encode_base(x)` is `encode_base_image(downsample(x))`."""
+        return self.transform(base_encode_mean(self.base.vae, x_base))
 
     def encode(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
                base_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> DAEncoding:

@@ -1,0 +1,95 @@
+"""`davae upscale`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, print_json, progress_bar,
+                     resolve_preset)
+
+EXAMPLES = """
+Examples:
+
+  # a native 1024² SD3.5 image made 2048² at the token cost of 1024² (a "hires fix")
+  davae upscale photo_1024.png --preset sd35m-2048 --vae runs/sd35-2048/final --dit runs/sd35-2048-dit/final \\
+      --prompt "a lighthouse at dusk, photo" --out up/
+
+  # every image of a folder, class-conditional (LightningDiT), with the latents and the timings
+  davae upscale val/ --preset imagenette --vae runs/vae/final --dit runs/adapt/final --class-id 3 \\
+      --save-latents --json --out up/
+
+  # let the model also refine the composition from sigma 0.3 down (0 keeps the input's base exactly)
+  davae upscale photo.png --preset tiny --vae runs/tvae/final --dit runs/tdit/final --strength 0.3 --out up/
+"""
+
+
+def upscale_cmd(
+    inputs: list[str] = typer.Argument(..., help="Images or folders of images (recursive), any size."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>.png per input (existing ones are kept and skipped: resumable)."),
+    vae: Path = typer.Option(..., "--vae", help="DA-VAE folder (RUN/final of train-vae)."),
+    dit: Path = typer.Option(..., "--dit", help="Adapted DiT folder (RUN/final of adapt-dit), adapted with that DA-VAE."),
+    preset: str = PresetOpt,
+    res: Optional[int] = typer.Option(None, "--res", help="Output short side R (default: the adapted model's resolution); the input is resized to R/s, sides rounded down to whole tokens."),
+    strength: float = typer.Option(0.0, "--strength", help="0 = the input's base channels kept exactly (only the detail channels are generated); > 0 = the base channels are also regenerated below sigma = STRENGTH (up to 1)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for every image (SD3/FLUX models; \"\" allowed, the default)."),
+    class_id: Optional[int] = typer.Option(None, "--class-id", help="Class for every image (class-conditional models; default: the null class, unconditional)."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (the unconditional branch)."),
+    steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Sampling steps (default: the adapted model's recipe)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, 1 = off (default: the recipe's)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or heun (default: the recipe's)."),
+    shift: Optional[float] = typer.Option(None, "--shift", help="Sampling timestep shift (default: the adapted model's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image k uses seed + k."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images of the same size sampled together."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    save_latents: bool = typer.Option(False, "--save-latents", help="Also write each final latent (DiT space) as <stem>.safetensors."),
+    base_pipeline: Optional[str] = typer.Option(None, "--base-pipeline", help="Text encoders from this SD3/FLUX pipeline folder instead of the recorded ones."),
+    no_t5: bool = typer.Option(False, "--no-t5", help="SD3: skip the T5 encoder."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the DiT (the first batch includes the compilation)."),
+    compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Decode in latent tiles of this side (default: whole, 64-tiles if the GPU runs out of memory; 0 = never)."),
+    dtype: Optional[Dtype] = DtypeOpt,
+    device: Optional[str] = DeviceOpt,
+    sets: Optional[list[str]] = SetOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Upscale images s x with an adapted DiT, for the token cost of the input's resolution.
+
+    The input, resized to R/s, gives the base channels (exactly the DA-VAE's base channels of that image);
+    the adapted DiT generates the detail channels with the base channels held on their noised path at every
+    step; the DA-VAE decodes at R. PNGs carry the source, strength, seed, settings and model identities."""
+    from ..upscale import UpscaleSettings, upscale
+
+    p = resolve_preset(preset, sets)
+    s = UpscaleSettings(out_dir=out, res=res, strength=strength, prompt=prompt, class_id=class_id,
+                        negative_prompt=negative_prompt, steps=steps, guidance=guidance, sampler=sampler, shift=shift,
+                        seed=seed, batch_size=batch_size, overwrite=overwrite, save_latents=save_latents, tile=tile,
+                        device=device, dtype=dtype_name(dtype), compile=compile_, compile_mode=compile_mode)
+    bar = progress_bar()
+    task = None
+
+    def progress(done, total):
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("upscale", total=total, completed=done, info="")
+        bar.update(task, completed=done)
+
+    try:
+        report = upscale(p, s, inputs, vae_dir=str(vae), dit_dir=str(dit), base_pipeline=base_pipeline,
+                         use_t5=not no_t5, progress=progress, on_message=lambda t: err.print(t))
+    finally:
+        if task is not None:
+            bar.stop()
+    if json_out:
+        print_json(report)
+        return
+    n = len(report["written"])
+    sizes = ", ".join(f"{w}x{h}" for h, w in report["sizes"]) or "-"
+    typer.echo(f"{n} image(s) upscaled into {out} ({report['skipped_existing']} already there), output {sizes}, "
+               f"strength {report['strength']}")
+    if n:
+        typer.echo(f"encode {report['encode_s']:.1f} s, text {report['text_s']:.1f} s, sampling {report['sample_s']:.1f} s, "
+                   f"decoding {report['decode_s']:.1f} s: {report['ms_per_image'] / 1000:.2f} s per image on {report['device']}")

@@ -1,0 +1,232 @@
+"""`upscale`: an image to s x its base resolution with an adapted DiT, for the token cost of the base resolution.
+
+For each input image (any size) and an output short side R:
+
+1. The base image: the input resized (antialiased bicubic in float, the DA-VAE's own downsampling) so that
+   it covers R/s on its short side, centre-cropped to a multiple of f*p on each side. An input already at
+   that size is used as it is (no resampling), so a native R/2 generation goes in untouched.
+2. z_base = the DA-VAE's base channels of that image: `DetailAlignedVAE.encode_base_image` (the frozen
+   base VAE's posterior mean, transformed as the DiT expects). For an image X at R whose base image is
+   downsample(X), these are exactly the base channels `encode(X)` gives.
+3. The adapted DiT samples the full latent (C + D channels) from noise on its own sigma grid while the base
+   channels are held on the straight path of z_base: before every velocity evaluation they are replaced by
+   (1 - sigma) z_base + sigma eps_base, with the eps_base the noise started from (`flow.hold_channels`).
+   This is the "replacement" conditioning of inpainting with flow models; it needs no retraining because
+   the adapted DiT was trained on exactly such noised base channels. With `strength` = 0 the base channels
+   are held to the end, so the result's base channels equal z_base exactly and only the detail channels are
+   generated; with `strength` > 0 the base channels follow the path only down to sigma = strength and are
+   regenerated below it (SDEdit-style: the larger, the more the composition may change).
+4. The DA-VAE decodes the latent at R.
+
+Noise: per image a CPU generator seeded with `seed + index`, base channels first (as `generate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from . import flow
+from .config import Preset, check_sampling
+from .errors import DavaeError
+from .generate import (RECIPE, Job, _decode, _png_bytes, apply_recipe, guided_velocity, initial_noise, load_adapted)
+from .latents import atomic_write_bytes, save_latent
+
+
+@dataclass
+class UpscaleSettings:
+    out_dir: Path
+    res: Optional[int] = None  # the output's short side; default: the adapted model's resolution
+    strength: float = 0.0  # 0: base channels kept exactly; > 0: regenerated below sigma = strength
+    prompt: Optional[str] = None  # prompt models: one prompt for every image ("" allowed)
+    class_id: Optional[int] = None  # class models: one class for every image (None: the null class)
+    negative_prompt: str = ""
+    # None (RECIPE for the interval): the adapted model's sampling recipe, as `generate`
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    guidance_interval: object = RECIPE
+    sampler: Optional[str] = None
+    shift: Optional[float] = None
+    seed: int = 0
+    batch_size: int = 1
+    overwrite: bool = False
+    save_latents: bool = False
+    tile: Optional[int] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    compile: bool = False
+    compile_mode: str = "default"
+
+
+def base_size(h: int, w: int, res: int, scale: int, unit: int) -> tuple[int, int]:
+    """The base image's (height, width) for an input of h x w and an output short side `res`: the short side
+    res / s, the long side in proportion, each rounded down to a multiple of `unit` (= f * p)."""
+    short = res // scale
+    if short < unit:
+        raise DavaeError(f"{res} gives a base image of {short} px, smaller than one DiT token ({unit} px at 1/{scale})",
+                         param="res")
+    k = short / min(h, w)
+    bh, bw = (short, round(w * k)) if h <= w else (round(h * k), short)
+    return (bh // unit) * unit, (bw // unit) * unit
+
+
+def prepare_base_image(arr, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> the base image (3, bh, bw) in [-1, 1]: resized in float with antialiased bicubic (the
+    DA-VAE's `downsample`) to cover `size`, then centre-cropped; an input already of `size` is not resampled."""
+    x = D.to_tensor(arr)[None]  # (1, 3, H, W)
+    h, w = x.shape[-2:]
+    bh, bw = size
+    if (h, w) != (bh, bw):
+        k = max(bh / h, bw / w)
+        nh, nw = max(bh, round(h * k)), max(bw, round(w * k))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+        y0, x0 = (x.shape[-2] - bh) // 2, (x.shape[-1] - bw) // 2
+        x = x[:, :, y0 : y0 + bh, x0 : x0 + bw]
+    return x[0]
+
+
+def _inputs(inputs: list[str]) -> D.ImageSource:
+    src = D.list_images(inputs, missing_ok=True)
+    if src.skipped:
+        path, why = src.skipped[0]
+        more = f" (and {len(src.skipped) - 1} more)" if len(src.skipped) > 1 else ""
+        raise DavaeError(f"{path}: {why if why == 'not found' else 'unreadable image: ' + why}{more}; nothing written")
+    if not len(src):
+        raise DavaeError(f"no images in {', '.join(map(str, inputs))}")
+    names = [src.name(i) for i in range(len(src))]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise DavaeError(f"two inputs would write the same output {sorted(dup)[0]}.png (same file stem)")
+    return src
+
+
+def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: str, dit_dir: str,
+            base_pipeline: Optional[str] = None, use_t5: bool = True,
+            progress: Optional[Callable[[int, int], None]] = None,
+            on_message: Callable[[str], None] = lambda t: None) -> dict:
+    """Upscale every image of `inputs` into `s.out_dir/<stem>.png`; returns what was written and the timings.
+    Existing outputs are kept (resumable) unless `s.overwrite`."""
+    from .devices import resolve_device, resolve_dtype
+    from .dit.backend import sigma_grid
+
+    if not 0.0 <= s.strength <= 1.0:
+        raise DavaeError(f"{s.strength} is outside [0, 1]", param="strength")
+    if s.batch_size < 1:
+        raise DavaeError("must be at least 1", param="batch_size")
+    interval = None if isinstance(s.guidance_interval, str) else s.guidance_interval
+    check_sampling(s.steps, s.shift, interval, s.sampler)
+    src = _inputs(inputs)
+    device = resolve_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
+    t0 = time.perf_counter()
+    model, cond_fn = load_adapted(preset, vae_dir, dit_dir, base_pipeline=base_pipeline, use_t5=use_t5,
+                                  negative_prompt=s.negative_prompt, device=device, dtype=dtype)
+    if model.conditioning == "class" and s.prompt is not None:
+        raise DavaeError("this model is class-conditional: use --class-id, not --prompt", param="prompt")
+    if model.conditioning == "prompt" and s.class_id is not None:
+        raise DavaeError("is for class-conditional (LightningDiT) models; this one takes a prompt", param="class_id")
+    s = dataclasses.replace(s)  # the caller's settings stay as given
+    apply_recipe(s, model.recipe)
+    if model.backend == "flux" and s.shift is not None and (model.scheduler_config or {}).get("use_dynamic_shifting"):
+        raise DavaeError("FLUX samples with its scheduler's dynamic shift (mu from the image-token count), as "
+                         "FluxPipeline; a fixed shift does not apply", param="shift")
+    res = s.res if s.res is not None else int(model.facts["resolution"])
+    scale = int(model.vae.config.scale)
+    unit = model.vae.config.downsample * model.patch_size  # base pixels per DiT token
+    shift = s.shift if s.shift is not None else model.shift
+    if s.compile:
+        model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
+        on_message("compiling the DiT on its first use: the first batch's time includes the compilation")
+    vae, c, d = model.vae, model.base_channels, model.detail_channels
+    load_s = time.perf_counter() - t0
+
+    out_dir = Path(s.out_dir)
+    jobs = [Job(i, s.seed + i, (s.prompt or "") if model.conditioning == "prompt" else None,
+                s.class_id if model.conditioning == "class" else None) for i in range(len(src))]
+    todo = [i for i in range(len(src)) if s.overwrite or not (out_dir / f"{src.name(i)}.png").exists()]
+    # group by base size so that each batch is one tensor; sizes come from the headers, images are read per batch
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in todo:
+        h, w = _image_size(src.items[i])
+        groups.setdefault(base_size(h, w, res, scale, unit), []).append(i)
+    timings = {"encode_s": 0.0, "text_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
+    written, sizes, done = [], set(), len(src) - len(todo)
+    if progress:
+        progress(done, len(src))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for size, members in groups.items():
+        side_h, side_w = size[0] // vae.config.downsample, size[1] // vae.config.downsample  # the latent at R
+        tokens = (side_h // model.patch_size) * (side_w // model.patch_size)
+        sigmas = sigma_grid(model.backend, s.steps, shift, model.scheduler_config, tokens)
+        grid = [round(float(v), 8) for v in sigmas]
+        sizes.add((size[0] * scale, size[1] * scale))
+        for k in range(0, len(members), s.batch_size):
+            idx = members[k : k + s.batch_size]
+            batch = [jobs[i] for i in idx]
+            ta = time.perf_counter()
+            x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size) for i in idx]).to(device)
+            with torch.inference_mode():
+                z_base = vae.encode_base_image(x_base).float()  # (B, C, h, w), the DiT's own base space
+            sync()
+            tb = time.perf_counter()
+            uncond, cond = cond_fn(batch)
+            sync()
+            tc = time.perf_counter()
+            noise = torch.cat([initial_noise(j.seed, c, d, side_h, side_w) for j in batch]).to(device)
+            velocity = guided_velocity(model, s.guidance, uncond, cond, len(batch), device, dtype)
+            hold = flow.hold_channels(z_base, noise[:, :c], c, until=s.strength)
+            with torch.inference_mode():
+                lat = flow.sample(velocity, noise, sigmas, method=s.sampler, guidance_interval=s.guidance_interval,
+                                  constrain=hold)
+                sync()
+                td = time.perf_counter()
+                images = _decode(model, lat, s.tile)
+                sync()
+            te = time.perf_counter()
+            for key, v in zip(("encode_s", "text_s", "sample_s", "decode_s"), (tb - ta, tc - tb, td - tc, te - td)):
+                timings[key] += v
+            for i, j, img, z in zip(idx, batch, images, lat):
+                stem = src.name(i)
+                meta = {"source": str(src.items[i]), "strength": s.strength, "prompt": j.prompt,
+                        "negative_prompt": s.negative_prompt if j.prompt is not None else None,
+                        "class_id": j.class_id, "seed": j.seed, "steps": s.steps, "guidance": s.guidance,
+                        "guidance_interval": s.guidance_interval, "sampler": s.sampler, "shift": shift,
+                        "sigmas": grid, "res": list(img.shape[-2:]), "base_size": list(size), "mode": "upscale",
+                        **model.identity}
+                meta = {k2: v for k2, v in meta.items() if v is not None}
+                if s.save_latents:
+                    save_latent(out_dir / f"{stem}.safetensors", z.float(), {**meta, "space": "dit"})
+                atomic_write_bytes(out_dir / f"{stem}.png", _png_bytes(img, meta))
+                written.append(str(out_dir / f"{stem}.png"))
+            done += len(idx)
+            if progress:
+                progress(done, len(src))
+    n = len(written)
+    total_s = sum(timings.values())
+    per = (lambda sec: 1000.0 * sec / n) if n else (lambda sec: None)
+    return {"written": written, "skipped_existing": len(src) - len(todo), "images": len(src),
+            "sizes": sorted(list(v) for v in sizes), "strength": s.strength, "steps": s.steps, "guidance": s.guidance,
+            "guidance_interval": s.guidance_interval, "sampler": s.sampler, "shift": shift, "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "load_s": load_s, **timings,
+            "ms_encode": per(timings["encode_s"]), "ms_text": per(timings["text_s"]),
+            "ms_loop": per(timings["sample_s"]), "ms_decode": per(timings["decode_s"]), "ms_per_image": per(total_s),
+            "images_per_s": n / total_s if n and total_s > 0 else None,
+            "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+
+
+def _image_size(item) -> tuple[int, int]:
+    """(height, width) from the file's header (a bundled photo is read)."""
+    if isinstance(item, tuple):
+        return tuple(D.read_image(item).shape[:2])
+    from PIL import Image
+
+    with Image.open(item) as im:
+        return im.size[1], im.size[0]
