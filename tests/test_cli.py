@@ -114,4 +114,5 @@ def test_random_base_tiny_run_with_bundled_photos(tmp_path):
               "--set", "train_vae.stats_images=2", "--set", "train_vae.resolution=64", "--json")
     out = json.loads(res.stdout)
     assert out["steps"] == 2 and out["eval"]["num_images"] == 2 and "davae.psnr" in out["eval"]
+    assert out["eval"]["detail_structure"]["latents"] == 2  # train-vae --json reports the latent structure
     assert (tmp_path / "r" / "final" / "config.json").is_file()

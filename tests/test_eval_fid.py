@@ -358,6 +358,9 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
     assert 0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1
     assert isinstance(r["lpips"], float) and r["lpips"] >= 0  # random backbone (conftest), but computed
     assert r["granularity"] == 16 and "multiple of 16" in r["image_prep"]
+    ds = r["detail_structure"]  # is the detail part generable (metrics.latent_stats), on the 8 latents
+    assert ds["latents"] == 8 and 0 <= ds["detail_unexplained"]["variance_share"] <= 1
+    assert {"std", "neighbour_corr", "kurtosis"} <= set(ds["base"]) == set(ds["detail"])
     # without LPIPS weights: null, and the human output says why
     from davae_cli.vae import losses
     from davae_cli.vae.losses import build_lpips

@@ -95,6 +95,20 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def structure_lines(ds: Optional[dict]) -> list[str]:
+    """`detail_structure` (metrics.latent_stats) as a small table: is the detail part a generable latent?"""
+    if not ds:
+        return []
+    rows = [("base channels", ds["base"]), ("detail channels", ds["detail"]),
+            ("detail not explained by base", ds["detail_unexplained"])]
+    out = [f"  latent structure ({ds['latents']} latents)         std  neighbour corr  kurtosis"]
+    for name, r in rows:
+        out.append(f"    {name:<29} {r['std']:7.4f}  {r['neighbour_corr']:14.3f}  {r['kurtosis']:8.2f}")
+    out.append(f"    share of the detail variance not explained by the base channels: "
+               f"{100 * ds['detail_unexplained']['variance_share']:.2f}%")
+    return out
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(_finite(obj), default=float, allow_nan=False) + "\n")
     sys.stdout.flush()

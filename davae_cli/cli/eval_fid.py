@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import DeviceOpt, JsonOpt, err, fail, print_json, progress_bar
+from .common import DeviceOpt, JsonOpt, err, fail, print_json, progress_bar, structure_lines
 
 EXAMPLES = """
 Examples:
@@ -70,6 +70,8 @@ def _human(r: dict) -> None:
                    + (f"   unavailable: {r['lpips_reason']}" if r.get("lpips_reason") else ""))
         if "kid" in r:
             typer.echo(f"KID    {_fmt(r['kid'], '.6f')}")
+        for line in structure_lines(r.get("detail_structure")):
+            typer.echo(line)
         typer.echo(f"  DA-VAE     {r['vae']['path']} ({r['vae']['davae'][:19]})")
         typer.echo(f"  images     {r['image_prep']}")
     else:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, err, print_json, trainer_preset
+from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, err, print_json, structure_lines, trainer_preset
 
 EXAMPLES = """
 Examples:
@@ -63,6 +63,8 @@ def train_vae_cmd(
         typer.echo(f"  (c) base at full res ({s * s}x) PSNR {m['base_full.psnr']:.2f} dB  SSIM {m['base_full.ssim']:.4f}")
         gap = "n/a (c is not better than a)" if m["gap_closed"] is None else f"{100 * m['gap_closed']:.1f}%"
         typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}   MSE(Proj(z_d), z_base) {m['align_mse']:.4f}")
+        for line in structure_lines(m.get("detail_structure")):
+            typer.echo(line)
     if result.skipped_images:
         err.print(f"{result.skipped_images} unreadable image(s) were skipped")
     typer.echo(f"DA-VAE written to {result.final_dir}")

@@ -26,6 +26,9 @@ from .fid import frechet, kid
 from .stats import _protocol_notes, check_stats_shape, is_stats_file, load_stats_npz, named_stats, parse_stats_name
 
 
+STRUCTURE_LATENTS = 1024  # detail_structure is measured on the first this many latents (memory bound)
+
+
 def _protocol(extractor: FeatureExtractor, mode: str) -> dict:
     return {"mode": mode, "feature_extractor": extractor.describe(), "resize": RESIZE[mode]}
 
@@ -169,6 +172,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     ds = _PreparedImages(src.items, res, g)
     skipped = [(p, f"unreadable image: {why}") for p, why in src.skipped]
     f_orig, f_rec, m_psnr, m_ssim, m_lpips = [], [], [], [], []
+    latents: list = []  # the first STRUCTURE_LATENTS latents, for detail_structure
     done = 0
     for batch in _loader(ds, batch_size, num_workers):
         good = []
@@ -182,7 +186,10 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
             groups.setdefault(arr.shape, []).append(arr)
         for arrs in groups.values():
             x = torch.stack([D.to_tensor(a) for a in arrs]).to(dev)
-            y = vae.decode(vae.encode(x).latent)
+            lat = vae.encode(x).latent
+            if len(latents) < STRUCTURE_LATENTS:
+                latents.extend(lat[: STRUCTURE_LATENTS - len(latents)].float().cpu())
+            y = vae.decode(lat)
             rec = [D.to_uint8(t) for t in y]  # what a saved PNG would hold
             y8 = torch.stack([D.to_tensor(a) for a in rec]).to(dev)
             try:
@@ -211,7 +218,10 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     mu_o, sigma_o = fo.stats()
     mu_r, sigma_r = fr.stats()
     rfid = frechet(mu_r, sigma_r, mu_o, sigma_o, notes)
+    from .latent_stats import detail_structure
+
     result = {"rfid": rfid, "fid": rfid, "psnr": float(torch.cat(m_psnr).mean()),
+              "detail_structure": detail_structure(latents, vae.config.base_channels),
               "ssim": float(torch.cat(m_ssim).mean()),
               "lpips": float(torch.cat(m_lpips).mean()) if lpips_model is not None and m_lpips else None,
               "num_images": n, "num_gen": n, "num_ref": n, "mode": mode,

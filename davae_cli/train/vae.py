@@ -116,9 +116,13 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
                             lpips_model=None, baselines: bool = True) -> dict:
     """PSNR/SSIM(/LPIPS) on held-out images (B, 3, H, W) in [-1, 1]:
     (b) the DA-VAE; with `baselines`, (a) the base at 1/s + bicubic (same tokens) and (c) the base at
-    full resolution (s^2 times the tokens); and MSE(Proj(mu_d), z_base)."""
+    full resolution (s^2 times the tokens); MSE(Proj(mu_d), z_base); and `detail_structure` of the latents
+    (is the detail part generable: metrics.latent_stats)."""
+    from ..metrics.latent_stats import detail_structure
+
     device = next(model.parameters()).device
     acc: dict[str, list] = {}
+    latents = []
 
     def add(key, val):
         acc.setdefault(key, []).append(val.detach().float().cpu())
@@ -126,6 +130,7 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
     for i in range(0, images.shape[0], batch_size):
         x = images[i : i + batch_size].to(device)
         enc = model.encode(x)
+        latents.append(enc.latent.float().cpu())
         outs = {"davae": model.decode(enc.latent).clamp(-1, 1)}
         add("align_mse", F.mse_loss(L.project(enc.mean, enc.z_base.shape[1]), enc.z_base, reduction="none").flatten(1).mean(1))
         if baselines:
@@ -136,6 +141,7 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
                 add(f"{name}.{metric}", values)
     res = {k: float(torch.cat(v).mean()) for k, v in acc.items()}
     res["num_images"] = int(images.shape[0])
+    res["detail_structure"] = detail_structure(latents, model.config.base_channels)
     if baselines:
         a, b, c = res["base_half_bicubic.psnr"], res["davae.psnr"], res["base_full.psnr"]
         # share of the PSNR gap from the baseline (a) to the full-resolution base (c) that the DA-VAE closes
