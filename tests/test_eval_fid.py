@@ -358,6 +358,27 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
     assert 0 < r["psnr"] < 100 and -1 <= r["ssim"] <= 1
     assert isinstance(r["lpips"], float) and r["lpips"] >= 0  # random backbone (conftest), but computed
     assert r["granularity"] == 16 and "multiple of 16" in r["image_prep"]
+    # --baselines: (a) and (c) scored by the same path; the DA-VAE's own numbers do not change
+    rb = json.loads(invoke(*args, "--baselines", "--kid", "--json").stdout)
+    assert {k: rb[k] for k in ("rfid", "psnr", "ssim")} == pytest.approx({k: r[k] for k in ("rfid", "psnr", "ssim")})
+    bl = rb["baselines"]
+    assert {"rfid", "psnr", "ssim", "lpips", "kid"} <= set(bl["base_half_bicubic"]) == set(bl["base_full"])
+    a_, c_ = bl["base_half_bicubic"]["psnr"], bl["base_full"]["psnr"]
+    assert a_ != c_ and (bl["gap_closed"] is None or bl["gap_closed"] == pytest.approx((r["psnr"] - a_) / (c_ - a_)))
+    # (a) recomputed independently: the base decode of the DA-VAE's z_base, torch bicubic x2, 8-bit
+    from davae_cli.data import fit_to_multiple, read_image, resize_short_side, to_tensor, to_uint8
+    from davae_cli.metrics.image import psnr
+    from davae_cli.vae.model import DetailAlignedVAE
+
+    vae = DetailAlignedVAE.from_pretrained(str(davae_dir)).eval()
+    vals = []
+    for f in sorted(eight.glob("[0-9]*.png")):
+        x = to_tensor(fit_to_multiple(resize_short_side(read_image(str(f)), 32), None, 16))[None]
+        y = to_tensor(to_uint8(vae.decode_baseline(vae.encode(x).z_base)[0]))[None]
+        vals.append(float(psnr(y, x)))
+    assert a_ == pytest.approx(sum(vals) / len(vals), abs=1e-3)
+    out = invoke(*args, "--baselines").stdout
+    assert "(a) base at 1/s + bicubic" in out and "PSNR gap (a)->(c) closed by (b)" in out
     ds = r["detail_structure"]  # is the detail part generable (metrics.latent_stats), on the 8 latents
     assert ds["latents"] == 8 and 0 <= ds["detail_unexplained"]["variance_share"] <= 1
     assert {"std", "neighbour_corr", "kurtosis"} <= set(ds["base"]) == set(ds["detail"])

@@ -25,6 +25,9 @@ Examples:
   # tokenizer metrics of a DA-VAE: rFID, PSNR, SSIM, LPIPS
   davae eval-fid data/val/ --reconstruct --vae runs/tiny/final --res 256
 
+  # the same beside the base VAE at 1/s + bicubic (same tokens) and at full resolution (the ceiling)
+  davae eval-fid data/val/ --reconstruct --vae runs/tiny/final --baselines --kid --json
+
   # in a shell script: one JSON file per checkpoint, stop at the first failure
   for step in 10000 20000 30000; do
     davae eval-fid "samples/$step" --ref-stats val.npz --json > "fid_$step.json" || exit 1
@@ -70,6 +73,17 @@ def _human(r: dict) -> None:
                    + (f"   unavailable: {r['lpips_reason']}" if r.get("lpips_reason") else ""))
         if "kid" in r:
             typer.echo(f"KID    {_fmt(r['kid'], '.6f')}")
+        if r.get("baselines"):
+            bl = r["baselines"]
+            kid_h = "  KID" if "kid" in r else ""
+            typer.echo(f"  {'':<34}   rFID     PSNR    SSIM   LPIPS{kid_h}")
+            for name, row in (("(a) base at 1/s + bicubic", bl["base_half_bicubic"]), ("(b) DA-VAE", r),
+                              ("(c) base at full res (s² tokens)", bl["base_full"])):
+                kid_v = f"  {_fmt(row.get('kid'), '.4f')}" if "kid" in r else ""
+                typer.echo(f"  {name:<34} {_fmt(row['rfid'], '7.2f')} {_fmt(row['psnr'], '8.3f')} "
+                           f"{_fmt(row['ssim'], '7.4f')} {_fmt(row['lpips'], '7.4f')}{kid_v}")
+            gap = "n/a" if bl["gap_closed"] is None else f"{100 * bl['gap_closed']:.1f}%"
+            typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}")
         for line in structure_lines(r.get("detail_structure")):
             typer.echo(line)
         typer.echo(f"  DA-VAE     {r['vae']['path']} ({r['vae']['davae'][:19]})")
@@ -119,6 +133,7 @@ def eval_fid_cmd(
     vae: Optional[str] = typer.Option(None, "--vae", help="With --reconstruct: a DA-VAE folder (e.g. RUN/final)."),
     res: Optional[int] = typer.Option(None, "--res", help="With --reconstruct: resize the short side to RES first."),
     base_vae: Optional[str] = typer.Option(None, "--base-vae", help="With --reconstruct: the DA-VAE's base VAE, if moved."),
+    baselines: bool = typer.Option(False, "--baselines", help="With --reconstruct: also score the base VAE at 1/s + bicubic (the same tokens) and at full resolution (s² x the tokens)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     json_out: bool = JsonOpt,
 ) -> None:
@@ -129,8 +144,8 @@ def eval_fid_cmd(
     """
     if gen is None:
         fail("give a GEN folder (see `davae eval-fid --help`)")
-    if not reconstruct and (vae is not None or res is not None or base_vae is not None):
-        fail("--vae, --res and --base-vae only apply with --reconstruct")
+    if not reconstruct and (vae is not None or res is not None or base_vae is not None or baselines):
+        fail("--vae, --res, --base-vae and --baselines only apply with --reconstruct")
     if reconstruct and vae is None:
         fail("--reconstruct needs --vae DAVAE_DIR")
     if reconstruct and (ref is not None or ref_stats is not None or save_stats is not None):
@@ -153,7 +168,8 @@ def eval_fid_cmd(
         common = dict(mode=mode, batch_size=batch_size, num_workers=num_workers, device=device,
                       inception=inception, progress=progress)
         if reconstruct:
-            result = F.evaluate_tokenizer(gen, vae, res=res, base_vae=base_vae, with_kid=with_kid, **common)
+            result = F.evaluate_tokenizer(gen, vae, res=res, base_vae=base_vae, with_kid=with_kid, baselines=baselines,
+                                          **common)
         elif save_stats is not None:
             result = F.save_statistics(gen, save_stats, with_feats=with_kid, use_cache=not no_cache, **common)
         else:

@@ -137,11 +137,13 @@ def save_statistics(folder: str | Path, out: str | Path, *, mode: str = "clean",
 def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[int] = None,
                             base_vae: Optional[str] = None, mode: str = "clean", with_kid: bool = False,
                             batch_size: int = 16, num_workers: int = 0, device: Optional[str] = None,
-                            inception: Optional[str | Path] = None, progress: Optional[ProgressFn] = None) -> dict:
+                            inception: Optional[str | Path] = None, progress: Optional[ProgressFn] = None,
+                            baselines: bool = False) -> dict:
     """Tokenizer metrics: every image under `ref` (short side resized to `res` if given, then centre-
     cropped to a multiple of the DA-VAE's granularity) is encoded and decoded; the 8-bit reconstructions
     are compared with the prepared originals: rFID (and KID), PSNR, SSIM and, when its weights are
-    available, LPIPS (VGG)."""
+    available, LPIPS (VGG); `detail_structure` of the latents. With `baselines`, the same metrics for the
+    base VAE at 1/s + bicubic (the same tokens) and at full resolution (the ceiling), in `baselines`."""
     from ..vae.model import DetailAlignedVAE
     from .image import reconstruction_metrics
 
@@ -171,7 +173,10 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     resize = build_resizer(mode)
     ds = _PreparedImages(src.items, res, g)
     skipped = [(p, f"unreadable image: {why}") for p, why in src.skipped]
-    f_orig, f_rec, m_psnr, m_ssim, m_lpips = [], [], [], [], []
+    f_orig: list = []
+    # per output: the DA-VAE, and with `baselines` (a) the base at 1/s + bicubic, (c) the base at full res
+    names = ("davae", "base_half_bicubic", "base_full") if baselines else ("davae",)
+    acc = {k: {"feats": [], "psnr": [], "ssim": [], "lpips": []} for k in names}
     latents: list = []  # the first STRUCTURE_LATENTS latents, for detail_structure
     done = 0
     for batch in _loader(ds, batch_size, num_workers):
@@ -186,26 +191,29 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
             groups.setdefault(arr.shape, []).append(arr)
         for arrs in groups.values():
             x = torch.stack([D.to_tensor(a) for a in arrs]).to(dev)
-            lat = vae.encode(x).latent
+            enc = vae.encode(x)
             if len(latents) < STRUCTURE_LATENTS:
-                latents.extend(lat[: STRUCTURE_LATENTS - len(latents)].float().cpu())
-            y = vae.decode(lat)
-            rec = [D.to_uint8(t) for t in y]  # what a saved PNG would hold
-            y8 = torch.stack([D.to_tensor(a) for a in rec]).to(dev)
-            try:
-                m = reconstruction_metrics(y8, x, lpips_model)
-            except Exception as e:  # LPIPS failing (e.g. its weights): report the rest without it
-                if lpips_model is None:
-                    raise
-                lpips_model, lpips_reason, m_lpips = None, f"LPIPS failed: {_first_line(e)}", []
-                m = reconstruction_metrics(y8, x)
-            m_psnr.append(m["psnr"].cpu())
-            m_ssim.append(m["ssim"].cpu())
-            if "lpips" in m:
-                m_lpips.append(m["lpips"].cpu())
-            for src_list, dst in ((arrs, f_orig), (rec, f_rec)):
-                for run in _same_shape_runs([_to_chw(resize(a)) for a in src_list]):
-                    dst.append(extractor(torch.stack(run)).cpu().numpy())
+                latents.extend(enc.latent[: STRUCTURE_LATENTS - len(latents)].float().cpu())
+            outs = {"davae": lambda: vae.decode(enc.latent),
+                    "base_half_bicubic": lambda: vae.decode_baseline(enc.z_base),
+                    "base_full": lambda: vae.reconstruct_base_full(x)}
+            for run in _same_shape_runs([_to_chw(resize(a)) for a in arrs]):
+                f_orig.append(extractor(torch.stack(run)).cpu().numpy())
+            for name in names:
+                rec = [D.to_uint8(t) for t in outs[name]()]  # what a saved PNG would hold
+                y8 = torch.stack([D.to_tensor(a) for a in rec]).to(dev)
+                try:
+                    m = reconstruction_metrics(y8, x, lpips_model)
+                except Exception as e:  # LPIPS failing (e.g. its weights): report the rest without it
+                    if lpips_model is None:
+                        raise
+                    lpips_model, lpips_reason = None, f"LPIPS failed: {_first_line(e)}"
+                    m = reconstruction_metrics(y8, x)
+                for key in ("psnr", "ssim", "lpips"):
+                    if key in m:
+                        acc[name][key].append(m[key].cpu())
+                for run in _same_shape_runs([_to_chw(resize(a)) for a in rec]):
+                    acc[name]["feats"].append(extractor(torch.stack(run)).cpu().numpy())
         done += len(batch)
         if progress:
             progress("reconstruct", done, len(src.items))
@@ -213,17 +221,25 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     if n < 2:
         raise DavaeError(f"REF folder {ref}: {n} usable image(s) ({len(skipped)} unreadable); FID needs at least 2")
     fo = FeatureSet(np.concatenate(f_orig).astype(np.float32))
-    fr = FeatureSet(np.concatenate(f_rec).astype(np.float32))
     extractor._dim = int(fo.feats.shape[1])
     mu_o, sigma_o = fo.stats()
-    mu_r, sigma_r = fr.stats()
-    rfid = frechet(mu_r, sigma_r, mu_o, sigma_o, notes)
+
+    def scores(a: dict) -> dict:
+        fr = FeatureSet(np.concatenate(a["feats"]).astype(np.float32))
+        mu_r, sigma_r = fr.stats()
+        out = {"rfid": frechet(mu_r, sigma_r, mu_o, sigma_o, notes), "psnr": float(torch.cat(a["psnr"]).mean()),
+               "ssim": float(torch.cat(a["ssim"]).mean()),
+               "lpips": float(torch.cat(a["lpips"]).mean()) if lpips_model is not None and a["lpips"] else None}
+        if with_kid:
+            out["kid"] = kid(fr.feats, fo.feats)
+        return out
+
+    per = {name: scores(a) for name, a in acc.items()}
+    rfid = per["davae"]["rfid"]
     from .latent_stats import detail_structure
 
-    result = {"rfid": rfid, "fid": rfid, "psnr": float(torch.cat(m_psnr).mean()),
+    result = {**per["davae"], "fid": rfid,
               "detail_structure": detail_structure(latents, vae.config.base_channels),
-              "ssim": float(torch.cat(m_ssim).mean()),
-              "lpips": float(torch.cat(m_lpips).mean()) if lpips_model is not None and m_lpips else None,
               "num_images": n, "num_gen": n, "num_ref": n, "mode": mode,
               "feature_extractor": extractor.describe(), "resize": RESIZE[mode],
               "reference": str(Path(ref).expanduser()), "reference_kind": "reconstruction",
@@ -237,8 +253,13 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
         result["lpips_reason"] = lpips_reason
     elif os.environ.get("DAVAE_LPIPS_RANDOM_BACKBONE") == "1":
         notes.append("LPIPS uses a random backbone (DAVAE_LPIPS_RANDOM_BACKBONE=1): its value is not comparable")
-    if with_kid:
-        result["kid"] = kid(fr.feats, fo.feats)
+    if baselines:
+        a_, b_, c_ = per["base_half_bicubic"]["psnr"], per["davae"]["psnr"], per["base_full"]["psnr"]
+        result["baselines"] = {"base_half_bicubic": per["base_half_bicubic"], "base_full": per["base_full"],
+                               "gap_closed": (b_ - a_) / (c_ - a_) if c_ - a_ > 0.1 else None,
+                               "note": f"base_half_bicubic: the base VAE on the 1/{vae.config.scale} image + torch "
+                                       f"bicubic x{vae.config.scale} in float (the same tokens as the DA-VAE); "
+                                       f"base_full: the base VAE at full resolution ({vae.config.scale ** 2}x the tokens)"}
     result["skipped"] = [{"path": p, "reason": w} for p, w in skipped]
     result["notes"] = notes
     return result
