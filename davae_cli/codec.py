@@ -127,7 +127,8 @@ def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | P
     return report
 
 
-def check_latent_compatible(vae: DetailAlignedVAE, latent: torch.Tensor, meta: dict) -> Optional[str]:
+def check_latent_compatible(vae: DetailAlignedVAE, latent: torch.Tensor, meta: dict,
+                            dit_space_ok: bool = False) -> Optional[str]:
     """None if `latent` was made by this DA-VAE (same C, D, base VAE and weights), else why not."""
     ident = vae.describe()
     if latent.shape[0] != vae.latent_channels:
@@ -138,16 +139,34 @@ def check_latent_compatible(vae: DetailAlignedVAE, latent: torch.Tensor, meta: d
             return f"made by {what} ({key} {str(meta[key])[:23]} vs {str(ident[key])[:23]})"
     if "davae" not in meta:
         return "no DA-VAE identity in its metadata (not written by `davae encode`)"
-    if meta.get("space") == "dit":
-        return "a normalised DiT-space latent from `davae generate --save-latents`, not a DA-VAE latent"
+    if meta.get("space") == "dit" and not dit_space_ok:
+        return ("a normalised DiT-space latent from `davae generate --save-latents`: pass --dit (the adapted DiT it "
+                "was sampled with) to decode it")
     return None
 
 
 @torch.no_grad()
 def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | Path, *, overwrite: bool = False,
-                   progress: Optional[ProgressFn] = None, on_total: Optional[Callable[[int], None]] = None) -> BatchReport:
-    """Decode latent files (or folders of them, recursive) to `out_dir/<stem>.png` at full resolution."""
+                   progress: Optional[ProgressFn] = None, on_total: Optional[Callable[[int], None]] = None,
+                   dit_dir: Optional[str | Path] = None, base_only: bool = False) -> BatchReport:
+    """Decode latent files (or folders of them, recursive) to `out_dir/<stem>.png` at full resolution.
+
+    `dit_dir`: the adapted DiT whose latent normalisation DiT-space latents (`generate --save-latents`) are
+    in; they are mapped back to DA-VAE latents first. `base_only`: decode only the base channels, with the
+    base VAE at 1/s + bicubic x s (the baseline at the same tokens): the same latents with and without their
+    detail channels, which tells the detail's contribution from the base channels' own content."""
     from PIL import Image
+
+    normalizer = None
+    if dit_dir is not None:
+        from .dit.backend import read_facts
+        from .latents import LatentNormalizer
+
+        facts = read_facts(Path(dit_dir))
+        if facts["davae"]["identity"] != vae.identity:
+            raise DavaeError(f"{dit_dir} was adapted for another DA-VAE ({facts['davae']['identity'][:16]}), not "
+                             f"{vae.identity[:16]}", param="dit")
+        normalizer = LatentNormalizer.from_facts(facts)
 
     progress = progress or (lambda n: None)
     files: list[Path] = []
@@ -171,11 +190,17 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
             if not _claim_output(out, claimed, overwrite, report, str(f)):
                 continue
             latent, meta = load_latent(f)
-            why = check_latent_compatible(vae, latent, meta)
+            why = check_latent_compatible(vae, latent, meta, dit_space_ok=normalizer is not None)
             if why:
                 report.failed.append((str(f), why))
                 continue
-            img = vae.decode(latent[None].to(device))[0]
+            z = latent[None].to(device)
+            if meta.get("space") == "dit":
+                z = normalizer.inverse(z)
+            if base_only:
+                img = vae.decode_baseline(z[:, : vae.config.base_channels])[0]
+            else:
+                img = vae.decode(z)[0]
             buf = io.BytesIO()
             Image.fromarray(D.to_uint8(img)).save(buf, format="PNG")
             atomic_write_bytes(out, buf.getvalue())

@@ -83,6 +83,10 @@ Examples:
   davae decode latents/ --vae runs/tiny/final --out recon/
 
   davae decode latents/cat.safetensors --vae runs/tiny/final --out recon/ --overwrite
+
+  # generated latents (DiT space) decoded with and without their detail channels
+  davae decode samples/ --vae runs/vae/final --dit runs/adapt/final --out dec/
+  davae decode samples/ --vae runs/vae/final --dit runs/adapt/final --base-only --out dec-base/
 """
 
 
@@ -90,6 +94,8 @@ def decode_cmd(
     inputs: list[str] = typer.Argument(..., help="Latent files or folders of them (recursive)."),
     vae: Path = VaeOpt,
     out: Path = OutOpt,
+    dit: Optional[Path] = typer.Option(None, "--dit", help="The adapted DiT that DiT-space latents (generate --save-latents) were sampled with: undoes its normalisation."),
+    base_only: bool = typer.Option(False, "--base-only", help="Decode only the base channels: the base VAE at 1/s + bicubic x s (the same latents without their detail)."),
     overwrite: bool = OverwriteOpt,
     base_vae: Optional[str] = BaseOpt,
     device: Optional[str] = DeviceOpt,
@@ -99,5 +105,6 @@ def decode_cmd(
     from ..codec import decode_latents
 
     model = _load(vae, base_vae, device)
-    report = _with_progress("decode", decode_latents, model, inputs, out, overwrite=overwrite)
+    report = _with_progress("decode", decode_latents, model, inputs, out, overwrite=overwrite,
+                            dit_dir=dit, base_only=base_only)
     _finish(report, json_out, "image(s)")
