@@ -181,11 +181,17 @@ class LineProgress:
         import time
 
         now = time.monotonic()
-        task["last"] = now
-        task["ended"] = task["ended"] or final
-        elapsed = now - task["start"]
         done, total = task["completed"], task["total"]
-        rate = (done - task["start_completed"]) / elapsed if elapsed > 0 else None
+        # the rate since the previous line (a phase before the first step, e.g. an evaluation, does not
+        # distort it); over the whole task for the first line and when nothing moved since
+        since, at = task.get("last_done", task["start_completed"]), task["last"]
+        elapsed = now - task["start"]
+        if done > since and now > at:
+            rate = (done - since) / (now - at)
+        else:
+            rate = (done - task["start_completed"]) / elapsed if elapsed > 0 else None
+        task["last"], task["last_done"] = now, done
+        task["ended"] = task["ended"] or final
         parts = [f"{task['description']}: {int(done)}/{int(total)}" if total else f"{task['description']}: {int(done)}"]
         if total:
             parts.append(f"({100.0 * done / total:.0f}%)")
