@@ -407,3 +407,31 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
         build_lpips("vgg")
     res = invoke("eval-fid", eight, "--reconstruct", "--vae", tmp_path / "novae", ok=False)
     one_line_error(res.exit_code, res.stderr, "is not a DA-VAE folder")
+
+
+def test_paired_metrics_match_an_independent_computation(tmp_path, folders, extractor):
+    """--paired: PSNR/SSIM of each GEN image against the REF image of the same name, recomputed here by hand
+    for PSNR; a GEN image without a partner is counted, not compared."""
+    from davae_cli.metrics.image import ssim
+
+    blur = folders[f"blur{BLUR_RADII[1]}"]
+    shutil.copy(blur / "1.png", tmp_path / "extra_without_partner.png")
+    gen = tmp_path / "gen"
+    shutil.copytree(blur, gen)
+    shutil.move(str(tmp_path / "extra_without_partner.png"), gen / "extra_without_partner.png")
+    r = json.loads(invoke("eval-fid", gen, folders["orig"], "--inception", extractor, "--num-workers", 0, "--paired",
+                          "--json").stdout)
+    pr = r["paired"]
+    assert pr["num_pairs"] == 24 and pr["unmatched_gen"] == 1 and pr["size_mismatch"] == 0
+    psnrs, ssims = [], []
+    for f in sorted(folders["orig"].rglob("[0-9]*.png")):
+        x = np.asarray(Image.open(f).convert("RGB")).astype(np.float64) / 255
+        y = np.asarray(Image.open(blur / f.relative_to(folders["orig"])).convert("RGB")).astype(np.float64) / 255
+        psnrs.append(10 * np.log10(1.0 / np.mean((x - y) ** 2)))
+        t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() * 2 - 1  # noqa: E731
+        ssims.append(float(ssim(t(y), t(x))))
+    assert pr["psnr"] == pytest.approx(np.mean(psnrs), abs=1e-3)
+    assert pr["ssim"] == pytest.approx(np.mean(ssims), abs=1e-4)
+    assert isinstance(pr["lpips"], float)
+    res = invoke("eval-fid", gen, "--ref-stats", tmp_path / "none.npz", "--paired", ok=False)
+    assert res.exit_code == 1 and "--paired compares GEN with a REF folder" in res.stderr

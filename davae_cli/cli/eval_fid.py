@@ -22,6 +22,9 @@ Examples:
   # clean-fid's precomputed statistics (downloaded by clean-fid)
   davae eval-fid samples/ --ref-stats cifar10:32:train
 
+  # upscaled images against their originals: FID/KID and, per same-named pair, PSNR/SSIM/LPIPS
+  davae eval-fid up/ data/val/ --kid --paired --json
+
   # tokenizer metrics of a DA-VAE: rFID, PSNR, SSIM, LPIPS
   davae eval-fid data/val/ --reconstruct --vae runs/tiny/final --res 256
 
@@ -94,6 +97,11 @@ def _human(r: dict) -> None:
         if "kid" in r:
             typer.echo(f"KID    {_fmt(r['kid'], '.6f')}")
         typer.echo(f"  reference  {r['reference']}")
+        if r.get("paired"):
+            pr = r["paired"]
+            typer.echo(f"paired ({pr['num_pairs']} same-name pairs; {pr['unmatched_gen']} GEN without a partner, "
+                       f"{pr['size_mismatch']} of another size): PSNR {pr['psnr']:.3f} dB  SSIM {pr['ssim']:.4f}  "
+                       f"LPIPS {_fmt(pr['lpips'], '.4f')}")
     _print_protocol(r)
     skipped = f"{r['skipped_gen']} in GEN, {r['skipped_ref']} in REF" if kind != "reconstruction" \
         else f"{r['skipped_ref']}"
@@ -133,6 +141,7 @@ def eval_fid_cmd(
     vae: Optional[str] = typer.Option(None, "--vae", help="With --reconstruct: a DA-VAE folder (e.g. RUN/final)."),
     res: Optional[int] = typer.Option(None, "--res", help="With --reconstruct: resize the short side to RES first."),
     base_vae: Optional[str] = typer.Option(None, "--base-vae", help="With --reconstruct: the DA-VAE's base VAE, if moved."),
+    paired: bool = typer.Option(False, "--paired", help="Also PSNR, SSIM and LPIPS of each GEN image against the REF image of the same file name (e.g. upscaled vs original)."),
     baselines: bool = typer.Option(False, "--baselines", help="With --reconstruct: also score the base VAE at 1/s + bicubic (the same tokens) and at full resolution (s² x the tokens)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     json_out: bool = JsonOpt,
@@ -150,6 +159,8 @@ def eval_fid_cmd(
         fail("--reconstruct needs --vae DAVAE_DIR")
     if reconstruct and (ref is not None or ref_stats is not None or save_stats is not None):
         fail("--reconstruct takes one folder (the reference images) and no REF, --ref-stats or --save-stats")
+    if paired and (reconstruct or save_stats is not None or ref is None):
+        fail("--paired compares GEN with a REF folder (same file names); not with --reconstruct or --save-stats")
     if save_stats is not None and (ref is not None or ref_stats is not None):
         fail("--save-stats takes one folder (GEN) and no REF or --ref-stats")
     if num_workers is None:
@@ -174,7 +185,7 @@ def eval_fid_cmd(
             result = F.save_statistics(gen, save_stats, with_feats=with_kid, use_cache=not no_cache, **common)
         else:
             result = F.evaluate_fid(gen, ref, ref_stats=ref_stats, with_kid=with_kid, use_cache=not no_cache,
-                                    **common)
+                                    paired=paired, **common)
     if json_out:
         print_json(result)
         _print_skipped(result)

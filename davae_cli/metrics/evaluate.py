@@ -45,9 +45,10 @@ def _check_common(mode: str, batch_size: int, num_workers: int) -> None:
 def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats: Optional[str] = None,
                  mode: str = "clean", with_kid: bool = False, batch_size: int = 32, num_workers: int = 0,
                  device: Optional[str] = None, inception: Optional[str | Path] = None,
-                 progress: Optional[ProgressFn] = None, use_cache: bool = True) -> dict:
+                 progress: Optional[ProgressFn] = None, use_cache: bool = True, paired: bool = False) -> dict:
     """FID (and KID) of the images under `gen` against the images under `ref` or against `ref_stats`
-    (an .npz with mu/sigma, or clean-fid's NAME[:RES[:SPLIT]]). Returns the result with its protocol."""
+    (an .npz with mu/sigma, or clean-fid's NAME[:RES[:SPLIT]]). Returns the result with its protocol.
+    `paired`: also `paired_metrics` of GEN against REF images of the same file name."""
     _check_common(mode, batch_size, num_workers)
     if ref is None and ref_stats is None:
         raise DavaeError("give a reference: a REF folder or --ref-stats NAME_OR_NPZ")
@@ -101,7 +102,67 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
     result["skipped"] = [{"path": p, "reason": w} for p, w in skipped]
     result["cached"] = cached
     result["notes"] = notes
+    if paired:
+        if ref_src is None:
+            raise DavaeError("needs a REF folder (pairs are matched by file name)", param="paired")
+        result["paired"] = paired_metrics(gen_src, ref_src, dev, batch_size, progress)
     return result
+
+
+@torch.no_grad()
+def paired_metrics(gen_src: D.ImageSource, ref_src: D.ImageSource, device, batch_size: int = 16,
+                   progress: Optional[ProgressFn] = None) -> dict:
+    """PSNR, SSIM and LPIPS (VGG, when its weights are available) of each GEN image against the REF image of
+    the same file stem (folders ignored): an upscaled or reconstructed image against its original. Pairs of
+    different sizes are skipped and counted; stems without a partner are counted."""
+    from .image import reconstruction_metrics
+
+    refs: dict[str, str] = {}
+    dup = 0
+    for i in range(len(ref_src)):
+        dup += ref_src.name(i) in refs
+        refs[ref_src.name(i)] = ref_src.items[i]
+    lpips_model, lpips_reason = _lpips_or_reason(device)
+    pairs = [(gen_src.items[i], refs[gen_src.name(i)]) for i in range(len(gen_src)) if gen_src.name(i) in refs]
+    sums = {"psnr": [], "ssim": [], "lpips": []}
+    mismatched = 0
+    for k in range(0, len(pairs), batch_size):
+        groups: dict = {}
+        for g_item, r_item in pairs[k : k + batch_size]:
+            y, x = D.read_image(g_item), D.read_image(r_item)
+            if y.shape != x.shape:
+                mismatched += 1
+                continue
+            groups.setdefault(y.shape, []).append((D.to_tensor(y), D.to_tensor(x)))
+        for items in groups.values():
+            y = torch.stack([a for a, _ in items]).to(device)
+            x = torch.stack([b for _, b in items]).to(device)
+            for key, v in reconstruction_metrics(y, x, lpips_model).items():
+                sums[key].append(v.float().cpu())
+        if progress:
+            progress("paired", min(k + batch_size, len(pairs)), len(pairs))
+    n = sum(len(v) for v in sums["psnr"])
+    if n == 0:
+        raise DavaeError("no GEN image has a REF image of the same file name and size to compare with", param="paired")
+    out = {"num_pairs": n, "psnr": float(torch.cat(sums["psnr"]).mean()), "ssim": float(torch.cat(sums["ssim"]).mean()),
+           "lpips": float(torch.cat(sums["lpips"]).mean()) if sums["lpips"] else None,
+           "unmatched_gen": len(gen_src) - len(pairs), "size_mismatch": mismatched,
+           "duplicate_ref_names": dup, "match": "same file stem, folders ignored"}
+    if lpips_reason:
+        out["lpips_reason"] = lpips_reason
+    return out
+
+
+def _lpips_or_reason(device) -> tuple:
+    """(a frozen LPIPS-VGG on `device`, None) or (None, why it is unavailable)."""
+    try:
+        from ..vae.losses import build_lpips
+
+        with warnings.catch_warnings():  # torchvision's deprecation notices about `pretrained`
+            warnings.simplefilter("ignore")
+            return build_lpips("vgg", off_hint="and run again to get LPIPS (the other metrics do not need it)").to(device), None
+    except (DavaeError, ImportError) as e:
+        return None, str(e) if isinstance(e, DavaeError) else f"the lpips package is not available ({e})"
 
 
 def save_statistics(folder: str | Path, out: str | Path, *, mode: str = "clean", with_feats: bool = False,
@@ -158,15 +219,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     if res is not None and res < g:
         raise DavaeError(f"{res} is smaller than one latent token of this DA-VAE ({g} px)", param="res")
     extractor = resolve_extractor(mode, dev, inception, notes)
-    lpips_model, lpips_reason = None, None
-    try:
-        from ..vae.losses import build_lpips
-
-        with warnings.catch_warnings():  # torchvision's deprecation notices about `pretrained`
-            warnings.simplefilter("ignore")
-            lpips_model = build_lpips("vgg", off_hint="and run again to get LPIPS (the other metrics do not need it)").to(dev)
-    except (DavaeError, ImportError) as e:
-        lpips_reason = str(e) if isinstance(e, DavaeError) else f"the lpips package is not available ({e})"
+    lpips_model, lpips_reason = _lpips_or_reason(dev)
 
     from cleanfid.resize import build_resizer
 
