@@ -215,6 +215,10 @@ class TrainDiTConfig:
     cosine_loss: float = 0.0
     encode_batch_size: int = 32
     max_images: int = 0  # a seeded random subset of this many --data images (0 = all); same choice as adapt-dit's
+    # how the native latents are made: `direct` = the base VAE on the image resized (PIL) to `resolution`;
+    # `davae_base` = the DA-VAE's base channels of the image at s x `resolution` (resized as adapt-dit resizes,
+    # then the DA-VAE's float antialiased bicubic 1/s): exactly the base channels the adapted model is trained on
+    latents_from: str = "direct"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -502,6 +506,8 @@ def validate(p: Preset) -> None:
         raise ConfigError("train_dit.steps, train_dit.max_minutes and train_dit.cosine_loss must be >= 0")
     if not 0 <= n.ema_decay < 1:
         raise ConfigError(f"train_dit.ema_decay must be in [0, 1), got {n.ema_decay}")
+    if n.latents_from not in ("direct", "davae_base"):
+        raise ConfigError(f"train_dit.latents_from must be direct or davae_base, got {n.latents_from!r}")
     for key, val in (("train_vae.max_images", t.max_images), ("train_vae.max_val", t.max_val),
                      ("train_dit.max_images", n.max_images), ("adapt_dit.max_images", p.adapt_dit.max_images)):
         if val < 0:

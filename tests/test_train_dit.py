@@ -67,6 +67,26 @@ def test_native_latents_are_the_davae_base_channels(vae):
     assert torch.equal(native, da[:, :16])
 
 
+def test_latents_from_davae_base_equal_adapt_dits_base_channels(vae, classes, tmp_path):
+    """train_dit.latents_from=davae_base: the native cache holds, for every image, exactly the base channels of
+    adapt-dit's cached latent of the same image at s x the resolution (PIL resize to R, float downsample)."""
+    from davae_cli.latents import load_latent
+
+    _train(vae, classes, tmp_path / "n", "--steps", "1", "--set", "train_dit.latents_from=davae_base")
+    run_cli("adapt-dit", "--preset", "tiny-imagenet", "--vae", vae, "--dit", tmp_path / "n" / "final", "--data",
+            classes, "--out", tmp_path / "a", "--steps", "1", "--set", "adapt_dit.resolution=128",
+            "--set", "adapt_dit.batch_size=2")
+    index = lambda run: {r["source"]: r["latent"] for r in map(json.loads, (run / "cache" / "index.jsonl").read_text().splitlines())}  # noqa: E731
+    native, adapted = index(tmp_path / "n"), index(tmp_path / "a")
+    assert native.keys() == adapted.keys() and len(native) == 8
+    for src in native:
+        a, _ = load_latent(native[src])
+        b, _ = load_latent(adapted[src])
+        assert a.shape == (16, 8, 8) and torch.equal(a, b[:16]), src
+    r = _train(vae, classes, tmp_path / "bad", "--set", "train_dit.latents_from=nope", check=False)
+    assert r.returncode == 1 and "train_dit.latents_from must be direct or davae_base" in r.stderr
+
+
 def test_train_resume_and_the_export_loads_everywhere(vae, classes, tmp_path):
     from safetensors.torch import load_file
 

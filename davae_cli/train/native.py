@@ -49,23 +49,29 @@ class _Encoded:
 
 
 class BaseLatentEncoder(nn.Module):
-    """The native model's latents: the DA-VAE's base VAE at the image's own resolution (no downsampling),
-    mapped by the DA-VAE's base latent transform. Quacks like a DA-VAE for `prepare_latent_dataset`."""
+    """The native model's latents, mapped by the DA-VAE's base latent transform. Quacks like a DA-VAE for
+    `prepare_latent_dataset`. `davae_base=False`: the base VAE on the image as given (prepared at the native
+    resolution). `davae_base=True`: the image is prepared at s x the native resolution and the latent is the
+    DA-VAE's own base channels of it (`encode_base`: float antialiased bicubic 1/s, then the base VAE), the
+    same numbers adapt-dit's latents carry in their base channels."""
 
-    def __init__(self, vae: DetailAlignedVAE):
+    def __init__(self, vae: DetailAlignedVAE, davae_base: bool = False):
         super().__init__()
-        self.vae = vae
-        self.granularity = int(vae.config.downsample)
+        self.vae, self.davae_base = vae, bool(davae_base)
+        self.granularity = int(vae.config.downsample) * (int(vae.config.scale) if davae_base else 1)
         self.config = vae.config
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> _Encoded:
+        if self.davae_base:
+            return _Encoded(self.vae.encode_base(x))
         return _Encoded(self.vae.transform(base_encode_mean(self.vae.base.vae, x)))
 
     def describe(self) -> dict:
         d = self.vae.describe()
         return {"base_vae": d["base_vae"], "base_vae_hash": d["base_vae_hash"], "C": d["C"], "D": 0,
-                "downsample": d["downsample"], "space": "native", "transform_of": d["davae"]}
+                "downsample": d["downsample"], "space": "native", "transform_of": d["davae"],
+                "latents_from": "davae_base" if self.davae_base else "direct"}
 
 
 def base_space(vae: DetailAlignedVAE) -> dict:
@@ -155,7 +161,9 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
                                                 "vae_identity": vae.identity}, acc.is_main_process)
     vae.to(device)
     cb.on_message("preparing the latent dataset (base VAE latents, encoded once, reused by --resume)")
-    records = prepare_latent_dataset(BaseLatentEncoder(vae), data, run_dir / "cache", resolution=n.resolution,
+    davae_base = n.latents_from == "davae_base"
+    prep_res = n.resolution * (int(vae.config.scale) if davae_base else 1)  # images prepared at s x res for davae_base
+    records = prepare_latent_dataset(BaseLatentEncoder(vae, davae_base), data, run_dir / "cache", resolution=prep_res,
                                      conditioning="class", batch_size=n.encode_batch_size, captions=captions,
                                      rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
                                      max_images=n.max_images, seed=n.seed,
