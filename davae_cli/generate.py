@@ -197,6 +197,17 @@ def _png_bytes(img: torch.Tensor, meta: dict) -> bytes:
     return buf.getvalue()
 
 
+def write_sample(out_dir: Path, stem: str, img: torch.Tensor, latent: torch.Tensor, meta: dict,
+                 save_latents: bool) -> str:
+    """OUT/<stem>.png with `meta` (None values dropped) as PNG text, and with `save_latents` the final latent
+    (DiT space) as OUT/<stem>.safetensors; both atomic. Returns the PNG's path."""
+    meta = {k: v for k, v in meta.items() if v is not None}
+    if save_latents:
+        save_latent(out_dir / f"{stem}.safetensors", latent.float(), {**meta, "space": "dit"})
+    atomic_write_bytes(out_dir / f"{stem}.png", _png_bytes(img, meta))
+    return str(out_dir / f"{stem}.png")
+
+
 def grid_path(out_dir: str | Path) -> Path:
     """Where `--grid` writes: beside the sample folder (`samples/` -> `samples-grid.png`), never inside it, so
     the folder holds exactly the samples (what `eval-fid` counts)."""
@@ -353,11 +364,7 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
                     "guidance_interval": s.guidance_interval, "sampler": s.sampler,
                     "shift": shift, "sigmas": grid, "res": res, "mode": model.name,
                     **model.identity}
-            meta = {k2: v for k2, v in meta.items() if v is not None}
-            if s.save_latents:
-                save_latent(out_dir / f"{j.stem}.safetensors", z.float(), {**meta, "space": "dit"})
-            atomic_write_bytes(out_dir / f"{j.stem}.png", _png_bytes(img, meta))
-            written.append(str(out_dir / f"{j.stem}.png"))
+            written.append(write_sample(out_dir, j.stem, img, z, meta, s.save_latents))
         done += len(batch)
         if progress:
             progress(done, len(mine))

@@ -36,8 +36,7 @@ from . import data as D
 from . import flow
 from .config import Preset, check_sampling
 from .errors import DavaeError
-from .generate import (RECIPE, Job, _decode, _png_bytes, apply_recipe, guided_velocity, initial_noise, load_adapted)
-from .latents import atomic_write_bytes, save_latent
+from .generate import RECIPE, Job, _decode, apply_recipe, guided_velocity, initial_noise, load_adapted, write_sample
 
 
 @dataclass
@@ -47,6 +46,9 @@ class UpscaleSettings:
     strength: float = 0.0  # 0: base channels kept exactly; > 0: regenerated below sigma = strength
     prompt: Optional[str] = None  # prompt models: one prompt for every image ("" allowed)
     class_id: Optional[int] = None  # class models: one class for every image (None: the null class)
+    # class models: each image's class is its folder's index among the sorted folder names of the inputs
+    # (the rule train-dit labels its data by)
+    class_from_folders: bool = False
     negative_prompt: str = ""
     # None (RECIPE for the interval): the adapted model's sampling recipe, as `generate`
     steps: Optional[int] = None
@@ -131,8 +133,19 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
                                   negative_prompt=s.negative_prompt, device=device, dtype=dtype)
     if model.conditioning == "class" and s.prompt is not None:
         raise DavaeError("this model is class-conditional: use --class-id, not --prompt", param="prompt")
-    if model.conditioning == "prompt" and s.class_id is not None:
-        raise DavaeError("is for class-conditional (LightningDiT) models; this one takes a prompt", param="class_id")
+    if model.conditioning == "prompt" and (s.class_id is not None or s.class_from_folders):
+        raise DavaeError("is for class-conditional (LightningDiT) models; this one takes a prompt",
+                         param="class_from_folders" if s.class_from_folders else "class_id")
+    if s.class_from_folders and s.class_id is not None:
+        raise DavaeError("give either --class-id or --class-from-folders", param="class_id")
+    labels = [s.class_id] * len(src)
+    if s.class_from_folders:
+        folders = sorted({Path(str(it)).parent.name for it in src.items})
+        num = int(model.facts["conditioning"]["num_classes"])
+        if len(folders) > num:
+            raise DavaeError(f"the inputs lie in {len(folders)} folders, the model has {num} classes",
+                             param="class_from_folders")
+        labels = [folders.index(Path(str(it)).parent.name) for it in src.items]
     s = dataclasses.replace(s)  # the caller's settings stay as given
     apply_recipe(s, model.recipe)
     if model.backend == "flux" and s.shift is not None and (model.scheduler_config or {}).get("use_dynamic_shifting"):
@@ -150,7 +163,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
 
     out_dir = Path(s.out_dir)
     jobs = [Job(i, s.seed + i, (s.prompt or "") if model.conditioning == "prompt" else None,
-                s.class_id if model.conditioning == "class" else None) for i in range(len(src))]
+                labels[i] if model.conditioning == "class" else None) for i in range(len(src))]
     todo = [i for i in range(len(src)) if s.overwrite or not (out_dir / f"{src.name(i)}.png").exists()]
     # group by base size so that each batch is one tensor; sizes come from the headers, images are read per batch
     groups: dict[tuple[int, int], list[int]] = {}
@@ -201,11 +214,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
                         "guidance_interval": s.guidance_interval, "sampler": s.sampler, "shift": shift,
                         "sigmas": grid, "res": list(img.shape[-2:]), "base_size": list(size), "mode": "upscale",
                         **model.identity}
-                meta = {k2: v for k2, v in meta.items() if v is not None}
-                if s.save_latents:
-                    save_latent(out_dir / f"{stem}.safetensors", z.float(), {**meta, "space": "dit"})
-                atomic_write_bytes(out_dir / f"{stem}.png", _png_bytes(img, meta))
-                written.append(str(out_dir / f"{stem}.png"))
+                written.append(write_sample(out_dir, stem, img, z, meta, s.save_latents))
             done += len(idx)
             if progress:
                 progress(done, len(src))

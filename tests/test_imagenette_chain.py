@@ -1,6 +1,6 @@
-"""benchmarks/imagenette/run.sh --smoke: the whole chain (train-vae, train-dit x2, adapt-dit, generate x3,
-eval-fid x3, results.json, grid.png) on symlinked Imagenette subsets, through the same code paths as the full
-run; a rerun skips every finished stage. Skipped when ../shared/data/imagenette224 or TAESD3 is absent."""
+"""benchmarks/imagenette/run.sh --smoke: the whole chain (train-vae, train-dit x2, adapt-dit, generate, upscale,
+decode --base-only, eval-fid --reconstruct/--paired, results.json, grid.png) on symlinked Imagenette subsets,
+through the same code paths as the full run; a rerun skips every finished stage. Skipped when ../shared/data/imagenette224 or TAESD3 is absent."""
 
 from __future__ import annotations
 
@@ -43,7 +43,19 @@ def test_smoke_chain_writes_results_and_resumes(tmp_path):
     with Image.open(Path(res["samples"]["native_half_bicubic"]) / "000000.png") as im:
         assert im.size == (224, 224)
     with Image.open(out / "grid.png") as im:
-        assert im.size[0] > 3 * 224
+        assert im.size[0] > 4 * 224  # with the upscale rows: input | bicubic | upscale | real
+    # issue 20's measurements, every one filled by the smoke run
+    assert set(res["rfid"]) == keys and all(v is not None for v in res["rfid"].values())
+    for m in ("fid", "kid", "psnr", "lpips"):
+        assert set(res["upscale"][m]) == {"bicubic", "davae", "oracle"}
+        assert all(v is not None for v in res["upscale"][m].values()), m
+    assert res["upscale"]["num_images"] == 20  # 2 val images per class, paired with their originals
+    assert all(v is not None for v in res["same_samples"]["fid"].values())
+    for key in ("native_half_bicubic", "davae"):
+        assert res["fid_spread"][key]["abs_difference"] is not None
+    assert res["class_accuracy"]["reason"] and res["detail_structure"]["latents"] == 20
+    ups = sorted(p.name for p in (out / "samples" / "upscale").glob("*.png"))
+    assert len(ups) == 20 and ups == sorted(p.name for p in (out / "samples" / "upscale_oracle").glob("*.png"))
     # the native 224² model trained for the wall-clock of native-112 + adaptation
     full = json.loads((out / "native_full" / "final" / "davae_native.json").read_text())
     assert full["stopped_by_time_limit"]

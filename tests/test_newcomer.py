@@ -6,7 +6,6 @@ import re
 import stat
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import run_cli, write_preset

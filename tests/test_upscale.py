@@ -167,6 +167,13 @@ def test_upscale_lightningdit(lightning, tmp_path):
         assert torch.equal(lat[:16], _base_of(vae, to_tensor(a)))
         with Image.open(out / "a.png") as im:
             assert json.loads(im.text["parameters"]).get("class_id") == (3 if extra else None)
+    # --class-from-folders: sorted folder names are the classes (as train-dit labels)
+    _photo(tmp_path / "cls" / "b_second" / "x.png", 64, 64)
+    _photo(tmp_path / "cls" / "a_first" / "y.png", 64, 64, seed=2)
+    _up(vae, dit, tmp_path / "upc", tmp_path / "cls", preset="tiny-imagenet", extra=["--class-from-folders"])
+    for name, label in (("x", 1), ("y", 0)):
+        with Image.open(tmp_path / "upc" / f"{name}.png") as im:
+            assert json.loads(im.text["parameters"])["class_id"] == label
     r = _up(vae, dit, tmp_path / "bad", tmp_path / "in", preset="tiny-imagenet", extra=["--prompt", "x"], check=False)
     assert r.returncode == 1 and "class-conditional: use --class-id" in r.stderr and not (tmp_path / "bad").exists()
 

@@ -29,6 +29,14 @@ def _atomic_png(img: Image.Image, path: Path) -> None:
 
 
 def upsample(src: Path, dst: Path) -> None:
+    """x2 with the DA-VAE's own upsampling (`davae_cli.latents.upsample`: torch bicubic in float, clamped), the
+    path `decode_baseline` takes, so (i) and the DA-VAE's baselines are upsampled the same way."""
+    import numpy as np
+    import torch
+
+    from davae_cli.data import to_tensor, to_uint8
+    from davae_cli.latents import upsample as up
+
     dst.mkdir(parents=True, exist_ok=True)
     files = sorted(src.glob("*.png"))
     if not files:
@@ -38,8 +46,9 @@ def upsample(src: Path, dst: Path) -> None:
         if out.exists():
             continue
         with Image.open(f) as im:
-            im = im.convert("RGB")
-            _atomic_png(im.resize((im.width * 2, im.height * 2), Image.BICUBIC), out)
+            x = to_tensor(np.asarray(im.convert("RGB")))[None]
+        with torch.no_grad():
+            _atomic_png(Image.fromarray(to_uint8(up(x, 2)[0])), out)
 
 
 def _json_lines(path: Path) -> dict:
@@ -72,28 +81,88 @@ def _last_eval(run: Path) -> dict:
     return best
 
 
-def grid(out: Path, per_class: int, classes=(0, 2, 4, 6, 8), seeds=(0, 1)) -> Path:
-    """Rows: (class, seed); columns: (i) native 112² + bicubic | (ii) DA-VAE 224² | (iii) native 224²."""
+def grid(out: Path, per_class: int, classes=(0, 2, 4, 6, 8), seeds=(0, 1), upscale_rows: int = 3) -> Path:
+    """Rows: (class, seed); columns: (i) native 112² + bicubic | (ii) DA-VAE 224² | (iii) native 224² (blank
+    where a stage has not run). Then `upscale_rows` rows of the upscale measurement: input at 112² (shown
+    nearest-neighbour x2) | bicubic of the base reconstruction | upscale | real."""
     rows = [(c, k) for c in classes for k in seeds if k < per_class]
+    files = sorted((out / "samples" / "upscale").glob("*.png"))
+    ups = files[:: max(1, len(files) // upscale_rows)][:upscale_rows]  # spread over the classes
     side, pad = 224, 4
-    canvas = Image.new("RGB", (3 * side + 4 * pad, len(rows) * (side + pad) + pad), (255, 255, 255))
+    cols = 4 if ups else 3
+    canvas = Image.new("RGB", (cols * side + (cols + 1) * pad, (len(rows) + len(ups)) * (side + pad) + pad), (255, 255, 255))
+
+    def paste(path: Path, col: int, row: int, resample=Image.BICUBIC, small: bool = False) -> None:
+        if not path.is_file():
+            return
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if small:
+                im = im.resize((side // 2, side // 2), Image.BICUBIC)
+            canvas.paste(im.resize((side, side), resample), (pad + col * (side + pad), pad + row * (side + pad)))
+
     for r, (c, k) in enumerate(rows):
         name = f"{c * per_class + k:06d}.png"
         for col, key in enumerate(KEYS):
-            with Image.open(out / "samples" / key / name) as im:
-                im = im.convert("RGB").resize((side, side), Image.BICUBIC)
-                canvas.paste(im, (pad + col * (side + pad), pad + r * (side + pad)))
+            paste(out / "samples" / key / name, col, r)
+    real = {p.stem: p for p in (out / "data" / "valsub").rglob("*") if p.is_file() and not p.name.startswith(".")}
+    for j, up in enumerate(ups):
+        r = len(rows) + j
+        if up.stem in real:
+            paste(real[up.stem], 0, r, Image.NEAREST, small=True)
+            paste(real[up.stem], 3, r)
+        paste(out / "samples" / "upscale_bicubic" / up.name, 1, r)
+        paste(up, 2, r)
     path = out / "grid.png"
     _atomic_png(canvas, path)
     return path
 
 
+def _log(out: Path, name: str) -> dict:
+    """A stage's JSON output, {} when the stage has not run (yet)."""
+    p = out / "logs" / f"{name}.json"
+    return _json_lines(p) if p.is_file() and p.stat().st_size else {}
+
+
+def _measurements(out: Path) -> dict:
+    """Issue 20's keys: rfid, upscale, same_samples, fid_spread, class_accuracy, detail_structure (None where a
+    stage has not run)."""
+    rf = _log(out, "rfid")
+    bl = rf.get("baselines") or {}
+    res: dict = {"rfid": {"native_half_bicubic": (bl.get("base_half_bicubic") or {}).get("rfid"),
+                          "davae": rf.get("rfid"), "native_full": (bl.get("base_full") or {}).get("rfid")},
+                 "tokenizer_val": {"base_half_bicubic": bl.get("base_half_bicubic"),
+                                   "davae": {k: rf.get(k) for k in ("rfid", "psnr", "ssim", "lpips", "kid")} if rf else None,
+                                   "base_full": bl.get("base_full"), "gap_closed": bl.get("gap_closed"),
+                                   "num_images": rf.get("num_images")},
+                 "detail_structure": rf.get("detail_structure")}
+    up = {"bicubic": _log(out, "fid_upscale_bicubic"), "davae": _log(out, "fid_upscale"),
+          "oracle": _log(out, "fid_upscale_oracle")}
+    res["upscale"] = {m: {k: (v.get(m) if m in ("fid", "kid") else (v.get("paired") or {}).get(m)) for k, v in up.items()}
+                      for m in ("fid", "kid", "psnr", "lpips")}
+    res["upscale"]["num_images"] = (up["davae"].get("paired") or {}).get("num_pairs")
+    res["same_samples"] = {"fid": {"base_bicubic": _log(out, "fid_davae_base").get("fid"),
+                                   "davae": _log(out, "fid_davae").get("fid")},
+                           "kid": {"base_bicubic": _log(out, "fid_davae_base").get("kid"),
+                                   "davae": _log(out, "fid_davae").get("kid")}}
+    spread = {}
+    for key in ("native_half_bicubic", "davae"):
+        h1, h2 = _log(out, f"fid_{key}_h1"), _log(out, f"fid_{key}_h2")
+        a, b = h1.get("fid"), h2.get("fid")
+        spread[key] = {"half_1": a, "half_2": b, "abs_difference": abs(a - b) if a is not None and b is not None else None,
+                       "num_per_half": h1.get("num_gen")}
+    res["fid_spread"] = spread
+    res["class_accuracy"] = {"native_half_bicubic": None, "davae": None, "native_full": None,
+                             "reason": "needs an ImageNet classifier's weights, which cannot be downloaded on this "
+                                       "machine; the FID Inception here has no logits (no Inception Score either)"}
+    return res
+
+
 def results(out: Path, per_class: int) -> None:
-    logs = out / "logs"
     res: dict = {"fid": {}, "kid": {}, "tokens": {}, "ms_per_image": {}, "samples": {}}
     for key in KEYS:
-        fid = _json_lines(logs / f"fid_{key}.json")
-        gen = _json_lines(logs / f"{GEN_STAGE[key]}.json")
+        fid = _log(out, f"fid_{key}")
+        gen = _log(out, GEN_STAGE[key])
         res["fid"][key] = fid.get("fid")
         res["kid"][key] = fid.get("kid")
         res["tokens"][key] = gen.get("tokens")
@@ -102,15 +171,21 @@ def results(out: Path, per_class: int) -> None:
         res.setdefault("num_gen", fid.get("num_gen"))
         res.setdefault("protocol", {k: fid.get(k) for k in ("mode", "resize", "feature_extractor")})
     # (i) is sampled at 112² and upsampled; its time is the 112² model's (the bicubic step is negligible)
-    res["reference"] = _json_lines(logs / "fid_davae.json").get("reference")
-    res["num_ref"] = _json_lines(logs / "fid_davae.json").get("num_ref")
-    native = json.loads((out / "native_half" / "final" / "davae_native.json").read_text())
-    adapt = json.loads((out / "adapt" / "final" / "davae_dit.json").read_text())
-    full = json.loads((out / "native_full" / "final" / "davae_native.json").read_text())
-    res["train_minutes"] = {"vae": _minutes(out, "vae"), "native_half": round(native["train_seconds"] / 60, 2),
-                            "adapt": round(adapt["train_seconds"] / 60, 2),
-                            "native_full": round(full["train_seconds"] / 60, 2)}
-    res["train_steps"] = {"native_half": native["steps"], "adapt": adapt["steps"], "native_full": full["steps"]}
+    res["num_gen_native_full"] = _log(out, "fid_native_full").get("num_gen")
+    res["reference"] = _log(out, "fid_davae").get("reference")
+    res["num_ref"] = _log(out, "fid_davae").get("num_ref")
+
+    def facts(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    native = facts(out / "native_half" / "final" / "davae_native.json")
+    adapt = facts(out / "adapt" / "final" / "davae_dit.json")
+    full = facts(out / "native_full" / "final" / "davae_native.json")
+    mins = lambda f: round(f["train_seconds"] / 60, 2) if f else None  # noqa: E731
+    res["train_minutes"] = {"vae": _minutes(out, "vae"), "native_half": mins(native), "adapt": mins(adapt),
+                            "native_full": mins(full)}
+    res["train_steps"] = {"native_half": native.get("steps"), "adapt": adapt.get("steps"), "native_full": full.get("steps")}
+    res.update(_measurements(out))
     res["stage_minutes"] = {p.name: _minutes(out, p.name) for p in sorted((out / "times").iterdir())}
     res["total_minutes"] = round(sum(v for v in res["stage_minutes"].values() if v), 1)
     ev = _last_eval(out / "vae")
@@ -138,9 +213,15 @@ def results(out: Path, per_class: int) -> None:
     tmp.write_text(json.dumps(res, indent=2) + "\n")
     os.replace(tmp, out / "results.json")
     f, k = res["fid"], res["kid"]
+    num = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for key in KEYS:
-        print(f"{key:22s} FID {f[key]:8.2f}  KID {k[key] if k[key] is not None else float('nan'):.4f}  "
-              f"tokens {res['tokens'][key]}  ms/image {res['ms_per_image'][key]:.1f}")
+        print(f"{key:22s} FID {num(f[key], '8.2f')}  KID {num(k[key], '.4f')}  tokens {res['tokens'][key]}  "
+              f"ms/image {num(res['ms_per_image'][key], '.1f')}")
+    ss, up = res["same_samples"]["fid"], res["upscale"]
+    print(f"same samples: FID with detail {num(ss['davae'], '.2f')}, base channels alone {num(ss['base_bicubic'], '.2f')}")
+    print("upscale (bicubic | davae | oracle): FID " + " | ".join(num(up["fid"][m], ".2f") for m in ("bicubic", "davae", "oracle"))
+          + ", PSNR " + " | ".join(num(up["psnr"][m], ".2f") for m in ("bicubic", "davae", "oracle"))
+          + ", LPIPS " + " | ".join(num(up["lpips"][m], ".4f") for m in ("bicubic", "davae", "oracle")))
 
 
 def _residual_std(files, normalizer, c: int) -> float:

@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# The DA-VAE experiment in miniature on Imagenette (issue 13), with the `davae` commands only:
-#   1. train-vae   the DA-VAE on train/ at 224² (TAESD3 base, the tiny residual design)
-#   2. train-dit   a native LightningDiT at 112² (49 tokens)
+# The DA-VAE experiment in miniature on Imagenette (issues 13 and 20), with the `davae` commands only:
+#   1. train-vae   the DA-VAE on train/ at 224² (TAESD3 base, the `imagenette` preset's design)
+#   2. train-dit   a native LightningDiT at 112² (49 tokens) on latents that are exactly the DA-VAE's base
+#                  channels (train_dit.latents_from=davae_base)
 #   3. adapt-dit   that model warm-started on the DA-VAE's 224² latents (49 tokens)
-#   4. train-dit   a native LightningDiT at 224² (196 tokens) for the wall-clock of 2 + 3
-#   5. generate    the same class-balanced samples (same seeds) with (i) native-112 (+ bicubic x2 in
-#                  collect.py), (ii) the adapted DA-VAE model, (iii) native-224; timed per image
-#   6. eval-fid    FID and KID (clean mode) of each against val/
+#   4. generate    the same class-balanced samples (same seeds) with (i) native-112 (+ bicubic x2 in float, the
+#                  DA-VAE's own upsampling, collect.py) and (ii) the adapted DA-VAE model; timed per image
+#   5. eval-fid    FID and KID (clean mode) of each against val/
+#   6. measurements that separate the causes:
+#      davae_base  (ii)'s own latents decoded without their detail channels (decode --base-only): detail vs drift
+#      rfid        the tokenizer on a class-balanced val subset: base at 112² + bicubic | DA-VAE | base at 224²
+#      upscale     `davae upscale` of that subset from 112², against bicubic of the base reconstruction and the
+#                  DA-VAE's own reconstruction (oracle detail): FID/KID and paired PSNR/LPIPS to the real image
+#      *_h1, *_h2  (i) and (ii) scored on the two halves of their samples (by seed): the FID noise
+#   7. (iii) a native LightningDiT at 224² (196 tokens) for the training time of 2 + 3, sampled and scored
 #   then collect.py writes OUT/results.json and OUT/grid.png.
+# The stages run in this order, so an interrupted run has the most important numbers first.
 #
-# usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu]
-#   --smoke      every stage with tiny settings (symlinked 40-image subsets, a few steps): about 3 minutes
+# usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu] [--until STAGE]
+#   --smoke      every stage with tiny settings (symlinked 40-image subsets, a few steps): about 5 minutes
 #   --scale gpu  the same chain sized for about 10 minutes of one GPU
+#   --until S    stop after stage S and collect what exists; a later run without it continues
 # Data and weights: $IMAGENETTE (default ../shared/data/imagenette224 beside the repository) and $TAESD3
 # (default ../shared/weights/taesd3). Rerunning skips finished stages (their final/ or output exists) and
 # resumes interrupted ones.
 set -euo pipefail
 
-usage() { echo "usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu]" >&2; exit 2; }
+usage() { echo "usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu] [--until STAGE]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 case "$OUT" in -*) usage ;; esac
-SMOKE=0; SCALE=cpu
+SMOKE=0; SCALE=cpu; UNTIL=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --scale) shift; [ $# -gt 0 ] || usage; SCALE=$1 ;;
+    --until) shift; [ $# -gt 0 ] || usage; UNTIL=$1 ;;
     *) usage ;;
   esac
   shift
@@ -45,7 +55,9 @@ export DAVAE_CACHE_DIR="$OUT/cache"   # FID feature cache, inside the run
 P="--preset imagenette"
 
 # ------------------------------------------------------------------ sizes
-NPC=100             # generated images per class (10 classes: 1,000)
+NPC=200             # generated images per class for (i) and (ii) (10 classes: 2,000)
+NPC_FULL=50         # (iii), the slow 196-token model (1.2 s per image here): 500
+NVAL=50             # val images per class for the tokenizer and upscale measurements (500)
 GEN_BS=100
 VAE_SET=(); N112_STEPS=1100; ADAPT_STEPS=500; DIT_SET=()
 if [ "$SCALE" = gpu ]; then
@@ -66,7 +78,7 @@ if [ "$SMOKE" = 1 ]; then
     done
   done
   TRAIN="$OUT/data/train"; VAL="$OUT/data/val"
-  NPC=2; GEN_BS=20; N112_STEPS=6; ADAPT_STEPS=4
+  NPC=2; NPC_FULL=2; NVAL=2; GEN_BS=20; N112_STEPS=6; ADAPT_STEPS=4
   VAE_SET=(--set train_vae.steps=6 --set train_vae.checkpoint_every=3 --set train_vae.stats_images=8)
   DIT_SET=(--set train_dit.batch_size=8 --set train_dit.checkpoint_every=3 --set train_dit.log_every=2)
 fi
@@ -75,9 +87,13 @@ ADAPT_SET=("${DIT_SET[@]/train_dit/adapt_dit}")
 [ "$SMOKE" = 1 ] && SAMPLE=(--sampling-steps 4) || SAMPLE=()
 
 mkdir -p "$OUT/logs" "$OUT/times"
+finish() { python "$HERE/collect.py" results "$OUT" --per-class "$NPC" && echo "wrote $OUT/results.json and $OUT/grid.png"; }
+stop_here() {  # --until: collect what exists and stop after this stage
+  if [ -n "$UNTIL" ] && [ "$1" = "$UNTIL" ]; then echo "[--until $UNTIL] stopping"; finish || true; exit 0; fi
+}
 stage() {  # stage NAME DONE_PATH RUN_DIR cmd...: skip when DONE_PATH exists, --resume when RUN_DIR exists
   local name=$1 done=$2 rundir=$3; shift 3
-  if [ -e "$done" ]; then echo "[$name] done ($done)"; return 0; fi
+  if [ -e "$done" ]; then echo "[$name] done ($done)"; stop_here "$name"; return 0; fi
   local extra=()
   if [ -n "$rundir" ] && [ -f "$rundir/config.yaml" ]; then extra=(--resume); echo "[$name] resuming"; fi
   echo "[$name] $(date -u +%H:%M:%S) $*"
@@ -86,21 +102,90 @@ stage() {  # stage NAME DONE_PATH RUN_DIR cmd...: skip when DONE_PATH exists, --
     echo "[$name] failed; see $OUT/logs/$name.err:" >&2; tail -n 5 "$OUT/logs/$name.err" >&2; exit 1; }
   local t1; t1=$(date +%s.%N)
   python -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$t0" "$t1" >> "$OUT/times/$name"
+  if [ -z "$rundir" ]; then touch "$done"; fi   # output stages: their marker
+  stop_here "$name"
+}
+fid() {  # fid KEY GEN_DIR REF_DIR [flags]: eval-fid into logs/fid_KEY.json
+  local key=$1 gen=$2 ref=$3; shift 3
+  stage "fid_$key" "$OUT/logs/fid_$key.done" "" davae eval-fid "$gen" "$ref" --kid --mode clean "$@" --json
 }
 
+# ------------------------------------------------------------------ the models
 stage vae "$OUT/vae/final" "$OUT/vae" \
   davae train-vae $P --base-vae "$TAESD3" --data "$TRAIN" --val-data "$VAL" --out "$OUT/vae" "${VAE_SET[@]}" --json
 VAE="$OUT/vae/final"
 
 stage native_half "$OUT/native_half/final" "$OUT/native_half" \
   davae train-dit $P --vae "$VAE" --data "$TRAIN" --res 112 --steps "$N112_STEPS" --out "$OUT/native_half" \
-  "${DIT_SET[@]}" --json
+  --set train_dit.latents_from=davae_base "${DIT_SET[@]}" --json
 
 stage adapt "$OUT/adapt/final" "$OUT/adapt" \
   davae adapt-dit $P --vae "$VAE" --dit "$OUT/native_half/final" --data "$TRAIN" --steps "$ADAPT_STEPS" \
   --out "$OUT/adapt" "${ADAPT_SET[@]}" --json
 
-# the native 224² model gets the training-loop time of native-112 + adaptation (the cost DA-VAE avoids)
+# ------------------------------------------------------------------ (i) against (ii)
+CLASSES=(); for i in 0 1 2 3 4 5 6 7 8 9; do CLASSES+=(--class-id "$i"); done
+GEN=(--num-images "$NPC" --batch-size "$GEN_BS" "${CLASSES[@]}" "${SAMPLE[@]}" --json)
+stage gen_native_half "$OUT/samples/native_half/.done" "" \
+  davae generate $P --native --base-pipeline "$OUT/native_half/final" --vae "$VAE" --res 112 \
+  --out "$OUT/samples/native_half" --seed 0 "${GEN[@]}"
+stage gen_davae "$OUT/samples/davae/.done" "" \
+  davae generate $P --vae "$VAE" --dit "$OUT/adapt/final" --out "$OUT/samples/davae" --seed 0 --save-latents "${GEN[@]}"
+stage upsample "$OUT/samples/native_half_bicubic/.done" "" \
+  python "$HERE/collect.py" upsample "$OUT/samples/native_half" "$OUT/samples/native_half_bicubic"
+fid native_half_bicubic "$OUT/samples/native_half_bicubic" "$VAL"
+fid davae "$OUT/samples/davae" "$VAL"
+
+# ------------------------------------------------------------------ what separates the causes
+# (ii)'s own latents without their detail channels: the base VAE at 112² + the same bicubic
+stage davae_base "$OUT/samples/davae_base/.done" "" \
+  davae decode "$OUT/samples/davae" --vae "$VAE" --dit "$OUT/adapt/final" --base-only --out "$OUT/samples/davae_base" --json
+fid davae_base "$OUT/samples/davae_base" "$VAL"
+
+# a class-balanced val subset (symlinks) for the tokenizer and upscale measurements
+VALSUB="$OUT/data/valsub"
+if [ ! -e "$VALSUB/.done" ]; then
+  rm -rf "$VALSUB"
+  for cls in "$VAL"/*/; do
+    c=$(basename "$cls"); mkdir -p "$VALSUB/$c"
+    files=("$cls"*)
+    for f in "${files[@]:0:$NVAL}"; do ln -sf "$(readlink -f "$f")" "$VALSUB/$c/$(basename "$f")"; done
+  done
+  touch "$VALSUB/.done"
+fi
+stage rfid "$OUT/logs/rfid.done" "" davae eval-fid "$VALSUB" --reconstruct --vae "$VAE" --baselines --kid --json
+
+# upscale each val image from 112² (its class given) | bicubic of the base reconstruction | the DA-VAE's own
+# reconstruction (the detail an oracle would give); all at 224², scored against the originals
+stage upscale "$OUT/samples/upscale/.done" "" \
+  davae upscale "$VALSUB" $P --vae "$VAE" --dit "$OUT/adapt/final" --class-from-folders --res 224 \
+  --batch-size "$GEN_BS" --out "$OUT/samples/upscale" "${SAMPLE[@]}" --json
+stage encode_val "$OUT/latents_val/.done" "" davae encode "$VALSUB" --vae "$VAE" --res 224 --out "$OUT/latents_val" --json
+stage upscale_bicubic "$OUT/samples/upscale_bicubic/.done" "" \
+  davae decode "$OUT/latents_val" --vae "$VAE" --base-only --out "$OUT/samples/upscale_bicubic" --json
+stage upscale_oracle "$OUT/samples/upscale_oracle/.done" "" \
+  davae decode "$OUT/latents_val" --vae "$VAE" --out "$OUT/samples/upscale_oracle" --json
+for key in upscale upscale_bicubic upscale_oracle; do fid "$key" "$OUT/samples/$key" "$VALSUB" --paired; done
+
+# the FID noise: each model's samples split into two halves by seed (per class: seeds 0..NPC/2-1 and
+# NPC/2..NPC-1, symlinked), each half scored against val/: two independent estimates at NPC/2 per class
+for key in native_half_bicubic davae; do
+  for h in 1 2; do
+    half="$OUT/samples/halves/${key}_h$h"
+    if [ ! -e "$half/.done" ]; then
+      rm -rf "$half"; mkdir -p "$half"
+      for c in 0 1 2 3 4 5 6 7 8 9; do
+        for ((k = (h - 1) * NPC / 2; k < h * NPC / 2; k++)); do
+          n=$(printf "%06d.png" $((c * NPC + k))); ln -sf "$OUT/samples/$key/$n" "$half/$n"
+        done
+      done
+      touch "$half/.done"
+    fi
+    fid "${key}_h$h" "$half" "$VAL"
+  done
+done
+
+# ------------------------------------------------------------------ (iii) native 224², same training time
 BUDGET=$(python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
@@ -112,31 +197,10 @@ PY
 stage native_full "$OUT/native_full/final" "$OUT/native_full" \
   davae train-dit $P --vae "$VAE" --data "$TRAIN" --res 224 --max-minutes "$BUDGET" --out "$OUT/native_full" \
   "${DIT_SET[@]}" --json
-
-CLASSES=(); for i in 0 1 2 3 4 5 6 7 8 9; do CLASSES+=(--class-id "$i"); done
-GEN=(--num-images "$NPC" --seed 0 --batch-size "$GEN_BS" "${CLASSES[@]}" "${SAMPLE[@]}" --json)
-stage gen_native_half "$OUT/samples/native_half/.done" "" \
-  davae generate $P --native --base-pipeline "$OUT/native_half/final" --vae "$VAE" --res 112 \
-  --out "$OUT/samples/native_half" "${GEN[@]}"
-touch "$OUT/samples/native_half/.done"
-stage gen_davae "$OUT/samples/davae/.done" "" \
-  davae generate $P --vae "$VAE" --dit "$OUT/adapt/final" --out "$OUT/samples/davae" "${GEN[@]}"
-touch "$OUT/samples/davae/.done"
 stage gen_native_full "$OUT/samples/native_full/.done" "" \
   davae generate $P --native --base-pipeline "$OUT/native_full/final" --vae "$VAE" --res 224 \
-  --out "$OUT/samples/native_full" "${GEN[@]}"
-touch "$OUT/samples/native_full/.done"
+  --out "$OUT/samples/native_full" --seed 0 --num-images "$NPC_FULL" --batch-size "$GEN_BS" "${CLASSES[@]}" \
+  "${SAMPLE[@]}" --json
+fid native_full "$OUT/samples/native_full" "$VAL"
 
-# (i): the native 112² samples upsampled x2 (bicubic) to 224²
-stage upsample "$OUT/samples/native_half_bicubic/.done" "" \
-  python "$HERE/collect.py" upsample "$OUT/samples/native_half" "$OUT/samples/native_half_bicubic"
-touch "$OUT/samples/native_half_bicubic/.done"
-
-for key in native_half_bicubic davae native_full; do
-  stage "fid_$key" "$OUT/logs/fid_$key.done" "" \
-    davae eval-fid "$OUT/samples/$key" "$VAL" --kid --mode clean --json
-  touch "$OUT/logs/fid_$key.done"
-done
-
-python "$HERE/collect.py" results "$OUT" --per-class "$NPC"
-echo "wrote $OUT/results.json and $OUT/grid.png"
+finish

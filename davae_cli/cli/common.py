@@ -95,6 +95,26 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def lazy_progress(label: str) -> Iterator:
+    """`with lazy_progress("generate") as progress:` gives `progress(done, total)`; the bar starts on the first
+    call (after the models are loaded, so their messages come first) and stops when the block ends."""
+    bar, task = progress_bar(), None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=total, completed=done, info="")
+        bar.update(task, completed=done)
+
+    try:
+        yield progress
+    finally:
+        if task is not None:
+            bar.stop()
+
+
 def structure_lines(ds: Optional[dict]) -> list[str]:
     """`detail_structure` (metrics.latent_stats) as a small table: is the detail part a generable latent?"""
     if not ds:

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, fail, print_json,
-                     progress_bar, resolve_preset)
+from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, fail, lazy_progress,
+                     print_json, resolve_preset)
 
 EXAMPLES = """
 Examples:
@@ -87,23 +87,10 @@ def generate_cmd(
                          num_images=num_images, batch_size=batch_size, sampler=sampler, shift=shift,
                          save_latents=save_latents, grid=grid, tile=tile, device=device, dtype=dtype_name(dtype),
                          compile=compile_, compile_mode=compile_mode)
-    bar = progress_bar()
-    task = None
-
-    def progress(done, total):
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("generate", total=total, completed=done, info="")
-        bar.update(task, completed=done)
-
-    try:
+    with lazy_progress("generate") as progress:
         report = generate(p, s, vae_dir=str(vae) if vae else None, dit_dir=str(dit) if dit else None,
                           base_pipeline=base_pipeline, native=native, use_t5=not no_t5, random_weights=random_weights, progress=progress,
                           on_message=lambda t: err.print(t))
-    finally:
-        if task is not None:
-            bar.stop()
     if json_out:
         print_json(report)
         return

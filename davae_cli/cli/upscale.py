@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, print_json, progress_bar,
+from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, lazy_progress, print_json,
                      resolve_preset)
 
 EXAMPLES = """
@@ -17,9 +17,12 @@ Examples:
   davae upscale photo_1024.png --preset sd35m-2048 --vae runs/sd35-2048/final --dit runs/sd35-2048-dit/final \\
       --prompt "a lighthouse at dusk, photo" --out up/
 
-  # every image of a folder, class-conditional (LightningDiT), with the latents and the timings
-  davae upscale val/ --preset imagenette --vae runs/vae/final --dit runs/adapt/final --class-id 3 \\
+  # a folder of class folders (sorted names = class ids, as train-dit labels them), with latents and timings
+  davae upscale val/ --preset imagenette --vae runs/vae/final --dit runs/adapt/final --class-from-folders \\
       --save-latents --json --out up/
+
+  # one class for every image
+  davae upscale tench/ --preset imagenette --vae runs/vae/final --dit runs/adapt/final --class-id 0 --out up/
 
   # let the model also refine the composition from sigma 0.3 down (0 keeps the input's base exactly)
   davae upscale photo.png --preset tiny --vae runs/tvae/final --dit runs/tdit/final --strength 0.3 --out up/
@@ -36,6 +39,7 @@ def upscale_cmd(
     strength: float = typer.Option(0.0, "--strength", help="0 = the input's base channels kept exactly (only the detail channels are generated); > 0 = the base channels are also regenerated below sigma = STRENGTH (up to 1)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for every image (SD3/FLUX models; \"\" allowed, the default)."),
     class_id: Optional[int] = typer.Option(None, "--class-id", help="Class for every image (class-conditional models; default: the null class, unconditional)."),
+    class_from_folders: bool = typer.Option(False, "--class-from-folders", help="Class-conditional models: each image's class is its folder's index among the inputs' sorted folder names (as train-dit labels its data)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (the unconditional branch)."),
     steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Sampling steps (default: the adapted model's recipe)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, 1 = off (default: the recipe's)."),
@@ -64,25 +68,13 @@ def upscale_cmd(
 
     p = resolve_preset(preset, sets)
     s = UpscaleSettings(out_dir=out, res=res, strength=strength, prompt=prompt, class_id=class_id,
+                        class_from_folders=class_from_folders,
                         negative_prompt=negative_prompt, steps=steps, guidance=guidance, sampler=sampler, shift=shift,
                         seed=seed, batch_size=batch_size, overwrite=overwrite, save_latents=save_latents, tile=tile,
                         device=device, dtype=dtype_name(dtype), compile=compile_, compile_mode=compile_mode)
-    bar = progress_bar()
-    task = None
-
-    def progress(done, total):
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("upscale", total=total, completed=done, info="")
-        bar.update(task, completed=done)
-
-    try:
+    with lazy_progress("upscale") as progress:
         report = upscale(p, s, inputs, vae_dir=str(vae), dit_dir=str(dit), base_pipeline=base_pipeline,
                          use_t5=not no_t5, progress=progress, on_message=lambda t: err.print(t))
-    finally:
-        if task is not None:
-            bar.stop()
     if json_out:
         print_json(report)
         return
