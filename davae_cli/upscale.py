@@ -125,6 +125,8 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
         raise DavaeError("must be at least 1", param="batch_size")
     interval = None if isinstance(s.guidance_interval, str) else s.guidance_interval
     check_sampling(s.steps, s.shift, interval, s.sampler)
+    if s.class_from_folders and s.class_id is not None:  # before anything is loaded
+        raise DavaeError("give either --class-id or --class-from-folders", param="class_id")
     src = _inputs(inputs)
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
@@ -136,8 +138,6 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
     if model.conditioning == "prompt" and (s.class_id is not None or s.class_from_folders):
         raise DavaeError("is for class-conditional (LightningDiT) models; this one takes a prompt",
                          param="class_from_folders" if s.class_from_folders else "class_id")
-    if s.class_from_folders and s.class_id is not None:
-        raise DavaeError("give either --class-id or --class-from-folders", param="class_id")
     labels = [s.class_id] * len(src)
     if s.class_from_folders:
         folders = sorted({Path(str(it)).parent.name for it in src.items})
