@@ -136,7 +136,6 @@ def _resolve_folder(spec: str, subfolder: Optional[str]) -> Path:
 
 
 SINGLE_FILE_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors")
-_LDM_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "vae.")
 
 
 def is_single_file(spec: Optional[str]) -> bool:
@@ -157,12 +156,11 @@ def file_hash(path: Path) -> str:
 
 def load_single_file_vae(path: Path, arch: Optional[dict]) -> nn.Module:
     """An AutoencoderKL from one checkpoint file in the LDM/taming key layout (the official VA-VAE f16d32
-    release: `.pt`/`.ckpt` with a `state_dict`, or `.safetensors`), converted in memory by diffusers' own
-    single-file loader (`AutoencoderKL.from_single_file`) with `arch` (a diffusers config dict) as its
-    config. Training-only entries (loss, discriminator, the vision foundation model) are dropped."""
-    import tempfile
-
-    from diffusers import AutoencoderKL
+    release: `.pt`/`.ckpt` with a `state_dict`, or `.safetensors`), built from `arch` (a diffusers config
+    dict) and filled by `vae.ldm.convert_ldm_vae_state`: every VAE weight of the file must land on the
+    model and every weight of the model must come from the file (one line naming the first that does not).
+    Training-only entries (loss, discriminator, the vision foundation model) are dropped."""
+    from .ldm import convert_ldm_vae_state, strip_prefix
 
     if not arch:
         raise DavaeError(f"base VAE {path}: a single checkpoint file needs the VAE's architecture "
@@ -183,20 +181,18 @@ def load_single_file_vae(path: Path, arch: Optional[dict]) -> nn.Module:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise DavaeError(f"base VAE {path}: expected a state dict")
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.startswith(_LDM_PREFIXES)}
-    if not any(k.startswith(("encoder.", "first_stage_model.encoder.", "vae.encoder.")) for k in state):
+    state = strip_prefix(state)
+    if not any(k.startswith("encoder.") for k in state):
         raise DavaeError(f"base VAE {path}: no LDM-layout VAE weights (encoder.*, decoder.*) in the file")
-    with tempfile.TemporaryDirectory() as d:
-        cfg = {k: v for k, v in arch.items() if not k.startswith("_")}
-        (Path(d) / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **cfg}))
-        try:
-            vae = AutoencoderKL.from_single_file(state, config=d, local_files_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise DavaeError(f"base VAE {path}: diffusers could not convert it with vae.base_vae_arch "
-                             f"({str(e).splitlines()[0][:160]})") from None
-    missing = [k for k in AutoencoderKL.from_config(vae.config).state_dict() if k not in vae.state_dict()]
-    if missing:
-        raise DavaeError(f"base VAE {path}: {len(missing)} weights missing after conversion (e.g. {missing[0]})")
+    try:
+        vae = vae_from_config({**arch, "_class_name": "AutoencoderKL"})
+    except DavaeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config diffusers rejects
+        raise DavaeError(f"base VAE {path}: vae.base_vae_arch is not a valid AutoencoderKL config "
+                         f"({str(e).splitlines()[0][:160]})") from None
+    converted = convert_ldm_vae_state(state, vae.state_dict(), f"base VAE {path}")
+    vae.load_state_dict(converted, strict=True)
     return vae
 
 
