@@ -70,6 +70,12 @@ class VAEConfig:
     up_input: Literal["latent", "detail_residual"] = "latent"
     up_shortcut: Literal["repeat", "none"] = "repeat"
     up_conv_init: Literal["default", "zero"] = "default"  # "zero" with decoder_input=residual: starts as the baseline
+    # the base image: "antialias" (bicubic 1/s with antialiasing, clamped; SPEC §3) or "plain" (no antialiasing,
+    # no clamp: the official ImageNet DA-VAE, for its converted checkpoints)
+    base_resize: Literal["antialias", "plain"] = "antialias"
+    # what the up block reads for the base channels: the "transformed" z_base (the DiT's space, as the latent
+    # holds it) or the "raw" base posterior mean (the official ImageNet DA-VAE's decoder input)
+    decoder_base_space: Literal["transformed", "raw"] = "transformed"
 
 
 @dataclass
@@ -86,7 +92,22 @@ class LossConfig:
     align: float = 0.5
     align_mode: Literal["fixed", "adaptive"] = "fixed"
     detail_dropout: float = 0.0  # probability of zeroing a sample's whole z_d at the decoder input
+    # True: the kept samples' z_d is scaled by 1 / (1 - detail_dropout) (inverted dropout, the official
+    # ImageNet trainer); False: kept as is, so the decoder sees the same z_d in training and use
+    detail_dropout_rescale: bool = False
     sample_posterior: bool = True  # decode a posterior sample during training (False: the mean)
+    # KL reduction: "mean" over all elements (SPEC §5), or "sum" over C x h x w per sample, mean over the batch
+    # (LDM's convention, the official SD3 tokenizer recipe; ~C h w times stronger at the same weight)
+    kl_reduction: Literal["mean", "sum"] = "mean"
+    # what L_align pulls towards z_base: the detail posterior "mean" (default), or the decoded "sample"
+    # (the official ImageNet trainer aligns the sampled z)
+    align_on: Literal["mean", "sample"] = "mean"
+    # the space of z_base that L_align pulls towards: "transformed" (the DiT's, default) or "raw" (the base
+    # VAE's own posterior mean: the official ImageNet trainer)
+    align_target: Literal["transformed", "raw"] = "transformed"
+    # the reconstruction target: the "image", or "base_reconstruction" = the base VAE's own encode-decode of
+    # the full-resolution image (the official SD3 tokenizer recipe: the DA-VAE learns to match its base)
+    recon_target: Literal["image", "base_reconstruction"] = "image"
 
 
 @dataclass
@@ -102,7 +123,8 @@ class TrainVAEConfig:
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or cosine decay to 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or cosine decay to lr_end
+    lr_end: float = 0.0  # the cosine schedule's final learning rate
     grad_clip: float = 1.0
     disc_lr: Optional[float] = None  # None = lr
     ema_decay: float = 0.999
@@ -172,6 +194,15 @@ class AdaptDiTConfig:
     # weight of the cosine velocity term 1 - cos(u_hat, u) over channels per token (the official LightningDiT
     # recipe's `use_cosine_loss`, weight 1); the detail channels enter it with the same w(n) as the MSE
     cosine_loss: float = 0.0
+    # False: the cosine term covers all C + D channels from step 0, without w(n) (the official LightningDiT
+    # DA-VAE trainer); True: the detail channels enter it with w(n) like the MSE (the function-preserving start)
+    cosine_schedule: bool = True
+    # the regression target and its per-sample weight (flow.sample_loss_weight): "velocity" (default; SPEC §6)
+    # or "x0" (x0_hat = x_sigma - sigma u_hat, the official SD3 trainer); weighting "none", "snr_ratio" =
+    # min((1 - sigma)/sigma, gamma) (the official SD3 trainer), "min_snr" = min(((1 - sigma)/sigma)^2, gamma)
+    loss_target: Literal["velocity", "x0"] = "velocity"
+    loss_weighting: Literal["none", "snr_ratio", "min_snr"] = "none"
+    loss_weight_gamma: float = 5.0
     # training latents read to measure the detail channels' per-channel mean/std (SPEC §6); 0 = all
     detail_stats_latents: int = 4096
     # the DiT's view of the detail channels: "raw" standardises z_d per channel (SPEC §6); "residual"
@@ -237,6 +268,9 @@ class SampleConfig:
     # FlowMatchEulerDiscreteScheduler with this shift. Stored with the adapted model by adapt-dit. A native
     # SD3 pipeline samples with its own scheduler_config.json instead (SPEC §6).
     shift: float = 3.0
+    # the unconditional branch's prompt under CFG (prompt models); `--negative-prompt` overrides it. Stored
+    # with the adapted model like the rest of the recipe
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -384,7 +418,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def read_preset_yaml(name_or_path: str | Path) -> dict:
+def read_preset_yaml(name_or_path: str | Path, _depth: int = 0) -> dict:
     """The raw mapping of a bundled preset name or a YAML file path."""
     p = Path(name_or_path)
     stem = p.stem
@@ -406,7 +440,38 @@ def read_preset_yaml(name_or_path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a YAML mapping")
     data.setdefault("name", stem)
-    return data
+    return _resolve_extends(data, path, _depth)
+
+
+# mappings that describe one architecture: a child preset's replaces its parent's whole, never key by key
+_REPLACED_WHOLE = {("dit", "arch"), ("vae", "base_vae_arch")}
+
+
+def _deep_merge(parent: dict, child: dict, where: tuple = ()) -> dict:
+    out = dict(parent)
+    for k, v in child.items():
+        merge = isinstance(v, dict) and isinstance(out.get(k), dict) and (*where, k) not in _REPLACED_WHOLE
+        out[k] = _deep_merge(out[k], v, (*where, k)) if merge else v
+    return out
+
+
+def _resolve_extends(data: dict, path, depth: int) -> dict:
+    """`extends: NAME` (a bundled preset or a YAML path, relative to this file): the parent's mapping with this
+    one merged over it, section by section (mappings merge, lists and values replace; `dit.arch` and
+    `vae.base_vae_arch` replace whole). The -official presets are written this way, so each lists exactly
+    what differs from ours."""
+    parent_name = data.pop("extends", None)
+    if parent_name is None:
+        return data
+    if depth >= 8:
+        raise ConfigError(f"{path}: `extends` nests more than 8 presets deep (a cycle?)")
+    if not isinstance(parent_name, str):
+        raise ConfigError(f"{path}: `extends` must name a preset, got {parent_name!r}")
+    candidate = Path(str(path)).parent / parent_name
+    ref = candidate if parent_name.endswith((".yaml", ".yml")) and candidate.is_file() else parent_name
+    parent = read_preset_yaml(ref, depth + 1)
+    parent.pop("description", None)
+    return _deep_merge(parent, data)
 
 
 def preset_from_dict(data: dict, overrides: list[str] | None = None) -> Preset:
@@ -457,6 +522,8 @@ def validate(p: Preset) -> None:
         raise ConfigError(f"loss.detail_dropout must be in [0, 1), got {lo.detail_dropout}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train_vae.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0 <= t.lr_end <= t.lr:
+        raise ConfigError(f"train_vae.lr_end must be in [0, train_vae.lr = {t.lr}], got {t.lr_end}")
     for key in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train_vae.{key} must be positive, got {getattr(t, key)}")
@@ -494,6 +561,8 @@ def validate(p: Preset) -> None:
         raise ConfigError(f"dit.train_shift must be positive, got {d.train_shift}")
     if a.cosine_loss < 0:
         raise ConfigError(f"adapt_dit.cosine_loss must be >= 0, got {a.cosine_loss}")
+    if a.loss_weight_gamma <= 0:
+        raise ConfigError(f"adapt_dit.loss_weight_gamma must be > 0, got {a.loss_weight_gamma}")
     if a.detail_stats_latents < 0:
         raise ConfigError(f"adapt_dit.detail_stats_latents must be >= 0, got {a.detail_stats_latents}")
     n = p.train_dit

@@ -38,10 +38,39 @@ def detail_weight(step: int, ramp_steps: int) -> float:
     return (1.0 - math.cos(math.pi * n / ramp_steps)) / 2.0
 
 
-def flow_loss(pred: torch.Tensor, target: torch.Tensor, base_channels: int, w: float) -> torch.Tensor:
+LOSS_WEIGHTINGS = ("none", "snr_ratio", "min_snr")
+
+
+def sample_loss_weight(sigma: torch.Tensor, *, target: str = "velocity", weighting: str = "none",
+                       gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample factor on the squared velocity error that gives the requested objective.
+
+    target "x0": the error of x0_hat = x_sigma - sigma u_hat, i.e. sigma^2 ||u_hat - u||^2 (the official SD3
+    DA-VAE trainer); "velocity": ||u_hat - u||^2. Then weighting, with SNR = ((1 - sigma) / sigma)^2 on this
+    path: "snr_ratio" = min((1 - sigma) / sigma, gamma) (the official SD3 trainer's "min-SNR", which takes the
+    ratio where min-SNR takes its square), "min_snr" = min(SNR, gamma) (Hang et al.), "none" = 1."""
+    s = sigma.float().clamp_min(1e-6)
+    k = s.pow(2) if target == "x0" else torch.ones_like(s)
+    if weighting == "snr_ratio":
+        k = k * ((1 - s) / s).clamp_max(gamma)
+    elif weighting == "min_snr":
+        k = k * ((1 - s) / s).pow(2).clamp_max(gamma)
+    elif weighting != "none":
+        raise ValueError(f"unknown loss weighting {weighting!r} ({', '.join(LOSS_WEIGHTINGS)})")
+    if target not in ("velocity", "x0"):
+        raise ValueError(f"unknown loss target {target!r} (velocity, x0)")
+    return k
+
+
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, base_channels: int, w: float,
+              sample_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L = (||u_hat_B - u_B||^2 + w ||u_hat_D - u_D||^2) / (|B| + w |R|), sums over the batch: the base
-    channels' plain MSE at w = 0 (the pretrained objective), the MSE over all channels at w = 1."""
+    channels' plain MSE at w = 0 (the pretrained objective), the MSE over all channels at w = 1.
+    `sample_weight` (batch,) scales each sample's squared error (`sample_loss_weight`); the normaliser stays
+    the element count, so weight 1 everywhere is the plain objective."""
     err = (pred.float() - target.float()).pow(2)
+    if sample_weight is not None:
+        err = err * sample_weight.float().view(-1, *([1] * (err.dim() - 1)))
     eb, ed = err[:, :base_channels], err[:, base_channels:]
     return (eb.sum() + w * ed.sum()) / (eb.numel() + w * ed.numel())
 

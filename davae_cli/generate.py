@@ -46,7 +46,7 @@ class GenerateSettings:
     steps: Optional[int] = None
     guidance: Optional[float] = None
     guidance_interval: object = RECIPE  # (lo, hi) sigma range where CFG applies, None = every step
-    negative_prompt: str = ""
+    negative_prompt: Optional[str] = None  # None: the recipe's (usually "")
     seed: int = 0
     num_images: int = 1  # per prompt / class
     batch_size: int = 1
@@ -74,7 +74,8 @@ class Job:
 
 
 def apply_recipe(s: GenerateSettings, recipe: dict) -> None:
-    """Fill the settings left unset with the recipe's values (steps, guidance, guidance_interval, sampler)."""
+    """Fill the settings left unset with the recipe's values (steps, guidance, guidance_interval, sampler,
+    negative prompt)."""
     if s.steps is None:
         s.steps = int(recipe["steps"])
     if s.guidance is None:
@@ -84,12 +85,14 @@ def apply_recipe(s: GenerateSettings, recipe: dict) -> None:
         s.guidance_interval = tuple(float(v) for v in gi) if gi else None
     if s.sampler is None:
         s.sampler = recipe.get("sampler", "euler")
+    if getattr(s, "negative_prompt", "") is None:
+        s.negative_prompt = recipe.get("negative_prompt") or ""
 
 
 def recipe_of(preset: Preset) -> dict:
     smp = preset.sample
     return {"steps": smp.steps, "guidance": smp.guidance, "guidance_interval": smp.guidance_interval,
-            "sampler": smp.sampler}
+            "sampler": smp.sampler, "negative_prompt": smp.negative_prompt}
 
 
 def make_jobs(s: GenerateSettings) -> list[Job]:
@@ -696,7 +699,7 @@ def _class_conditioner(num_classes: int, device):
 
 
 def load_adapted(preset: Preset, vae_dir: Optional[str], dit_dir: Optional[str], *, base_pipeline: Optional[str],
-                 use_t5: bool, negative_prompt: str, device, dtype) -> tuple["DAVAEModel", Callable]:
+                 use_t5: bool, negative_prompt: Optional[str], device, dtype) -> tuple["DAVAEModel", Callable]:
     """(the adapted DiT with its DA-VAE, its conditioner `cond_fn(jobs) -> (uncond, cond)`): prompts through
     the text encoders it was adapted with (or `base_pipeline`'s), or class labels with the null class."""
     for name, given in (("vae", vae_dir), ("dit", dit_dir)):
@@ -713,8 +716,9 @@ def load_adapted(preset: Preset, vae_dir: Optional[str], dit_dir: Optional[str],
         cond_fn = _flux_conditioner(base_pipeline or cond["text_encoders"], cond["max_sequence_length"], device, dtype)
     elif cond["type"] == "prompt":
         spec = base_pipeline or cond["text_encoders"]
+        negative = negative_prompt if negative_prompt is not None else (model.recipe.get("negative_prompt") or "")
         cond_fn = _prompt_conditioner(spec, use_t5 and cond.get("use_t5", True), cond["max_sequence_length"],
-                                      negative_prompt, device, dtype)
+                                      negative, device, dtype)
     else:
         cond_fn = _class_conditioner(int(cond["num_classes"]), device)
     return model, cond_fn
@@ -739,6 +743,7 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
     check_sampling(s.steps, s.shift, interval, s.sampler)
     jobs = make_jobs(s)
     t0 = time.perf_counter()
+    negative = s.negative_prompt if s.negative_prompt is not None else preset.sample.negative_prompt
     if random_weights:
         if preset.dit.backend not in ("sd3", "flux"):
             raise DavaeError(f"is for SD3 and FLUX presets; {preset.name} is a {preset.dit.backend} preset",
@@ -749,7 +754,7 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
         if s.res is None:
             s.res = preset.adapt_dit.resolution
         model = RandomModel(preset, native, device, dtype)
-        cond_fn = _random_prompt_conditioner(preset, use_t5, s.negative_prompt, device, dtype)
+        cond_fn = _random_prompt_conditioner(preset, use_t5, negative, device, dtype)
     elif native:
         if preset.dit.backend in ("sd3", "flux"):
             flux = preset.dit.backend == "flux"
@@ -762,7 +767,7 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
             model: Model = (NativeFluxModel if flux else NativeSD3Model)(spec, s.shift, device, dtype,
                                                                           recipe_of(preset), on_message)
             cond_fn = (_flux_conditioner(spec, preset.dit.max_sequence_length, device, dtype) if flux else
-                       _prompt_conditioner(spec, use_t5, preset.dit.max_sequence_length, s.negative_prompt, device, dtype))
+                       _prompt_conditioner(spec, use_t5, preset.dit.max_sequence_length, negative, device, dtype))
         else:
             if not vae_dir or s.res is None:
                 raise DavaeError("with a LightningDiT preset needs --vae (for its base VAE) and --res", param="native")

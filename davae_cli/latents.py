@@ -15,11 +15,18 @@ from .errors import DavaeError
 LATENT_KEY = "latent"
 
 
-def downsample(x: torch.Tensor, s: int = 2) -> torch.Tensor:
-    """The base image: antialiased bicubic 1/s resize of x (B, 3, sH, sW) in [-1, 1], clamped to [-1, 1].
+RESIZES = ("antialias", "plain")
 
-    Antialiasing is a deliberate choice (the official code omits it) and is used everywhere.
+
+def downsample(x: torch.Tensor, s: int = 2, resize: str = "antialias") -> torch.Tensor:
+    """The base image: bicubic 1/s resize of x (B, 3, sH, sW) in [-1, 1].
+
+    "antialias" (the default, used everywhere): antialiased, clamped to [-1, 1]. "plain": without
+    antialiasing or clamp, as the official ImageNet DA-VAE computes its base latent (only for DA-VAEs
+    converted from it, `vae.base_resize`).
     """
+    if resize == "plain":
+        return F.interpolate(x, scale_factor=1.0 / s, mode="bicubic", align_corners=False)
     return F.interpolate(x, scale_factor=1.0 / s, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 

@@ -49,7 +49,7 @@ class UpscaleSettings:
     # class models: each image's class is its folder's index among the sorted folder names of the inputs
     # (the rule train-dit labels its data by)
     class_from_folders: bool = False
-    negative_prompt: str = ""
+    negative_prompt: Optional[str] = None  # None: the recipe's (usually "")
     # None (RECIPE for the interval): the adapted model's sampling recipe, as `generate`
     steps: Optional[int] = None
     guidance: Optional[float] = None
@@ -79,9 +79,10 @@ def base_size(h: int, w: int, res: int, scale: int, unit: int) -> tuple[int, int
     return (bh // unit) * unit, (bw // unit) * unit
 
 
-def prepare_base_image(arr, size: tuple[int, int]) -> torch.Tensor:
-    """(H, W, 3) uint8 -> the base image (3, bh, bw) in [-1, 1]: resized in float with antialiased bicubic (the
-    DA-VAE's `downsample`) to cover `size`, then centre-cropped; an input already of `size` is not resampled."""
+def prepare_base_image(arr, size: tuple[int, int], resize: str = "antialias") -> torch.Tensor:
+    """(H, W, 3) uint8 -> the base image (3, bh, bw) in [-1, 1]: resized in float with bicubic as the DA-VAE's
+    `downsample` does (`resize`: its `vae.base_resize`) to cover `size`, then centre-cropped; an input already
+    of `size` is not resampled."""
     x = D.to_tensor(arr)[None]  # (1, 3, H, W)
     h, w = x.shape[-2:]
     bh, bw = size
@@ -89,7 +90,8 @@ def prepare_base_image(arr, size: tuple[int, int]) -> torch.Tensor:
         k = max(bh / h, bw / w)
         nh, nw = max(bh, round(h * k)), max(bw, round(w * k))
         if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=resize != "plain", align_corners=False)
+            x = x if resize == "plain" else x.clamp(-1, 1)
         y0, x0 = (x.shape[-2] - bh) // 2, (x.shape[-1] - bw) // 2
         x = x[:, :, y0 : y0 + bh, x0 : x0 + bw]
     return x[0]
@@ -185,7 +187,8 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
             idx = members[k : k + s.batch_size]
             batch = [jobs[i] for i in idx]
             ta = time.perf_counter()
-            x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size) for i in idx]).to(device)
+            x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size,
+                                                      getattr(vae.config, "base_resize", "antialias")) for i in idx]).to(device)
             with torch.inference_mode():
                 z_base = vae.encode_base_image(x_base).float()  # (B, C, h, w), the DiT's own base space
             sync()

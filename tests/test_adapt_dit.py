@@ -167,7 +167,7 @@ def test_step0_export_reloads_with_plain_diffusers(tiny_vae, tmp_path):
     facts = json.loads((tmp_path / "run" / "final" / "davae_dit.json").read_text())
     assert facts["train_shift"] == preset.dit.train_shift == 4.0 and facts["sample_shift"] == preset.sample.shift
     assert facts["sampling"] == {"steps": preset.sample.steps, "guidance": preset.sample.guidance,
-                                 "guidance_interval": None, "sampler": "euler"}
+                                 "guidance_interval": None, "sampler": "euler", "negative_prompt": ""}
     assert facts["detail_channels"] == 16 and len(facts["detail_std"]) == 16
     assert facts["detail_stats"]["source"] == "davae"  # no training data: the DA-VAE's own statistics
 

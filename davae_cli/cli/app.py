@@ -14,7 +14,7 @@ from typing import Callable
 
 import typer
 
-from . import adapt_dit, bench, codec, common, eval_fid, generate, presets, train_dit, train_vae, upscale
+from . import adapt_dit, bench, codec, common, convert, eval_fid, generate, presets, train_dit, train_vae, upscale
 
 app = typer.Typer(
     name="davae",
@@ -66,6 +66,7 @@ COMMANDS: list[tuple[str, Callable, str | None]] = [
     ("upscale", upscale.upscale_cmd, upscale.EXAMPLES),
     ("bench", bench.bench_cmd, bench.EXAMPLES),
     ("eval-fid", eval_fid.eval_fid_cmd, eval_fid.EXAMPLES),
+    ("convert", convert.convert_cmd, convert.EXAMPLES),
     ("presets", presets.presets_cmd, None),
 ]
 for _name, _fn, _examples in COMMANDS:

@@ -63,6 +63,10 @@ def errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("Interrupted.")
         raise typer.Exit(130)
+    except BrokenPipeError:  # the reader went away (`davae presets | head`): stop quietly, as `cat` does
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush does not fail
+        raise typer.Exit(141)
     except Exception as e:  # a bug or an environment problem: still one line unless debugging
         if STATE["debug"]:
             raise

@@ -43,7 +43,7 @@ def generate_cmd(
     steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Sampling steps (default: the recipe's; see below)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, 1 = off (default: the recipe's)."),
     guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Apply CFG only for sigma in LO,HI, e.g. 0,0.8, or 'all' (default: the recipe's)."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (the unconditional branch)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt (the unconditional branch; default: the recipe's sample.negative_prompt, usually empty)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image; image k of each prompt uses seed + k."),
     num_images: int = typer.Option(1, "--num-images", help="Images per prompt / class."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images sampled together."),

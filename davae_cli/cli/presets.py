@@ -24,8 +24,9 @@ def presets_cmd(
         if json_out:
             print_json(rows)
         else:
+            width = max(map(len, rows), default=0) + 1
             for n, d in rows.items():
-                typer.echo(f"{n:14s} {d}")
+                typer.echo(f"{n:{width}s} {d}")
         return
     p = resolve_preset(name, sets)
     if json_out:

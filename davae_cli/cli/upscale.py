@@ -40,7 +40,7 @@ def upscale_cmd(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for every image (SD3/FLUX models; \"\" allowed, the default)."),
     class_id: Optional[int] = typer.Option(None, "--class-id", help="Class for every image (class-conditional models; default: the null class, unconditional)."),
     class_from_folders: bool = typer.Option(False, "--class-from-folders", help="Class-conditional models: each image's class is its folder's index among the inputs' sorted folder names (as train-dit labels its data)."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (the unconditional branch)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt (the unconditional branch; default: the recipe's sample.negative_prompt, usually empty)."),
     steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Sampling steps (default: the adapted model's recipe)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, 1 = off (default: the recipe's)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or heun (default: the recipe's)."),

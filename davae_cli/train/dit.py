@@ -90,7 +90,7 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
         "train_shift": d.train_shift, "sample_shift": smp.shift,
         "sampling": {"steps": smp.steps, "guidance": smp.guidance,
                      "guidance_interval": list(smp.guidance_interval) if smp.guidance_interval else None,
-                     "sampler": smp.sampler},
+                     "sampler": smp.sampler, "negative_prompt": smp.negative_prompt},
         "base_channels": vae.config.base_channels,
         "detail_channels": vae.config.detail_channels, "patch_size": backend.patch_size(model),
         "resolution": preset.adapt_dit.resolution, "granularity": vae.granularity,
@@ -202,14 +202,16 @@ def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, pres
     pred = backend.velocity(model, xt, sigma.to(x0.dtype), cond)
     has_detail = x0.shape[1] > base_channels
     w = flow.detail_weight(step, a.detail_ramp_steps) if has_detail else 1.0
-    loss = flow.flow_loss(pred, target, base_channels, w)
+    k = flow.sample_loss_weight(sigma, target=getattr(a, "loss_target", "velocity"),
+                                weighting=getattr(a, "loss_weighting", "none"), gamma=getattr(a, "loss_weight_gamma", 5.0))
+    loss = flow.flow_loss(pred, target, base_channels, w, k)
     with torch.no_grad():
         err = (pred.float() - target.float()).pow(2)
         parts = {"loss_base": err[:, :base_channels].mean().item()}
         if has_detail:
             parts.update(loss_detail=err[:, base_channels:].mean().item(), w=w)
     if a.cosine_loss > 0:
-        cos = flow.cosine_loss(pred, target, base_channels, w)
+        cos = flow.cosine_loss(pred, target, base_channels, w if getattr(a, "cosine_schedule", True) else 1.0)
         parts["loss_cos"] = cos.item()
         loss = loss + a.cosine_loss * cos
     return loss, parts

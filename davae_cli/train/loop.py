@@ -267,15 +267,15 @@ def _make_accelerator(seed: int):
     return acc
 
 
-def lr_lambda(warmup: int, total: int, schedule: str):
-    """Linear warmup, then constant or cosine decay to 0 at `total` steps."""
+def lr_lambda(warmup: int, total: int, schedule: str, floor: float = 0.0):
+    """Linear warmup, then constant or cosine decay to `floor` (a fraction of the peak) at `total` steps."""
 
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
         if schedule == "cosine":
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 
     return f

@@ -54,8 +54,10 @@ class VAETrainStep:
         `base_cache`: precomputed (z_base, baseline) of x (train_vae.cache_base)."""
         lo = self.lo
         out = model(x, sample=lo.sample_posterior, generator=generator, detail_dropout=lo.detail_dropout,
-                    base_cache=base_cache)
+                    base_cache=base_cache, dropout_rescale=lo.detail_dropout_rescale)
         x_hat = out["x_hat"]
+        if lo.recon_target == "base_reconstruction":
+            x = raw.reconstruct_base_full(x)
         l1 = (x_hat - x).abs().mean()
         rec = lo.l1 * l1
         parts = {"l1": l1.item()}
@@ -63,8 +65,9 @@ class VAETrainStep:
             lp = self.lpips(x_hat.float().clamp(-1, 1), x.float()).mean()
             rec = rec + lo.lpips * lp
             parts["lpips"] = lp.item()
-        kl = kl_divergence(out["mean"], out["logvar"])
-        al = align_loss(out["mean"], out["z_base"])
+        kl = kl_divergence(out["mean"], out["logvar"], lo.kl_reduction)
+        target = raw.transform.inverse(out["z_base"]) if lo.align_target == "raw" else out["z_base"]
+        al = align_loss(out["z_detail"] if lo.align_on == "sample" else out["mean"], target)
         parts.update(kl=kl.item(), align=al.item())
         total = rec + lo.kl * kl
         if lo.align > 0:
@@ -284,7 +287,8 @@ def _optimisation(model: DetailAlignedVAE, disc, t):
     if trunk_params:
         groups.append({"params": trunk_params, "lr": t.lr})
     opt = _optimizer(groups, t.lr, t.betas, t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.lr_schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.lr_schedule,
+                                                                  t.lr_end / t.lr if t.lr > 0 else 0.0))
     opt_d = _optimizer(disc.parameters(), t.disc_lr or t.lr, t.betas, t.weight_decay) if disc is not None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     return trainable, opt, sched, opt_d, EMAModel(trainable, decay=t.ema_decay, use_ema_warmup=t.ema_warmup)

@@ -41,9 +41,13 @@ def build_lpips(net: str = "vgg", random_backbone: Optional[bool] = None, off_hi
     return model.eval().requires_grad_(False)
 
 
-def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over all elements."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)): averaged over all elements ("mean"), or summed over each sample's
+    elements and averaged over the batch ("sum", LDM's DiagonalGaussianDistribution.kl convention)."""
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    if reduction == "sum":
+        return kl.flatten(1).sum(1).mean()
+    return kl.mean()
 
 
 def align_loss(z_detail: torch.Tensor, z_base: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         train_detail_trunk: bool = True,
         train_decoder_trunk: bool = True,
         latent_transform: str = "affine",
+        base_resize: str = "antialias",
+        decoder_base_space: str = "transformed",
     ):
         super().__init__()
         if detail_channels % base_channels:
@@ -164,6 +166,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             train_detail_trunk=vcfg.train_detail_trunk,
             train_decoder_trunk=vcfg.train_decoder_trunk,
             latent_transform="per_channel" if vcfg.base_latent_transform == "stats" else "affine",
+            base_resize=vcfg.base_resize,
+            decoder_base_space=vcfg.decoder_base_space,
         )
 
     @classmethod
@@ -316,7 +320,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def encode_base(self, x: torch.Tensor) -> torch.Tensor:
         """z_base: the transformed base posterior mean of the downsampled image. x (B, 3, H, W) -> (B, C, h, w)."""
-        return self.encode_base_image(L.downsample(x, self.config.scale))
+        return self.encode_base_image(L.downsample(x, self.config.scale, self.config.base_resize))
 
     @torch.no_grad()
     def encode_base_image(self, x_base: torch.Tensor) -> torch.Tensor:
@@ -354,6 +358,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         up_in = latent
         if self.config.up_input == "detail_residual":
             up_in = torch.cat([latent[:, :c], L.detail_residual(latent, c)], dim=1)
+        if getattr(self.config, "decoder_base_space", "transformed") == "raw":  # the official ImageNet decoder input
+            up_in = torch.cat([self.transform.inverse(up_in[:, :c]), up_in[:, c:]], dim=1)
         if self.decoder_trunk is None and baseline is None:
             baseline = self.decode_baseline(latent[:, :c])
         if isinstance(self.up, ResidualDetailDecoder):
@@ -364,20 +370,24 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         return baseline + F.pixel_shuffle(h, self.config.downsample)
 
     def forward(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
-                detail_dropout: float = 0.0, base_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
-        """Training pass: encode, optionally zero whole z_d of a sample (prob. `detail_dropout`), decode.
+                detail_dropout: float = 0.0, base_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                dropout_rescale: bool = False) -> dict:
+        """Training pass: encode, optionally zero whole z_d of a sample (prob. `detail_dropout`; with
+        `dropout_rescale` the kept ones are scaled by 1 / (1 - detail_dropout)), decode.
 
         Returns a dict (DDP-friendly): x_hat (B, 3, H, W), latent, z_base, mean, logvar.
         """
         enc = self.encode(x, sample=sample, generator=generator, base_cache=base_cache)
         latent = enc.latent
         if detail_dropout > 0:
-            keep = torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) >= detail_dropout
+            keep = (torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) >= detail_dropout).to(latent.dtype)
+            if dropout_rescale:
+                keep = keep / (1.0 - detail_dropout)
             c = self.config.base_channels
-            latent = torch.cat([latent[:, :c], latent[:, c:] * keep.to(latent.dtype)], dim=1)
+            latent = torch.cat([latent[:, :c], latent[:, c:] * keep], dim=1)
         baseline = base_cache[1] if base_cache is not None else None
         return {"x_hat": self.decode(latent, baseline), "latent": latent, "z_base": enc.z_base, "mean": enc.mean,
-                "logvar": enc.logvar}
+                "logvar": enc.logvar, "z_detail": enc.latent[:, self.config.base_channels:]}
 
     # ------------------------------------------------------------------ baselines and statistics
     @torch.no_grad()
@@ -388,7 +398,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def reconstruct_base_full(self, x: torch.Tensor) -> torch.Tensor:
-        """(c): the base VAE at full resolution (s^2 times the tokens). x (B, 3, H, W) -> same shape."""
+        """(c): the base VAE at full resolution (s^2 times the tokens). x (B, 3, H, W) -> same shape. Also the
+        reconstruction target of `loss.recon_target: base_reconstruction` (the official SD3 tokenizer recipe)."""
         return base_decode(self.base.vae, base_encode_mean(self.base.vae, x)).clamp(-1, 1)
 
     @torch.no_grad()

@@ -1,0 +1,171 @@
+"""Checkpoints trained with the official DA-VAE code (caixin98/DA-VAE) -> davae folders.
+
+Implemented: the ImageNet DA-VAE tokenizer (`lightningdit/davae`, class `DAVAE` with `da_mode: detail`), whose
+Lightning checkpoint holds
+
+    base_encoder.*, base_quant_conv.*    the frozen VA-VAE encoder (LDM layout)
+    da.encoder.*                         the detail encoder: a full LDM encoder copy (its conv_out unused)
+    da.da_down.conv.*                    3x3 conv to 2D/4 channels, then pixel-unshuffle(2) -> 2D (mean, logvar)
+    da.da_down.shortcut_proj.weight      1x1 conv, no bias, on the pixel-unshuffled features (2048 -> 192)
+    da.da_up.conv.*                      3x3 conv from C + D to 4G, then pixel-shuffle(2), + repeat shortcut
+    da.decoder.*                         the decoder, entered at its mid block (its conv_in unused)
+
+(`dc.` in place of `da.` is accepted too). davae's model has the same blocks (`detail_features: trunk`,
+`detail_shortcut: zero_conv`, `decoder_input: trunk`, `up_shortcut: repeat`); what differs is set on the
+converted folder so it computes what the official model computes: the base image without antialiasing
+(`base_resize: plain`), and the up block fed the raw base latent (`decoder_base_space: raw`). The latent
+davae hands the DiT keeps its base channels first and normalised per channel with the statistics given
+(`--stats`: the official 128-channel `latents_stats.pt`, whose first C entries normalise the base and the
+rest the detail channels, as the official LightningDiT trainer does; or LightningDiT's 32-channel file, the
+detail statistics then measured later).
+
+The base VAE's decoder is not in a DA-VAE checkpoint: the VA-VAE file it was built on (`--base-vae`) supplies
+it, and its encoder must equal the checkpoint's base encoder (checked).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import Preset
+from .errors import DavaeError
+from .vae.ldm import ldm_key_to_diffusers
+
+
+def _read_state(path: Path, allow_pickle: bool) -> dict:
+    if not path.is_file():
+        raise DavaeError(f"{path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:  # noqa: BLE001
+        hint = "" if allow_pickle else " (a Lightning checkpoint with pickled objects needs --allow-pickle)"
+        raise DavaeError(f"{path}: not a readable checkpoint{hint} ({str(e).splitlines()[0][:160]})") from None
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise DavaeError(f"{path}: expected a state dict")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _sub(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _ldm_onto(part: str, ldm: dict, target: torch.nn.Module, num_levels: int, source: str, skip: tuple = ()) -> int:
+    """Copy LDM-layout `part` ("encoder"/"decoder") weights onto a diffusers Encoder/Decoder; every key of
+    either side must match (keys in `skip` may be absent from the file). Returns the count."""
+    own = target.state_dict()
+    out = {}
+    for key, v in ldm.items():
+        new = ldm_key_to_diffusers(f"{part}.{key}", num_levels)
+        name = new[len(part) + 1:] if new.startswith(part + ".") else ""
+        if not name or name not in own:
+            raise DavaeError(f"{source}: weight {part}.{key} has no place in the davae model")
+        if v.shape != own[name].shape:
+            if v.dim() == 4 and v.shape[2:] == (1, 1) and tuple(v.shape[:2]) == tuple(own[name].shape):
+                v = v[:, :, 0, 0]
+            else:
+                raise DavaeError(f"{source}: weight {part}.{key} has shape {tuple(v.shape)}, the model expects "
+                                 f"{tuple(own[name].shape)}")
+        out[name] = v.float()
+    missing = [k for k in own if k not in out and not k.startswith(skip)]
+    if missing:
+        raise DavaeError(f"{source}: {len(missing)} {part} weights are missing (first: {missing[0]})")
+    target.load_state_dict({**own, **out})
+    return len(out)
+
+
+def _stats(path: Path, c: int, d: int) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """(base mean, base std, detail (mean, std) or None) from a LightningDiT-style statistics file."""
+    if not path.is_file():
+        raise DavaeError(f"{path}: statistics file not found")
+    st = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(st, dict) or "mean" not in st or "std" not in st:
+        raise DavaeError(f"{path}: expected a dict with 'mean' and 'std' tensors")
+    mean, std = torch.as_tensor(st["mean"]).float().flatten(), torch.as_tensor(st["std"]).float().flatten()
+    if mean.numel() == c + d:
+        return mean[:c], std[:c], (mean[c:], std[c:])
+    if mean.numel() == c:
+        return mean, std, None
+    raise DavaeError(f"{path}: statistics have {mean.numel()} channels; expected C = {c} or C + D = {c + d}")
+
+
+def convert_imagenet_davae(ckpt: str | Path, base_vae: str | Path, stats: str | Path, out: str | Path,
+                           preset: Preset, *, allow_pickle: bool = False) -> dict:
+    """Convert an official ImageNet DA-VAE checkpoint (see the module doc) into a davae DA-VAE folder at `out`
+    (written atomically). `preset` gives the architecture (`imagenet-512`: VA-VAE f16d32, D = 96)."""
+    from .train.vae import export_davae
+    from .vae.base import load_base_vae
+    from .vae.ldm import convert_ldm_vae_state
+    from .vae.model import DetailAlignedVAE
+
+    ckpt, base_vae, stats, out = Path(ckpt), Path(base_vae), Path(stats), Path(out)
+    if out.exists():
+        raise DavaeError(f"{out} already exists (choose a new folder)")
+    src = f"official DA-VAE {ckpt}"
+    state = _read_state(ckpt, allow_pickle)
+    head = next((h for h in ("da.", "dc.", "model.dc.") if any(k.startswith(h + "da_down.") for k in state)), None)
+    if head is None:
+        raise DavaeError(f"{src}: no detail path (da.da_down.* / dc.da_down.*): not an official DA-VAE checkpoint")
+    da = _sub(state, head)
+    v = replace(preset.vae, base_vae=str(base_vae), detail_features="trunk", detail_shortcut="zero_conv",
+                decoder_input="trunk", up_shortcut="repeat", up_hidden=0, down_hidden=0, down_blocks=0, up_blocks=0,
+                up_input="latent", learn_logvar=True, logvar_init=0.0, base_resize="plain", decoder_base_space="raw",
+                base_latent_transform="stats")
+    c, d = v.base_channels, v.detail_channels
+    bmean, bstd, detail_stats = _stats(stats, c, d)
+    base = load_base_vae(str(base_vae), arch=dict(v.base_vae_arch))
+    # the checkpoint's frozen base encoder must be the base VAE's
+    theirs = {**{f"encoder.{k}": t for k, t in _sub(state, "base_encoder.").items()},
+              **{f"quant_conv.{k}": t for k, t in _sub(state, "base_quant_conv.").items()}}
+    if not theirs:
+        raise DavaeError(f"{src}: no base encoder (base_encoder.*) in the checkpoint")
+    ours = base.vae.state_dict()
+    enc_only = {k: t for k, t in ours.items() if k.startswith(("encoder.", "quant_conv."))}
+    conv = convert_ldm_vae_state(theirs, enc_only, src)
+    diff = next((k for k in enc_only if not torch.equal(conv[k].float(), enc_only[k].float())), None)
+    if diff is not None:
+        raise DavaeError(f"{src}: its base encoder differs from the base VAE {base_vae} (first: {diff}); pass the "
+                         f"VA-VAE file the DA-VAE was trained on")
+    with tempfile.TemporaryDirectory() as tmp:  # base statistics in the shape from_base reads
+        sp = Path(tmp) / "base_stats.pt"
+        torch.save({"mean": bmean, "std": bstd}, sp)
+        model = DetailAlignedVAE.from_base(base, replace(v, base_latent_stats=str(sp)))
+    levels = len(base.vae.config.block_out_channels)
+    n = _ldm_onto("encoder", _sub(da, "encoder."), model.detail_trunk.encoder, levels, src)
+    n += _ldm_onto("decoder", _sub(da, "decoder."), model.decoder_trunk.decoder, levels, src)
+    # the new blocks
+    blocks = {"da_down.conv.weight": model.down.conv.weight, "da_down.conv.bias": model.down.conv.bias,
+              "da_down.shortcut_proj.weight": model.down.skip.weight,
+              "da_up.conv.weight": model.up.conv.weight, "da_up.conv.bias": model.up.conv.bias}
+    for key, param in blocks.items():
+        if key not in da:
+            raise DavaeError(f"{src}: weight {head}{key} is missing (the shortcut must be a 1x1 projection: 4F not "
+                             f"divisible by 2D)")
+        if da[key].shape != param.shape:
+            raise DavaeError(f"{src}: weight {head}{key} has shape {tuple(da[key].shape)}, the {preset.name} "
+                             f"architecture expects {tuple(param.shape)} (C = {c}, D = {d})")
+        with torch.no_grad():
+            param.copy_(da[key])
+    with torch.no_grad():
+        model.down.skip.bias.zero_()  # the official shortcut has no bias
+    unused = [k for k in da if not k.startswith(("encoder.", "decoder.")) and k not in blocks]
+    if unused:
+        raise DavaeError(f"{src}: weight {head}{unused[0]} has no place in the davae model")
+    if detail_stats is not None:
+        model.set_detail_stats(detail_stats[0], detail_stats[1], 0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_davae(model, out)
+    return {"out": str(out), "weights": n + len(blocks), "base_vae": str(base_vae), "stats": str(stats),
+            "detail_stats": "from the statistics file" if detail_stats is not None else "not set (measure them)",
+            "base_resize": "plain", "decoder_base_space": "raw", "checkpoint_prefix": head}

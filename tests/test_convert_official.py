@@ -1,0 +1,136 @@
+"""`davae convert imagenet-davae` (issue 22): an official ImageNet DA-VAE checkpoint, built here in its documented
+key layout from a tiny random model (LDM encoder/decoder keys under `da.`, the frozen base under
+`base_encoder.`/`base_quant_conv.`, `da_down.shortcut_proj` without bias), converts into a davae folder whose
+weights are the file's and whose encode/decode follow the official computation (checked by hand: plain bicubic
+base image, raw base latent into the up block); mismatched files are refused in one line. The equivalence
+with the official modules themselves: benchmarks/official/check_imagenet_davae.py (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from davae_cli.errors import DavaeError
+from test_base_single_file import ARCH, to_ldm
+from conftest import run_cli
+
+C, D = 4, 12
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """(folder, preset path, source DA-VAE model, its base diffusers VAE): the checkpoint, VA-VAE file and
+    statistics written in the official layout."""
+    from davae_cli.config import load_preset
+    from davae_cli.vae.base import load_base_vae
+    from davae_cli.vae.model import DetailAlignedVAE
+
+    d = tmp_path_factory.mktemp("official")
+    torch.manual_seed(0)
+    from diffusers import AutoencoderKL
+
+    ref = AutoencoderKL(**{k: v for k, v in ARCH.items() if k != "_class_name"})
+    n = len(ARCH["block_out_channels"])
+    torch.save({"state_dict": to_ldm(ref.state_dict(), n)}, d / "vavae.pt")
+    stats = {"mean": torch.randn(C + D) * 0.2, "std": torch.rand(C + D) + 0.5}
+    torch.save(stats, d / "latents_stats.pt")
+    torch.save({"mean": stats["mean"][:C], "std": stats["std"][:C]}, d / "base_stats.pt")
+    preset = d / "p.yaml"
+    preset.write_text(yaml.safe_dump({"name": "tiny-official-layout", "vae": dict(
+        base_vae=str(d / "vavae.pt"), base_vae_arch=ARCH, base_channels=C, detail_channels=D, downsample=8,
+        base_latent_transform="stats", base_latent_stats=str(d / "base_stats.pt"), detail_features="trunk",
+        detail_shortcut="zero_conv", decoder_input="trunk", up_shortcut="repeat")}))
+    p = load_preset(str(preset))
+    src = DetailAlignedVAE.from_base(load_base_vae(str(d / "vavae.pt"), arch=ARCH), p.vae)
+    with torch.no_grad():
+        for prm in src.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+        src.down.skip.bias.zero_()  # the official shortcut has no bias
+    # the official checkpoint, key by key from the documented layout
+    sd = {}
+    for k, v in to_ldm({f"encoder.{k}": v for k, v in src.detail_trunk.encoder.state_dict().items()}, n).items():
+        sd[f"da.{k}"] = v
+    for k, v in to_ldm({f"decoder.{k}": v for k, v in src.decoder_trunk.decoder.state_dict().items()}, n).items():
+        sd[f"da.{k}"] = v
+    sd["da.da_down.conv.weight"], sd["da.da_down.conv.bias"] = src.down.conv.weight, src.down.conv.bias
+    sd["da.da_down.shortcut_proj.weight"] = src.down.skip.weight
+    sd["da.da_up.conv.weight"], sd["da.da_up.conv.bias"] = src.up.conv.weight, src.up.conv.bias
+    for k, v in to_ldm(ref.state_dict(), n).items():
+        if k.startswith("encoder."):
+            sd["base_" + k] = v
+        elif k.startswith("quant_conv."):
+            sd["base_" + k] = v
+    sd["loss.discriminator.main.0.weight"] = torch.randn(2, 3, 4, 4)  # training-only entries stay behind
+    sd = {k: v.detach().clone() for k, v in sd.items()}
+    torch.save({"state_dict": sd, "global_step": 7}, d / "davae.ckpt")
+    return d, preset, src, ref
+
+
+def test_converts_weights_and_follows_the_official_computation(official, tmp_path):
+    from davae_cli.config import load_preset
+    from davae_cli.official import convert_imagenet_davae
+    from davae_cli.vae.model import DetailAlignedVAE
+
+    d, preset, src, ref = official
+    rep = convert_imagenet_davae(d / "davae.ckpt", d / "vavae.pt", d / "latents_stats.pt", tmp_path / "out",
+                                 load_preset(str(preset)))
+    assert rep["checkpoint_prefix"] == "da."
+    got = DetailAlignedVAE.from_pretrained(tmp_path / "out").eval()
+    assert (got.config.base_resize, got.config.decoder_base_space) == ("plain", "raw")
+    want = src.state_dict()
+    for k, v in got.state_dict().items():
+        if k.startswith(("detail_trunk.", "decoder_trunk.", "down.", "up.")):
+            assert torch.equal(v, want[k]), k
+    stats = torch.load(d / "latents_stats.pt", weights_only=True)
+    assert torch.allclose(got.detail_mean, stats["mean"][C:]) and torch.allclose(got.detail_std, stats["std"][C:])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        enc = got.encode(x)
+        # by hand, as the official DAVAE computes: bicubic 1/2 without antialias or clamp, base posterior mode
+        x_half = F.interpolate(x, scale_factor=0.5, mode="bicubic", align_corners=False)
+        z_raw = ref.encode(x_half).latent_dist.mean
+        torch.testing.assert_close(got.transform.inverse(enc.latent[:, :C]), z_raw, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(enc.latent[:, :C], (z_raw - stats["mean"][:C, None, None]) / stats["std"][:C, None, None],
+                                   rtol=1e-5, atol=1e-5)
+        # the decoder: the up block reads cat([raw base, detail])
+        lat = enc.latent
+        want_img = src.decoder_trunk(src.up(torch.cat([z_raw, lat[:, C:]], 1)))
+        torch.testing.assert_close(got.decode(lat), want_img, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_and_refusals(official, tmp_path):
+    d, preset, src, _ = official
+    args = ["--base-vae", d / "vavae.pt", "--stats", d / "latents_stats.pt", "--preset", preset]
+    r = run_cli("convert", "imagenet-davae", d / "davae.ckpt", *args, "--out", tmp_path / "ok", "--json")
+    assert '"decoder_base_space": "raw"' in r.stdout
+    from PIL import Image  # the converted folder works with the other commands
+
+    Image.new("RGB", (40, 32), (120, 30, 200)).save(tmp_path / "im.png")
+    run_cli("encode", tmp_path / "im.png", "--vae", tmp_path / "ok", "--out", tmp_path / "lat", "--res", "32")
+    run_cli("decode", tmp_path / "lat", "--vae", tmp_path / "ok", "--out", tmp_path / "dec")
+    assert len(list((tmp_path / "dec").glob("*.png"))) == 1
+    r = run_cli("convert", "imagenet-davae", d / "davae.ckpt", *args, "--out", tmp_path / "ok", check=False)
+    assert r.returncode == 1 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    sd = torch.load(d / "davae.ckpt", weights_only=True)["state_dict"]
+    bad = dict(sd)
+    bad["da.da_up.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": bad}, tmp_path / "extra.ckpt")
+    r = run_cli("convert", "imagenet-davae", tmp_path / "extra.ckpt", *args, "--out", tmp_path / "x1", check=False)
+    assert r.returncode == 1 and "da.da_up.extra.weight has no place" in r.stderr
+    bad = dict(sd)
+    bad["base_encoder.conv_in.weight"] = bad["base_encoder.conv_in.weight"] + 1
+    torch.save({"state_dict": bad}, tmp_path / "otherbase.ckpt")
+    r = run_cli("convert", "imagenet-davae", tmp_path / "otherbase.ckpt", *args, "--out", tmp_path / "x2", check=False)
+    assert r.returncode == 1 and "base encoder differs" in r.stderr and "encoder.conv_in.weight" in r.stderr
+    bad = {k: v for k, v in sd.items() if not k.startswith("da.decoder.mid.attn_1.q")}
+    torch.save({"state_dict": bad}, tmp_path / "short.ckpt")
+    r = run_cli("convert", "imagenet-davae", tmp_path / "short.ckpt", *args, "--out", tmp_path / "x3", check=False)
+    assert r.returncode == 1 and re.search(r"decoder weights are missing \(first: mid_block\.attentions\.0\.to_q", r.stderr)
+    torch.save({"state_dict": {"model.x": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    r = run_cli("convert", "imagenet-davae", tmp_path / "other.ckpt", *args, "--out", tmp_path / "x4", check=False)
+    assert r.returncode == 1 and "not an official DA-VAE checkpoint" in r.stderr
+    assert not any((tmp_path / f"x{i}").exists() for i in range(1, 5))  # nothing written on refusal
