@@ -48,6 +48,7 @@ def test_official_values():
     assert sd3.vae == load_preset("sd35m-1024").vae  # the architecture is ours
     img = load_preset("imagenet-512-official")
     assert img.dit.arch["use_qknorm"] is True and img.adapt_dit.cosine_schedule is False
+    assert (img.vae.base_resize, img.vae.decoder_base_space, img.loss.align_target) == ("plain", "raw", "raw")
     assert (img.loss.align_mode, img.loss.align_on, img.loss.detail_dropout, img.loss.detail_dropout_rescale) == \
            ("adaptive", "sample", 0.1, True)
     assert read_preset_yaml("imagenet-512-official")["vae"]["base_vae_arch"] == read_preset_yaml("imagenet-512")["vae"]["base_vae_arch"]

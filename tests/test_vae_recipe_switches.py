@@ -50,18 +50,20 @@ def test_inverted_detail_dropout(tmp_path, kl_base):
 
 def test_alignment_on_the_sample_and_base_reconstruction_target(tmp_path, kl_base):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    for align_on, recon in (("mean", "image"), ("sample", "base_reconstruction")):
+    for align_on, recon, space in (("mean", "image", "transformed"), ("sample", "base_reconstruction", "raw")):
         model, p = build(tmp_path, kl_base, align_on=align_on, recon_target=recon, sample_posterior=True,
-                         kl_reduction="sum")
+                         kl_reduction="sum", align_target=space)
         step = VAETrainStep(p, model, None, None)
         with torch.no_grad():
             _, parts, x_hat = step.generator_losses(model, model, x, 0, torch.Generator().manual_seed(5))
             enc = model.encode(x, sample=True, generator=torch.Generator().manual_seed(5))
             z = enc.mean if align_on == "mean" else enc.latent[:, p.vae.base_channels:]
-            want_align = F.mse_loss(project(z, p.vae.base_channels), enc.z_base)
+            target_base = enc.z_base if space == "transformed" else model.transform.inverse(enc.z_base)
+            want_align = F.mse_loss(project(z, p.vae.base_channels), target_base)
             target = x if recon == "image" else model.reconstruct_base_full(x)
             want_l1 = (x_hat - target).abs().mean()
         assert abs(parts["align"] - want_align.item()) < 1e-6
         assert abs(parts["l1"] - want_l1.item()) < 1e-6
         assert abs(parts["kl"] - kl_divergence(enc.mean, enc.logvar, "sum").item()) < 1e-4
     assert not torch.allclose(model.reconstruct_base_full(x), x, atol=0.05)  # the two targets differ
+    assert not torch.allclose(model.transform.inverse(enc.z_base), enc.z_base)  # and so do the two spaces
