@@ -169,3 +169,48 @@ def convert_imagenet_davae(ckpt: str | Path, base_vae: str | Path, stats: str | 
     return {"out": str(out), "weights": n + len(blocks), "base_vae": str(base_vae), "stats": str(stats),
             "detail_stats": "from the statistics file" if detail_stats is not None else "not set (measure them)",
             "base_resize": "plain", "decoder_base_space": "raw", "checkpoint_prefix": head}
+
+
+def convert_lightningdit(ckpt: str | Path, vae_dir: str | Path, out: str | Path, preset: Preset, *,
+                         allow_pickle: bool = False) -> dict:
+    """The official LightningDiT-XL trained on DA-VAE latents (`lightningdit/train.py`: the 256² model's
+    patch embedder and final layer zero-padded to C + D = 128 channels, base first; QK-norm on; a checkpoint
+    with 'ema'/'model' entries) -> a davae adapted-DiT folder for the DA-VAE at `vae_dir`, which must be
+    the official tokenizer converted with the official 128-channel statistics (`davae convert
+    imagenet-davae --stats latents_stats.pt`): the official trainer normalised all 128 channels with that
+    file, so the converted DA-VAE's base transform and detail statistics are exactly the DiT's input
+    normalisation. `preset` gives the architecture and the sampling recipe (`imagenet-512-official`)."""
+    from .dit.backend import get_backend
+    from .dit.lightningdit import load_lightningdit_weights
+    from .train.dit import export_adapted, sampling_facts
+    from .vae.model import DetailAlignedVAE
+
+    ckpt, vae_dir, out = Path(ckpt), Path(vae_dir), Path(out)
+    if out.exists():
+        raise DavaeError(f"{out} already exists (choose a new folder)")
+    if preset.dit.backend != "lightningdit":
+        raise DavaeError(f"preset {preset.name} is a {preset.dit.backend} preset; the official DiT is a LightningDiT "
+                         f"(use imagenet-512-official)")
+    if not ckpt.is_file():
+        raise DavaeError(f"{ckpt}: file not found")
+    vae = DetailAlignedVAE.from_pretrained(vae_dir)
+    c, d = int(vae.config.base_channels), int(vae.config.detail_channels)
+    if bool(torch.all(vae.detail_mean == 0)) and bool(torch.all(vae.detail_std == 1)):
+        raise DavaeError(f"{vae_dir}: the DA-VAE has no detail statistics; convert it with the official 128-channel "
+                         f"latents_stats.pt (davae convert imagenet-davae ... --stats latents_stats.pt)")
+    backend = get_backend(preset)
+    arch_c = int(preset.dit.arch.get("in_channels", c))
+    if arch_c != c:
+        raise DavaeError(f"dit.arch.in_channels = {arch_c}, but the DA-VAE has C = {c} base channels")
+    model = backend.load("random")
+    backend.extend(model, d)
+    load_lightningdit_weights(model, ckpt, prefer_ema=True, trust_pickle=allow_pickle)
+    stats = {"mean": [float(v) for v in vae.detail_mean], "std": [float(v) for v in vae.detail_std],
+             "source": "the official latent statistics (channels C..C+D), via the converted DA-VAE", "view": "raw"}
+    facts = sampling_facts(preset, vae, vae_dir, backend, model, str(ckpt), 0, detail_stats=stats)
+    facts["converted_from"] = {"checkpoint": str(ckpt.resolve()), "code": "caixin98/DA-VAE lightningdit/train.py"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_adapted(backend, model, facts, out)
+    return {"out": str(out), "parameters": sum(p.numel() for p in model.parameters()), "channels": c + d,
+            "use_qknorm": bool(preset.dit.arch.get("use_qknorm", False)), "vae": str(vae_dir),
+            "sample_shift": facts["sample_shift"], "sampling": facts["sampling"]}

@@ -134,3 +134,51 @@ def test_cli_and_refusals(official, tmp_path):
     r = run_cli("convert", "imagenet-davae", tmp_path / "other.ckpt", *args, "--out", tmp_path / "x4", check=False)
     assert r.returncode == 1 and "not an official DA-VAE checkpoint" in r.stderr
     assert not any((tmp_path / f"x{i}").exists() for i in range(1, 5))  # nothing written on refusal
+
+
+def test_convert_lightningdit(tmp_path):
+    """`davae convert lightningdit`: an official-layout LightningDiT checkpoint ({"model", "ema"}, QK-norm, the
+    patch embedder and head already C + D wide) lands in an adapted-DiT folder with exactly its weights, the
+    converted DA-VAE's statistics and the preset's recipe; `generate` then runs on the pair. Refused in one line:
+    a DA-VAE without detail statistics, a checkpoint of another architecture."""
+    from davae_cli.config import load_preset
+    from davae_cli.dit.backend import get_backend, read_facts
+    from davae_cli.dit.lightningdit import build_lightningdit, extend_lightningdit
+    from davae_cli.train.vae import export_davae
+    from davae_cli.vae.model import DetailAlignedVAE
+
+    sets = ["--set", "dit.arch.use_qknorm=true"]
+    run_cli("train-vae", "--preset", "tiny-imagenet", "--out", tmp_path / "v", "--steps", "0")
+    vae = DetailAlignedVAE.from_pretrained(tmp_path / "v" / "final")
+    plain_vae = tmp_path / "v" / "final"
+    vae.set_detail_stats(torch.linspace(-0.5, 0.5, 16), torch.linspace(0.5, 2.0, 16), 0)
+    export_davae(vae, tmp_path / "vae")
+    torch.manual_seed(1)
+    dit = extend_lightningdit(build_lightningdit("tiny", input_size=8, in_channels=16, num_classes=10,
+                                                 use_qknorm=True), 16)
+    with torch.no_grad():
+        for prm in dit.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    sd = {k: v.clone() for k, v in dit.state_dict().items()}
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in sd.items()}, "ema": sd, "steps": 3}, tmp_path / "off.pt")
+    run_cli("convert", "lightningdit", tmp_path / "off.pt", "--vae", tmp_path / "vae", "--out", tmp_path / "dit",
+            "--preset", "tiny-imagenet", *sets)
+    preset = load_preset("tiny-imagenet", ["dit.arch.use_qknorm=true"])
+    got = get_backend(preset).load_adapted(tmp_path / "dit")
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in sd.items())  # the EMA weights, all of them
+    facts = read_facts(tmp_path / "dit")
+    assert facts["detail_mean"] == pytest.approx(torch.linspace(-0.5, 0.5, 16).tolist())
+    assert facts["sample_shift"] == preset.sample.shift and facts["detail_view"] == "raw"
+    run_cli("generate", "--preset", "tiny-imagenet", "--vae", tmp_path / "vae", "--dit", tmp_path / "dit",
+            "--class-id", "3", "--steps", "2", "--out", tmp_path / "gen")
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 1
+    r = run_cli("convert", "lightningdit", tmp_path / "off.pt", "--vae", plain_vae, "--out", tmp_path / "x1",
+                "--preset", "tiny-imagenet", *sets, check=False)
+    assert r.returncode == 1 and "no detail statistics" in r.stderr
+    r = run_cli("convert", "lightningdit", tmp_path / "off.pt", "--vae", tmp_path / "vae", "--out", tmp_path / "x2",
+                "--preset", "tiny-imagenet", check=False)  # QK-norm off: the checkpoint's q/k norms are unexpected
+    assert r.returncode == 1 and "unexpected" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("convert", "lightningdit", tmp_path / "off.pt", "--out", tmp_path / "x3", "--preset", "tiny-imagenet",
+                check=False)
+    assert r.returncode == 1 and "--vae is required" in r.stderr
+    assert not any((tmp_path / f"x{i}").exists() for i in range(1, 4))

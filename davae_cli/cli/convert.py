@@ -13,6 +13,7 @@ from .common import JsonOpt, SetOpt, err, print_json, resolve_preset
 
 class Kind(str, Enum):
     imagenet_davae = "imagenet-davae"
+    lightningdit = "lightningdit"
 
 
 EXAMPLES = """
@@ -23,28 +24,50 @@ Examples:
   davae convert imagenet-davae davae_f16d32.ckpt --base-vae vavae-imagenet256-f16d32-dinov2.pt \\
       --stats latents_stats.pt --out runs/official-davae
 
+  # the official LightningDiT-XL trained on those latents (QK-norm, 128 channels): an adapted DiT folder
+  davae convert lightningdit lightningdit_xl_davae.pt --vae runs/official-davae --out runs/official-dit \
+      --preset imagenet-512-official
+
   davae encode photos/ --vae runs/official-davae --out latents/ --res 512
+  davae generate --vae runs/official-davae --dit runs/official-dit --class-id 207 --out samples/
 """
 
 
 def convert_cmd(
-    kind: Kind = typer.Argument(..., help="What the checkpoint is: imagenet-davae (the official ImageNet DA-VAE tokenizer)."),
+    kind: Kind = typer.Argument(..., help="What the checkpoint is: imagenet-davae (the official ImageNet DA-VAE tokenizer) or lightningdit (the official LightningDiT-XL trained on its latents)."),
     checkpoint: Path = typer.Argument(..., help="The official checkpoint (.ckpt/.pt with a state_dict, or .safetensors)."),
-    base_vae: Path = typer.Option(..., "--base-vae", help="The base VAE checkpoint the DA-VAE was trained on (VA-VAE f16d32 .pt)."),
-    stats: Path = typer.Option(..., "--stats", help="Latent statistics (mean/std): the official 128-channel latents_stats.pt, or LightningDiT's 32-channel one."),
+    base_vae: Optional[Path] = typer.Option(None, "--base-vae", help="imagenet-davae: the base VAE checkpoint the DA-VAE was trained on (VA-VAE f16d32 .pt)."),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="imagenet-davae: latent statistics (mean/std), the official 128-channel latents_stats.pt (or LightningDiT's 32-channel one)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="lightningdit: the converted official DA-VAE folder the DiT was trained on."),
     out: Path = typer.Option(..., "--out", "-o", help="The davae DA-VAE folder to write (must not exist)."),
-    preset: str = typer.Option("imagenet-512", "--preset", "-p", help="The architecture (default: imagenet-512)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Architecture and recipe (default: imagenet-512 for imagenet-davae, imagenet-512-official for lightningdit)."),
     sets: Optional[list[str]] = SetOpt,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a checkpoint that holds pickled objects (only for files you trust)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Convert an official DA-VAE checkpoint into a davae folder that every davae command takes."""
-    from ..official import convert_imagenet_davae
+    from ..errors import DavaeError
+    from ..official import convert_imagenet_davae, convert_lightningdit
 
-    p = resolve_preset(preset, sets)
-    report = convert_imagenet_davae(checkpoint, base_vae, stats, out, p, allow_pickle=allow_pickle)
+    need = {"imagenet-davae": (("base_vae", base_vae), ("stats", stats)), "lightningdit": (("vae", vae),)}[kind.value]
+    for name, given in need:
+        if given is None:
+            raise DavaeError(f"is required to convert {kind.value}", param=name)
+    if kind is Kind.imagenet_davae:
+        if vae is not None:
+            raise DavaeError("is for `convert lightningdit`", param="vae")
+        p = resolve_preset(preset or "imagenet-512", sets)
+        report = convert_imagenet_davae(checkpoint, base_vae, stats, out, p, allow_pickle=allow_pickle)
+        summary = f"converted {report['weights']} weights; detail statistics: {report['detail_stats']}"
+    else:
+        for name, given in (("base_vae", base_vae), ("stats", stats)):
+            if given is not None:
+                raise DavaeError("is for `convert imagenet-davae`", param=name)
+        p = resolve_preset(preset or "imagenet-512-official", sets)
+        report = convert_lightningdit(checkpoint, vae, out, p, allow_pickle=allow_pickle)
+        summary = f"converted {report['parameters']:,} parameters ({report['channels']} channels, QK-norm {report['use_qknorm']})"
     if json_out:
         print_json(report)
     else:
         typer.echo(report["out"])
-        err.print(f"converted {report['weights']} weights; detail statistics: {report['detail_stats']}")
+        err.print(summary)
