@@ -52,7 +52,9 @@ class VAEConfig:
     # output) on the full image, or "residual": the pixels of x minus the baseline (base at 1/s + bicubic)
     detail_features: Literal["latent", "trunk", "residual"] = "trunk"
     train_detail_trunk: bool = True  # the copied base encoder trunk trains (ImageNet) or stays frozen (SD3)
-    detail_shortcut: Literal["zero_conv", "group_mean", "base"] = "zero_conv"  # "base": z_d starts as z_base
+    # "base": z_d starts as z_base; "group_mean_moments": the group mean of s²F/2D channels added to mean and
+    # logvar (the official SD3 DA-VAE; "group_mean" adds s²F/D-channel means to the mean only)
+    detail_shortcut: Literal["zero_conv", "group_mean", "group_mean_moments", "base"] = "zero_conv"
     detail_conv_init: Literal["default", "zero"] = "default"
     logvar_init: float = 0.0  # constant added to the detail logvar channels
     learn_logvar: bool = True  # False: logvar is the constant logvar_init (a fixed posterior width)
@@ -72,10 +74,13 @@ class VAEConfig:
     up_conv_init: Literal["default", "zero"] = "default"  # "zero" with decoder_input=residual: starts as the baseline
     # the base image: "antialias" (bicubic 1/s with antialiasing, clamped; SPEC §3) or "plain" (no antialiasing,
     # no clamp: the official ImageNet DA-VAE, for its converted checkpoints)
-    base_resize: Literal["antialias", "plain"] = "antialias"
+    base_resize: Literal["antialias", "plain", "plain_clamp"] = "antialias"  # plain_clamp: the official SD3 DA-VAE
     # what the up block reads for the base channels: the "transformed" z_base (the DiT's space, as the latent
     # holds it) or the "raw" base posterior mean (the official ImageNet DA-VAE's decoder input)
     decoder_base_space: Literal["transformed", "raw"] = "transformed"
+    # the channel order the up block reads: "base_first" (the latent's own order) or "detail_first" (the
+    # official SD3 DA-VAE's decoder input, for its converted checkpoints; the latent itself stays base first)
+    up_input_order: Literal["base_first", "detail_first"] = "base_first"
 
 
 @dataclass

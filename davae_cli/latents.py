@@ -15,18 +15,20 @@ from .errors import DavaeError
 LATENT_KEY = "latent"
 
 
-RESIZES = ("antialias", "plain")
+RESIZES = ("antialias", "plain", "plain_clamp")
 
 
 def downsample(x: torch.Tensor, s: int = 2, resize: str = "antialias") -> torch.Tensor:
     """The base image: bicubic 1/s resize of x (B, 3, sH, sW) in [-1, 1].
 
     "antialias" (the default, used everywhere): antialiased, clamped to [-1, 1]. "plain": without
-    antialiasing or clamp, as the official ImageNet DA-VAE computes its base latent (only for DA-VAEs
-    converted from it, `vae.base_resize`).
+    antialiasing or clamp, as the official ImageNet DA-VAE computes its base latent; "plain_clamp": without
+    antialiasing, clamped, as the official SD3 DA-VAE does (only for DA-VAEs converted from them,
+    `vae.base_resize`).
     """
-    if resize == "plain":
-        return F.interpolate(x, scale_factor=1.0 / s, mode="bicubic", align_corners=False)
+    if resize in ("plain", "plain_clamp"):
+        y = F.interpolate(x, scale_factor=1.0 / s, mode="bicubic", align_corners=False)
+        return y.clamp(-1, 1) if resize == "plain_clamp" else y
     return F.interpolate(x, scale_factor=1.0 / s, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 

@@ -214,3 +214,87 @@ def convert_lightningdit(ckpt: str | Path, vae_dir: str | Path, out: str | Path,
     return {"out": str(out), "parameters": sum(p.numel() for p in model.parameters()), "channels": c + d,
             "use_qknorm": bool(preset.dit.arch.get("use_qknorm", False)), "vae": str(vae_dir),
             "sample_shift": facts["sample_shift"], "sampling": facts["sampling"]}
+
+
+SD3_TRAINING_ONLY = ("encoder_alignment_proj.", "loss.", "discriminator.")
+
+
+def convert_sd3_davae(ckpt: str | Path, base_vae: str | Path, out: str | Path, preset: Preset, *,
+                      allow_pickle: bool = False) -> dict:
+    """The official SD3 DA-VAE tokenizer (`sd3/modeling/modules/sd3_da_vae.py`, `SD3_DAAutoencoder` in the
+    shipped `da_mode: diff`; its `pytorch_model.bin` / state dict) -> a davae DA-VAE folder on the SD3(.5) VAE
+    `base_vae` (a diffusers folder, a pipeline folder with `vae/`, or a hub id).
+
+    Its keys, diffusers-named: `vae.encoder.*` (the SD3 encoder, frozen: the detail trunk), `vae.decoder.*`
+    (trained: the decoder, entered after its conv_in), `dc_down.conv.*` (3x3 conv to 2D/4 + pixel-unshuffle,
+    with a parameter-free group mean of 64 channels added to mean and logvar), `dc_up.conv.*` (3x3 conv +
+    pixel-shuffle + repeat shortcut, reading [z_detail, z_base] detail first), and, when it was saved with
+    its teacher, `original_vae_model.vae.*` (the base VAE: checked against `base_vae`). The converted folder
+    sets `detail_shortcut: group_mean_moments`, `up_input_order: detail_first` and `base_resize: plain_clamp`
+    (the official base image: bicubic without antialiasing, clamped), so it computes what the official model
+    computes, while its latent stays base first. The official code does not normalise the detail channels
+    for its DiT (its statistics file is never found), so the folder's detail statistics stay 0 / 1."""
+    from .train.vae import export_davae
+    from .vae.base import load_base_vae
+    from .vae.model import DetailAlignedVAE
+
+    ckpt, out = Path(ckpt), Path(out)
+    if out.exists():
+        raise DavaeError(f"{out} already exists (choose a new folder)")
+    src = f"official SD3 DA-VAE {ckpt}"
+    state = _read_state(ckpt, allow_pickle)
+    key = next((k for k in state if k.endswith("dc_down.conv.weight")), None)
+    if key is None:
+        raise DavaeError(f"{src}: no dc_down.conv.weight: not an official SD3 DA-VAE checkpoint")
+    head = key[: -len("dc_down.conv.weight")]
+    sd = _sub(state, head)
+    spec = str(base_vae)
+    sub = "vae" if (Path(spec) / "vae" / "config.json").is_file() else (
+        preset.vae.base_vae_subfolder if not Path(spec).exists() else None)
+    base = load_base_vae(spec, sub, latent_channels=preset.vae.base_channels)
+    v = replace(preset.vae, base_vae=spec, base_vae_subfolder=sub, detail_features="trunk",
+                detail_shortcut="group_mean_moments", decoder_input="trunk", up_shortcut="repeat", up_hidden=0,
+                down_hidden=0, down_blocks=0, up_blocks=0, up_input="latent", learn_logvar=True, logvar_init=0.0,
+                base_resize="plain_clamp", decoder_base_space="transformed", up_input_order="detail_first",
+                base_latent_transform="config")
+    model = DetailAlignedVAE.from_base(base, v)
+    used: set[str] = set()
+
+    def load_into(module: torch.nn.Module, prefix: str, what: str, skip: tuple = ()) -> int:
+        own = module.state_dict()
+        part = _sub(sd, prefix)
+        extra = [k for k in part if k not in own]
+        if extra:
+            raise DavaeError(f"{src}: weight {head}{prefix}{extra[0]} has no place in the davae model")
+        missing = [k for k in own if k not in part and not k.startswith(skip)]
+        if missing:
+            raise DavaeError(f"{src}: {len(missing)} {what} weights are missing (first: {head}{prefix}{missing[0]})")
+        for k, t in part.items():
+            if t.shape != own[k].shape:
+                raise DavaeError(f"{src}: weight {head}{prefix}{k} has shape {tuple(t.shape)}, the {preset.name} "
+                                 f"architecture expects {tuple(own[k].shape)}")
+        module.load_state_dict({**own, **{k: t.float() for k, t in part.items()}})
+        used.update(prefix + k for k in part)
+        return len(part)
+
+    n = load_into(model.detail_trunk.encoder, "vae.encoder.", "encoder")
+    n += load_into(model.decoder_trunk.decoder, "vae.decoder.", "decoder")
+    n += load_into(model.down.conv, "dc_down.conv.", "dc_down")
+    n += load_into(model.up.conv, "dc_up.conv.", "dc_up")
+    teacher = _sub(sd, "original_vae_model.vae.")
+    if teacher:
+        ours = base.vae.state_dict()
+        diff = next((k for k, t in teacher.items() if k not in ours or not torch.equal(t.float(), ours[k].float())), None)
+        if diff is not None:
+            raise DavaeError(f"{src}: its teacher VAE differs from the base VAE {spec} (first: {diff}); pass the "
+                             f"SD3 VAE the DA-VAE was trained with")
+        used.update("original_vae_model.vae." + k for k in teacher)
+    # the VAE's own quant convs (absent from SD3.5's VAE) are unused by the DA-VAE
+    unused = [k for k in sd if k not in used and not k.startswith(SD3_TRAINING_ONLY + ("vae.quant_conv.", "vae.post_quant_conv."))]
+    if unused:
+        raise DavaeError(f"{src}: weight {head}{unused[0]} has no place in the davae model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_davae(model, out)
+    return {"out": str(out), "weights": n, "base_vae": spec, "teacher_checked": bool(teacher),
+            "detail_stats": "0 / 1: the official SD3 code feeds its DiT the raw detail channels",
+            "base_resize": "plain_clamp", "up_input_order": "detail_first", "checkpoint_prefix": head}

@@ -90,7 +90,7 @@ def prepare_base_image(arr, size: tuple[int, int], resize: str = "antialias") ->
         k = max(bh / h, bw / w)
         nh, nw = max(bh, round(h * k)), max(bw, round(w * k))
         if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=resize != "plain", align_corners=False)
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=resize == "antialias", align_corners=False)
             x = x if resize == "plain" else x.clamp(-1, 1)
         y0, x0 = (x.shape[-2] - bh) // 2, (x.shape[-1] - bw) // 2
         x = x[:, :, y0 : y0 + bh, x0 : x0 + bw]

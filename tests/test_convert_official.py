@@ -7,6 +7,7 @@ with the official modules themselves: benchmarks/official/check_imagenet_davae.p
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -182,3 +183,69 @@ def test_convert_lightningdit(tmp_path):
                 check=False)
     assert r.returncode == 1 and "--vae is required" in r.stderr
     assert not any((tmp_path / f"x{i}").exists() for i in range(1, 4))
+
+
+def test_convert_sd3_davae(tmp_path, kl_base):
+    """`davae convert sd3-davae`: the official SD3 tokenizer's state dict (diffusers-named `vae.encoder/decoder`,
+    `dc_down`/`dc_up` convs, the teacher under `original_vae_model.vae.`) converts with its weights; the folder
+    encodes as the official code does (detail: conv + pixel-unshuffle + the group mean of s²F/2D channels added
+    to mean and logvar; base: bicubic without antialias, clamped) and its up block reads [detail, base]; the latent
+    stays base first. A teacher that is not the base VAE is refused."""
+    from davae_cli.vae.base import load_base_vae
+    from davae_cli.vae.model import DetailAlignedVAE
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"extends": "sd35m-1024-official", "name": "sd3-layout",
+                                      "vae": {"base_channels": 4, "detail_channels": 4, "base_vae_arch": {}}}))
+    from diffusers import AutoencoderKL
+
+    base = AutoencoderKL.from_pretrained(str(kl_base))
+    torch.manual_seed(2)
+    enc, dec = copy_perturbed(base.encoder), copy_perturbed(base.decoder)
+    down = torch.nn.Conv2d(16, 2, 3, padding=1)  # 2D / s² = 2 channels, then pixel-unshuffle -> 2D = 8
+    up = torch.nn.Conv2d(8, 64, 3, padding=1)  # C + D = 8 -> s²G = 64
+    sd = {**{f"vae.encoder.{k}": v for k, v in enc.state_dict().items()},
+          **{f"vae.decoder.{k}": v for k, v in dec.state_dict().items()},
+          **{f"dc_down.conv.{k}": v for k, v in down.state_dict().items()},
+          **{f"dc_up.conv.{k}": v for k, v in up.state_dict().items()},
+          **{f"original_vae_model.vae.{k}": v for k, v in base.state_dict().items()}}
+    torch.save({k: v.detach().clone() for k, v in sd.items()}, tmp_path / "pytorch_model.bin")
+    r = run_cli("convert", "sd3-davae", tmp_path / "pytorch_model.bin", "--base-vae", kl_base, "--preset", preset,
+                "--out", tmp_path / "out", "--json")
+    assert '"teacher_checked": true' in r.stdout
+    got = DetailAlignedVAE.from_pretrained(tmp_path / "out").eval()
+    assert (got.config.detail_shortcut, got.config.up_input_order, got.config.base_resize) == \
+           ("group_mean_moments", "detail_first", "plain_clamp")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        lat = got.encode(x).latent
+        # by hand: the base channels
+        xb = F.interpolate(x, scale_factor=0.5, mode="bicubic", align_corners=False).clamp(-1, 1)
+        z = (base.encode(xb).latent_dist.mean - 0.1) * 1.5
+        torch.testing.assert_close(lat[:, :4], z, rtol=1e-5, atol=1e-5)
+        # the detail channels: the official down block on the official encoder's features
+        e = enc
+        h = e.conv_act(e.conv_norm_out(e.mid_block(e.down_blocks[3](e.down_blocks[2](e.down_blocks[1](e.down_blocks[0](e.conv_in(x))))))))
+        moments = F.pixel_unshuffle(down(h), 2) + F.pixel_unshuffle(h, 2).unflatten(1, (8, -1)).mean(2)
+        torch.testing.assert_close(lat[:, 4:], moments[:, :4], rtol=1e-5, atol=1e-5)
+        # the decoder input, detail first: conv + pixel-shuffle + repeat-interleave shortcut, then the decoder trunk
+        zin = torch.cat([lat[:, 4:], lat[:, :4]], 1)
+        g = F.pixel_shuffle(up(zin), 2) + F.pixel_shuffle(zin.repeat_interleave(8, dim=1), 2)
+        want = dec.conv_out(dec.conv_act(dec.conv_norm_out(functools.reduce(lambda t, b: b(t, None), dec.up_blocks, dec.mid_block(g, None)))))
+        torch.testing.assert_close(got.decode(lat), want, rtol=1e-5, atol=1e-5)
+    other = dict(sd)
+    other["original_vae_model.vae.encoder.conv_in.bias"] = other["original_vae_model.vae.encoder.conv_in.bias"] + 1
+    torch.save(other, tmp_path / "other.bin")
+    r = run_cli("convert", "sd3-davae", tmp_path / "other.bin", "--base-vae", kl_base, "--preset", preset,
+                "--out", tmp_path / "x", check=False)
+    assert r.returncode == 1 and "teacher VAE differs" in r.stderr and not (tmp_path / "x").exists()
+
+
+def copy_perturbed(module):
+    import copy
+
+    m = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m

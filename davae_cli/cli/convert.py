@@ -14,6 +14,7 @@ from .common import JsonOpt, SetOpt, err, print_json, resolve_preset
 class Kind(str, Enum):
     imagenet_davae = "imagenet-davae"
     lightningdit = "lightningdit"
+    sd3_davae = "sd3-davae"
 
 
 EXAMPLES = """
@@ -28,41 +29,48 @@ Examples:
   davae convert lightningdit lightningdit_xl_davae.pt --vae runs/official-davae --out runs/official-dit \
       --preset imagenet-512-official
 
+  # the official SD3 DA-VAE tokenizer (sd3/, da_mode diff, detail first) on the SD3.5 Medium VAE
+  davae convert sd3-davae pytorch_model.bin --base-vae /models/sd35m --out runs/official-sd3-davae
+
   davae encode photos/ --vae runs/official-davae --out latents/ --res 512
   davae generate --vae runs/official-davae --dit runs/official-dit --class-id 207 --out samples/
 """
 
 
 def convert_cmd(
-    kind: Kind = typer.Argument(..., help="What the checkpoint is: imagenet-davae (the official ImageNet DA-VAE tokenizer) or lightningdit (the official LightningDiT-XL trained on its latents)."),
+    kind: Kind = typer.Argument(..., help="What the checkpoint is: imagenet-davae (the official ImageNet DA-VAE tokenizer), lightningdit (the official LightningDiT-XL trained on its latents) or sd3-davae (the official SD3 DA-VAE tokenizer)."),
     checkpoint: Path = typer.Argument(..., help="The official checkpoint (.ckpt/.pt with a state_dict, or .safetensors)."),
-    base_vae: Optional[Path] = typer.Option(None, "--base-vae", help="imagenet-davae: the base VAE checkpoint the DA-VAE was trained on (VA-VAE f16d32 .pt)."),
+    base_vae: Optional[Path] = typer.Option(None, "--base-vae", help="imagenet-davae: the VA-VAE f16d32 .pt the DA-VAE was trained on; sd3-davae: the SD3(.5) VAE (folder, pipeline folder or hub id)."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="imagenet-davae: latent statistics (mean/std), the official 128-channel latents_stats.pt (or LightningDiT's 32-channel one)."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="lightningdit: the converted official DA-VAE folder the DiT was trained on."),
     out: Path = typer.Option(..., "--out", "-o", help="The davae DA-VAE folder to write (must not exist)."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Architecture and recipe (default: imagenet-512 for imagenet-davae, imagenet-512-official for lightningdit)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Architecture and recipe (default: imagenet-512 for imagenet-davae, imagenet-512-official for lightningdit, sd35m-1024-official for sd3-davae)."),
     sets: Optional[list[str]] = SetOpt,
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a checkpoint that holds pickled objects (only for files you trust)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Convert an official DA-VAE checkpoint into a davae folder that every davae command takes."""
     from ..errors import DavaeError
-    from ..official import convert_imagenet_davae, convert_lightningdit
+    from ..official import convert_imagenet_davae, convert_lightningdit, convert_sd3_davae
 
-    need = {"imagenet-davae": (("base_vae", base_vae), ("stats", stats)), "lightningdit": (("vae", vae),)}[kind.value]
+    need = {"imagenet-davae": (("base_vae", base_vae), ("stats", stats)), "lightningdit": (("vae", vae),),
+            "sd3-davae": (("base_vae", base_vae),)}[kind.value]
+    allowed = {name for name, _ in need}
+    for name, given in (("base_vae", base_vae), ("stats", stats), ("vae", vae)):
+        if given is not None and name not in allowed:
+            raise DavaeError(f"does not apply to `convert {kind.value}`", param=name)
     for name, given in need:
         if given is None:
             raise DavaeError(f"is required to convert {kind.value}", param=name)
     if kind is Kind.imagenet_davae:
-        if vae is not None:
-            raise DavaeError("is for `convert lightningdit`", param="vae")
         p = resolve_preset(preset or "imagenet-512", sets)
         report = convert_imagenet_davae(checkpoint, base_vae, stats, out, p, allow_pickle=allow_pickle)
         summary = f"converted {report['weights']} weights; detail statistics: {report['detail_stats']}"
+    elif kind is Kind.sd3_davae:
+        p = resolve_preset(preset or "sd35m-1024-official", sets)
+        report = convert_sd3_davae(checkpoint, base_vae, out, p, allow_pickle=allow_pickle)
+        summary = f"converted {report['weights']} weights; detail statistics: {report['detail_stats']}"
     else:
-        for name, given in (("base_vae", base_vae), ("stats", stats)):
-            if given is not None:
-                raise DavaeError("is for `convert imagenet-davae`", param=name)
         p = resolve_preset(preset or "imagenet-512-official", sets)
         report = convert_lightningdit(checkpoint, vae, out, p, allow_pickle=allow_pickle)
         summary = f"converted {report['parameters']:,} parameters ({report['channels']} channels, QK-norm {report['use_qknorm']})"

@@ -94,6 +94,10 @@ class DetailDownBlock(nn.Module):
             if (ff * in_channels) % d:
                 raise ValueError(f"group_mean shortcut needs s²F = {ff * in_channels} divisible by D = {d}")
             self.skip = None
+        elif shortcut == "group_mean_moments":
+            if (ff * in_channels) % (2 * d):
+                raise ValueError(f"group_mean_moments shortcut needs s²F = {ff * in_channels} divisible by 2D = {2 * d}")
+            self.skip = None
         else:
             raise ValueError(f"unknown detail shortcut {shortcut!r}")
         # a constant offset of the logvar channels (a buffer: part of the artifact, not trained)
@@ -107,6 +111,9 @@ class DetailDownBlock(nn.Module):
         unshuffled = F.pixel_unshuffle(feats, self.factor)  # (B, s²F, h, w)
         if self.skip is not None:
             h = h + self.skip(unshuffled)
+        elif self.shortcut == "group_mean_moments":  # the official SD3 block: means of s²F/2D channels, all 2D
+            b, c4, hh, ww = unshuffled.shape
+            h = h + unshuffled.reshape(b, 2 * self.detail_channels, c4 // (2 * self.detail_channels), hh, ww).mean(2)
         mean, logvar = h.chunk(2, dim=1)
         if self.shortcut == "group_mean":
             b, c4, hh, ww = unshuffled.shape

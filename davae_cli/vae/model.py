@@ -94,6 +94,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         latent_transform: str = "affine",
         base_resize: str = "antialias",
         decoder_base_space: str = "transformed",
+        up_input_order: str = "base_first",
     ):
         super().__init__()
         if detail_channels % base_channels:
@@ -168,6 +169,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             latent_transform="per_channel" if vcfg.base_latent_transform == "stats" else "affine",
             base_resize=vcfg.base_resize,
             decoder_base_space=vcfg.decoder_base_space,
+            up_input_order=vcfg.up_input_order,
         )
 
     @classmethod
@@ -360,6 +362,8 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             up_in = torch.cat([latent[:, :c], L.detail_residual(latent, c)], dim=1)
         if getattr(self.config, "decoder_base_space", "transformed") == "raw":  # the official ImageNet decoder input
             up_in = torch.cat([self.transform.inverse(up_in[:, :c]), up_in[:, c:]], dim=1)
+        if getattr(self.config, "up_input_order", "base_first") == "detail_first":  # the official SD3 decoder input
+            up_in = torch.cat([up_in[:, c:], up_in[:, :c]], dim=1)
         if self.decoder_trunk is None and baseline is None:
             baseline = self.decode_baseline(latent[:, :c])
         if isinstance(self.up, ResidualDetailDecoder):
