@@ -298,3 +298,128 @@ def convert_sd3_davae(ckpt: str | Path, base_vae: str | Path, out: str | Path, p
     return {"out": str(out), "weights": n, "base_vae": spec, "teacher_checked": bool(teacher),
             "detail_stats": "0 / 1: the official SD3 code feeds its DiT the raw detail channels",
             "base_resize": "plain_clamp", "up_input_order": "detail_first", "checkpoint_prefix": head}
+
+
+def _read_lora(path: Path) -> tuple[Path, dict]:
+    """(the safetensors file, its tensors) of a diffusers LoRA folder (`pytorch_lora_weights.safetensors`) or
+    file; a `transformer.` prefix (pipeline-level LoRA files) is removed."""
+    from safetensors.torch import load_file
+
+    f = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    if not f.is_file():
+        raise DavaeError(f"{path}: no pytorch_lora_weights.safetensors (the official trainer's lora_step_N folder)")
+    try:
+        sd = load_file(str(f))
+    except Exception as e:  # noqa: BLE001
+        raise DavaeError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+    if any(k.startswith("transformer.") for k in sd):
+        sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+    if not any(".lora_A." in k for k in sd):
+        raise DavaeError(f"{f}: no LoRA weights (lora_A / lora_B) in the file")
+    return f, sd
+
+
+def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, out: str | Path, preset: Preset, *,
+                    dit: Optional[str] = None, lora_alpha: Optional[float] = None, allow_pickle: bool = False) -> dict:
+    """The official SD3.5 adaptation (`sd3/omini/train_sd3_davae`: `step_N.pt` with the tokenizer patch embedder
+    and output head, `SplitAddConv2d` / `ConcatLinearHead` branches in the detail-first order, plus the peft LoRA
+    saved by diffusers' `save_lora_adapter` in `lora_step_N/`) -> a davae adapted-DiT folder: the pretrained
+    transformer (`dit`, default the preset's) with the LoRA merged and the two heads written as davae's widened,
+    base-first layers (input conv: [base | detail] columns, biases summed; output rows (p, q, c) with the base
+    channels first in each patch position). `vae_dir`: the converted official SD3 DA-VAE. The LoRA's alpha comes
+    from the file's metadata, else `lora_alpha`, else its rank (the official recipe: alpha = rank = 256)."""
+    import json
+
+    from .dit.backend import get_backend
+    from .dit.sd3 import extend_sd3, merged_copy
+    from .train.dit import export_adapted, sampling_facts
+    from .vae.model import DetailAlignedVAE
+
+    heads, lora, vae_dir, out = Path(heads), Path(lora), Path(vae_dir), Path(out)
+    if out.exists():
+        raise DavaeError(f"{out} already exists (choose a new folder)")
+    if preset.dit.backend != "sd3":
+        raise DavaeError(f"preset {preset.name} is a {preset.dit.backend} preset; the official adaptation is SD3.5 "
+                         f"(use sd35m-1024-official)")
+    if not heads.is_file():
+        raise DavaeError(f"{heads}: file not found")
+    try:
+        obj = torch.load(str(heads), map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:  # noqa: BLE001
+        raise DavaeError(f"{heads}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+    hs = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
+    names = {"conv_b": "tokenizer_patch_embed.proj.base_conv", "conv_e": "tokenizer_patch_embed.proj.extra_conv",
+             "lin_b": "project_out.base_linear", "lin_e": "project_out.extra_linear"}
+    if not isinstance(hs, dict) or f"{names['conv_e']}.weight" not in hs:
+        raise DavaeError(f"{heads}: no {names['conv_e']}.weight: not the official trainer's step_N.pt (the branch "
+                         f"heads, augment_mode branch)")
+    vae = DetailAlignedVAE.from_pretrained(vae_dir)
+    c, d = int(vae.config.base_channels), int(vae.config.detail_channels)
+    backend = get_backend(preset)
+    spec = dit or preset.dit.pretrained
+    model = backend.load(spec)
+    if int(model.config.in_channels) != c:
+        raise DavaeError(f"the transformer {spec} reads {model.config.in_channels} channels, the DA-VAE has C = {c}")
+    f, lsd = _read_lora(lora)
+    rank = next(v.shape[0] for k, v in lsd.items() if ".lora_A." in k)
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    meta_alpha = None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as fh:
+            meta = fh.metadata() or {}
+        for key in ("lora_adapter_metadata", "transformer.lora_adapter_metadata"):
+            if key in meta:
+                meta_alpha = json.loads(meta[key]).get("lora_alpha")
+    except Exception:  # noqa: BLE001 - metadata is optional
+        meta_alpha = None
+    alpha = float(meta_alpha if meta_alpha is not None else lora_alpha if lora_alpha is not None else rank)
+    targets = sorted({k.split(".lora_A.")[0] for k in lsd if ".lora_A." in k})
+    have = {n for n, _ in model.named_modules()}
+    strange = [t for t in targets if t not in have]
+    if strange:
+        raise DavaeError(f"{f}: LoRA weights for {strange[0]}, which the transformer {spec} does not have (a LoRA of "
+                         f"another model?)")
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
+    res = set_peft_model_state_dict(model, lsd, adapter_name="default")
+    unexpected = list(getattr(res, "unexpected_keys", []) or [])
+    if unexpected:
+        raise DavaeError(f"{f}: LoRA weight {unexpected[0]} has no place in the transformer {spec}")
+    missing_lora = [k for k in (getattr(res, "missing_keys", []) or []) if "lora_" in k]
+    if missing_lora:
+        raise DavaeError(f"{f}: {len(missing_lora)} LoRA weights are missing (first: {missing_lora[0]})")
+    model = merged_copy(model)
+    extend_sd3(model, d)
+    p = int(model.config.patch_size)
+    conv, head = model.pos_embed.proj, model.proj_out
+    want = {f"{names['conv_b']}.weight": (conv.weight.shape[0], c, p, p), f"{names['conv_e']}.weight": (conv.weight.shape[0], d, p, p),
+            f"{names['lin_b']}.weight": (p * p * c, head.weight.shape[1]), f"{names['lin_e']}.weight": (p * p * d, head.weight.shape[1])}
+    for k, shape in want.items():
+        if k not in hs:
+            raise DavaeError(f"{heads}: weight {k} is missing")
+        if tuple(hs[k].shape) != shape:
+            raise DavaeError(f"{heads}: weight {k} has shape {tuple(hs[k].shape)}, expected {shape} (C = {c}, D = {d}, p = {p})")
+    with torch.no_grad():
+        conv.weight.copy_(torch.cat([hs[f"{names['conv_b']}.weight"], hs[f"{names['conv_e']}.weight"]], 1))
+        conv.bias.copy_(hs[f"{names['conv_b']}.bias"] + hs[f"{names['conv_e']}.bias"])
+        wb = hs[f"{names['lin_b']}.weight"].reshape(p * p, c, -1)
+        we = hs[f"{names['lin_e']}.weight"].reshape(p * p, d, -1)
+        head.weight.copy_(torch.cat([wb, we], 1).reshape(p * p * (c + d), -1))
+        bb = hs[f"{names['lin_b']}.bias"].reshape(p * p, c)
+        be = hs[f"{names['lin_e']}.bias"].reshape(p * p, d)
+        head.bias.copy_(torch.cat([bb, be], 1).reshape(-1))
+    known = {f"{n}.{w}" for n in names.values() for w in ("weight", "bias")}
+    unused = [k for k in hs if k not in known and not k.endswith("pos_embed")]
+    if unused:
+        raise DavaeError(f"{heads}: weight {unused[0]} has no place in the davae model")
+    stats = {"mean": [0.0] * d, "std": [1.0] * d, "view": "raw",
+             "source": "none: the official SD3 code feeds its DiT the raw detail channels"}
+    facts = sampling_facts(preset, vae, vae_dir, backend, model, str(spec), 0, detail_stats=stats)
+    facts["converted_from"] = {"heads": str(heads.resolve()), "lora": str(f.resolve()), "lora_alpha": alpha,
+                               "code": "caixin98/DA-VAE sd3/omini/train_sd3_davae"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_adapted(backend, model, facts, out)
+    return {"out": str(out), "lora_rank": rank, "lora_alpha": alpha, "lora_targets": len(targets),
+            "base_transformer": str(spec), "vae": str(vae_dir), "sample_shift": facts["sample_shift"]}

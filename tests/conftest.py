@@ -124,3 +124,12 @@ def davae_dir(tmp_path_factory, kl_base) -> Path:
     preset = write_preset(d / "p.yaml", kl_base)
     run_cli("train-vae", "--preset", preset, "--out", d / "run", "--steps", "0")
     return d / "run" / "final"
+
+
+# the longest test file first: with `-n auto --dist loadfile` the first worker starts on it at once while the
+# others take the rest, instead of it starting last and leaving the other workers idle (minutes of CI time)
+_FIRST = ("test_imagenette_chain.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: 0 if Path(str(item.fspath)).name in _FIRST else 1)
