@@ -173,6 +173,13 @@ def test_convert_lightningdit(tmp_path):
     run_cli("generate", "--preset", "tiny-imagenet", "--vae", tmp_path / "vae", "--dit", tmp_path / "dit",
             "--class-id", "3", "--steps", "2", "--out", tmp_path / "gen")
     assert len(list((tmp_path / "gen").glob("*.png"))) == 1
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (20, 140, 90)).save(tmp_path / "small.png")
+    run_cli("upscale", tmp_path / "small.png", "--preset", "tiny-imagenet", "--vae", tmp_path / "vae", "--dit",
+            tmp_path / "dit", "--class-id", "2", "--steps", "2", "--out", tmp_path / "up")
+    with Image.open(tmp_path / "up" / "small.png") as im:
+        assert im.size == (128, 128)
     r = run_cli("convert", "lightningdit", tmp_path / "off.pt", "--vae", plain_vae, "--out", tmp_path / "x1",
                 "--preset", "tiny-imagenet", *sets, check=False)
     assert r.returncode == 1 and "no detail statistics" in r.stderr
@@ -233,6 +240,12 @@ def test_convert_sd3_davae(tmp_path, kl_base):
         g = F.pixel_shuffle(up(zin), 2) + F.pixel_shuffle(zin.repeat_interleave(8, dim=1), 2)
         want = dec.conv_out(dec.conv_act(dec.conv_norm_out(functools.reduce(lambda t, b: b(t, None), dec.up_blocks, dec.mid_block(g, None)))))
         torch.testing.assert_close(got.decode(lat), want, rtol=1e-5, atol=1e-5)
+    from PIL import Image  # the folder works with the commands
+
+    Image.new("RGB", (48, 40), (200, 100, 30)).save(tmp_path / "im.png")
+    run_cli("encode", tmp_path / "im.png", "--vae", tmp_path / "out", "--out", tmp_path / "lat", "--res", "32")
+    run_cli("decode", tmp_path / "lat", "--vae", tmp_path / "out", "--out", tmp_path / "dec")
+    assert len(list((tmp_path / "dec").glob("*.png"))) == 1
     other = dict(sd)
     other["original_vae_model.vae.encoder.conv_in.bias"] = other["original_vae_model.vae.encoder.conv_in.bias"] + 1
     torch.save(other, tmp_path / "other.bin")
