@@ -57,6 +57,18 @@ def _read_state(path: Path, allow_pickle: bool) -> dict:
     return {k[7:] if k.startswith("module.") else k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def _check_dit_job(out: Path, preset: Preset, backend: str, hint: str, *files: Path) -> None:
+    """The checks every DiT conversion makes before it loads anything: a new output folder, a preset of the
+    right family, existing input files."""
+    if out.exists():
+        raise DavaeError(f"{out} already exists (choose a new folder)")
+    if preset.dit.backend != backend:
+        raise DavaeError(f"preset {preset.name} is a {preset.dit.backend} preset; the official model is {hint}")
+    for f in files:
+        if not f.is_file():
+            raise DavaeError(f"{f}: file not found")
+
+
 def _sub(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -186,13 +198,7 @@ def convert_lightningdit(ckpt: str | Path, vae_dir: str | Path, out: str | Path,
     from .vae.model import DetailAlignedVAE
 
     ckpt, vae_dir, out = Path(ckpt), Path(vae_dir), Path(out)
-    if out.exists():
-        raise DavaeError(f"{out} already exists (choose a new folder)")
-    if preset.dit.backend != "lightningdit":
-        raise DavaeError(f"preset {preset.name} is a {preset.dit.backend} preset; the official DiT is a LightningDiT "
-                         f"(use imagenet-512-official)")
-    if not ckpt.is_file():
-        raise DavaeError(f"{ckpt}: file not found")
+    _check_dit_job(out, preset, "lightningdit", "a LightningDiT (use imagenet-512-official)", ckpt)
     vae = DetailAlignedVAE.from_pretrained(vae_dir)
     c, d = int(vae.config.base_channels), int(vae.config.detail_channels)
     if bool(torch.all(vae.detail_mean == 0)) and bool(torch.all(vae.detail_std == 1)):
@@ -336,13 +342,7 @@ def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, ou
     from .vae.model import DetailAlignedVAE
 
     heads, lora, vae_dir, out = Path(heads), Path(lora), Path(vae_dir), Path(out)
-    if out.exists():
-        raise DavaeError(f"{out} already exists (choose a new folder)")
-    if preset.dit.backend != "sd3":
-        raise DavaeError(f"preset {preset.name} is a {preset.dit.backend} preset; the official adaptation is SD3.5 "
-                         f"(use sd35m-1024-official)")
-    if not heads.is_file():
-        raise DavaeError(f"{heads}: file not found")
+    _check_dit_job(out, preset, "sd3", "an SD3.5 adaptation (use sd35m-1024-official)", heads)
     try:
         obj = torch.load(str(heads), map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # noqa: BLE001

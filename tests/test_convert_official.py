@@ -135,6 +135,9 @@ def test_cli_and_refusals(official, tmp_path):
     r = run_cli("convert", "imagenet-davae", tmp_path / "other.ckpt", *args, "--out", tmp_path / "x4", check=False)
     assert r.returncode == 1 and "not an official DA-VAE checkpoint" in r.stderr
     assert not any((tmp_path / f"x{i}").exists() for i in range(1, 5))  # nothing written on refusal
+    r = run_cli("convert", "sd3-davae", d / "davae.ckpt", "--base-vae", d / "vavae.pt", "--stats", d / "latents_stats.pt",
+                "--out", tmp_path / "x5", check=False)
+    assert r.returncode == 1 and "--stats does not apply to `convert sd3-davae`" in r.stderr
 
 
 def test_convert_lightningdit(tmp_path):
