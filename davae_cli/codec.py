@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from . import data as D
-from .errors import DavaeError
+from .errors import DavaeError, first_line
 from .latents import atomic_write_bytes, load_latent, save_latent
 from .vae.model import DetailAlignedVAE
 
@@ -115,7 +115,7 @@ def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | P
             progress(1)
             continue
         except Exception as e:
-            report.failed.append((label, f"unreadable image: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}"))
+            report.failed.append((label, f"unreadable image: {first_line(e, 100)}"))
             progress(1)
             continue
         key = tuple(t.shape)

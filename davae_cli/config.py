@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import first_line
+
 PRESET_PACKAGE = "davae_cli.presets"  # the repository's top-level presets/, installed as package data
 
 
@@ -441,7 +443,7 @@ def read_preset_yaml(name_or_path: str | Path, _depth: int = 0) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: invalid YAML ({first_line(e, 200)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a YAML mapping")
     data.setdefault("name", stem)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from .errors import DavaeError
+from .errors import DavaeError, first_line
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 SKIMAGE_SOURCE = "skimage"  # the colour photos bundled with scikit-image (no download)
@@ -71,7 +71,7 @@ def list_images(inputs: Iterable[str | Path], check: bool = True, missing_ok: bo
                     with Image.open(f) as im:
                         im.size  # noqa: B018 - reading the header is the check
                 except Exception as e:
-                    src.skipped.append((str(f), str(e).splitlines()[0][:100] if str(e) else type(e).__name__))
+                    src.skipped.append((str(f), first_line(e, 100)))
                     continue
             src.items.append(str(f))
     return src

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .errors import DavaeError
+from .errors import DavaeError, first_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -21,7 +21,7 @@ def resolve_device(spec: Optional[str] = None, default=None) -> torch.device:
     try:
         dev = torch.device(spec)
     except (RuntimeError, TypeError) as e:
-        raise DavaeError(f"device {spec!r}: not a torch device ({str(e).splitlines()[0][:80]}); e.g. cuda, cuda:1, cpu") from None
+        raise DavaeError(f"device {spec!r}: not a torch device ({first_line(e, 80)}); e.g. cuda, cuda:1, cpu") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DavaeError(f"device {spec!r}: this machine has no CUDA GPU (use cpu)")

@@ -28,3 +28,12 @@ class DavaeError(Exception):
         if not self.param:
             return self.message
         return self._join("--" + self.param.replace("_", "-"), self.message)
+
+
+def first_line(e: BaseException, limit: int = 160, empty: "str | None" = None) -> str:
+    """The first line of an exception's message, at most `limit` characters: what one-line errors quote.
+    An empty message gives `empty`, or the exception's type name."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__ if empty is None else empty
+    return text.splitlines()[0][:limit]

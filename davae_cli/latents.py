@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import DavaeError
+from .errors import DavaeError, first_line
 
 LATENT_KEY = "latent"
 
@@ -113,7 +113,7 @@ def load_latent(path: Path) -> tuple[torch.Tensor, dict]:
     except DavaeError:
         raise
     except Exception as e:
-        raise DavaeError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        raise DavaeError(f"{path}: not a readable safetensors file ({first_line(e, 120)})") from None
     meta = {}
     for k, v in raw.items():
         try:

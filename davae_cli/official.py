@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from .config import Preset
-from .errors import DavaeError
+from .errors import DavaeError, first_line
 from .vae.ldm import ldm_key_to_diffusers
 
 
@@ -49,7 +49,7 @@ def _read_state(path: Path, allow_pickle: bool) -> dict:
             state = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # noqa: BLE001
         hint = "" if allow_pickle else " (a Lightning checkpoint with pickled objects needs --allow-pickle)"
-        raise DavaeError(f"{path}: not a readable checkpoint{hint} ({str(e).splitlines()[0][:160]})") from None
+        raise DavaeError(f"{path}: not a readable checkpoint{hint} ({first_line(e, 160)})") from None
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -317,7 +317,7 @@ def _read_lora(path: Path) -> tuple[Path, dict]:
     try:
         sd = load_file(str(f))
     except Exception as e:  # noqa: BLE001
-        raise DavaeError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+        raise DavaeError(f"{f}: not a readable safetensors file ({first_line(e, 160)})") from None
     if any(k.startswith("transformer.") for k in sd):
         sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
     if not any(".lora_A." in k for k in sd):
@@ -346,7 +346,7 @@ def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, ou
     try:
         obj = torch.load(str(heads), map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # noqa: BLE001
-        raise DavaeError(f"{heads}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise DavaeError(f"{heads}: not a readable checkpoint ({first_line(e, 160)})") from None
     hs = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
     names = {"conv_b": "tokenizer_patch_embed.proj.base_conv", "conv_e": "tokenizer_patch_embed.proj.extra_conv",
              "lin_b": "project_out.base_linear", "lin_e": "project_out.extra_linear"}

@@ -16,7 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 
 from ..callbacks import Callbacks
 from ..config import ConfigError, Preset, load_preset
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 
 # soft wrap: a long message is one line in a log file (where rich would otherwise break it at 80 columns)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -70,7 +70,7 @@ def errors() -> Iterator[None]:
     except Exception as e:  # a bug or an environment problem: still one line unless debugging
         if STATE["debug"]:
             raise
-        msg = str(e).splitlines()[0] if str(e) else ""
+        msg = first_line(e, 300, empty="")
         fail(f"{type(e).__name__}: {msg} (rerun with --debug for the traceback)")
 
 

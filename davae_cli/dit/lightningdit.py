@@ -43,7 +43,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 from .extend import extend_output_head, extend_patch_embed, output_row_index
 
 __all__ = [
@@ -515,7 +515,7 @@ def _read_torch(path: Path, trust_pickle: bool):
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised as a one-line DavaeError
         if not trust_pickle:
-            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            msg = first_line(e, 160)
             raise DavaeError(f"{path}: cannot read with torch.load(weights_only=True) ({msg}); "
                              f"pass trust_pickle=True only for a file you trust") from None
     try:

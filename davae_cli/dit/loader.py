@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 
 
 def load_transformer(cls, spec: str, subfolder: Optional[str], arch: Optional[dict], *, seed: int = 0,
@@ -44,11 +44,11 @@ def load_transformer(cls, spec: str, subfolder: Optional[str], arch: Optional[di
         try:
             return cls.from_pretrained(folder, torch_dtype=dtype)
         except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
-            raise DavaeError(f"{spec}: unreadable ({str(e).splitlines()[0][:160]})", param="dit") from None
+            raise DavaeError(f"{spec}: unreadable ({first_line(e, 160)})", param="dit") from None
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise DavaeError(f"{spec}: no such folder (and not a hub id like owner/name)", param="dit")
     try:
         return cls.from_pretrained(spec, subfolder=subfolder, torch_dtype=dtype)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e, 160)
         raise DavaeError(f"cannot load the {name} {spec!r} ({first}); pass a local diffusers folder{hub_hint}") from None

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 from .extend import extend_output_head, extend_patch_embed
 
 
@@ -56,7 +56,7 @@ def add_lora(model, rank: int, alpha: float, targets: list[str], init: str = "ga
     try:
         model.add_adapter(config)
     except ValueError as e:
-        raise DavaeError(f"dit.lora_targets: {str(e).splitlines()[0][:200]}") from None
+        raise DavaeError(f"dit.lora_targets: {first_line(e, 200)}") from None
     return lora_module_names(model)
 
 

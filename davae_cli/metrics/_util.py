@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import first_line
+
+
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0][:160] if s else type(e).__name__)
+    return first_line(e, 160)

@@ -18,7 +18,7 @@ import torch
 
 from ..callbacks import Callbacks  # noqa: F401  (re-exported for the trainers)
 from ..config import Preset, preset_from_dict
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 from ..latents import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
@@ -67,7 +67,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
     except Exception as e:
-        raise DavaeError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0][:160]}") from None
+        raise DavaeError(f"checkpoint {path} is unreadable: {first_line(e, 160)}") from None
 
 
 def rng_state() -> dict:

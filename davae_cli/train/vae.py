@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import latents as L
 from ..config import Preset
 from ..data import ImageSource, StepCropDataset, list_images, training_images, vae_training_data
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 from ..latents import atomic_write_bytes
 from ..metrics import reconstruction_metrics
 from ..vae.base import load_base_vae
@@ -100,7 +100,7 @@ def _base_cache(model: DetailAlignedVAE, source: ImageSource, cb: Callbacks) -> 
         try:
             arr = fit_to_multiple(read_image(item), None, model.granularity)
         except Exception as e:  # noqa: BLE001 - an unreadable image is skipped, like StepCropDataset does
-            cb.on_message(f"skipped unreadable image {item}: {str(e).splitlines()[0][:100]}")
+            cb.on_message(f"skipped unreadable image {item}: {first_line(e, 100)}")
             continue
         x = to_tensor(arr)[None].to(device)
         z = model.encode_base(x)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 
 RANDOM_BASE = "random"
 SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
@@ -124,7 +124,7 @@ def _resolve_folder(spec: str, subfolder: Optional[str]) -> Path:
         patterns = [f"{subfolder}/*"] if subfolder else ["config.json", "*.safetensors"]
         local = Path(snapshot_download(spec, allow_patterns=patterns))
     except Exception as e:  # network, auth, missing repo: all mean "cannot get it"
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        reason = first_line(e, 160)
         raise DavaeError(
             f"cannot fetch base VAE {spec!r} from the hub ({reason}); pass a local diffusers folder with --base-vae "
             f"(or `huggingface-cli login` for gated models)"
@@ -176,7 +176,7 @@ def load_single_file_vae(path: Path, arch: Optional[dict]) -> nn.Module:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes one line
-        raise DavaeError(f"base VAE {path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise DavaeError(f"base VAE {path}: not a readable checkpoint ({first_line(e, 160)})") from None
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -190,7 +190,7 @@ def load_single_file_vae(path: Path, arch: Optional[dict]) -> nn.Module:
         raise
     except Exception as e:  # noqa: BLE001 - a config diffusers rejects
         raise DavaeError(f"base VAE {path}: vae.base_vae_arch is not a valid AutoencoderKL config "
-                         f"({str(e).splitlines()[0][:160]})") from None
+                         f"({first_line(e, 160)})") from None
     converted = convert_ldm_vae_state(state, vae.state_dict(), f"base VAE {path}")
     vae.load_state_dict(converted, strict=True)
     return vae
@@ -229,7 +229,7 @@ def load_base_vae(spec: str, subfolder: Optional[str] = None, latent_channels: i
     try:
         vae = cls.from_pretrained(str(folder))
     except Exception as e:
-        raise DavaeError(f"cannot load base VAE from {folder}: {str(e).splitlines()[0][:200]}") from None
+        raise DavaeError(f"cannot load base VAE from {folder}: {first_line(e, 200)}") from None
     vae.eval().requires_grad_(False)
     return BaseVAE(vae, spec, subfolder, folder_hash(folder))
 

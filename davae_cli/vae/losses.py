@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import latents as L
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 
 LPIPS_RANDOM_ENV = "DAVAE_LPIPS_RANDOM_BACKBONE"  # tests: LPIPS with a random backbone (no download)
 
@@ -32,7 +32,7 @@ def build_lpips(net: str = "vgg", random_backbone: Optional[bool] = None, off_hi
         with contextlib.redirect_stdout(io.StringIO()):  # lpips prints set-up chatter on stdout
             model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
     except Exception as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        reason = first_line(e, 120)
         hub = os.path.join(os.environ.get("TORCH_HOME", "~/.cache/torch"), "hub", "checkpoints")
         raise DavaeError(
             f"LPIPS needs the torchvision {net} ImageNet weights, which could not be downloaded ({reason}); "

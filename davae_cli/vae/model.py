@@ -25,7 +25,7 @@ from diffusers.models.modeling_utils import ModelMixin
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 from .. import latents as L
 from .base import (
     BaseVAE,
@@ -223,7 +223,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         except DavaeError:
             raise
         except Exception as e:
-            raise DavaeError(f"cannot load DA-VAE from {path}: {str(e).splitlines()[0][:200]}") from None
+            raise DavaeError(f"cannot load DA-VAE from {path}: {first_line(e, 200)}") from None
         if not isinstance(model, DetailAlignedVAE):
             raise DavaeError(f"{path} holds a {type(model).__name__}, not a DetailAlignedVAE")
         cfg = model.config
