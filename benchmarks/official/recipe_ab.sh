@@ -52,9 +52,16 @@ for name in ("vae_ours", "vae_official"):
 for name in ("dit_velocity", "dit_x0_ratio"):
     rows = [json.loads(x) for x in (out / name / "log.jsonl").read_text().splitlines()]
     rows = [x for x in rows if "loss_base" in x]
+
+    def mean(xs, k):
+        v = [x[k] for x in xs if k in x]
+        return sum(v) / max(1, len(v))
+
     last = rows[len(rows) // 2:]
-    res[name] = {"steps": len(rows), "second_half_mean": {k: sum(x[k] for x in last if k in x) / max(1, sum(k in x for x in last))
-                                                          for k in ("loss_base", "loss_detail", "loss")}}
+    w = max(1, len(rows) // 8)  # the curve: means over 8 windows of steps (the same batches and sigmas in both runs)
+    res[name] = {"steps": len(rows), "second_half_mean": {k: mean(last, k) for k in ("loss_base", "loss_detail", "loss")},
+                 "curve": {"window": w, **{k: [round(mean(rows[i:i + w], k), 4) for i in range(0, len(rows), w)]
+                                           for k in ("loss_base", "loss_detail")}}}
 (out / "summary.json").write_text(json.dumps(res, indent=1))
 print(json.dumps({k: v for k, v in res.items() if k.startswith("dit")}, indent=1))
 EOF
