@@ -126,8 +126,9 @@ def davae_dir(tmp_path_factory, kl_base) -> Path:
     return d / "run" / "final"
 
 
-# the longest test file first: with `-n auto --dist loadfile` the first worker starts on it at once while the
-# others take the rest, instead of it starting last and leaving the other workers idle (minutes of CI time)
+# the longest test first: with `-n auto --dist worksteal` the first worker starts on it at once and the others
+# take the rest (stealing from its queue when theirs is empty), instead of it starting last and leaving the
+# other workers idle for minutes (`loadfile` hands out the files with the most tests first)
 _FIRST = ("test_imagenette_chain.py",)
 
 

@@ -110,3 +110,10 @@ def test_official_recipes_train_and_sample_on_stand_ins(tmp_path, parent, tiny, 
                 "--out", tmp_path / "gen2", *args, "--negative-prompt", "")
         with Image.open(next((tmp_path / "gen2").glob("*.png"))) as im:
             assert im.info["davae:negative_prompt"] == ""
+
+
+@pytest.mark.parametrize("preset, res", [("sd35m-1024-official", 1024), ("imagenet-512-official", 512)])
+def test_bench_flop_model_of_the_official_presets(preset, res):
+    r = run_cli("bench", "--preset", preset, "--res", str(res), "--flops-only", "--json")
+    out = json.loads(r.stdout)
+    assert out["preset"] == preset and out["flop_ratio_end_to_end"] > 3  # ~4.3x for both at these sizes
