@@ -116,24 +116,22 @@ def test_cli_and_refusals(official, tmp_path):
     assert len(list((tmp_path / "dec").glob("*.png"))) == 1
     r = run_cli("convert", "imagenet-davae", d / "davae.ckpt", *args, "--out", tmp_path / "ok", check=False)
     assert r.returncode == 1 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    # the refusals in-process (the CLI's one-line rendering of DavaeError is checked above and in test_cli)
+    from davae_cli.config import load_preset
+    from davae_cli.official import convert_imagenet_davae
+
+    p = load_preset(str(preset))
     sd = torch.load(d / "davae.ckpt", weights_only=True)["state_dict"]
-    bad = dict(sd)
-    bad["da.da_up.extra.weight"] = torch.zeros(1)
-    torch.save({"state_dict": bad}, tmp_path / "extra.ckpt")
-    r = run_cli("convert", "imagenet-davae", tmp_path / "extra.ckpt", *args, "--out", tmp_path / "x1", check=False)
-    assert r.returncode == 1 and "da.da_up.extra.weight has no place" in r.stderr
-    bad = dict(sd)
-    bad["base_encoder.conv_in.weight"] = bad["base_encoder.conv_in.weight"] + 1
-    torch.save({"state_dict": bad}, tmp_path / "otherbase.ckpt")
-    r = run_cli("convert", "imagenet-davae", tmp_path / "otherbase.ckpt", *args, "--out", tmp_path / "x2", check=False)
-    assert r.returncode == 1 and "base encoder differs" in r.stderr and "encoder.conv_in.weight" in r.stderr
-    bad = {k: v for k, v in sd.items() if not k.startswith("da.decoder.mid.attn_1.q")}
-    torch.save({"state_dict": bad}, tmp_path / "short.ckpt")
-    r = run_cli("convert", "imagenet-davae", tmp_path / "short.ckpt", *args, "--out", tmp_path / "x3", check=False)
-    assert r.returncode == 1 and re.search(r"decoder weights are missing \(first: mid_block\.attentions\.0\.to_q", r.stderr)
-    torch.save({"state_dict": {"model.x": torch.zeros(1)}}, tmp_path / "other.ckpt")
-    r = run_cli("convert", "imagenet-davae", tmp_path / "other.ckpt", *args, "--out", tmp_path / "x4", check=False)
-    assert r.returncode == 1 and "not an official DA-VAE checkpoint" in r.stderr
+    cases = [({**sd, "da.da_up.extra.weight": torch.zeros(1)}, r"da\.da_up\.extra\.weight has no place"),
+             ({**sd, "base_encoder.conv_in.weight": sd["base_encoder.conv_in.weight"] + 1},
+              r"base encoder differs .*encoder\.conv_in\.weight"),
+             ({k: v for k, v in sd.items() if not k.startswith("da.decoder.mid.attn_1.q")},
+              r"decoder weights are missing \(first: mid_block\.attentions\.0\.to_q"),
+             ({"model.x": torch.zeros(1)}, "not an official DA-VAE checkpoint")]
+    for i, (state, why) in enumerate(cases, 1):
+        torch.save({"state_dict": state}, tmp_path / f"bad{i}.ckpt")
+        with pytest.raises(DavaeError, match=why):
+            convert_imagenet_davae(tmp_path / f"bad{i}.ckpt", d / "vavae.pt", d / "latents_stats.pt", tmp_path / f"x{i}", p)
     assert not any((tmp_path / f"x{i}").exists() for i in range(1, 5))  # nothing written on refusal
     r = run_cli("convert", "sd3-davae", d / "davae.ckpt", "--base-vae", d / "vavae.pt", "--stats", d / "latents_stats.pt",
                 "--out", tmp_path / "x5", check=False)
@@ -183,12 +181,12 @@ def test_convert_lightningdit(tmp_path):
             tmp_path / "dit", "--class-id", "2", "--steps", "2", "--out", tmp_path / "up")
     with Image.open(tmp_path / "up" / "small.png") as im:
         assert im.size == (128, 128)
-    r = run_cli("convert", "lightningdit", tmp_path / "off.pt", "--vae", plain_vae, "--out", tmp_path / "x1",
-                "--preset", "tiny-imagenet", *sets, check=False)
-    assert r.returncode == 1 and "no detail statistics" in r.stderr
-    r = run_cli("convert", "lightningdit", tmp_path / "off.pt", "--vae", tmp_path / "vae", "--out", tmp_path / "x2",
-                "--preset", "tiny-imagenet", check=False)  # QK-norm off: the checkpoint's q/k norms are unexpected
-    assert r.returncode == 1 and "unexpected" in r.stderr and "Traceback" not in r.stderr
+    from davae_cli.official import convert_lightningdit
+
+    with pytest.raises(DavaeError, match="no detail statistics"):
+        convert_lightningdit(tmp_path / "off.pt", plain_vae, tmp_path / "x1", preset)
+    with pytest.raises(DavaeError, match="unexpected"):  # QK-norm off: the checkpoint's q/k norms are unexpected
+        convert_lightningdit(tmp_path / "off.pt", tmp_path / "vae", tmp_path / "x2", load_preset("tiny-imagenet"))
     r = run_cli("convert", "lightningdit", tmp_path / "off.pt", "--out", tmp_path / "x3", "--preset", "tiny-imagenet",
                 check=False)
     assert r.returncode == 1 and "--vae is required" in r.stderr
