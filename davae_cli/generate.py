@@ -85,7 +85,7 @@ def apply_recipe(s: GenerateSettings, recipe: dict) -> None:
         s.guidance_interval = tuple(float(v) for v in gi) if gi else None
     if s.sampler is None:
         s.sampler = recipe.get("sampler", "euler")
-    if getattr(s, "negative_prompt", "") is None:
+    if s.negative_prompt is None:
         s.negative_prompt = recipe.get("negative_prompt") or ""
 
 

@@ -26,10 +26,14 @@ def downsample(x: torch.Tensor, s: int = 2, resize: str = "antialias") -> torch.
     antialiasing, clamped, as the official SD3 DA-VAE does (only for DA-VAEs converted from them,
     `vae.base_resize`).
     """
-    if resize in ("plain", "plain_clamp"):
-        y = F.interpolate(x, scale_factor=1.0 / s, mode="bicubic", align_corners=False)
-        return y.clamp(-1, 1) if resize == "plain_clamp" else y
-    return F.interpolate(x, scale_factor=1.0 / s, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    return bicubic(x, resize, scale_factor=1.0 / s)
+
+
+def bicubic(x: torch.Tensor, resize: str = "antialias", **size_or_scale) -> torch.Tensor:
+    """Bicubic resize of an image in [-1, 1] by a `vae.base_resize` rule: "antialias" (antialiased, clamped),
+    "plain" (neither), "plain_clamp" (clamped only). `size_or_scale`: F.interpolate's size= or scale_factor=."""
+    y = F.interpolate(x, mode="bicubic", antialias=resize == "antialias", align_corners=False, **size_or_scale)
+    return y if resize == "plain" else y.clamp(-1, 1)
 
 
 def upsample(x: torch.Tensor, s: int = 2) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 
 from .config import Preset
 from .errors import DavaeError, first_line
-from .vae.ldm import ldm_key_to_diffusers
+from .vae.ldm import fit_tensor, ldm_key_to_diffusers
 
 
 def _read_state(path: Path, allow_pickle: bool) -> dict:
@@ -83,13 +83,11 @@ def _ldm_onto(part: str, ldm: dict, target: torch.nn.Module, num_levels: int, so
         name = new[len(part) + 1:] if new.startswith(part + ".") else ""
         if not name or name not in own:
             raise DavaeError(f"{source}: weight {part}.{key} has no place in the davae model")
-        if v.shape != own[name].shape:
-            if v.dim() == 4 and v.shape[2:] == (1, 1) and tuple(v.shape[:2]) == tuple(own[name].shape):
-                v = v[:, :, 0, 0]
-            else:
-                raise DavaeError(f"{source}: weight {part}.{key} has shape {tuple(v.shape)}, the model expects "
-                                 f"{tuple(own[name].shape)}")
-        out[name] = v.float()
+        fitted = fit_tensor(v, own[name].shape)
+        if fitted is None:
+            raise DavaeError(f"{source}: weight {part}.{key} has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(own[name].shape)}")
+        out[name] = fitted.float()
     missing = [k for k in own if k not in out and not k.startswith(skip)]
     if missing:
         raise DavaeError(f"{source}: {len(missing)} {part} weights are missing (first: {missing[0]})")

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import data as D
 from . import flow
+from . import latents as L
 from .config import Preset, check_sampling
 from .errors import DavaeError
 from .generate import RECIPE, Job, _decode, apply_recipe, guided_velocity, initial_noise, load_adapted, write_sample
@@ -90,8 +90,7 @@ def prepare_base_image(arr, size: tuple[int, int], resize: str = "antialias") ->
         k = max(bh / h, bw / w)
         nh, nw = max(bh, round(h * k)), max(bw, round(w * k))
         if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=resize == "antialias", align_corners=False)
-            x = x if resize == "plain" else x.clamp(-1, 1)
+            x = L.bicubic(x, resize, size=(nh, nw))
         y0, x0 = (x.shape[-2] - bh) // 2, (x.shape[-1] - bw) // 2
         x = x[:, :, y0 : y0 + bh, x0 : x0 + bw]
     return x[0]
@@ -188,7 +187,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
             batch = [jobs[i] for i in idx]
             ta = time.perf_counter()
             x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size,
-                                                      getattr(vae.config, "base_resize", "antialias")) for i in idx]).to(device)
+                                                      vae.config.base_resize) for i in idx]).to(device)
             with torch.inference_mode():
                 z_base = vae.encode_base_image(x_base).float()  # (B, C, h, w), the DiT's own base space
             sync()

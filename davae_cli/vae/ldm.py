@@ -27,7 +27,7 @@ Attention projections are 1x1 convolutions in LDM and linear layers in diffusers
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -94,6 +94,16 @@ def ldm_key_to_diffusers(key: str, num_levels: int) -> str:
     return ""
 
 
+def fit_tensor(v: torch.Tensor, shape) -> Optional[torch.Tensor]:
+    """`v` as a weight of `shape`: itself when the shapes agree, a 1x1 conv kernel [c, c, 1, 1] as the linear
+    weight [c, c] (LDM attention projections), else None."""
+    if tuple(v.shape) == tuple(shape):
+        return v
+    if v.dim() == 4 and tuple(v.shape[2:]) == (1, 1) and tuple(v.shape[:2]) == tuple(shape):
+        return v[:, :, 0, 0]
+    return None
+
+
 def convert_ldm_vae_state(state: dict, target: dict, source: str) -> dict:
     """Map an LDM-layout VAE state dict (prefix already stripped) onto `target` (the state dict of the
     diffusers model the architecture builds). Every LDM key must land on a target key of the same number of
@@ -107,14 +117,11 @@ def convert_ldm_vae_state(state: dict, target: dict, source: str) -> dict:
                      "AttnUpDecoderBlock2D at that level in vae.base_vae_arch)"
                      if re.search(r"\.(down|up)\.\d+\.attn\.", key) else "no place in vae.base_vae_arch")
             raise DavaeError(f"{source}: weight {key} has {where}")
-        v = state[key]
         want = target[new].shape
-        if v.shape != want:
-            if v.dim() == 4 and v.shape[2:] == (1, 1) and tuple(v.shape[:2]) == tuple(want):
-                v = v[:, :, 0, 0]  # 1x1 conv attention projection -> linear
-            else:
-                raise DavaeError(f"{source}: weight {key} has shape {tuple(v.shape)}, vae.base_vae_arch expects "
-                                 f"{tuple(want)} for {new}")
+        v = fit_tensor(state[key], want)
+        if v is None:
+            raise DavaeError(f"{source}: weight {key} has shape {tuple(state[key].shape)}, vae.base_vae_arch expects "
+                             f"{tuple(want)} for {new}")
         out[new] = v
     missing = [k for k in target if k not in out]
     if missing:

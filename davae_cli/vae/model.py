@@ -360,9 +360,9 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         up_in = latent
         if self.config.up_input == "detail_residual":
             up_in = torch.cat([latent[:, :c], L.detail_residual(latent, c)], dim=1)
-        if getattr(self.config, "decoder_base_space", "transformed") == "raw":  # the official ImageNet decoder input
+        if self.config.decoder_base_space == "raw":  # the official ImageNet decoder input
             up_in = torch.cat([self.transform.inverse(up_in[:, :c]), up_in[:, c:]], dim=1)
-        if getattr(self.config, "up_input_order", "base_first") == "detail_first":  # the official SD3 decoder input
+        if self.config.up_input_order == "detail_first":  # the official SD3 decoder input
             up_in = torch.cat([up_in[:, c:], up_in[:, :c]], dim=1)
         if self.decoder_trunk is None and baseline is None:
             baseline = self.decode_baseline(latent[:, :c])
