@@ -281,6 +281,22 @@ class SampleConfig:
 
 
 @dataclass
+class DataConfig:
+    """How streamed training data (WebDataset shards, parquet, saved datasets; `davae_cli.streams`) is read."""
+
+    # the record fields holding the image, the caption and the class label; None: the usual names
+    # (jpg/jpeg/png/webp/image/img; txt/caption/prompt/text or a .json's caption/prompt/text; cls/label/class)
+    image_key: Optional[str] = None
+    caption_key: Optional[str] = None
+    label_key: Optional[str] = None
+    # visit each shard's samples in a seeded permutation (the shard is held in memory as encoded bytes);
+    # false: their stored order (shards written in random order need no more)
+    shuffle_within_shard: bool = True
+    # adapt-dit / train-dit: latents per cache shard when --data is streamed (encode once, read after)
+    latent_shard_size: int = 1024
+
+
+@dataclass
 class Preset:
     name: str = "custom"
     description: str = ""
@@ -291,6 +307,7 @@ class Preset:
     adapt_dit: AdaptDiTConfig = field(default_factory=AdaptDiTConfig)
     train_dit: TrainDiTConfig = field(default_factory=TrainDiTConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     @property
     def granularity(self) -> int:
@@ -584,6 +601,8 @@ def validate(p: Preset) -> None:
         raise ConfigError(f"train_dit.ema_decay must be in [0, 1), got {n.ema_decay}")
     if n.latents_from not in ("direct", "davae_base"):
         raise ConfigError(f"train_dit.latents_from must be direct or davae_base, got {n.latents_from!r}")
+    if p.data.latent_shard_size < 1:
+        raise ConfigError(f"data.latent_shard_size must be >= 1, got {p.data.latent_shard_size}")
     for key, val in (("train_vae.max_images", t.max_images), ("train_vae.max_val", t.max_val),
                      ("train_dit.max_images", n.max_images), ("adapt_dit.max_images", p.adapt_dit.max_images)):
         if val < 0:

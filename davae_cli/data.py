@@ -25,6 +25,14 @@ SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+@dataclass(frozen=True)
+class MemoryImage:
+    """An image already in memory (a held-out sample of a stream): an item of an `ImageSource`."""
+
+    name: str
+    array: np.ndarray = field(repr=False)
+
+
 @dataclass
 class ImageSource:
     """A list of image items: file paths, or ('skimage', name) for scikit-image's bundled photos."""
@@ -44,6 +52,8 @@ class ImageSource:
 
     def name(self, i: int) -> str:
         it = self.items[i]
+        if isinstance(it, MemoryImage):
+            return it.name
         return it[1] if isinstance(it, tuple) else Path(it).stem
 
 
@@ -90,6 +100,8 @@ def _skimage_photo(name: str) -> np.ndarray:
 
 def read_image(item) -> np.ndarray:
     """(H, W, 3) uint8 RGB. Raises on unreadable files."""
+    if isinstance(item, MemoryImage):
+        return item.array
     if isinstance(item, tuple):
         return _skimage_photo(item[1])
     with Image.open(item) as im:

@@ -22,7 +22,7 @@ import torch
 
 from . import data as D
 from .codec import check_latent_compatible
-from .errors import DavaeError
+from .errors import DavaeError, first_line
 from .latents import atomic_write_bytes, detail_residual, load_latent, save_latent
 
 INDEX = "index.jsonl"
@@ -133,18 +133,34 @@ def prepare_latent_dataset(vae, inputs: list[str], cache_dir: Path, *, resolutio
                            batch_size: int = 8, captions: Optional[str] = None, rank: int = 0, world: int = 1,
                            max_images: int = 0, seed: int = 0,
                            barrier: Callable[[], None] = lambda: None,
-                           progress: Optional[Callable[[int, int], None]] = None) -> list[LatentRecord]:
+                           progress: Optional[Callable[[int, int], None]] = None, fields=None,
+                           shard_size: int = 1024) -> list[LatentRecord]:
     """Encode `inputs` once into `cache_dir` (or index existing latent files) and return the records.
 
     `conditioning`: "prompt" or "class". The index is written atomically by rank 0 after every process
-    finished its share; a later call with the same cache reuses the latents that exist.
+    finished its share; a later call with the same cache reuses the latents that exist. Streamed `inputs`
+    (shards, `streams.is_stream`) are encoded into latent shards (`encode_shards`).
     """
+    from .streams import is_stream
+
     cache_dir = Path(cache_dir)
     index = cache_dir / INDEX
     if index.is_file():
         recs = [LatentRecord(**json.loads(line)) for line in index.read_text().splitlines() if line.strip()]
-        if recs and all(Path(r.latent).is_file() for r in recs):
+        if recs and all(Path(r.latent.split("#")[0]).is_file() for r in recs):
             return recs
+    if any(is_stream(i) for i in inputs):
+        if max_images:
+            raise DavaeError("max_images picks a subset of a folder; with shards, pass fewer shards", param="data")
+        count = encode_shards(vae, inputs, cache_dir / "latent-shards", resolution=resolution,
+                              conditioning=conditioning, batch_size=batch_size, fields=fields, shard_size=shard_size,
+                              rank=rank, world=world, progress=progress)
+        barrier()
+        recs = shard_records(cache_dir / "latent-shards", count)
+        if rank == 0:
+            atomic_write_bytes(index, "".join(json.dumps(asdict(r)) + "\n" for r in recs).encode())
+        barrier()
+        return recs
     for inp in inputs:
         if not Path(inp).exists() and inp != D.SKIMAGE_SOURCE:
             raise DavaeError(f"{inp}: not found", param="data")
@@ -201,6 +217,102 @@ def prepare_latent_dataset(vae, inputs: list[str], cache_dir: Path, *, resolutio
     return recs
 
 
+def encode_shards(vae, inputs: list[str], out: Path, *, resolution: int, conditioning: str, batch_size: int,
+                  fields=None, shard_size: int = 1024, rank: int = 0, world: int = 1,
+                  progress: Optional[Callable[[int, int], None]] = None) -> int:
+    """Encode streamed images once into latent shards: input shard k (sorted) -> `out/k-PPP.safetensors`
+    (tensor `latents` (N, C+D, h, w), at most `shard_size` rows each) and, written last, `out/k.json` (the
+    parts, and per row its key, caption and label). Process r encodes shards r, r + W, ...; a shard whose
+    `.json` exists is done (a rerun after a kill redoes only unfinished shards). Returns the number of
+    shards (`shard_records` lists them once every process is done)."""
+    from safetensors.torch import save
+
+    from .streams import Fields, decode_image, list_shards, read_shard
+
+    fields = fields or Fields()
+    shards = list_shards(inputs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ident = vae.describe()
+    device = next(vae.parameters()).device
+    mine = [k for k in range(rank, len(shards), world) if not (out / f"{k:06d}.json").is_file()]
+    for done, k in enumerate(mine):
+        if progress:
+            progress(done, len(mine))
+        rows, lats = [], []
+        batch: list[torch.Tensor] = []
+
+        def flush():
+            if batch:
+                with torch.no_grad():
+                    lats.append(vae.encode(torch.stack(batch).to(device)).latent.float().cpu())
+                batch.clear()
+
+        for s in read_shard(shards[k], fields):
+            if conditioning == "prompt" and s.caption is None:
+                raise DavaeError(f"{shards[k].url}: sample {s.key} has no caption (a .txt, or caption/prompt/text "
+                                 f"in its .json{'' if fields.caption is None else f'; data.caption_key={fields.caption}'})",
+                                 param="data")
+            if conditioning == "class" and s.label is None:
+                raise DavaeError(f"{shards[k].url}: sample {s.key} has no class label (a .cls, or label in its .json)",
+                                 param="data")
+            try:
+                arr = decode_image(s.image)
+            except Exception:  # noqa: BLE001 - an unreadable image is left out, as in a folder
+                continue
+            arr = D.center_crop(D.resize_short_side(arr, resolution), resolution, resolution)
+            batch.append(D.to_tensor(arr))
+            rows.append({"key": s.key, "prompt": s.caption, "label": s.label})
+            if len(batch) == batch_size:
+                flush()
+        flush()
+        if not rows:
+            raise DavaeError(f"{shards[k].url}: no readable images in this shard", param="data")
+        lat = torch.cat(lats)
+        parts = []
+        for p, i in enumerate(range(0, len(rows), shard_size)):
+            name = f"{k:06d}-{p:03d}.safetensors"
+            meta = {**{a: (b if isinstance(b, str) else json.dumps(b)) for a, b in ident.items()},
+                    "source": shards[k].url}
+            atomic_write_bytes(out / name, save({"latents": lat[i : i + shard_size].contiguous()}, metadata=meta))
+            parts.append(name)
+        atomic_write_bytes(out / f"{k:06d}.json", json.dumps({"source": shards[k].url, "parts": parts,
+                                                              "shard_size": shard_size, "rows": rows}).encode())
+    if progress:
+        progress(len(mine), len(mine))
+    return len(shards)
+
+
+def shard_records(out: Path, count: int) -> list[LatentRecord]:
+    """The records of `count` encoded shards in `out` (see `encode_shards`), rows addressed as `path#row`."""
+    recs = []
+    for k in range(count):
+        path = out / f"{k:06d}.json"
+        if not path.is_file():
+            raise DavaeError(f"{path}: missing (a process did not finish encoding its shards)")
+        info = json.loads(path.read_text())
+        size = int(info["shard_size"])
+        for j, row in enumerate(info["rows"]):
+            part = out / info["parts"][j // size]
+            recs.append(LatentRecord(f"{part}#{j % size}", f"{info['source']}#{row['key']}", row["prompt"],
+                                     row["label"]))
+    return recs
+
+
+def load_record_latent(latent: str) -> torch.Tensor:
+    """A record's latent (C+D, h, w): a latent file, or row `i` of a latent shard (`path#i`)."""
+    if "#" not in latent:
+        return load_latent(Path(latent))[0]
+    from safetensors import safe_open
+
+    path, row = latent.rsplit("#", 1)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.get_slice("latents")[int(row) : int(row) + 1][0]
+    except Exception as e:
+        raise DavaeError(f"{path}: not a readable latent shard ({first_line(e, 120)})") from None
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Global sample counter n -> (latent, record index), a pure function of (seed, n): epoch e visits
     the records in a permutation seeded by (seed, e)."""
@@ -220,8 +332,7 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, n: int):
         i = self.index(n)
-        lat, _ = load_latent(Path(self.records[i].latent))
-        return lat.float(), i
+        return load_record_latent(self.records[i].latent).float(), i
 
 
 def detail_statistics(records: list[LatentRecord], base_channels: int, limit: int = 0,
@@ -237,7 +348,7 @@ def detail_statistics(records: list[LatentRecord], base_channels: int, limit: in
     s = s2 = None
     count = 0
     for i in idx:
-        lat, _ = load_latent(Path(records[int(i)].latent))
+        lat = load_record_latent(records[int(i)].latent)
         if lat.shape[0] <= base_channels:
             raise DavaeError(f"{records[int(i)].latent}: no detail channels after the first {base_channels}")
         lat = lat.double()
@@ -291,13 +402,15 @@ class TrainingLatents:
 def training_latents(vae, inputs: list[str], cache_dir: Path, *, resolution: int, conditioning: str,
                      encode_batch_size: int, captions: Optional[str], stats_limit: int, seed: int, acc,
                      on_message=lambda s: None, max_images: int = 0, residual: bool = False,
-                     progress: Optional[Callable[[int, int], None]] = None) -> TrainingLatents:
+                     progress: Optional[Callable[[int, int], None]] = None, fields=None,
+                     shard_size: int = 1024) -> TrainingLatents:
     """Encode (or index) `inputs` once into `cache_dir` and measure the detail statistics on them."""
     on_message("preparing the latent dataset (encoded once, reused by --resume)")
     records = prepare_latent_dataset(vae, list(map(str, inputs)), cache_dir, resolution=resolution,
                                      conditioning=conditioning, batch_size=encode_batch_size, captions=captions,
                                      rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
-                                     max_images=max_images, seed=seed, progress=progress)
+                                     max_images=max_images, seed=seed, progress=progress, fields=fields,
+                                     shard_size=shard_size)
     stats = cached_detail_statistics(records, vae.config.base_channels, cache_dir, stats_limit, seed,
                                      acc.is_main_process, acc.wait_for_everyone, on_message, residual)
     return TrainingLatents(records, stats)

@@ -261,8 +261,9 @@ class RichTrainCallbacks(Callbacks):
         self.task = self.progress.add_task(self.description, total=total_steps, completed=start_step, info="")
         held = f", {info['val_images']} held out" if info.get("val_images") else ""
         err.print(f"training on {info.get('device')} ({info.get('world_size')} process(es)), "
-                  f"{info.get('train_images')} training images{held}, "
-                  f"{info.get('trainable_params'):,} trainable parameters")
+                  + (f"{info['train_shards']} training shard(s){held}, " if "train_shards" in info
+                     else f"{info.get('train_images')} training images{held}, ")
+                  + f"{info.get('trainable_params'):,} trainable parameters")
 
     def on_step(self, step: int, metrics: dict) -> None:
         import time

@@ -30,6 +30,7 @@ from ..config import Preset
 from ..dit.backend import FACTS_FILE, get_backend
 from ..errors import DavaeError
 from ..latent_data import training_latents
+from ..streams import Fields, is_stream, probe_shards
 from ..latents import LatentNormalizer, atomic_write_bytes
 from ..vae.model import DetailAlignedVAE
 from .loop import (Callbacks, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
@@ -351,7 +352,11 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     # the DA-VAE, the DiT and the data are checked before the run folder is made: a bad one writes nothing
     vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).eval()
     backend, model = build_adapted_dit(preset, vae, dit_spec, seed=preset.adapt_dit.seed)
-    if data and not resume and backend.conditioning == "class":
+    streamed = bool(data) and any(is_stream(str(d)) for d in data)
+    fields = Fields(preset.data.image_key, preset.data.caption_key, preset.data.label_key)
+    if streamed and not resume:
+        probe_shards([str(d) for d in data], fields, backend.conditioning)
+    if data and not resume and backend.conditioning == "class" and not streamed:
         from .native import check_class_data
 
         check_class_data([str(d) for d in data], captions, latents_ok=True)
@@ -377,7 +382,8 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
                                captions=captions, stats_limit=a.detail_stats_latents, seed=a.seed, acc=acc,
                                on_message=cb.on_message, max_images=a.max_images,
                                residual=a.detail_view == "residual",
-                               progress=lambda done, total: cb.on_progress("encoding the training latents", done, total))
+                               progress=lambda done, total: cb.on_progress("encoding the training latents", done, total),
+                               fields=fields, shard_size=preset.data.latent_shard_size)
     records, stats = latents.records, latents.detail_stats
     conditioner, keys = _conditioning(preset, backend, records, run_dir, acc, cb)
     normalize = LatentNormalizer(c, stats["mean"], stats["std"], residual=a.detail_view == "residual")

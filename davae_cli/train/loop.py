@@ -290,7 +290,8 @@ class RunLoop:
     agreed across processes: a consistent checkpoint at the last completed step, then KeyboardInterrupt.
 
     `state_fn(step) -> dict` builds what a checkpoint holds (`training_state(...)` plus the trainer's own);
-    it runs on the main process only; `train_seconds()` gives the training time so far (across resumes) for
+    it runs on the main process only; `data_state()` (streamed data), on every process, gives the process's
+    position, stored as the list `data_positions` (by process index); `train_seconds()` gives the training time so far (across resumes) for
     it to store.
 
     `time_limit_s`: stop early, with a checkpoint, once the training time (the main process's clock, counted
@@ -298,11 +299,12 @@ class RunLoop:
 
     def __init__(self, acc, run_dir: Path, *, total: int, start_step: int, resumed: bool, seed: int,
                  log_every: int, checkpoint_every: int, keep_checkpoints: int, state_fn, callbacks: Callbacks,
-                 time_limit_s: Optional[float] = None, spent_s: float = 0.0):
+                 time_limit_s: Optional[float] = None, spent_s: float = 0.0, data_state=None):
         self.acc, self.run_dir = acc, Path(run_dir)
         self.total, self.start_step, self.seed = total, start_step, seed
         self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
         self.state_fn, self.cb = state_fn, callbacks
+        self.data_state = data_state
         self.log = JsonlLog(self.run_dir / "log.jsonl", resume_step=start_step if resumed else None) \
             if acc.is_main_process else None
         self.last: dict = {}
@@ -332,8 +334,17 @@ class RunLoop:
 
     def checkpoint(self, step: int) -> None:
         self.acc.wait_for_everyone()
+        positions = None
+        if self.data_state is not None:  # every process's place in a streamed dataset, gathered to the main one
+            from accelerate.utils import gather_object
+
+            mine = self.data_state()
+            positions = gather_object([mine]) if self.acc.num_processes > 1 else [mine]
         if self.acc.is_main_process:
-            save_checkpoint(self.run_dir, step, self.state_fn(step), self.keep)
+            state = self.state_fn(step)
+            if positions is not None:
+                state["data_positions"] = positions
+            save_checkpoint(self.run_dir, step, state, self.keep)
 
     def run(self, step_fn, batches, after_step=None) -> int:
         """Run from `start_step` to `total`; returns the last step."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import Preset
+from ..streams import Fields, is_stream, probe_shards
 from ..errors import DavaeError
 from ..latent_data import TrainingLatents, _latent_files, prepare_latent_dataset
 from ..latents import LatentNormalizer
@@ -140,7 +141,9 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     if not data:
         raise DavaeError("is required (image folders with one sub-folder per class)", param="data")
     data = [str(d) for d in data]
-    if not resume:
+    if not resume and any(is_stream(d) for d in data):
+        probe_shards(data, Fields(preset.data.image_key, preset.data.caption_key, preset.data.label_key), "class")
+    elif not resume:
         check_class_data(data, captions)
     vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).eval()  # before the run folder: a bad one writes nothing
     n = preset.train_dit
@@ -167,7 +170,9 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
                                      conditioning="class", batch_size=n.encode_batch_size, captions=captions,
                                      rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
                                      max_images=n.max_images, seed=n.seed,
-                                     progress=lambda done, total: cb.on_progress("encoding the training latents", done, total))
+                                     progress=lambda done, total: cb.on_progress("encoding the training latents", done, total),
+                                     fields=Fields(preset.data.image_key, preset.data.caption_key, preset.data.label_key),
+                                     shard_size=preset.data.latent_shard_size)
     bad = [r for r in records if not 0 <= r.label < preset.dit.num_classes]
     if bad:
         raise DavaeError(f"class label {bad[0].label} of {bad[0].source} is outside 0..{preset.dit.num_classes - 1} "

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from .. import latents as L
 from ..config import Preset
-from ..data import ImageSource, StepCropDataset, list_images, training_images, vae_training_data
+from ..data import ImageSource, StepCropDataset, center_crops, list_images, training_images, vae_training_data
 from ..errors import DavaeError, first_line
 from ..latents import atomic_write_bytes
 from ..metrics import reconstruction_metrics
+from ..streams import Fields, ShardStream, StreamBatches, is_stream, resume_position, streamed_training_images
 from ..vae.base import load_base_vae
 from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm_ratio, hinge_d_loss,
                           kl_divergence)
@@ -153,16 +154,23 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
 
 
 @torch.no_grad()
-def measure_detail_stats(model: DetailAlignedVAE, source: ImageSource, num_images: int, size: int,
+def measure_detail_stats(model: DetailAlignedVAE, source, num_images: int, size: int,
                          seed: int, batch_size: int, cb: Optional[Callbacks] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel mean/std of the detail posterior mean over `num_images` random crops."""
+    """Per-channel mean/std of the detail posterior mean over `num_images` random crops of `source` (an
+    `ImageSource`, or `streams.StreamedImages`)."""
+    from ..streams import StreamedImages, crops_of_stream
+
     device = next(model.parameters()).device
-    ds = StepCropDataset(source, size, seed + 1_000_003, num_images)
+    if isinstance(source, StreamedImages):
+        crops = crops_of_stream(source, size, seed + 1_000_003, num_images)
+    else:
+        ds = StepCropDataset(source, size, seed + 1_000_003, num_images)
+        crops = (ds[n] for n in range(num_images))
     total, sq, count = None, None, 0
     cb = cb or Callbacks()
     for i in range(0, num_images, batch_size):
         cb.on_progress("measuring the detail channels' statistics", i, num_images)
-        x = torch.stack([ds[n] for n in range(i, min(num_images, i + batch_size))]).to(device)
+        x = torch.stack([next(crops) for _ in range(i, min(num_images, i + batch_size))]).to(device)
         mu = model.encode(x).mean.double()
         s1, s2 = mu.sum(dim=(0, 2, 3)), mu.pow(2).sum(dim=(0, 2, 3))
         total = s1 if total is None else total + s1
@@ -294,8 +302,9 @@ def _optimisation(model: DetailAlignedVAE, disc, t):
     return trainable, opt, sched, opt_d, EMAModel(trainable, decay=t.ema_decay, use_ema_warmup=t.ema_warmup)
 
 
-def _resume(ckpt_path: Path, model, disc, opt_d, ema, opt, sched, cb) -> int:
-    """Load a checkpoint's weights (the discriminator's too) and training state; returns its step."""
+def _resume(ckpt_path: Path, model, disc, opt_d, ema, opt, sched, cb) -> tuple[int, Optional[list]]:
+    """Load a checkpoint's weights (the discriminator's too) and training state; returns its step and the
+    processes' positions in streamed data (None for folders)."""
     state = load_checkpoint(ckpt_path)
     model.load_state_dict(state["model"])
     if disc is not None:
@@ -303,7 +312,7 @@ def _resume(ckpt_path: Path, model, disc, opt_d, ema, opt, sched, cb) -> int:
         opt_d.load_state_dict(state["opt_d"])
     start_step = restore_training_state(state, ema, opt, sched)
     cb.on_message(f"resumed from {ckpt_path.name} (step {start_step})")
-    return start_step
+    return start_step, state.get("data_positions")
 
 
 def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: bool = False,
@@ -311,6 +320,20 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     """Train (or, with `preset.train_vae.steps == 0`, just build and export) a DA-VAE. See the module doc."""
     cb = callbacks or Callbacks()
     run_dir = Path(run_dir)
+    t = preset.train_vae
+    streamed = bool(data) and any(is_stream(d) for d in data)
+    fields = Fields(preset.data.image_key, preset.data.caption_key, preset.data.label_key)
+    simages = images = None
+    if t.steps and data:  # the data is listed (a stream's first record read) before the run folder is made
+        if streamed:
+            if t.cache_base:
+                raise DavaeError("train_vae.cache_base keeps every image's base outputs in memory; it needs a folder "
+                                 "of images, not streamed shards (--set train_vae.cache_base=false)")
+            if t.max_images:
+                raise DavaeError("train_vae.max_images picks a subset of a folder; with shards, pass fewer shards")
+            simages = streamed_training_images(data, val_data, t.num_val, t.max_val, fields, t.seed)
+        else:
+            images = training_images(data, val_data, t.num_val, t.seed, t.max_images, t.max_val)
     acc, preset, ckpt_path = open_run(run_dir, preset, resume, on_message=cb.on_message)
     t, lo = preset.train_vae, preset.loss
     device = acc.device
@@ -323,8 +346,8 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
 
     if t.steps == 0:
         if data:
-            source = list_images(data)
-            if len(source):
+            source = streamed_training_images(data, None, 0, 0, fields, t.seed) if streamed else list_images(data)
+            if streamed or len(source):
                 mean, std, n = measure_detail_stats(model, source, min(t.stats_images, 4 * len(source)),
                                                     t.resolution, t.seed, t.batch_size, cb)
                 model.set_detail_stats(mean, std, n)
@@ -336,16 +359,17 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
 
     if not data:
         raise DavaeError("is required when training (--steps > 0)", param="data")
-    images = training_images(data, val_data, t.num_val, t.seed, t.max_images, t.max_val)
-    source, train_source = images.all, images.train
-    for path, why in source.skipped:
-        cb.on_message(f"skipped unreadable image {path}: {why}")
+    if not streamed:
+        source, train_source = images.all, images.train
+        for path, why in source.skipped:
+            cb.on_message(f"skipped unreadable image {path}: {why}")
 
     lpips_model = build_lpips(lo.lpips_net).to(device) if lo.lpips > 0 else None
     disc = PatchDiscriminator(n_layers=lo.disc_layers).to(device) if lo.adv > 0 else None
 
     trainable, opt, sched, opt_d, ema = _optimisation(model, disc, t)
-    start_step = _resume(ckpt_path, model, disc, opt_d, ema, opt, sched, cb) if ckpt_path is not None else 0
+    start_step, positions = _resume(ckpt_path, model, disc, opt_d, ema, opt, sched, cb) if ckpt_path is not None \
+        else (0, None)
     if ckpt_path is None and resume:
         cb.on_message("no checkpoint yet: starting from step 0")
     ema.to(device)
@@ -360,11 +384,19 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     crop = t.crop_size or t.resolution
     total = t.steps
     world, rank = acc.num_processes, acc.process_index
-    data_ = vae_training_data(images, crop=crop, resolution=t.resolution, seed=t.seed,
-                              length=(total * world + world) * t.batch_size, granularity=raw.granularity,
-                              base_cache=_base_cache(raw, train_source, cb) if t.cache_base else None)
-    dataset, val_images = data_.dataset, data_.val_images
-    loader = data_.loader(start_step, total, t.batch_size, rank, world, t.num_workers)
+    if streamed:
+        stream = ShardStream(simages.shards, crop=crop, seed=t.seed, rank=rank, world=world, fields=fields,
+                             shuffle_within_shard=preset.data.shuffle_within_shard, num_workers=t.num_workers,
+                             exclude=simages.exclude)
+        loader = StreamBatches(stream, t.batch_size, resume_position(positions, ckpt_path, rank, world))
+        dataset, train_source = stream, simages
+        val_images = center_crops(simages.val, t.resolution)[0] if len(simages.val) else None
+    else:
+        data_ = vae_training_data(images, crop=crop, resolution=t.resolution, seed=t.seed,
+                                  length=(total * world + world) * t.batch_size, granularity=raw.granularity,
+                                  base_cache=_base_cache(raw, train_source, cb) if t.cache_base else None)
+        dataset, val_images = data_.dataset, data_.val_images
+        loader = data_.loader(start_step, total, t.batch_size, rank, world, t.num_workers)
     stepper = VAETrainStep(preset, raw, lpips_model, disc)
 
     def state_fn(at: int) -> dict:
@@ -375,7 +407,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
 
     loop = RunLoop(acc, run_dir, total=total, start_step=start_step, resumed=ckpt_path is not None, seed=t.seed,
                    log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-                   state_fn=state_fn, callbacks=cb)
+                   state_fn=state_fn, callbacks=cb, data_state=loader.state if streamed else None)
 
     evaluate = HeldOutEvaluator(raw, val_images, ema, trainable, lpips_model, t.batch_size, run_dir / "samples",
                                 acc.is_main_process, loop.write)
@@ -387,7 +419,8 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
                 cb.on_message(f"step {step}: held-out PSNR {res['davae.psnr']:.2f} dB "
                               f"(baseline {res['base_half_bicubic.psnr']:.2f}, full-res base {res['base_full.psnr']:.2f})")
 
-    info = {"device": str(device), "world_size": world, "train_images": len(train_source),
+    info = {"device": str(device), "world_size": world,
+            **({"train_shards": len(simages.shards)} if streamed else {"train_images": len(train_source)}),
             "val_images": 0 if val_images is None else int(val_images.shape[0]), "crop": crop,
             "trainable_params": sum(p.numel() for p in trainable), "start_step": start_step}
     loop.start(info)
@@ -408,7 +441,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     if acc.is_main_process:
         export_davae(raw, final_dir)
     loop.write({"step": total, "event": "export", "final": str(final_dir), "detail_stats_images": n})
-    skipped = len(source.skipped) + dataset.read_failures
+    skipped = (0 if streamed else len(source.skipped)) + dataset.read_failures
     summary = {"steps": total, "final": str(final_dir), "eval": final_eval, "last": loop.last,
                "skipped_images": skipped, "elapsed_s": round(loop.elapsed_s, 1)}
     cb.on_end(summary)

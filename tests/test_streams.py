@@ -1,0 +1,250 @@
+"""Streamed training data (WebDataset shards, parquet): the order rule, exact resume (one and two processes),
+shards against the same images in a folder, and one-line errors for bad streams."""
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from davae_cli import DavaeError, load_preset
+from davae_cli.data import list_images
+from davae_cli.streams import (Fields, Position, ShardStream, expand_braces, is_stream, list_shards, read_shard,
+                               resume_position)
+from davae_cli.train.loop import latest_checkpoint
+from conftest import run_cli, write_preset
+
+LAUNCH2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "davae_cli"]
+
+
+def write_shard(path: Path, files: list, captions: bool = True, labels: bool = False) -> Path:
+    """A WebDataset tar: per image `<stem>.png` (its bytes as stored), `<stem>.txt`, `<stem>.cls`."""
+    with tarfile.open(path, "w") as t:
+        for i, f in enumerate(files):
+            stem = Path(f).stem
+            parts = [(Path(f).suffix.lstrip("."), Path(f).read_bytes())]
+            if captions:
+                parts.append(("txt", f"a photo of {stem}".encode()))
+            if labels:
+                parts.append(("cls", str(i % 3).encode()))
+            for ext, data in parts:
+                ti = tarfile.TarInfo(f"{stem}.{ext}")
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def shards(tmp_path, images_dir):
+    """The readable images of `images_dir` (sorted as a folder lists them) as one-image shards and as three
+    shards of three, two and three images."""
+    items = list_images([images_dir]).items
+    one, multi = tmp_path / "one", tmp_path / "multi"
+    one.mkdir()
+    multi.mkdir()
+    for i, f in enumerate(items):
+        write_shard(one / f"s-{i:03d}.tar", [f])
+    for k, (a, b) in enumerate([(0, 3), (3, 5), (5, 8)]):
+        write_shard(multi / f"s-{k:03d}.tar", items[a:b])
+    return {"items": items, "one": one, "multi": multi}
+
+
+def test_brace_patterns():
+    assert expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
+    assert expand_braces("{x,y}/s{0..1}.tar") == ["x/s0.tar", "x/s1.tar", "y/s0.tar", "y/s1.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_what_counts_as_a_stream(tmp_path, shards, images_dir):
+    assert is_stream(str(shards["multi"])) and is_stream(str(shards["multi"] / "s-000.tar"))
+    assert is_stream(str(shards["multi"]) + "/s-{000..002}.tar") and is_stream("https://host/a.tar")
+    assert is_stream(str(shards["multi"] / "*.tar"))
+    assert not is_stream(str(images_dir))
+    assert [Path(s.url).name for s in list_shards([str(shards["multi"]) + "/s-{000..001}.tar"])] == \
+        ["s-000.tar", "s-001.tar"]
+    for bad, why in [(str(tmp_path / "none-*.tar"), "no shards match"), (str(tmp_path / "s-{0..1}.tar"), "not found")]:
+        with pytest.raises(DavaeError, match=why):
+            list_shards([bad])
+
+
+def test_records_carry_image_bytes_caption_and_label(shards):
+    recs = list(read_shard(list_shards([str(shards["multi"] / "s-000.tar")])[0]))
+    assert [r.key for r in recs] == [Path(f).stem for f in shards["items"][:3]]
+    assert recs[0].image == Path(shards["items"][0]).read_bytes() and recs[0].caption.startswith("a photo of")
+
+
+def test_each_process_sees_every_sample_once_per_epoch_and_positions_resume(shards):
+    """Two processes over three shards: disjoint, and together every sample once per epoch (first epoch of
+    each); a stream restarted at a stored position continues with the same samples."""
+    all_keys = sorted(Path(f).stem for f in shards["items"])
+    sh = list_shards([str(shards["multi"])])
+    seen = []
+    for rank in range(2):
+        s = ShardStream(sh, crop=16, seed=3, rank=rank, world=2)
+        mine = [k for k in s.shards_of(0)]
+        seen += [r.key for m in mine for r in s.shard_order(m, 0)]
+        # epochs cycle: the first len(epoch-0) records are epoch 0 and differ in order from epoch 1's
+        recs = s.records(Position())
+        first = [next(recs) for _ in range(12)]
+        again = s.records(first[4][1])  # resume after the fifth record
+        assert [r.key for r, _ in first[5:]] == [next(again)[0].key for _ in range(7)]
+    assert sorted(seen) == all_keys  # disjoint and complete
+    # the crops themselves: batches from a stored position equal the rest of an uninterrupted stream
+    s = ShardStream(sh, crop=16, seed=3, rank=1, world=2)
+    it = s.batches(2)
+    full = [next(it) for _ in range(5)]
+    rest = s.batches(2, full[1][1])
+    for x, pos in full[2:]:
+        y, pos2 = next(rest)
+        assert torch.equal(x, y) and pos == pos2
+
+
+def test_resume_position_needs_the_same_number_of_processes(tmp_path):
+    assert resume_position(None, None, 0, 2) == Position()
+    with pytest.raises(DavaeError, match="with 2 process"):
+        resume_position([{"epoch": 0, "shard": 0, "sample": 0, "taken": 0}] * 2, tmp_path, 0, 1)
+    with pytest.raises(DavaeError, match="image folder"):
+        resume_position(None, tmp_path / "step-1", 0, 1)
+
+
+def _model_state(run: Path) -> dict:
+    return torch.load(latest_checkpoint(run) / "state.pt", map_location="cpu", weights_only=False)
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = _model_state(a)["model"], _model_state(b)["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_one_image_shards_train_exactly_as_the_folder(tmp_path, shards, images_dir, tae_base):
+    """The order rule with one image per shard is the folder's: same crops, same weights (bit for bit)."""
+    from davae_cli.train.vae import train_vae
+
+    preset = load_preset(str(write_preset(tmp_path / "p.yaml", tae_base, "residual")), ["train_vae.num_val=0"])
+    train_vae(preset, [str(images_dir)], tmp_path / "folder")
+    train_vae(preset, [str(shards["one"])], tmp_path / "shards")
+    _assert_same_weights(tmp_path / "folder", tmp_path / "shards")
+    assert _model_state(tmp_path / "shards")["data_positions"] == [{"epoch": 0, "shard": 7, "sample": 1, "taken": 8}]
+
+
+def test_kill_mid_shard_and_resume_gives_identical_weights(tmp_path, shards, tae_base):
+    preset = write_preset(tmp_path / "p.yaml", tae_base, "residual")
+    common = ["train-vae", "--preset", preset, "--data", shards["multi"]]
+    run_cli(*common, "--out", tmp_path / "full")
+    cut = run_cli(*common, "--out", tmp_path / "cut", env={"DAVAE_KILL_AFTER_STEP": "2"}, check=False)
+    assert cut.returncode == 137
+    mid = _model_state(tmp_path / "cut")["data_positions"][0]
+    assert 0 < mid["sample"]  # stopped inside a shard
+    run_cli(*common, "--out", tmp_path / "cut", "--resume")
+    _assert_same_weights(tmp_path / "full", tmp_path / "cut")
+    assert _model_state(tmp_path / "full")["data_positions"] == _model_state(tmp_path / "cut")["data_positions"]
+
+
+def _launch2(*args, env=None, check=True):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, *LAUNCH2, *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and res.returncode != 0:
+        raise AssertionError(res.stderr[-3000:])
+    return res
+
+
+def test_two_processes_kill_and_resume_give_identical_weights(tmp_path, shards, tae_base):
+    """accelerate with two CPU processes (gloo): each keeps its own place in the stream; SIGKILL after step 2 and
+    --resume give the uninterrupted run's weights; resuming with one process is refused in one line."""
+    preset = write_preset(tmp_path / "p.yaml", tae_base, "residual")
+    common = ["train-vae", "--preset", preset, "--data", shards["multi"], "--set", "train_vae.num_val=0"]
+    _launch2(*common, "--out", tmp_path / "full")
+    full = _model_state(tmp_path / "full")
+    assert len(full["data_positions"]) == 2 and full["data_positions"][0] != full["data_positions"][1]
+    _launch2(*common, "--out", tmp_path / "cut", env={"DAVAE_KILL_AFTER_STEP": "2"}, check=False)
+    assert latest_checkpoint(tmp_path / "cut").name == "step-0000002"
+    one = run_cli(*common, "--out", tmp_path / "cut", "--resume", check=False)
+    assert one.returncode == 1 and "with 2 process(es)" in one.stderr and "Traceback" not in one.stderr
+    _launch2(*common, "--out", tmp_path / "cut", "--resume")
+    _assert_same_weights(tmp_path / "full", tmp_path / "cut")
+
+
+def test_bad_streams_are_one_line_and_write_nothing(tmp_path, shards, tae_base, images_dir):
+    preset = write_preset(tmp_path / "p.yaml", tae_base, "residual")
+    no_images = tmp_path / "noimg"
+    no_images.mkdir()
+    with tarfile.open(no_images / "s-000.tar", "w") as t:
+        ti = tarfile.TarInfo("a.txt")
+        ti.size = 3
+        t.addfile(ti, io.BytesIO(b"abc"))
+    cases = [
+        (str(tmp_path / "empty-{000..003}.tar"), "not found"),
+        (str(tmp_path / "none-*.tar"), "no shards match"),
+        (str(no_images), "has no image"),
+        ("http://127.0.0.1:9/shard-000.tar", "cannot read this shard"),
+    ]
+    for i, (spec, why) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        r = run_cli("train-vae", "--preset", preset, "--data", spec, "--out", out, check=False)
+        assert r.returncode == 1 and why in r.stderr and "Traceback" not in r.stderr, (spec, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists()
+
+
+def test_adapt_dit_on_shards_equals_the_folder_and_needs_captions(tmp_path, images_dir, shards):
+    """Multi-image shards with .txt captions and the same images with sidecar .txt files in a folder: the same
+    latents, records and trained weights. Shards without captions: one line, nothing written."""
+    from safetensors.torch import load_file
+
+    from test_adapt_dit import TINY
+
+    vae = tmp_path / "vae"
+    run_cli("train-vae", "--preset", "tiny", *sum((["--set", s] for s in TINY), []), "--steps", "0", "--out", vae)
+    folder = tmp_path / "capfolder"
+    folder.mkdir()
+    for f in shards["items"]:
+        (folder / Path(f).name).write_bytes(Path(f).read_bytes())
+        (folder / f"{Path(f).stem}.txt").write_text(f"a photo of {Path(f).stem}")
+    flat = sorted(folder.glob("*.png"))
+    cap = tmp_path / "capshards"
+    cap.mkdir()
+    for k, (a, b) in enumerate([(0, 3), (3, 5), (5, 8)]):
+        write_shard(cap / f"s-{k:03d}.tar", flat[a:b])
+    args = ["adapt-dit", "--preset", "tiny", "--vae", vae / "final", "--steps", "3",
+            *sum((["--set", s] for s in TINY + ["data.latent_shard_size=2"]), [])]
+    run_cli(*args, "--data", folder, "--out", tmp_path / "af")
+    run_cli(*args, "--data", cap, "--out", tmp_path / "as")
+    recs_f = [json.loads(x) for x in (tmp_path / "af" / "cache" / "index.jsonl").read_text().splitlines()]
+    recs_s = [json.loads(x) for x in (tmp_path / "as" / "cache" / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in recs_f] == [r["prompt"] for r in recs_s]
+    assert recs_s[2]["latent"].endswith("000000-001.safetensors#0")  # 3 latents in parts of 2
+    a = load_file(tmp_path / "af" / "final" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "as" / "final" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    write_shard(bare / "s-000.tar", flat[:2], captions=False)
+    r = run_cli(*args, "--data", bare, "--out", tmp_path / "ab", check=False)
+    assert r.returncode == 1 and "has no caption" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "ab").exists()
+
+
+def test_parquet_files_are_shards(tmp_path, shards):
+    """A parquet file with an image column (bytes) and a caption column reads as the tar shards do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    items = shards["items"][:3]
+    table = pa.table({"image": [{"bytes": Path(f).read_bytes(), "path": None} for f in items],
+                      "caption": [f"a photo of {Path(f).stem}" for f in items]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    recs = list(read_shard(list_shards([str(tmp_path / "part-0.parquet")])[0]))
+    assert [r.image for r in recs] == [Path(f).read_bytes() for f in items]
+    assert [r.caption for r in recs] == [f"a photo of {Path(f).stem}" for f in items]
+    with pytest.raises(DavaeError, match="no image"):
+        list(read_shard(list_shards([str(tmp_path / "part-0.parquet")])[0], Fields(image="jpg")))
