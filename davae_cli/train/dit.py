@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,7 +32,7 @@ from ..streams import Fields, is_stream, probe_shards
 from ..latents import LatentNormalizer, atomic_write_bytes
 from ..vae.model import DetailAlignedVAE
 from .loop import (Callbacks, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
-                   training_state)
+                   training_state, unlock_run, write_folder)
 
 
 @dataclass
@@ -121,16 +119,11 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
 
 def export_adapted(backend, model, facts: dict, out_dir: Path, facts_file: str = FACTS_FILE) -> None:
     """Write into a temporary folder, then rename: `out_dir` is complete or absent."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    backend.export(model, tmp)
-    atomic_write_bytes(tmp / facts_file, json.dumps(facts, indent=2).encode())
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    def write(tmp: Path) -> None:
+        backend.export(model, tmp)
+        atomic_write_bytes(tmp / facts_file, json.dumps(facts, indent=2).encode())
+
+    write_folder(out_dir, write, "the adapted DiT")
 
 
 class PromptConditioner:
@@ -373,6 +366,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         if acc.is_main_process:
             export_adapted(backend, model, sampling_facts(preset, vae, vae_dir, backend, model, dit_spec, 0), final_dir)
         cb.on_end({"steps": 0})
+        unlock_run(run_dir)
         return AdaptDiTResult(str(run_dir), str(final_dir), 0, {})
 
     if not data:
@@ -392,6 +386,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         if acc.is_main_process:
             export_adapted(backend, model, facts, final_dir)
         cb.on_end({"steps": 0, "detail_stats": stats})
+        unlock_run(run_dir)
         return AdaptDiTResult(str(run_dir), str(final_dir), 0, {})
     del vae
     if device.type == "cuda":
@@ -442,4 +437,5 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     ema.restore(params)
     metrics.update(skipped_steps=skipped, last=loop.last, elapsed_s=round(loop.elapsed_s, 1))
     cb.on_end(metrics)
+    unlock_run(run_dir)
     return AdaptDiTResult(str(run_dir), str(final_dir), total, metrics)

@@ -42,25 +42,106 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
+def write_folder(out_dir: Path, write, what: str) -> None:
+    """Fill `out_dir` through `write(tmp)` into `<out_dir>.tmp`, then rename: the folder is complete or absent,
+    and a previous one stays until the new one is whole. A failed write (a full disk, a quota) removes the
+    temporary folder and ends in one line naming `what`."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DavaeError(f"could not write {what} to {out_dir.parent} ({e.strerror or first_line(e, 80)}); "
+                         f"nothing of it was kept — free space and run again (--resume continues from the last "
+                         f"checkpoint)") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+class _WriteErrors:
+    """A file wrapper that keeps the OSError of a failed write: torch's zip writer reports a full disk as a
+    RuntimeError about positions; the cause is the OSError kept here."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def save_state(state: dict, path: Path) -> None:
+    """`torch.save`, with a failed write (a full disk, a quota) raised as its OSError."""
+    with open(path, "wb") as f:
+        w = _WriteErrors(f)
+        try:
+            torch.save(state, w)
+        except RuntimeError:
+            if w.error is not None:
+                raise w.error from None
+            raise
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     """Write `checkpoints/step-N/state.pt` atomically (temp folder + rename), point `latest` at it,
-    and keep only the last `keep` checkpoints."""
+    and keep only the last `keep` checkpoints. A full disk leaves the previous checkpoints as they were."""
     ckdir = Path(run_dir) / CHECKPOINT_DIR
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / step_name(step)
-    tmp = ckdir / f"{step_name(step)}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_bytes(ckdir / LATEST, final.name.encode())
+    write_folder(final, lambda tmp: save_state(state, tmp / "state.pt"), f"the checkpoint of step {step}")
+    try:
+        atomic_write_bytes(ckdir / LATEST, final.name.encode())
+    except OSError:
+        pass  # the pointer is a hint: `latest_checkpoint` falls back to the highest step folder
     done = sorted(p for p in ckdir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why a checkpoint cannot be read, or None: `state.pt` must be a whole zip archive (torch's format)
+    whose every member passes its CRC check (a truncated or corrupted file does not)."""
+    import zipfile
+
+    f = Path(path) / "state.pt"
+    try:
+        with zipfile.ZipFile(f) as z:
+            bad = z.testzip()
+        return None if bad is None else f"{f}: member {bad} is corrupted"
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return f"{f}: {first_line(e, 100)}"
+
+
+def intact_checkpoint(run_dir: Path, on_message=lambda text: None) -> Optional[Path]:
+    """The newest checkpoint that reads whole; a truncated or unreadable newer one is skipped with a warning
+    naming the bad file."""
+    ckdir = Path(run_dir) / CHECKPOINT_DIR
+    first = latest_checkpoint(run_dir)
+    if first is None:
+        return None
+    steps = sorted((p for p in ckdir.glob("step-*") if (p / "state.pt").is_file() and not p.name.endswith(".tmp")),
+                   reverse=True)
+    for cand in [first] + [p for p in steps if p.name < first.name]:
+        why = checkpoint_problem(cand)
+        if why is None:
+            return cand
+        on_message(f"warning: skipping an unreadable checkpoint ({why})")
+    raise DavaeError(f"no readable checkpoint in {ckdir} (every state.pt is truncated or corrupted)")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -174,8 +255,72 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+LOCK_FILE = ".lock"
+_HELD: dict[str, int] = {}  # run folders this process holds the lock of -> the lock file's descriptor
+
+
+def lock_run(run_dir: Path) -> None:
+    """Hold `run_dir/.lock` (an exclusive `flock`) for as long as this process trains there. A second process
+    is refused in one line naming the holder (pid, host, start, command, written into the file). The kernel
+    drops the lock when its process dies, SIGKILL included, so a killed run never leaves it stuck. On a
+    filesystem without `flock`, the run goes on unlocked."""
+    import fcntl
+    import socket
+    import sys
+    import time
+
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.read(fd, 4096).decode() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        os.close(fd)
+        who = (f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} "
+               f"({holder.get('command')})") if holder else "another process"
+        raise DavaeError(f"{run_dir} is in use by {who}; wait for it to end or stop it") from None
+    except OSError:
+        os.close(fd)
+        return  # no flock here (some network filesystems): unlocked
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(["davae", *sys.argv[1:]])[:200]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    _HELD[key] = fd
+
+
+def unlock_run(run_dir: Path) -> None:
+    """Give back the lock `lock_run` took (the trainers call it when they end)."""
+    import fcntl
+
+    fd = _HELD.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def clear_temporaries(run_dir: Path) -> int:
+    """Remove what an interrupted write left in a run folder (`*.tmp` folders and `.*.tmp` files); the run's
+    lock is held, so nothing else is writing them. Returns how many were removed."""
+    n = 0
+    for p in sorted(Path(run_dir).rglob("*.tmp"), reverse=True):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 # what a start writes before its first checkpoint; a folder holding only these never trained
-_START_FILES = {"config.yaml", "log.jsonl", "samples", CHECKPOINT_DIR}
+_START_FILES = {"config.yaml", "log.jsonl", "samples", CHECKPOINT_DIR, LOCK_FILE}
 
 
 def abandoned_start(run_dir: Path) -> bool:
@@ -189,7 +334,7 @@ def abandoned_start(run_dir: Path) -> bool:
 
 
 def _clear_abandoned_start(run_dir: Path) -> None:
-    for name in _START_FILES:
+    for name in _START_FILES - {LOCK_FILE}:  # the lock stays: this process holds it
         p = Path(run_dir) / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -210,6 +355,8 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool, section: str = 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if resume and ckpt is not None:
+        ckpt = intact_checkpoint(run_dir, on_message if not reader else (lambda text: None))
     if not reader and run_dir.is_dir() and abandoned_start(run_dir):
         on_message(f"{run_dir} holds a start that never reached a checkpoint: starting afresh")
         _clear_abandoned_start(run_dir)
@@ -230,7 +377,7 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool, section: str = 
         if hasattr(getattr(preset, section), "max_minutes"):
             getattr(saved, section).max_minutes = getattr(preset, section).max_minutes
         return saved, ckpt
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         hint = "pass --resume to continue it" if ckpt or cfg_path.exists() else "choose an empty or new folder"
         raise DavaeError(f"{run_dir} already exists and is not empty; {hint}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +390,17 @@ def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_
     others then read what it wrote (no race on a fresh folder under `accelerate launch`)."""
     acc = _make_accelerator(getattr(preset, section).seed)
     if acc.is_main_process:
-        preset, ckpt = prepare_run_dir(run_dir, preset, resume, section, on_message)
+        existed = Path(run_dir).exists()
+        lock_run(run_dir)
+        try:
+            if existed and clear_temporaries(run_dir):
+                on_message(f"removed the temporary files an interrupted write left in {run_dir}")
+            preset, ckpt = prepare_run_dir(run_dir, preset, resume, section, on_message)
+        except BaseException:
+            unlock_run(run_dir)
+            if not existed:  # a refused start leaves nothing behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     acc.wait_for_everyone()
     if not acc.is_main_process:
         preset, ckpt = prepare_run_dir(run_dir, preset, True, section, reader=True)

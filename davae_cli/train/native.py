@@ -31,7 +31,7 @@ from ..latent_data import TrainingLatents, _latent_files, prepare_latent_dataset
 from ..latents import LatentNormalizer
 from ..vae.base import base_encode_mean
 from ..vae.model import DetailAlignedVAE
-from .loop import Callbacks, RunLoop, load_checkpoint, open_run, training_state
+from .loop import Callbacks, RunLoop, load_checkpoint, open_run, training_state, unlock_run
 
 NATIVE_FILE = "davae_native.json"
 
@@ -240,4 +240,5 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     metrics.update(skipped_steps=step_fn.skipped, last=loop.last, elapsed_s=round(time.time() - t_run, 1),
                    train_seconds=round(train_seconds, 1), steps=final_step, stopped_by_time_limit=loop.out_of_time)
     cb.on_end(metrics)
+    unlock_run(run_dir)
     return TrainDiTResult(str(run_dir), str(final_dir), final_step, metrics)

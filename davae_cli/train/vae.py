@@ -8,8 +8,6 @@ holds `config.yaml` (the resolved preset), `checkpoints/` (atomic, last K, `late
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm
                           kl_divergence)
 from ..vae.model import DetailAlignedVAE
 from .loop import (Callbacks, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
-                   training_state)
+                   training_state, unlock_run, write_folder)
 
 
 @dataclass
@@ -199,14 +197,7 @@ def _save_grid(path: Path, rows: list[torch.Tensor]) -> None:
 
 def export_davae(model: DetailAlignedVAE, out_dir: Path) -> None:
     """`save_pretrained` into a temporary folder, then rename: `out_dir` is complete or absent."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    write_folder(out_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True), "the DA-VAE")
 
 
 class VAEOptimStep:
@@ -355,6 +346,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
             export_davae(model, final_dir)
         summary = {"steps": 0, "final": str(final_dir)}
         cb.on_end(summary)
+        unlock_run(run_dir)
         return TrainVAEResult(str(run_dir), str(final_dir), 0, {}, 0)
 
     if not data:
@@ -445,4 +437,5 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     summary = {"steps": total, "final": str(final_dir), "eval": final_eval, "last": loop.last,
                "skipped_images": skipped, "elapsed_s": round(loop.elapsed_s, 1)}
     cb.on_end(summary)
+    unlock_run(run_dir)
     return TrainVAEResult(str(run_dir), str(final_dir), total, final_eval, skipped)
