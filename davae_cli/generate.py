@@ -314,6 +314,30 @@ def guided_velocity(model: Model, guidance: float, uncond: dict, cond: dict, bat
     return velocity
 
 
+def sample_batch(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Job]], tuple[dict, dict]],
+                 batch: list[Job], sigmas, side: int, *, device=None, dtype=torch.float32,
+                 tile: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Sample and decode one batch of jobs: (images (B, 3, H, W) in [-1, 1], final latents (B, C+D, h, w),
+    {text_s, sample_s, decode_s})."""
+    sync = torch.cuda.synchronize if torch.device(device or "cpu").type == "cuda" else (lambda: None)
+    noise = torch.cat([initial_noise(j.seed, model.base_channels, model.detail_channels, side) for j in batch])
+    noise = noise.to(device=device)  # the ODE state stays float32; the model runs in `dtype`
+    t_text = time.perf_counter()
+    uncond, cond = cond_fn(batch)
+    sync()
+    text_s = time.perf_counter() - t_text
+    velocity = guided_velocity(model, s.guidance, uncond, cond, len(batch), device, dtype)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        lat = flow.sample(velocity, noise, sigmas, method=s.sampler, guidance_interval=s.guidance_interval)
+        sync()
+        t1 = time.perf_counter()
+        images = _decode(model, lat, tile)
+        sync()
+    t2 = time.perf_counter()
+    return images, lat, {"text_s": text_s, "sample_s": t1 - t0, "decode_s": t2 - t1}
+
+
 def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Job]], tuple[dict, dict]],
                    jobs: list[Job], *, rank: int = 0, world: int = 1, device=None, dtype=torch.float32,
                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
@@ -335,32 +359,16 @@ def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Jo
     grid = [round(float(v), 8) for v in sigmas]
     written, timings = [], {"text_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
     batches: list[dict] = []  # per batch: images, text_s, sample_s, decode_s (the first includes warm-up/compile)
-    sync = torch.cuda.synchronize if torch.device(device or "cpu").type == "cuda" else (lambda: None)
     tile = s.tile  # None: decode whole, and fall back to tiles if the GPU runs out of memory
     done = len(mine) - len(todo)
     if progress:
         progress(done, len(mine))
     for k in range(0, len(todo), s.batch_size):
         batch = todo[k : k + s.batch_size]
-        noise = torch.cat([initial_noise(j.seed, model.base_channels, model.detail_channels, side) for j in batch])
-        noise = noise.to(device=device)  # the ODE state stays float32; the model runs in `dtype`
-        t_text = time.perf_counter()
-        uncond, cond = cond_fn(batch)
-        sync()
-        text_s = time.perf_counter() - t_text
-        timings["text_s"] += text_s
-        velocity = guided_velocity(model, s.guidance, uncond, cond, len(batch), device, dtype)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            lat = flow.sample(velocity, noise, sigmas, method=s.sampler, guidance_interval=s.guidance_interval)
-            sync()
-            t1 = time.perf_counter()
-            images = _decode(model, lat, tile)
-            sync()
-        t2 = time.perf_counter()
-        timings["sample_s"] += t1 - t0
-        timings["decode_s"] += t2 - t1
-        batches.append({"images": len(batch), "text_s": text_s, "sample_s": t1 - t0, "decode_s": t2 - t1})
+        images, lat, times = sample_batch(model, s, cond_fn, batch, sigmas, side, device=device, dtype=dtype, tile=tile)
+        for key in timings:
+            timings[key] += times[key]
+        batches.append({"images": len(batch), **times})
         for j, img, z in zip(batch, images, lat):
             meta = {"prompt": j.prompt, "negative_prompt": s.negative_prompt if j.prompt is not None else None,
                     "class_id": j.class_id, "seed": j.seed, "steps": s.steps, "guidance": s.guidance,
@@ -743,6 +751,53 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
     check_sampling(s.steps, s.shift, interval, s.sampler)
     jobs = make_jobs(s)
     t0 = time.perf_counter()
+    model, cond_fn = load_model(preset, s, vae_dir=vae_dir, dit_dir=dit_dir, base_pipeline=base_pipeline,
+                                native=native, use_t5=use_t5, random_weights=random_weights, device=device,
+                                dtype=dtype, on_message=on_message)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if model.conditioning == "prompt" and s.class_ids:
+        raise DavaeError("is for class-conditional (LightningDiT) models; this one takes prompts", param="class_id")
+    if model.conditioning == "class" and s.prompts:
+        raise DavaeError("this model is class-conditional: use --class-id, not prompts")
+    load_s = time.perf_counter() - t0
+    report = run_generation(model, s, cond_fn, jobs, rank=state.process_index, world=state.num_processes,
+                            device=device, dtype=dtype, progress=progress)
+    state.wait_for_everyone()
+    out_dir = Path(s.out_dir)
+    if s.grid and state.is_main_process:
+        write_grid([out_dir / f"{j.stem}.png" for j in jobs if (out_dir / f"{j.stem}.png").exists()], grid_path(out_dir))
+        report["grid"] = str(grid_path(out_dir))
+    n = len(report["written"])
+    per = (lambda sec: 1000.0 * sec / n) if n else (lambda sec: None)
+    total_s = report["text_s"] + report["sample_s"] + report["decode_s"]
+    # the names `davae bench` uses, per image (ms_loop: the denoising loop; ms_per_image: text + loop + decode)
+    report.update(ms_text=per(report["text_s"]), ms_loop=per(report["sample_s"]), ms_decode=per(report["decode_s"]),
+                  ms_per_image=per(total_s), images_per_s=n / total_s if n and total_s > 0 else None,
+                  peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                  compile=s.compile and s.compile_mode,
+                  compile_included=bool(s.compile and n))  # compilation is inside the first batch's ms_loop
+    # steady state: the batches after the first (which includes warm-up and, with --compile, compilation)
+    rest = report["batches"][1:]
+    n_rest = sum(b["images"] for b in rest)
+    rest_s = sum(b["text_s"] + b["sample_s"] + b["decode_s"] for b in rest)
+    report.update(ms_per_image_steady=1000.0 * rest_s / n_rest if n_rest else None,
+                  ms_loop_steady=1000.0 * sum(b["sample_s"] for b in rest) / n_rest if n_rest else None,
+                  images_per_s_steady=n_rest / rest_s if n_rest and rest_s > 0 else None)
+    report.update(mode=model.name, res=s.res, steps=s.steps, guidance=s.guidance,
+                  guidance_interval=s.guidance_interval, sampler=s.sampler, device=str(device),
+                  dtype=str(dtype).replace("torch.", ""), load_s=load_s,
+                  s_per_image=(report["sample_s"] + report["decode_s"]) / n if n else None,
+                  tokens=(s.res // model.granularity // model.patch_size) ** 2)
+    return report
+
+
+def load_model(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = None, dit_dir: Optional[str] = None,
+               base_pipeline: Optional[str] = None, native: bool = False, use_t5: bool = True,
+               random_weights: bool = False, device, dtype, on_message: Callable[[str], None] = lambda t: None):
+    """(model, cond_fn) for `s`: an adapted DiT with its DA-VAE, the native pipeline, or random weights (then
+    `torch.compile`d with `s.compile`). The recipe fills the settings left unset (`s` is completed in place:
+    res, steps, guidance, interval, sampler, negative prompt)."""
     negative = s.negative_prompt if s.negative_prompt is not None else preset.sample.negative_prompt
     if random_weights:
         if preset.dit.backend not in ("sd3", "flux"):
@@ -786,39 +841,4 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
     if s.compile:
         model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
         on_message("compiling the DiT on its first use: the first batch's time includes the compilation")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if model.conditioning == "prompt" and s.class_ids:
-        raise DavaeError("is for class-conditional (LightningDiT) models; this one takes prompts", param="class_id")
-    if model.conditioning == "class" and s.prompts:
-        raise DavaeError("this model is class-conditional: use --class-id, not prompts")
-    load_s = time.perf_counter() - t0
-    report = run_generation(model, s, cond_fn, jobs, rank=state.process_index, world=state.num_processes,
-                            device=device, dtype=dtype, progress=progress)
-    state.wait_for_everyone()
-    out_dir = Path(s.out_dir)
-    if s.grid and state.is_main_process:
-        write_grid([out_dir / f"{j.stem}.png" for j in jobs if (out_dir / f"{j.stem}.png").exists()], grid_path(out_dir))
-        report["grid"] = str(grid_path(out_dir))
-    n = len(report["written"])
-    per = (lambda sec: 1000.0 * sec / n) if n else (lambda sec: None)
-    total_s = report["text_s"] + report["sample_s"] + report["decode_s"]
-    # the names `davae bench` uses, per image (ms_loop: the denoising loop; ms_per_image: text + loop + decode)
-    report.update(ms_text=per(report["text_s"]), ms_loop=per(report["sample_s"]), ms_decode=per(report["decode_s"]),
-                  ms_per_image=per(total_s), images_per_s=n / total_s if n and total_s > 0 else None,
-                  peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-                  compile=s.compile and s.compile_mode,
-                  compile_included=bool(s.compile and n))  # compilation is inside the first batch's ms_loop
-    # steady state: the batches after the first (which includes warm-up and, with --compile, compilation)
-    rest = report["batches"][1:]
-    n_rest = sum(b["images"] for b in rest)
-    rest_s = sum(b["text_s"] + b["sample_s"] + b["decode_s"] for b in rest)
-    report.update(ms_per_image_steady=1000.0 * rest_s / n_rest if n_rest else None,
-                  ms_loop_steady=1000.0 * sum(b["sample_s"] for b in rest) / n_rest if n_rest else None,
-                  images_per_s_steady=n_rest / rest_s if n_rest and rest_s > 0 else None)
-    report.update(mode=model.name, res=s.res, steps=s.steps, guidance=s.guidance,
-                  guidance_interval=s.guidance_interval, sampler=s.sampler, device=str(device),
-                  dtype=str(dtype).replace("torch.", ""), load_s=load_s,
-                  s_per_image=(report["sample_s"] + report["decode_s"]) / n if n else None,
-                  tokens=(s.res // model.granularity // model.patch_size) ** 2)
-    return report
+    return model, cond_fn

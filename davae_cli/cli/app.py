@@ -14,7 +14,7 @@ from typing import Callable
 
 import typer
 
-from . import adapt_dit, bench, codec, common, convert, eval_fid, generate, presets, train_dit, train_vae, upscale
+from . import adapt_dit, bench, codec, common, convert, eval_fid, generate, presets, synth, train_dit, train_vae, upscale
 
 app = typer.Typer(
     name="davae",
@@ -64,6 +64,7 @@ COMMANDS: list[tuple[str, Callable, str | None]] = [
     ("adapt-dit", adapt_dit.adapt_dit_cmd, adapt_dit.EXAMPLES),
     ("generate", generate.generate_cmd, generate.EXAMPLES),
     ("upscale", upscale.upscale_cmd, upscale.EXAMPLES),
+    ("synth", synth.synth_cmd, synth.EXAMPLES),
     ("bench", bench.bench_cmd, bench.EXAMPLES),
     ("eval-fid", eval_fid.eval_fid_cmd, eval_fid.EXAMPLES),
     ("convert", convert.convert_cmd, convert.EXAMPLES),
