@@ -18,8 +18,9 @@ from davae_cli.streams import (Fields, Position, ShardStream, expand_braces, is_
 from davae_cli.train.loop import latest_checkpoint
 from conftest import run_cli, write_preset
 
-LAUNCH2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "davae_cli"]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+# the shipped two-CPU-process config (torchrun + gloo), as the README tells users to run it
+LAUNCH2 = ["-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu-2proc.yaml"), "-m", "davae_cli"]
 
 
 def write_shard(path: Path, files: list, captions: bool = True, labels: bool = False) -> Path:
@@ -188,12 +189,16 @@ def test_bad_streams_are_one_line_and_write_nothing(tmp_path, shards, tae_base, 
         (str(no_images), "has no image"),
         ("http://127.0.0.1:9/shard-000.tar", "cannot read this shard"),
     ]
-    for i, (spec, why) in enumerate(cases):
+    from davae_cli.train.vae import train_vae
+
+    for i, (spec, why) in enumerate(cases):  # in-process (the CLI's rendering of the same error is checked once)
         out = tmp_path / f"run{i}"
-        r = run_cli("train-vae", "--preset", preset, "--data", spec, "--out", out, check=False)
-        assert r.returncode == 1 and why in r.stderr and "Traceback" not in r.stderr, (spec, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        with pytest.raises(DavaeError, match=why):
+            train_vae(load_preset(str(preset)), [spec], out)
         assert not out.exists()
+    r = run_cli("train-vae", "--preset", preset, "--data", cases[-1][0], "--out", tmp_path / "cli", check=False)
+    assert r.returncode == 1 and "cannot read this shard" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "cli").exists()
 
 
 def test_adapt_dit_on_shards_equals_the_folder_and_needs_captions(tmp_path, images_dir, shards):
@@ -248,3 +253,14 @@ def test_parquet_files_are_shards(tmp_path, shards):
     assert [r.caption for r in recs] == [f"a photo of {Path(f).stem}" for f in items]
     with pytest.raises(DavaeError, match="no image"):
         list(read_shard(list_shards([str(tmp_path / "part-0.parquet")])[0], Fields(image="jpg")))
+
+
+def test_the_shipped_accelerate_configs_load():
+    """configs/accelerate/*.yaml parse with accelerate's own loader and say what their names say."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    got = {p.stem: load_config_from_file(str(p)) for p in sorted(CONFIGS.glob("*.yaml"))}
+    assert set(got) == {"cpu-2proc", "one-node-8gpu", "two-nodes-16gpu"}
+    assert (got["one-node-8gpu"].num_processes, got["one-node-8gpu"].num_machines) == (8, 1)
+    assert (got["two-nodes-16gpu"].num_processes, got["two-nodes-16gpu"].num_machines) == (16, 2)
+    assert got["cpu-2proc"].num_processes == 2

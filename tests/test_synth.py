@@ -72,9 +72,9 @@ def test_two_processes_split_the_shards_and_write_the_same_bytes(tmp_path, promp
     two = tmp_path / "two"
     args = ["synth", "--preset", "tiny", "--random-weights", "--prompts", prompts, "--res", "64", "--shard-size", "2",
             "--sampling-steps", "4", "--out", two, *TINY]
-    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "davae_cli",
-                          *map(str, args)], capture_output=True, text=True,
+    from test_streams import LAUNCH2
+
+    res = subprocess.run([sys.executable, *LAUNCH2, *map(str, args)], capture_output=True, text=True,
                          env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     for tar in one.glob("*.tar"):
