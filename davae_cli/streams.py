@@ -346,7 +346,7 @@ class ShardStream:
             taken += 1
             if len(batch) == batch_size:
                 # one conversion per batch, element for element `data.to_tensor`'s
-                x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+                x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
                 yield x, Position(pos.epoch, pos.shard, pos.sample, taken)
                 batch = []
 
