@@ -435,3 +435,24 @@ def test_paired_metrics_match_an_independent_computation(tmp_path, folders, extr
     assert isinstance(pr["lpips"], float)
     res = invoke("eval-fid", gen, "--ref-stats", tmp_path / "none.npz", "--paired", ok=False)
     assert res.exit_code == 1 and "--paired compares GEN with a REF folder" in res.stderr
+
+
+@pytest.mark.parametrize("n, d", [(400, 64), (3000, 256), (40, 64)])
+def test_frechet_equals_clean_fids_sqrtm(n, d):
+    """metrics.fid.frechet (symmetric eigendecomposition) against clean-fid's frechet_distance (scipy sqrtm of the
+    product): full-rank statistics to 1e-10 relative; singular ones (n < d) to 1e-6, with a note."""
+    from cleanfid.fid import frechet_distance
+
+    from davae_cli.metrics.fid import frechet
+
+    rng = np.random.default_rng(d)
+    mix = rng.standard_normal((d, d)) / d**0.5
+    f1 = rng.standard_normal((n, d)) @ mix
+    f2 = rng.standard_normal((n, d)) @ (mix + 0.05 * rng.standard_normal((d, d)) / d**0.5) + 0.1
+    stats = [f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)]
+    notes: list = []
+    ours = frechet(*stats, notes)
+    ref = float(np.real(frechet_distance(*stats)))
+    assert abs(ours - ref) / ref < (1e-10 if n > d else 1e-6), (ours, ref)
+    assert bool(notes) == (n <= d)
+    assert abs(frechet(stats[0], stats[1], stats[0], stats[1])) < 1e-6 * ref  # round-off of sqrt near 0

@@ -264,3 +264,18 @@ def test_the_shipped_accelerate_configs_load():
     assert (got["one-node-8gpu"].num_processes, got["one-node-8gpu"].num_machines) == (8, 1)
     assert (got["two-nodes-16gpu"].num_processes, got["two-nodes-16gpu"].num_machines) == (16, 2)
     assert got["cpu-2proc"].num_processes == 2
+
+
+def test_a_saved_dataset_folder_is_shards(tmp_path, shards):
+    """`datasets.Dataset.save_to_disk` output: its .arrow files are the shards, images and captions as written."""
+    import datasets
+
+    items = shards["items"][:4]
+    ds = datasets.Dataset.from_dict({"image": items, "caption": [f"c{i}" for i in range(4)]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"), num_shards=2)
+    assert is_stream(str(tmp_path / "saved"))
+    sh = list_shards([str(tmp_path / "saved")])
+    assert [s.kind for s in sh] == ["arrow", "arrow"]
+    recs = [r for s in sh for r in read_shard(s)]
+    assert [r.caption for r in recs] == ["c0", "c1", "c2", "c3"]
+    assert [r.image for r in recs] == [Path(f).read_bytes() for f in items]
