@@ -79,7 +79,7 @@ if [ "$SMOKE" = 1 ]; then
   done
   TRAIN="$OUT/data/train"; VAL="$OUT/data/val"
   NPC=2; NPC_FULL=2; NVAL=2; GEN_BS=20; N112_STEPS=6; ADAPT_STEPS=4
-  VAE_SET=(--set train_vae.steps=6 --set train_vae.checkpoint_every=3 --set train_vae.stats_images=8)
+  VAE_SET=(--set train_vae.steps=6 --set train_vae.checkpoint_every=3 --set train_vae.stats_images=8 --set train_vae.max_val=4)
   DIT_SET=(--set train_dit.batch_size=8 --set train_dit.checkpoint_every=3 --set train_dit.log_every=2)
 fi
 ADAPT_SET=("${DIT_SET[@]/train_dit/adapt_dit}")
