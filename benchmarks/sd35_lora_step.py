@@ -20,7 +20,7 @@ import torch
 from davae_cli.config import load_preset
 from davae_cli.dit.backend import SD3Backend
 from davae_cli.dit.sd3 import extend_sd3, load_sd3_transformer, lora_module_names
-from davae_cli.train.dit import flow_step_loss
+from davae_cli.train.flow_trainer import flow_step_loss
 
 
 def run(preset_name: str, steps: int, checkpointing: bool, device: str, sets=()) -> dict:

@@ -284,7 +284,7 @@ def test_cosine_velocity_term_by_hand():
 def test_step_loss_uses_the_training_shift_and_the_cosine_term(monkeypatch):
     """flow_step_loss draws sigmas with dit.train_shift (not the sampling shift) and adds
     adapt_dit.cosine_loss x the cosine term to the scheduled MSE."""
-    from davae_cli.train.dit import flow_step_loss
+    from davae_cli.train.flow_trainer import flow_step_loss
 
     preset = load_preset("tiny-imagenet", ["dit.train_shift=2.5", "sample.shift=7.0", "adapt_dit.cosine_loss=0.7"])
     seen = {}

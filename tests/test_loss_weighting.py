@@ -52,7 +52,7 @@ def test_flow_step_loss_follows_the_preset():
     """adapt-dit's step loss with the x0/ratio recipe equals the hand computation on the same noise; the
     default recipe is the plain velocity MSE; cosine_schedule false counts the detail channels at step 0."""
     from davae_cli.config import load_preset
-    from davae_cli.train.dit import flow_step_loss
+    from davae_cli.train.flow_trainer import flow_step_loss
 
     class Echo:  # a "model" whose velocity is a fixed function of its input, so the loss is computable
         def velocity(self, model, xt, sigma, cond):

@@ -469,12 +469,16 @@ class RunLoop:
         self.time_limit_s, self.spent_s = time_limit_s, float(spent_s)
         self.out_of_time = False
         self._t0: Optional[float] = None
+        self._t_end: Optional[float] = None  # set when `run` returns: the training time stops there
 
     def train_seconds(self) -> float:
-        """Training time so far, this process's clock, including what was spent before a resume."""
+        """Training time so far, this process's clock, including what was spent before a resume; after `run`
+        returns, the loop's time (evaluation and export after it do not count)."""
         import time
 
-        return self.spent_s + (time.time() - self._t0 if self._t0 is not None else 0.0)
+        if self._t0 is None:
+            return self.spent_s
+        return self.spent_s + ((self._t_end if self._t_end is not None else time.time()) - self._t0)
 
     def write(self, record: dict) -> None:
         """One log record, written by the main process."""
@@ -536,5 +540,6 @@ class RunLoop:
                 if stop:
                     self.cb.on_message(f"interrupted: checkpoint at step {step}; continue with --resume")
                     raise KeyboardInterrupt
-        self.elapsed_s = time.time() - t0
+        self._t_end = time.time()
+        self.elapsed_s = self._t_end - t0
         return step

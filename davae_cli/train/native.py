@@ -16,7 +16,6 @@ generate check against the DA-VAE they are given.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,7 +30,8 @@ from ..latent_data import TrainingLatents, _latent_files, prepare_latent_dataset
 from ..latents import LatentNormalizer
 from ..vae.base import base_encode_mean
 from ..vae.model import DetailAlignedVAE
-from .loop import Callbacks, RunLoop, load_checkpoint, open_run, training_state, unlock_run
+from .flow_trainer import ClassConditioner, check_or_record_run, export_adapted, train_flow_model
+from .loop import Callbacks, RunLoop, open_run, unlock_run
 
 NATIVE_FILE = "davae_native.json"
 
@@ -129,7 +129,6 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
               callbacks: Optional[Callbacks] = None) -> TrainDiTResult:
     """Train the preset's LightningDiT (`dit.arch`, random init) on base latents of `data`; see the module doc."""
     from ..dit.backend import LightningDiTBackend
-    from .dit import ClassConditioner, DiTTrainStep, ProbeLoss, _check_or_record_run, _optimisation, _resume
 
     cb = callbacks or Callbacks()
     run_dir, vae_dir = Path(run_dir), Path(vae_dir)
@@ -160,7 +159,7 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
 
     acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="train_dit", on_message=cb.on_message)
     n, device = preset.train_dit, acc.device
-    _check_or_record_run(run_dir / "run.json", {"vae": str(vae_dir.resolve()), "dit": "random", "data": data,
+    check_or_record_run(run_dir / "run.json", {"vae": str(vae_dir.resolve()), "dit": "random", "data": data,
                                                 "vae_identity": vae.identity}, acc.is_main_process)
     vae.to(device)
     cb.on_message("preparing the latent dataset (base VAE latents, encoded once, reused by --resume)")
@@ -182,63 +181,28 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     c = int(vae.config.base_channels)
     space = {"base_vae": vae.config.base_vae_source, **base_space(vae)}
     del vae
-    conditioner = ClassConditioner(preset.dit.num_classes, device)
     normalize = LatentNormalizer(c, [], [])  # base channels as encoded; there are no detail channels
 
-    named, params, opt, sched, ema = _optimisation(backend, model, n, device)
-    start_step, spent = 0, 0.0
-    if ckpt_path is not None:
-        start_step = _resume(ckpt_path, named, ema, opt, sched, cb)
-        spent = float(load_checkpoint(ckpt_path).get("train_seconds", 0.0))
-    elif resume:
-        cb.on_message("no checkpoint yet: starting from step 0")
-    ema.to(device)
-    model, opt = acc.prepare(model, opt)
-    raw = acc.unwrap_model(model)
-    total, world, rank = n.steps, acc.num_processes, acc.process_index
-    dataset, loader = latents.loader(n.seed, start_step, total, n.batch_size, rank, world)
-    loop: RunLoop
-    loop = RunLoop(acc, run_dir, total=total, start_step=start_step, resumed=ckpt_path is not None, seed=n.seed,
-                   log_every=n.log_every, checkpoint_every=n.checkpoint_every, keep_checkpoints=n.keep_checkpoints,
-                   state_fn=lambda at: training_state(at, ema, opt, sched, preset,
-                                                      trainable={k: p.detach().cpu() for k, p in named},
-                                                      train_seconds=loop.train_seconds()),
-                   callbacks=cb, time_limit_s=n.max_minutes * 60 if n.max_minutes else None, spent_s=spent)
-    probe = ProbeLoss(backend, raw, dataset, normalize, conditioner, keys, c, n.seed, acc)
-    info = {"device": str(device), "world_size": world, "train_images": len(records), "val_images": 0,
-            "trainable_params": sum(p.numel() for p in params), "start_step": start_step, "backend": backend.name,
-            "resolution": n.resolution, "tokens": (side // backend.patch_size(raw)) ** 2,
-            "max_minutes": n.max_minutes}
-    loop.start(info)
-    metrics: dict = {}
-    if start_step == 0:
-        metrics["probe_loss_start"] = probe()
-        loop.write({"step": 0, "event": "probe", "probe_loss": metrics["probe_loss_start"]})
-    step_fn = DiTTrainStep(preset, backend, model, params, opt, sched, ema, normalize, conditioner, keys, c, acc,
-                           section=n)
-    raw.train()
-    t_run = time.time()
-    final_step = loop.run(step_fn, iter(loader))
-    train_seconds = loop.train_seconds()
-    metrics["probe_loss_end"] = probe()
-    ema.store(params)
-    ema.copy_to(params)
-    metrics["probe_loss_end_ema"] = probe()
     final_dir = run_dir / "final"
-    facts = {"format": "davae-native-dit", "version": 1, "backend": backend.name, "preset": preset.name,
-             "resolution": n.resolution, "latent_side": side, "patch_size": backend.patch_size(raw),
-             "num_classes": preset.dit.num_classes, "train_shift": preset.dit.train_shift,
-             "sample_shift": preset.sample.shift, "steps": final_step, "train_seconds": round(train_seconds, 1),
-             "stopped_by_time_limit": loop.out_of_time, "davae": str(vae_dir.resolve()), **space}
-    if acc.is_main_process:
-        from .dit import export_adapted
 
-        export_adapted(backend, raw, facts, final_dir, facts_file=NATIVE_FILE)
-    loop.write({"step": final_step, "event": "export", "final": str(final_dir), **metrics,
-                "skipped_steps": step_fn.skipped, "train_seconds": round(train_seconds, 1)})
-    ema.restore(params)
-    metrics.update(skipped_steps=step_fn.skipped, last=loop.last, elapsed_s=round(time.time() - t_run, 1),
-                   train_seconds=round(train_seconds, 1), steps=final_step, stopped_by_time_limit=loop.out_of_time)
+    def export(raw, step: int, loop: RunLoop) -> dict:
+        facts = {"format": "davae-native-dit", "version": 1, "backend": backend.name, "preset": preset.name,
+                 "resolution": n.resolution, "latent_side": side, "patch_size": backend.patch_size(raw),
+                 "num_classes": preset.dit.num_classes, "train_shift": preset.dit.train_shift,
+                 "sample_shift": preset.sample.shift, "steps": step, "train_seconds": round(loop.train_seconds(), 1),
+                 "stopped_by_time_limit": loop.out_of_time, "davae": str(vae_dir.resolve()), **space}
+        if acc.is_main_process:
+            export_adapted(backend, raw, facts, final_dir, facts_file=NATIVE_FILE)
+        return {"final": str(final_dir), "train_seconds": facts["train_seconds"]}
+
+    info = {"resolution": n.resolution, "tokens": (side // backend.patch_size(model)) ** 2, "max_minutes": n.max_minutes}
+    final_step, metrics, loop = train_flow_model(
+        acc=acc, preset=preset, section=n, backend=backend, model=model, latents=latents, normalize=normalize,
+        conditioner=ClassConditioner(preset.dit.num_classes, device), keys=keys, base_channels=c, run_dir=run_dir,
+        ckpt_path=ckpt_path, resume=resume, cb=cb, info=info, export=export,
+        time_limit_s=n.max_minutes * 60 if n.max_minutes else None)
+    metrics.update(train_seconds=round(loop.train_seconds(), 1), steps=final_step,
+                   stopped_by_time_limit=loop.out_of_time)
     cb.on_end(metrics)
     unlock_run(run_dir)
     return TrainDiTResult(str(run_dir), str(final_dir), final_step, metrics)
