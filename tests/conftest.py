@@ -14,6 +14,9 @@ import yaml
 
 os.environ.setdefault("DAVAE_LPIPS_RANDOM_BACKBONE", "1")  # LPIPS without downloading VGG weights
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # what `davae`'s main() sets (in-process runs skip it)
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker, and for the CLIs it starts
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -108,10 +111,51 @@ def images_dir(tmp_path) -> Path:
     return d
 
 
-def run_cli(*args, check=True, env=None):
-    """The CLI in a fresh process, as a user's script would call it."""
-    res = subprocess.run([sys.executable, "-m", "davae_cli", *map(str, args)], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "120", **(env or {})})
+class _Completed:
+    """What `subprocess.run` returns, for an in-process run."""
+
+    def __init__(self, args, returncode: int, stdout: str, stderr: str):
+        self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
+
+
+def _in_process(args: list[str]) -> _Completed:
+    """The Typer app in this process (no interpreter start or torch/diffusers import: ~5 s less per call), with
+    what a process exit would undo undone: run-folder locks released, --debug state reset. An exception the
+    app did not turn into its one-line error shows its traceback in stderr, as a process would."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from davae_cli.cli import common
+    from davae_cli.cli.app import app
+    from davae_cli.train import loop
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)  # accelerate's singletons start afresh, as in a new process
+    GradientState._reset_state()
+    try:
+        res = CliRunner().invoke(app, args, env={"COLUMNS": "120"})
+    finally:
+        for key in list(loop._HELD):
+            loop.unlock_run(key)
+        common.STATE["debug"] = False
+        os.environ.pop("DAVAE_DEBUG", None)
+    stderr = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(res.exception))
+    return _Completed(args, res.exit_code, res.stdout, stderr)
+
+
+def run_cli(*args, check=True, env=None, subprocess_=False):
+    """The CLI as a user's script would call it: in a fresh process when `env` is given (kill hooks, launch
+    variables) or `subprocess_`, else in this process (the same app, exit code, stdout and stderr)."""
+    argv = [str(a) for a in args]
+    if env is None and not subprocess_:
+        res = _in_process(argv)
+    else:
+        res = subprocess.run([sys.executable, "-m", "davae_cli", *argv], capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "120", **(env or {})})
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\n{res.stderr[-3000:]}")
     return res

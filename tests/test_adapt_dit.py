@@ -182,7 +182,7 @@ def test_short_run_lowers_loss_and_resume_is_exact(tiny_vae, captioned, tmp_path
 
     args = ["adapt-dit", "--preset", "tiny", "--vae", tiny_vae, "--data", captioned, "--steps", "6",
             *sum((["--set", s] for s in TINY + ["adapt_dit.lr=3e-3"]), []), "--json"]
-    full = run_cli(*args, "--out", tmp_path / "full")
+    full = run_cli(*args, "--out", tmp_path / "full", subprocess_=True)  # a process, like the killed run below
     m = json.loads(full.stdout)
     assert m["probe_loss_end"] < m["probe_loss_start"]
     killed = run_cli(*args, "--out", tmp_path / "cut", check=False, env={"DAVAE_KILL_AFTER_STEP": "3"})
