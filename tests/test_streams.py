@@ -19,8 +19,17 @@ from davae_cli.train.loop import latest_checkpoint
 from conftest import run_cli, write_preset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-# the shipped two-CPU-process config (torchrun + gloo), as the README tells users to run it
-LAUNCH2 = ["-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu-2proc.yaml"), "-m", "davae_cli"]
+# the shipped two-CPU-process config (torchrun + gloo), as the README tells users to run it: launch2()
+def launch2() -> list[str]:
+    """`accelerate launch` with the two-CPU-process config, on a free rendezvous port (two such tests may run at
+    once under pytest-xdist; both on the default port 29500 would collide)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return ["-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu-2proc.yaml"),
+            "--main_process_port", str(port), "-m", "davae_cli"]
 
 
 def write_shard(path: Path, files: list, captions: bool = True, labels: bool = False) -> Path:
@@ -152,7 +161,7 @@ def _launch2(*args, env=None, check=True):
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, *LAUNCH2, *map(str, args)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, *launch2(), *map(str, args)], capture_output=True, text=True,
                          env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})})
     if check and res.returncode != 0:
         raise AssertionError(res.stderr[-3000:])

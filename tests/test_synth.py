@@ -72,9 +72,9 @@ def test_two_processes_split_the_shards_and_write_the_same_bytes(tmp_path, promp
     two = tmp_path / "two"
     args = ["synth", "--preset", "tiny", "--random-weights", "--prompts", prompts, "--res", "64", "--shard-size", "2",
             "--sampling-steps", "4", "--out", two, *TINY]
-    from test_streams import LAUNCH2
+    from test_streams import launch2
 
-    res = subprocess.run([sys.executable, *LAUNCH2, *map(str, args)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, *launch2(), *map(str, args)], capture_output=True, text=True,
                          env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     for tar in one.glob("*.tar"):
