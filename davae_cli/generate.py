@@ -338,24 +338,29 @@ def sample_batch(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Job]
     return images, lat, {"text_s": text_s, "sample_s": t1 - t0, "decode_s": t2 - t1}
 
 
+def sampling_grid(model: Model, s: GenerateSettings) -> tuple[int, float, object]:
+    """(latent side, shift, sigma grid) for `s.res` and `s.steps`: the resolution must be a whole number of
+    tokens; the shift is `s.shift`, else the model's."""
+    from .dit.backend import sigma_grid
+
+    g = model.granularity * model.patch_size
+    if s.res is None or s.res <= 0 or s.res % g:
+        raise DavaeError(f"{s.res}: must be a positive multiple of {g} for this model (pixels per token)", param="res")
+    side = s.res // model.granularity
+    shift = s.shift if s.shift is not None else model.shift
+    return side, shift, sigma_grid(model.backend, s.steps, shift, model.scheduler_config, (side // model.patch_size) ** 2)
+
+
 def run_generation(model: Model, s: GenerateSettings, cond_fn: Callable[[list[Job]], tuple[dict, dict]],
                    jobs: list[Job], *, rank: int = 0, world: int = 1, device=None, dtype=torch.float32,
                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Sample and write every job of this process (`jobs[rank::world]`) whose PNG does not exist yet."""
     res = s.res
-    g = model.granularity * model.patch_size
-    if res is None or res <= 0 or res % g:
-        raise DavaeError(f"{res}: must be a positive multiple of {g} for this model (pixels per token)", param="res")
-    side = res // model.granularity
+    side, shift, sigmas = sampling_grid(model, s)
     out_dir = Path(s.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = [j for j in jobs[rank::world]]
     todo = [j for j in mine if not (out_dir / f"{j.stem}.png").exists()]
-    from .dit.backend import sigma_grid
-
-    shift = s.shift if s.shift is not None else model.shift
-    tokens = (side // model.patch_size) ** 2
-    sigmas = sigma_grid(model.backend, s.steps, shift, model.scheduler_config, tokens)
     grid = [round(float(v), 8) for v in sigmas]
     written, timings = [], {"text_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
     batches: list[dict] = []  # per batch: images, text_s, sample_s, decode_s (the first includes warm-up/compile)

@@ -227,7 +227,7 @@ def encode_shards(vae, inputs: list[str], out: Path, *, resolution: int, conditi
     shards (`shard_records` lists them once every process is done)."""
     from safetensors.torch import save
 
-    from .streams import Fields, decode_image, list_shards, read_shard
+    from .streams import Fields, check_condition, decode_image, list_shards, read_shard
 
     fields = fields or Fields()
     shards = list_shards(inputs)
@@ -249,13 +249,7 @@ def encode_shards(vae, inputs: list[str], out: Path, *, resolution: int, conditi
                 batch.clear()
 
         for s in read_shard(shards[k], fields):
-            if conditioning == "prompt" and s.caption is None:
-                raise DavaeError(f"{shards[k].url}: sample {s.key} has no caption (a .txt, or caption/prompt/text "
-                                 f"in its .json{'' if fields.caption is None else f'; data.caption_key={fields.caption}'})",
-                                 param="data")
-            if conditioning == "class" and s.label is None:
-                raise DavaeError(f"{shards[k].url}: sample {s.key} has no class label (a .cls, or label in its .json)",
-                                 param="data")
+            check_condition(s, conditioning, shards[k].url)
             try:
                 arr = decode_image(s.image)
             except Exception:  # noqa: BLE001 - an unreadable image is left out, as in a folder

@@ -394,13 +394,18 @@ def probe_shards(specs: list[str], fields: Fields = Fields(), conditioning: Opti
     first = next(iter(read_shard(shards[0], fields)), None)
     if first is None:
         raise DavaeError(f"{shards[0].url}: the shard holds no records", param="data")
-    if conditioning == "prompt" and first.caption is None:
-        raise DavaeError(f"{shards[0].url}: sample {first.key} has no caption (a .txt, or caption/prompt/text in "
-                         f"its .json; or name the field with data.caption_key)", param="data")
-    if conditioning == "class" and first.label is None:
-        raise DavaeError(f"{shards[0].url}: sample {first.key} has no class label (a .cls, or label in its .json; "
-                         f"or name the field with data.label_key)", param="data")
+    check_condition(first, conditioning, shards[0].url)
     return shards
+
+
+def check_condition(sample: Sample, conditioning: Optional[str], where: str) -> None:
+    """One line when a sample lacks what `conditioning` ("prompt", "class" or None) needs."""
+    if conditioning == "prompt" and sample.caption is None:
+        raise DavaeError(f"{where}: sample {sample.key} has no caption (a .txt, or caption/prompt/text in its .json; "
+                         f"or name the field with data.caption_key)", param="data")
+    if conditioning == "class" and sample.label is None:
+        raise DavaeError(f"{where}: sample {sample.key} has no class label (a .cls, or label in its .json; or name "
+                         f"the field with data.label_key)", param="data")
 
 
 @dataclass

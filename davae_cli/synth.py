@@ -27,7 +27,7 @@ import torch
 
 from .config import Preset, check_sampling
 from .errors import DavaeError
-from .generate import GenerateSettings, Job, load_model, sample_batch
+from .generate import GenerateSettings, Job, load_model, sample_batch, sampling_grid
 from .latents import atomic_write_bytes
 
 MANIFEST = "synth.json"
@@ -133,7 +133,6 @@ def synth(preset: Preset, s: SynthSettings, *, base_pipeline: Optional[str] = No
     from accelerate import PartialState
 
     from .devices import resolve_device, resolve_dtype
-    from .dit.backend import sigma_grid
 
     if s.image_format not in FORMATS:
         raise DavaeError(f"{s.image_format!r}: choose png, jpg or webp", param="format")
@@ -157,12 +156,7 @@ def synth(preset: Preset, s: SynthSettings, *, base_pipeline: Optional[str] = No
     model, cond_fn = load_model(preset, gs, base_pipeline=base_pipeline, native=True, use_t5=use_t5,
                                 random_weights=random_weights, device=device, dtype=dtype, on_message=on_message)
     load_s = time.perf_counter() - t0
-    g = model.granularity * model.patch_size
-    if gs.res is None or gs.res <= 0 or gs.res % g:
-        raise DavaeError(f"{gs.res}: must be a positive multiple of {g} for this model (pixels per token)", param="res")
-    side = gs.res // model.granularity
-    shift = gs.shift if gs.shift is not None else model.shift
-    sigmas = sigma_grid(model.backend, gs.steps, shift, model.scheduler_config, (side // model.patch_size) ** 2)
+    side, shift, sigmas = sampling_grid(model, gs)
     manifest = _manifest(s, gs, model, float(shift), len(prompts))
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
