@@ -29,9 +29,9 @@ def main() -> None:
 
     from davae_cli import flow
     from davae_cli.config import load_preset
-    from davae_cli.dit.backend import sd3_velocity, sigma_grid
-    from davae_cli.generate import initial_noise
-    from davae_cli.text import PromptEncoder, build_tiny_sd3_text_components
+    from davae_cli.dit.sd3 import SD3Backend, sd3_velocity
+    from davae_cli.sampling import initial_noise
+    from davae_cli.dit.text import PromptEncoder, build_tiny_sd3_text_components
 
     torch.manual_seed(0)
     comps = build_tiny_sd3_text_components()
@@ -60,7 +60,7 @@ def main() -> None:
         return u + args.guidance * (c - u)
 
     out = {"steps": args.steps, "guidance": args.guidance, "res": args.res, "shift": args.shift}
-    for name, sig in (("diffusers_grid", sigma_grid("sd3", args.steps, args.shift, dict(sched.config))),
+    for name, sig in (("diffusers_grid", SD3Backend.sigma_grid(args.steps, args.shift, dict(sched.config), None)),
                       ("linspace_grid", flow.sampling_sigmas(args.steps, args.shift))):
         with torch.no_grad():
             lat = flow.sample(velocity, noise.clone(), sig)[0]

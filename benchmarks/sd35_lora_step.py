@@ -18,7 +18,7 @@ import time
 import torch
 
 from davae_cli.config import load_preset
-from davae_cli.dit.backend import SD3Backend
+from davae_cli.dit.sd3 import SD3Backend
 from davae_cli.dit.sd3 import extend_sd3, load_sd3_transformer, lora_module_names
 from davae_cli.train.flow_trainer import flow_step_loss
 

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from davae_cli.bench import _build_decoders, plan
+from davae_cli.bench import build_decoders, plan
 from davae_cli.config import load_preset
 from davae_cli.devices import resolve_device, resolve_dtype
-from davae_cli.generate import tile_overlap, tiled_decode
+from davae_cli.images import tile_overlap, tiled_decode
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     cuda = device.type == "cuda"
-    native, davae = _build_decoders(preset, device, dtype)
+    native, davae = build_decoders(preset, device, dtype)
     decode = native if a.which == "native" else davae
     ch, side = plan(preset, a.res)[a.which]["latent"][:2]
     scale = a.res // side

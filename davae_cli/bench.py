@@ -2,14 +2,14 @@
 
 Both configurations use the same DiT architecture; the DA-VAE one reads and writes C + D channels on a
 latent with 1/s the side, so it has 1/s^2 the image tokens. With random weights nothing is downloaded
-(speed does not depend on the weights). For SD3 the two configurations share one trunk (each a view of it with
-its own patch embedder and output head), so the SD3.5 Medium architecture is held once (fp32 fits a 24 GB CPU
-machine). Measurements alternate native / DA-VAE, repeat, and report medians: the denoising loop (Euler,
+(speed does not depend on the weights). The two configurations share one trunk where the family allows it
+(`Backend.bench_models`: each a view of it with its own patch embedder and output head), so the SD3.5 Medium
+architecture is held once (fp32 fits a 24 GB CPU machine). Measurements alternate native / DA-VAE, repeat, and report medians: the denoising loop (Euler,
 CFG doubling the batch unless disabled), the VAE decode (the base VAE at full resolution for native, the
 DA-VAE decoder for DA-VAE), end to end per image, peak GPU memory, and the analytic FLOPs with achieved
 TFLOP/s against the device's peak where known. Text encoding is identical for both; by default it is not
 timed (the prompt embeddings are random tensors of the right shape); `text_encoders=True` runs the preset's
-text encoders too (SD3: CLIP-L, CLIP-G and T5-XXL with random weights of their real architecture, on random
+text encoders too (those of the preset's family with random weights of their real architecture, on random
 token ids of the pipeline's lengths, prompt and negative prompt) and adds their time to end to end. The
 end-to-end FLOP ratio always counts everything: the steps, the text encoders and the decode.
 """
@@ -17,7 +17,6 @@ end-to-end FLOP ratio always counts everything: the steps, the text encoders and
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import gc
 import statistics
@@ -31,8 +30,9 @@ from . import flops as F
 from . import flow
 from .config import Preset
 from .devices import DTYPES, resolve_device, resolve_dtype
-from .dit.backend import lightningdit_velocity, place_frozen, sd3_velocity
+from .dit.backend import get_backend
 from .errors import DavaeError
+from .sampling import sample_latents
 
 NOISY_SPREAD = 0.10  # warn when (max - min) / median of the repeats exceeds this
 
@@ -61,8 +61,8 @@ def check_settings(preset: Preset, s: BenchSettings) -> None:
     g = preset.granularity
     p = preset.token_patch
     if s.res <= 0 or s.res % (g * p):
-        raise DavaeError(f"{s.res}: must be a positive multiple of s*f*p = {g}*{p} = {g * p} for this preset"
-                         + (" (FLUX packs 2x2 latent cells into a token)" if preset.dit.backend == "flux" else ""),
+        note = get_backend(preset).token_note or "p: latent pixels per token side"
+        raise DavaeError(f"{s.res}: must be a positive multiple of s*f*p = {g}*{p} = {g * p} for this preset ({note})",
                          param="res")
     for name in ("steps", "batch_size", "repeats"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
@@ -71,7 +71,7 @@ def check_settings(preset: Preset, s: BenchSettings) -> None:
         raise DavaeError("must be >= 0", param="warmup")
     if s.attention not in ("default", "flash", "efficient", "cudnn", "math"):
         raise DavaeError(f"{s.attention}: choose default, flash, efficient, cudnn or math", param="attention")
-    if s.text_encoders and preset.dit.backend not in ("sd3", "flux"):
+    if s.text_encoders and get_backend(preset).conditioning != "prompt":
         raise DavaeError(f"the {preset.name} preset is class-conditional: it has no text encoders to time",
                          param="text_encoders")
 
@@ -141,155 +141,52 @@ def _maybe_compiled(cache: dict, key: str, module: torch.nn.Module, s: BenchSett
     return cache[key]
 
 
-def _with_heads(model: torch.nn.Module, proj: torch.nn.Module, out: torch.nn.Module, channels: int):
-    """A view of `model` that shares every weight of its trunk but has its own patch-embedder projection and
-    output head: one module object per configuration, so no attribute is swapped under a compiled graph."""
-    view = copy.copy(model)
-    view._modules = dict(model._modules)
-    pos = copy.copy(model.pos_embed)
-    pos._modules = dict(model.pos_embed._modules)
-    pos._modules["proj"] = proj
-    view._modules["pos_embed"] = pos
-    view._modules["proj_out"] = out
-    view.out_channels = channels
-    return view
+class _Pair:
+    """Both configurations of the preset's family, ready to time: `activate(name)` gives the (possibly
+    compiled) module, `velocity(net, batch)` its velocity on random conditioning of the right shapes,
+    `flops(tokens, batch, channels)` the FLOP model of one forward."""
+
+    def __init__(self, preset: Preset, s: BenchSettings, device, dtype):
+        self.backend = backend = get_backend(preset)
+        spec = "random" if s.weights == "random" else s.weights
+        self.models = backend.bench_models(spec, s.seed, device, dtype, s.res)
+        native = self.models["native"]
+        self.config = dict(native.config)
+        self.channels, self.patch = backend.channels(native), backend.patch_size(native)
+        self.text_tokens = backend.text_tokens()
+        self.s, self.device, self.dtype = s, device, dtype
+        self._compiled: dict = {}
+
+    def activate(self, which: str) -> Callable[[], torch.nn.Module]:
+        return lambda: _maybe_compiled(self._compiled, which, self.models[which], self.s)
+
+    def velocity(self, net, batch: int):
+        g = torch.Generator(device="cpu").manual_seed(self.s.seed)
+        cond = self.backend.random_condition(self.config, batch, self.device, self.dtype, g)
+        return lambda x, sigma: self.backend.velocity(net, x, sigma, cond)
+
+    def flops(self, tokens: int, batch: int, channels: int) -> dict:
+        return self.backend.flops(self.backend.widen_config(self.config, channels), tokens, self.text_tokens, batch)
 
 
-def _shared_trunk(model, heads: dict, make_view: Callable, s: BenchSettings, device, dtype, text_tokens: int,
-                  velocity: Callable, scalars: Optional[dict] = None):
-    """(config, activate, velocity_factory) for the two configurations of a prompt-conditioned DiT that share
-    `model`'s trunk: `heads` maps each name to its (input layer, output layer, output channels), `make_view`
-    builds the view with them; the prompt embeddings are random tensors of the right shape, `scalars` extra
-    per-sample inputs (FLUX's guidance)."""
-    place_frozen(model, device, dtype)
-    heads = {k: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), n) for k, (a, b, n) in heads.items()}
-    cfg = dict(model.config)
-    compiled = {}
-    views = {k: make_view(model, a, b, n) for k, (a, b, n) in heads.items()}
-
-    def activate(which):
-        return lambda: _maybe_compiled(compiled, which, views[which], s)
-
-    def velocity_factory(net, batch):
-        g = torch.Generator(device="cpu").manual_seed(s.seed)
-        cond = {"embeds": torch.randn(batch, text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
-                "pooled": torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)}
-        cond.update({k: torch.full((batch,), v, device=device) for k, v in (scalars or {}).items()})
-        return lambda x, sigma: velocity(net, x, sigma, cond)
-
-    return cfg, activate, velocity_factory
+def _uses_cfg(preset: Preset, guidance: Optional[float]) -> bool:
+    """Whether sampling runs a CFG batch: not for a guidance-distilled or unguided family, nor at a guidance
+    whose CFG weight is 1 (e.g. SD3 at 1.0, Z-Image-Turbo at 0)."""
+    backend = get_backend(preset)
+    g = preset.sample.guidance if guidance is None else guidance
+    return backend.guidance_mode(backend.arch_config()) == "cfg" and backend.cfg_weight(g) != 1.0
 
 
-def _build_sd3(preset: Preset, s: BenchSettings, device, dtype):
-    from .dit.extend import extend_output_head, extend_patch_embed
-    from .dit.sd3 import load_sd3_transformer
-
-    arch = preset.dit.arch
-    model = load_sd3_transformer("random" if s.weights == "random" else s.weights, preset.dit.subfolder, arch,
-                                 seed=s.seed, device=device)
-    c, p = int(model.config.in_channels), int(model.config.patch_size)
-    d = preset.vae.detail_channels
-    heads = {"native": (model.pos_embed.proj, model.proj_out, c),
-             "davae": (extend_patch_embed(model.pos_embed.proj, d), extend_output_head(model.proj_out, p, c, d), c + d)}
-    text_tokens = 77 + preset.dit.max_sequence_length
-    cfg, activate, velocity_factory = _shared_trunk(model, heads, _with_heads, s, device, dtype, text_tokens,
-                                                    sd3_velocity)
-
-    def flops_for(tokens, batch, channels):
-        return F.sd3_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, text_tokens, batch)
-
-    return model, activate, velocity_factory, flops_for, c, p, text_tokens
-
-
-def _flux_view(model: torch.nn.Module, x_embedder: torch.nn.Module, proj_out: torch.nn.Module, out_channels: int):
-    """A view of a FLUX transformer sharing its trunk, with its own packed input embedder and output head."""
-    view = copy.copy(model)
-    view._modules = dict(model._modules)
-    view._modules["x_embedder"] = x_embedder
-    view._modules["proj_out"] = proj_out
-    view.out_channels = out_channels
-    return view
-
-
-def _build_flux(preset: Preset, s: BenchSettings, device, dtype):
-    from .dit.flux import extend_input, extend_output, flux_velocity, latent_channels, load_flux_transformer
-
-    model = load_flux_transformer("random" if s.weights == "random" else s.weights, preset.dit.subfolder,
-                                  preset.dit.arch, seed=s.seed, device=device)
-    c = latent_channels(model)
-    extra = 4 * preset.vae.detail_channels
-    heads = {"native": (model.x_embedder, model.proj_out, 4 * c),
-             "davae": (extend_input(model.x_embedder, extra), extend_output(model.proj_out, extra), 4 * c + extra)}
-    text_tokens = preset.dit.max_sequence_length
-    guidance = ({"guidance": float(preset.sample.guidance)} if model.config.guidance_embeds else {})
-    cfg, activate, velocity_factory = _shared_trunk(model, heads, _flux_view, s, device, dtype, text_tokens,
-                                                    flux_velocity, guidance)
-
-    def flops_for(tokens, batch, channels):
-        return F.flux_flops({**cfg, "in_channels": 4 * channels, "out_channels": 4 * channels}, tokens, text_tokens, batch)
-
-    return model, activate, velocity_factory, flops_for, c, 2, text_tokens
-
-
-def _guidance_distilled(preset: Preset) -> bool:
-    """FLUX runs one forward per step, no CFG batch (FLUX.1-dev takes the guidance scale as an input;
-    FluxPipeline's default has no negative branch for any FLUX model)."""
-    return preset.dit.backend == "flux"
-
-
-def _build_lightningdit(preset: Preset, s: BenchSettings, device, dtype):
-    """Two models (their positional tables depend on the token grid), one at a time in memory is not
-    needed at LightningDiT sizes (XL: 675M parameters)."""
-    from .dit.backend import LightningDiTBackend
-    from .dit.lightningdit import extend_lightningdit
-
-    sides = {"native": s.res // preset.vae.downsample, "davae": s.res // preset.granularity}
-    models = {}
-    for which, side in sides.items():
-        m = LightningDiTBackend(preset).load("random" if s.weights == "random" else s.weights, seed=s.seed,
-                                             latent_side=side)
-        if which == "davae":
-            extend_lightningdit(m, preset.vae.detail_channels)
-        models[which] = place_frozen(m, device, dtype)
-    c = int(models["native"].config.in_channels)
-    p = int(models["native"].config.patch_size)
-    cfg = dict(models["native"].config)
-    compiled = {}
-
-    def activate(which):
-        return lambda: _maybe_compiled(compiled, which, models[which], s)
-
-    def velocity_factory(net, batch):
-        cond = {"labels": (torch.arange(batch) % preset.dit.num_classes).to(device)}
-        return lambda x, sigma: lightningdit_velocity(net, x, sigma, cond)
-
-    def flops_for(tokens, batch, channels):
-        return F.lightningdit_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, batch)
-
-    return models, activate, velocity_factory, flops_for, c, p, 0
-
-
-def _build_decoders(preset: Preset, device, dtype):
+def build_decoders(preset: Preset, device, dtype):
     """(native decode fn, DA-VAE decode fn) on random weights with the preset's architectures; on the meta
     device (for FLOP counts) nothing is allocated."""
-    from .vae.base import BaseVAE, base_decode, load_base_vae, random_base_config, vae_from_config
-    from .vae.model import DetailAlignedVAE
+    from .models import random_davae
+    from .vae.base import base_decode
 
-    if torch.device(device).type == "meta":
-        with torch.device("meta"):
-            vae = vae_from_config(dict(preset.vae.base_vae_arch or random_base_config(preset.vae.base_channels)))
-        base = BaseVAE(vae, "random", None, "meta")
-    else:
-        base = load_base_vae("random", latent_channels=preset.vae.base_channels, arch=preset.vae.base_vae_arch)
-    vcfg = copy.deepcopy(preset.vae)
-    vcfg.base_latent_transform = "config"  # speed only: the per-channel statistics file is not needed
-    with torch.device(device) if torch.device(device).type == "meta" else contextlib.nullcontext():
-        davae = DetailAlignedVAE.from_base(base, vcfg)
-    davae = place_frozen(davae, device, dtype)
-    place_frozen(base.vae, device, dtype)
+    davae = random_davae(preset, device, dtype)
 
     def native(z):
-        return base_decode(base.vae, davae.transform.inverse(z))
+        return base_decode(davae.base.vae, davae.transform.inverse(z))
 
     return native, davae.decode
 
@@ -306,10 +203,8 @@ def _end_to_end(preset: Preset, shapes: dict, step_flops: dict, s: BenchSettings
     """Everything a user waits for, per image (counted, not timed): the steps, the text encoders (the prompt
     and, with CFG, the negative prompt) and the decode."""
     dec = decode_flops(preset, shapes)
-    text = 0
-    if preset.dit.backend in ("sd3", "flux"):
-        prompts = 2 if s.cfg and n_guided else 1
-        text = prompts * F.text_encoder_flops(_text_arch(preset), preset.dit.max_sequence_length)
+    prompts = 2 if s.cfg and n_guided else 1
+    text = prompts * get_backend(preset).text_flops()
     e2e = F.end_to_end_flops(*({"step": step_flops[k]["total"] / s.batch_size, "decode": dec[k]}
                                for k in ("native", "davae")), steps=s.steps, text=text)
     return {"flop_ratio_end_to_end": e2e["ratio"],
@@ -321,35 +216,15 @@ def flop_report(preset: Preset, s: BenchSettings) -> dict:
     """The FLOP model of both configurations at `s.res` with the preset's architecture and recipe, without
     running anything (every model is built on the meta device): per step, per image end to end, and ratios."""
     check_settings(preset, s)
-    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps, cfg=s.cfg and not _guidance_distilled(preset))
+    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps, cfg=s.cfg and _uses_cfg(preset, s.guidance))
     shapes = plan(preset, s.res)
     sigmas, interval = _grid(preset, s, shapes)
     n_guided = sum(s.cfg and flow.in_interval(float(sigmas[i]), interval) for i in range(s.steps))
-    if preset.dit.backend == "flux":
-        from .dit.flux import load_flux_transformer
+    backend = get_backend(preset)
+    cfg, text_tokens = backend.arch_config(), backend.text_tokens()
 
-        cfg = dict(load_flux_transformer("random", preset.dit.subfolder, preset.dit.arch, device="meta").config)
-        text_tokens = preset.dit.max_sequence_length
-
-        def flops_for(tokens, batch, channels):
-            return F.flux_flops({**cfg, "in_channels": 4 * channels, "out_channels": 4 * channels}, tokens,
-                                text_tokens, batch)
-    elif preset.dit.backend == "sd3":
-        from .dit.sd3 import load_sd3_transformer
-
-        cfg = dict(load_sd3_transformer("random", preset.dit.subfolder, preset.dit.arch, device="meta").config)
-        text_tokens = 77 + preset.dit.max_sequence_length
-
-        def flops_for(tokens, batch, channels):
-            return F.sd3_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, text_tokens, batch)
-    else:
-        from .dit.lightningdit import LightningDiT
-
-        with torch.device("meta"):
-            cfg = dict(LightningDiT.from_config(dict(preset.dit.arch)).config)
-
-        def flops_for(tokens, batch, channels):
-            return F.lightningdit_flops({**cfg, "in_channels": channels, "out_channels": channels}, tokens, batch)
+    def flops_for(tokens, batch, channels):
+        return backend.flops(backend.widen_config(cfg, channels), tokens, text_tokens, batch)
     step = {k: _mean_step_flops(flops_for, shapes[k], s, n_guided) for k in ("native", "davae")}
     out = {"res": s.res, "preset": preset.name, "steps": s.steps, "batch_size": s.batch_size, "cfg": s.cfg,
            "guided_steps": n_guided}
@@ -364,7 +239,7 @@ def flop_report(preset: Preset, s: BenchSettings) -> dict:
 def decode_flops(preset: Preset, shapes: dict) -> dict:
     """FLOPs of decoding one image on each side (native: the base VAE at full resolution; DA-VAE: its
     decoder), counted on the meta device."""
-    native, davae = _build_decoders(preset, "meta", torch.float32)
+    native, davae = build_decoders(preset, "meta", torch.float32)
     out = {}
     for name, fn in (("native", native), ("davae", davae)):
         ch, side = shapes[name]["latent"][0], shapes[name]["latent"][1]
@@ -372,36 +247,17 @@ def decode_flops(preset: Preset, shapes: dict) -> dict:
     return out
 
 
-def _text_arch(preset: Preset) -> str:
-    from .text import TINY_SPEC
-
-    flux = preset.dit.backend == "flux"
-    if preset.dit.text_encoders == TINY_SPEC:
-        return "tiny-flux" if flux else "tiny"
-    return "flux" if flux else "sd3"
-
-
-def _build_text(preset: Preset, device, dtype):
-    """The preset's text encoders with random weights: tiny ones for a `tiny-random` preset, else SD3's
-    (CLIP-L, CLIP-G, T5-XXL) or FLUX.1's (CLIP-L, T5-XXL)."""
-    from .text import build_sd3_text_encoders
-
-    return build_sd3_text_encoders(_text_arch(preset), device, dtype)
-
-
 def _grid(preset: Preset, s: BenchSettings, shapes: dict):
     """The preset's sampling grid and guidance interval (FLUX: its dynamic shift at the native token count;
     the step count, not the grid, sets the time)."""
-    from .dit.backend import sigma_grid
-
-    return (sigma_grid(preset.dit.backend, s.steps, preset.sample.shift, None, shapes["native"]["image_tokens"]),
+    return (get_backend(preset).sigma_grid(s.steps, preset.sample.shift, None, shapes["native"]["image_tokens"]),
             preset.sample.guidance_interval)
 
 
 def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Measure both configurations; returns the report dict (see `davae bench --json`)."""
     check_settings(preset, s)
-    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps, cfg=s.cfg and not _guidance_distilled(preset),
+    s = dataclasses.replace(s, steps=s.steps or preset.sample.steps, cfg=s.cfg and _uses_cfg(preset, s.guidance),
                             guidance=preset.sample.guidance if s.guidance is None else s.guidance)
     say = progress or (lambda text: None)
     device = resolve_device(s.device)
@@ -411,19 +267,15 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
         say(f"warning: {dtype_name} on a CPU is usually far slower than fp32")
     torch.manual_seed(s.seed)
     say("building the models (random weights)" if s.weights == "random" else f"loading {s.weights}")
-    if preset.dit.backend == "flux":
-        _, activate, velocity_factory, flops_for, c, p, text_tokens = _build_flux(preset, s, device, dtype)
-    elif preset.dit.backend == "sd3":
-        _, activate, velocity_factory, flops_for, c, p, text_tokens = _build_sd3(preset, s, device, dtype)
-    else:
-        _, activate, velocity_factory, flops_for, c, p, text_tokens = _build_lightningdit(preset, s, device, dtype)
+    pair = _Pair(preset, s, device, dtype)
+    c, p, text_tokens = pair.channels, pair.patch, pair.text_tokens
     dec_native = dec_davae = None
     if s.decode:
-        dec_native, dec_davae = _build_decoders(preset, device, dtype)
+        dec_native, dec_davae = build_decoders(preset, device, dtype)
     text = None
     if s.text_encoders:
         say("building the text encoders (random weights)")
-        text = _build_text(preset, device, dtype)
+        text = pair.backend.random_text_encoders(device, dtype)
     # the preset's sampling grid; CFG (a doubled batch) only on the steps inside its guidance interval
     shapes = plan(preset, s.res)
     sigmas, interval = _grid(preset, s, shapes)
@@ -435,37 +287,36 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
     for name, dec in (("native", dec_native), ("davae", dec_davae)):
         ch, side = shapes[name]["latent"][0], shapes[name]["latent"][1]
         tokens = shapes[name]["image_tokens"]
-        configs.append(_Config(name, ch, side, tokens, _mean_step_flops(flops_for, shapes[name], s, n_guided),
-                               activate(name), dec))
+        configs.append(_Config(name, ch, side, tokens, _mean_step_flops(pair.flops, shapes[name], s, n_guided),
+                               pair.activate(name), dec))
     clock = _Clock(device)
 
     def run_once(cfg: _Config, record: bool) -> None:
         net = cfg.activate()
-        v2, v1 = velocity_factory(net, 2 * s.batch_size), velocity_factory(net, s.batch_size)
+        v2, v1 = pair.velocity(net, 2 * s.batch_size), pair.velocity(net, s.batch_size)
+        w = pair.backend.cfg_weight(s.guidance)
         gen = torch.Generator(device="cpu").manual_seed(s.seed)
         noise = torch.randn(s.batch_size, cfg.channels, cfg.latent_side, cfg.latent_side, generator=gen).to(device, dtype)
 
         def velocity(x, sigma, guided_step):
             if s.cfg and guided_step:
                 u, cnd = v2(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
-                return u + s.guidance * (cnd - u)
+                return u + w * (cnd - u)  # classifier-free guidance with the family's weight
             return v1(x, sigma)
 
         result = {}
 
         def loop():
-            result["x"] = flow.sample(velocity, noise, sigmas, guidance_interval=interval)
+            result["x"] = sample_latents(velocity, noise, sigmas, guidance_interval=interval)  # generate's loop
 
         with torch.inference_mode(), _sdpa(s.attention):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             tms = None
             if text is not None:  # the prompt and, with CFG, the negative prompt of every image of the batch
-                from .text import run_sd3_text_encoders
-
                 g = torch.Generator().manual_seed(s.seed)
                 prompts = s.batch_size * (2 if s.cfg and n_guided else 1)
-                tms = clock.time(lambda: run_sd3_text_encoders(text, prompts, preset.dit.max_sequence_length, g))
+                tms = clock.time(lambda: text(prompts, g))
             ms = clock.time(loop)
             dms = clock.time(lambda: cfg.decode(result["x"])) if cfg.decode is not None else None
             if device.type == "cuda":

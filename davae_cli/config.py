@@ -13,10 +13,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 
+from .dit.registry import DEFAULT_BACKEND
 from .errors import first_line
 
 PRESET_PACKAGE = "davae_cli.presets"  # the repository's top-level presets/, installed as package data
@@ -157,7 +158,7 @@ class TrainVAEConfig:
 class DiTConfig:
     """The pretrained DiT that `davae adapt-dit` warm-starts on DA-VAE latents (SPEC §6)."""
 
-    backend: Literal["sd3", "lightningdit", "flux"] = "sd3"
+    backend: str = DEFAULT_BACKEND  # the DiT family: a name in davae_cli/dit/registry.py
     # hub id, local folder (a diffusers model or pipeline folder), checkpoint file (LightningDiT .pt /
     # .safetensors), or "random": a randomly initialised model built from `arch` (tests, benchmarks)
     pretrained: str = "random"
@@ -181,10 +182,11 @@ class DiTConfig:
 
 
 @dataclass
-class AdaptDiTConfig:
-    """Optimisation, data and bookkeeping of `davae adapt-dit`."""
+class FlowTrainingConfig:
+    """What both DiT trainers share (`train/flow_trainer.py`): optimisation, the rectified-flow objective,
+    encoding and bookkeeping. `adapt_dit` and `train_dit` are this plus their own fields and defaults."""
 
-    resolution: int = 256  # target image resolution s*H; the latent is resolution / (s*f) per side
+    resolution: int = 256
     batch_size: int = 4  # per process
     steps: int = 100
     lr: float = 1e-4
@@ -193,7 +195,6 @@ class AdaptDiTConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     skip_grad_norm: float = 1000.0  # skip the update when the gradient norm is non-finite or above this
-    detail_ramp_steps: int = 10000  # N of the cosine detail-loss weight w(n) (SPEC §6)
     logit_mean: float = 0.0  # logit-normal timestep sampling (SPEC §6)
     logit_std: float = 1.0
     ema_decay: float = 0.999
@@ -210,12 +211,6 @@ class AdaptDiTConfig:
     loss_target: Literal["velocity", "x0"] = "velocity"
     loss_weighting: Literal["none", "snr_ratio", "min_snr"] = "none"
     loss_weight_gamma: float = 5.0
-    # training latents read to measure the detail channels' per-channel mean/std (SPEC §6); 0 = all
-    detail_stats_latents: int = 4096
-    # the DiT's view of the detail channels: "raw" standardises z_d per channel (SPEC §6); "residual"
-    # standardises z_d - repeat(z_base, D/C), for DA-VAEs whose z_d is z_base plus a small correction
-    # (`vae.detail_shortcut: base`, the tiny design), where the detail lies in that difference
-    detail_view: Literal["raw", "residual"] = "raw"
     encode_batch_size: int = 8  # batch size of the one-off latent encoding of --data images
     max_images: int = 0  # encode and train on a seeded random subset of this many --data images (0 = all)
     checkpoint_every: int = 500
@@ -225,42 +220,41 @@ class AdaptDiTConfig:
 
 
 @dataclass
-class TrainDiTConfig:
-    """`davae train-dit`: a native class-conditional DiT trained from scratch on the base VAE's latents
-    (the model `adapt-dit --dit` warm-starts and `generate --native` samples). The objective is adapt-dit's
-    (rectified flow, logit-normal timesteps shifted by `dit.train_shift`, optional cosine term) on the
-    base channels alone."""
+class AdaptDiTConfig(FlowTrainingConfig):
+    """`davae adapt-dit`: the shared trainer settings plus the detail channels' schedule and statistics.
+    `resolution` is the target image resolution s*H; the latent is resolution / (s*f) per side."""
 
-    resolution: int = 256  # image resolution of the native model; its latent is resolution / f per side
-    batch_size: int = 64  # per process
+    detail_ramp_steps: int = 10000  # N of the cosine detail-loss weight w(n) (SPEC §6)
+    # training latents read to measure the detail channels' per-channel mean/std (SPEC §6); 0 = all
+    detail_stats_latents: int = 4096
+    # the DiT's view of the detail channels: "raw" standardises z_d per channel (SPEC §6); "residual"
+    # standardises z_d - repeat(z_base, D/C), for DA-VAEs whose z_d is z_base plus a small correction
+    # (`vae.detail_shortcut: base`, the tiny design), where the detail lies in that difference
+    detail_view: Literal["raw", "residual"] = "raw"
+
+
+@dataclass
+class TrainDiTConfig(FlowTrainingConfig):
+    """`davae train-dit`: a native class-conditional DiT trained from scratch on the base VAE's latents
+    (the model `adapt-dit --dit` warm-starts and `generate --native` samples), with the shared objective on
+    the base channels alone. `resolution` is the native image resolution; its latent is resolution / f."""
+
+    batch_size: int = 64
     steps: int = 1000
-    # stop (checkpoint and export) once this many minutes of training have passed, counted across resumes
-    # (0 = no limit): for comparisons at equal wall-clock
-    max_minutes: float = 0.0
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
     # skip updates whose gradient norm is above this (non-finite ones always). Off by default here: a model
     # trained from scratch has a zero-initialised output head, where the cosine term's gradient is ~1/eps
     # (clipped to grad_clip, as the official LightningDiT trainer does); skipping it would skip every step
     skip_grad_norm: float = float("inf")
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    ema_decay: float = 0.999
-    gradient_checkpointing: bool = False
-    cosine_loss: float = 0.0
     encode_batch_size: int = 32
-    max_images: int = 0  # a seeded random subset of this many --data images (0 = all); same choice as adapt-dit's
+    # stop (checkpoint and export) once this many minutes of training have passed, counted across resumes
+    # (0 = no limit): for comparisons at equal wall-clock
+    max_minutes: float = 0.0
     # how the native latents are made: `direct` = the base VAE on the image resized (PIL) to `resolution`;
     # `davae_base` = the DA-VAE's base channels of the image at s x `resolution` (resized as adapt-dit resizes,
     # then the DA-VAE's float antialiased bicubic 1/s): exactly the base channels the adapted model is trained on
-    latents_from: str = "direct"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
+    latents_from: Literal["direct", "davae_base"] = "direct"
 
 
 @dataclass
@@ -316,17 +310,19 @@ class Preset:
 
     @property
     def token_patch(self) -> int:
-        """Latent pixels per DiT token side: the patch size p (FLUX: its 2x2 packing, patch_size 1 on top)."""
-        p = int(self.dit.arch.get("patch_size", 1) or 1)
-        return 2 * p if self.dit.backend == "flux" else p
+        """Latent pixels per DiT token side (the family reads it from `dit.arch`: a patch size, a packing)."""
+        from .dit.backend import backend_class
+
+        return backend_class(self.dit.backend).config_token_side(dict(self.dit.arch))
 
     @property
     def latent_channels_native(self) -> int:
-        """C as the DiT reads it (FLUX's in_channels count the 2x2-packed features: 4C)."""
-        c = self.dit.arch.get("in_channels")
-        if c is None:
+        """C as the DiT reads it (the family reads it from `dit.arch`; the base VAE's C when not given)."""
+        from .dit.backend import backend_class
+
+        if self.dit.arch.get("in_channels") is None:
             return self.vae.base_channels
-        return int(c) // 4 if self.dit.backend == "flux" else int(c)
+        return backend_class(self.dit.backend).config_channels(dict(self.dit.arch))
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -516,108 +512,106 @@ def load_preset(name_or_path: str | Path, overrides: list[str] | None = None) ->
     return preset_from_dict(read_preset_yaml(name_or_path), overrides)
 
 
+# ------------------------------------------------------------------------------------------- validation
+# A preset is checked against two tables, each rule written once: bounds on single values (dotted key, test,
+# what the value must be), and rules across fields (a test on the preset that holds when it is wrong, and the
+# message). `{s}`/`{g}`/`{ss}` in messages are s, s*f and s²; `{v}` is the value.
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _nonnegative(v) -> bool:
+    return v >= 0
+
+
+def _fraction(v) -> bool:
+    return 0 <= v < 1
+
+
+_POS, _NONNEG, _FRAC = (_positive, "must be positive"), (_nonnegative, "must be >= 0"), (_fraction, "must be in [0, 1)")
+_TRAINERS = ("adapt_dit", "train_dit")  # the FlowTrainingConfig sections: their shared fields share their bounds
+
+BOUNDS: list[tuple[str, tuple]] = [
+    *[(k, _POS) for k in ("vae.base_channels", "vae.detail_channels", "vae.downsample", "vae.scale",
+                          "train_vae.resolution", "train_vae.batch_size", "train_vae.checkpoint_every",
+                          "train_vae.keep_checkpoints", "train_vae.log_every", "train_vae.eval_every",
+                          "dit.train_shift", "adapt_dit.detail_ramp_steps", "adapt_dit.loss_weight_gamma")],
+    *[(f"{sec}.{k}", _POS) for sec in _TRAINERS
+      for k in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "encode_batch_size")],
+    *[(f"{sec}.{k}", _NONNEG) for sec in _TRAINERS for k in ("steps", "cosine_loss", "max_images")],
+    *[(f"{sec}.ema_decay", _FRAC) for sec in _TRAINERS],
+    *[(k, _NONNEG) for k in ("train_vae.steps", "train_vae.max_images", "train_vae.max_val", "train_dit.max_minutes",
+                             "adapt_dit.detail_stats_latents", "vae.down_blocks", "vae.up_blocks", "dit.lora_rank",
+                             "loss.l1", "loss.lpips", "loss.kl", "loss.adv", "loss.align")],
+    *[(k, _FRAC) for k in ("loss.detail_dropout", "train_vae.ema_decay", "dit.cond_dropout")],
+    ("data.latent_shard_size", (_positive, "must be >= 1")),
+    ("vae.scale", (lambda v: v >= 2, "must be at least 2 (s: the paper uses 2; s = 4 puts the base at a quarter "
+                                     "of the resolution)")),
+]
+
+RULES: list[tuple[Callable[["Preset"], bool], str]] = [
+    (lambda p: p.vae.down_blocks == 0 and (2 * p.vae.detail_channels) % (p.vae.scale ** 2),
+     "vae.detail_channels: 2D = {2D} must be divisible by s² = {ss} (the detail encoder's pixel-unshuffle({s}))"),
+    (lambda p: p.vae.detail_channels % p.vae.base_channels,
+     "vae.detail_channels: D = {D} is not a multiple of C = {C}"),
+    (lambda p: p.train_vae.resolution % p.granularity,
+     "train_vae.resolution: {p.train_vae.resolution} is not divisible by s*f = {g}"),
+    (lambda p: p.train_vae.crop_size is not None and (p.train_vae.crop_size <= 0 or p.train_vae.crop_size % p.granularity),
+     "train_vae.crop_size: {p.train_vae.crop_size} is not a positive multiple of s*f = {g}"),
+    (lambda p: not 0 <= p.train_vae.lr_end <= p.train_vae.lr,
+     "train_vae.lr_end must be in [0, train_vae.lr = {p.train_vae.lr}], got {p.train_vae.lr_end}"),
+    (lambda p: p.vae.decoder_input == "residual" and p.vae.up_shortcut != "none",
+     "vae.up_shortcut must be 'none' with vae.decoder_input = residual"),
+    (lambda p: p.vae.down_blocks > 0 and p.vae.detail_features != "residual",
+     "vae.down_blocks > 0 needs vae.detail_features = residual"),
+    (lambda p: p.vae.down_blocks > 0 and p.vae.down_hidden <= 0,
+     "vae.down_blocks > 0 needs vae.down_hidden > 0 (the encoder's width)"),
+    (lambda p: p.vae.down_blocks > 0 and p.vae.detail_shortcut != "base",
+     "vae.detail_shortcut must be 'base' with vae.down_blocks > 0"),
+    (lambda p: p.vae.up_blocks > 0 and p.vae.decoder_input != "residual",
+     "vae.up_blocks > 0 needs vae.decoder_input = residual"),
+    (lambda p: p.vae.up_blocks > 0 and (p.vae.up_hidden <= 0 or p.vae.up_hidden % p.vae.scale ** 2),
+     "vae.up_blocks > 0 needs vae.up_hidden > 0 and divisible by s² = {ss}, got {p.vae.up_hidden}"),
+    (lambda p: p.train_vae.cache_base and (p.vae.detail_features != "residual" or p.vae.decoder_input != "residual"),
+     "train_vae.cache_base needs vae.detail_features = residual and vae.decoder_input = residual (a frozen base path)"),
+    (lambda p: p.dit.backend not in _backend_names(),
+     "dit.backend: {p.dit.backend!r} is not a DiT family ({families})"),
+    (lambda p: p.adapt_dit.resolution <= 0 or p.adapt_dit.resolution % p.granularity,
+     "adapt_dit.resolution: {p.adapt_dit.resolution} is not a positive multiple of s*f = {g}"),
+    (lambda p: p.train_dit.resolution <= 0 or p.train_dit.resolution % p.vae.downsample,
+     "train_dit.resolution: {p.train_dit.resolution} is not a positive multiple of f = {p.vae.downsample}"),
+    (lambda p: p.dit.lora_rank and not p.dit.lora_targets,
+     "dit.lora_targets: LoRA (dit.lora_rank > 0) needs the module names to adapt"),
+]
+
+
+def _backend_names() -> tuple[str, ...]:
+    from .dit.registry import backend_names
+
+    return backend_names()
+
+
+def _get(p: "Preset", key: str):
+    node = p
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(p: Preset) -> None:
-    """Shape checks that would otherwise fail deep inside a run."""
-    v, t, lo = p.vae, p.train_vae, p.loss
-    for key, val in [("vae.base_channels", v.base_channels), ("vae.detail_channels", v.detail_channels),
-                     ("vae.downsample", v.downsample), ("vae.scale", v.scale),
-                     ("train_vae.resolution", t.resolution), ("train_vae.batch_size", t.batch_size)]:
-        if val <= 0:
-            raise ConfigError(f"{key} must be positive, got {val}")
-    if v.scale < 2:
-        raise ConfigError(f"vae.scale: s must be at least 2 (the paper: 2; s = 4 puts the base at a quarter of the "
-                          f"resolution), got {v.scale}")
-    ss = v.scale * v.scale
-    if v.down_blocks == 0 and (2 * v.detail_channels) % ss:
-        raise ConfigError(f"vae.detail_channels: 2D = {2 * v.detail_channels} must be divisible by s² = {ss} "
-                          f"(the detail encoder's pixel-unshuffle({v.scale}))")
-    if v.detail_channels % v.base_channels:
-        raise ConfigError(
-            f"vae.detail_channels: D = {v.detail_channels} is not a multiple of C = {v.base_channels}"
-        )
-    g = p.granularity
-    if t.resolution % g:
-        raise ConfigError(f"train_vae.resolution: {t.resolution} is not divisible by s*f = {g}")
-    if t.crop_size is not None and (t.crop_size <= 0 or t.crop_size % g):
-        raise ConfigError(f"train_vae.crop_size: {t.crop_size} is not a positive multiple of s*f = {g}")
-    if t.steps < 0:
-        raise ConfigError(f"train_vae.steps must be >= 0, got {t.steps}")
-    if not 0 <= lo.detail_dropout < 1:
-        raise ConfigError(f"loss.detail_dropout must be in [0, 1), got {lo.detail_dropout}")
-    if not 0 <= t.ema_decay < 1:
-        raise ConfigError(f"train_vae.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if not 0 <= t.lr_end <= t.lr:
-        raise ConfigError(f"train_vae.lr_end must be in [0, train_vae.lr = {t.lr}], got {t.lr_end}")
-    for key in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"train_vae.{key} must be positive, got {getattr(t, key)}")
-    if v.decoder_input == "residual" and v.up_shortcut != "none":
-        raise ConfigError("vae.up_shortcut must be 'none' with vae.decoder_input = residual")
-    if v.down_blocks < 0 or v.up_blocks < 0:
-        raise ConfigError("vae.down_blocks / vae.up_blocks must be >= 0")
-    if v.down_blocks > 0:
-        if v.detail_features != "residual":
-            raise ConfigError("vae.down_blocks > 0 needs vae.detail_features = residual")
-        if v.down_hidden <= 0:
-            raise ConfigError("vae.down_blocks > 0 needs vae.down_hidden > 0 (the encoder's width)")
-        if v.detail_shortcut != "base":
-            raise ConfigError("vae.detail_shortcut must be 'base' with vae.down_blocks > 0")
-    if v.up_blocks > 0:
-        if v.decoder_input != "residual":
-            raise ConfigError("vae.up_blocks > 0 needs vae.decoder_input = residual")
-        if v.up_hidden <= 0 or v.up_hidden % ss:
-            raise ConfigError(f"vae.up_blocks > 0 needs vae.up_hidden > 0 and divisible by s² = {ss}, got {v.up_hidden}")
-    if t.cache_base and (v.detail_features != "residual" or v.decoder_input != "residual"):
-        raise ConfigError("train_vae.cache_base needs vae.detail_features = residual and vae.decoder_input = residual "
-                          "(a frozen base path)")
-    d, a = p.dit, p.adapt_dit
-    if a.resolution <= 0 or a.resolution % g:
-        raise ConfigError(f"adapt_dit.resolution: {a.resolution} is not a positive multiple of s*f = {g}")
-    for key in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "detail_ramp_steps",
-                "encode_batch_size"):
-        if getattr(a, key) <= 0:
-            raise ConfigError(f"adapt_dit.{key} must be positive, got {getattr(a, key)}")
-    if a.steps < 0:
-        raise ConfigError(f"adapt_dit.steps must be >= 0, got {a.steps}")
-    if not 0 <= a.ema_decay < 1:
-        raise ConfigError(f"adapt_dit.ema_decay must be in [0, 1), got {a.ema_decay}")
-    if d.train_shift <= 0:
-        raise ConfigError(f"dit.train_shift must be positive, got {d.train_shift}")
-    if a.cosine_loss < 0:
-        raise ConfigError(f"adapt_dit.cosine_loss must be >= 0, got {a.cosine_loss}")
-    if a.loss_weight_gamma <= 0:
-        raise ConfigError(f"adapt_dit.loss_weight_gamma must be > 0, got {a.loss_weight_gamma}")
-    if a.detail_stats_latents < 0:
-        raise ConfigError(f"adapt_dit.detail_stats_latents must be >= 0, got {a.detail_stats_latents}")
-    n = p.train_dit
-    if n.resolution <= 0 or n.resolution % p.vae.downsample:
-        raise ConfigError(f"train_dit.resolution: {n.resolution} is not a positive multiple of f = {p.vae.downsample}")
-    for key in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "encode_batch_size"):
-        if getattr(n, key) <= 0:
-            raise ConfigError(f"train_dit.{key} must be positive, got {getattr(n, key)}")
-    if n.steps < 0 or n.max_minutes < 0 or n.cosine_loss < 0:
-        raise ConfigError("train_dit.steps, train_dit.max_minutes and train_dit.cosine_loss must be >= 0")
-    if not 0 <= n.ema_decay < 1:
-        raise ConfigError(f"train_dit.ema_decay must be in [0, 1), got {n.ema_decay}")
-    if n.latents_from not in ("direct", "davae_base"):
-        raise ConfigError(f"train_dit.latents_from must be direct or davae_base, got {n.latents_from!r}")
-    if p.data.latent_shard_size < 1:
-        raise ConfigError(f"data.latent_shard_size must be >= 1, got {p.data.latent_shard_size}")
-    for key, val in (("train_vae.max_images", t.max_images), ("train_vae.max_val", t.max_val),
-                     ("train_dit.max_images", n.max_images), ("adapt_dit.max_images", p.adapt_dit.max_images)):
-        if val < 0:
-            raise ConfigError(f"{key} must be >= 0, got {val}")
+    """Shape checks that would otherwise fail deep inside a run: the BOUNDS and RULES tables, then the
+    sampling recipe (shared with the commands' flags)."""
+    for key, (holds, must) in BOUNDS:
+        value = _get(p, key)
+        if not holds(value):
+            raise ConfigError(f"{key} {must}, got {value}")
+    v = p.vae
+    fields = {"p": p, "s": v.scale, "ss": v.scale ** 2, "g": p.granularity, "C": v.base_channels,
+              "D": v.detail_channels, "2D": 2 * v.detail_channels, "families": ", ".join(_backend_names())}
+    for wrong, message in RULES:
+        if wrong(p):
+            raise ConfigError(message.replace("{2D}", str(fields["2D"])).format(**fields))
     check_sampling(p.sample.steps, p.sample.shift, p.sample.guidance_interval, p.sample.sampler, section="sample")
-    if not 0 <= d.cond_dropout < 1:
-        raise ConfigError(f"dit.cond_dropout must be in [0, 1), got {d.cond_dropout}")
-    if d.lora_rank < 0:
-        raise ConfigError(f"dit.lora_rank must be >= 0, got {d.lora_rank}")
-    if d.lora_rank and not d.lora_targets:
-        raise ConfigError("dit.lora_targets: LoRA (dit.lora_rank > 0) needs the module names to adapt")
-    for key, w in [("loss.l1", lo.l1), ("loss.lpips", lo.lpips), ("loss.kl", lo.kl), ("loss.adv", lo.adv),
-                   ("loss.align", lo.align)]:
-        if w < 0:
-            raise ConfigError(f"{key} must be >= 0, got {w}")
 
 
 def check_sampling(steps: Optional[int], shift: Optional[float], interval: Optional[tuple[float, float]],

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -166,3 +167,35 @@ class LatentNormalizer:
         if self.residual:
             zd = zd + repeat_base(x[:, : self.c], zd.shape[1])
         return torch.cat([x[:, : self.c], zd], 1)
+
+
+NATIVE_FILE = "davae_native.json"
+
+
+def base_space(vae) -> dict:
+    """What fixes the native latent space: the base VAE's weights and the latent transform."""
+    return {"base_vae_hash": vae.config.base_vae_hash, "base_channels": int(vae.config.base_channels),
+            "downsample": int(vae.config.downsample),
+            "transform_shift": [round(float(v), 6) for v in vae.transform.shift],
+            "transform_scale": [round(float(v), 6) for v in vae.transform.scale]}
+
+
+def read_native_facts(folder: str | Path) -> Optional[dict]:
+    f = Path(folder) / NATIVE_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def check_native_space(facts: Optional[dict], vae, what: str) -> None:
+    """One line when a native DiT (with `davae_native.json`) was trained in another latent space."""
+    if not facts:
+        return
+    mine = base_space(vae)
+    if facts.get("base_vae_hash") != mine["base_vae_hash"]:
+        raise DavaeError(f"{what} was trained on the latents of another base VAE ({str(facts.get('base_vae'))[:60]}, "
+                         f"hash {str(facts.get('base_vae_hash'))[:12]}) than this DA-VAE's "
+                         f"(hash {str(mine['base_vae_hash'])[:12]})")
+    for key in ("transform_shift", "transform_scale"):
+        a, b = facts.get(key), mine[key]
+        if a is not None and (len(a) != len(b) or any(abs(x - y) > 1e-4 * max(1.0, abs(y)) for x, y in zip(a, b))):
+            raise DavaeError(f"{what} was trained with another base latent transform than this DA-VAE's "
+                             f"({key} differs)")

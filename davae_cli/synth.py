@@ -27,7 +27,9 @@ import torch
 
 from .config import Preset, check_sampling
 from .errors import DavaeError
-from .generate import GenerateSettings, Job, load_model, sample_batch, sampling_grid
+from .dit.backend import get_backend
+from .generate import GenerateSettings, Job, load_model, sample_batch
+from .sampling import sampling_grid
 from .latents import atomic_write_bytes
 
 MANIFEST = "synth.json"
@@ -139,9 +141,10 @@ def synth(preset: Preset, s: SynthSettings, *, base_pipeline: Optional[str] = No
     for name in ("shard_size", "batch_size"):
         if getattr(s, name) < 1:
             raise DavaeError("must be at least 1", param=name.replace("_", "-"))
-    if preset.dit.backend not in ("sd3", "flux"):
-        raise DavaeError(f"renders prompts with a text-to-image pipeline; {preset.name} is a {preset.dit.backend} "
-                         f"preset (use an SD3 or FLUX preset)", param="preset")
+    backend = get_backend(preset)
+    if backend.conditioning != "prompt":
+        raise DavaeError(f"renders prompts with a text-to-image pipeline; {preset.name} is a {backend.label} "
+                         f"preset (use a text-to-image preset)", param="preset")
     check_sampling(s.steps, None, None, None)
     prompts = s.prompts[: s.limit] if s.limit else list(s.prompts)
     if not prompts:
@@ -153,10 +156,10 @@ def synth(preset: Preset, s: SynthSettings, *, base_pipeline: Optional[str] = No
     gs = GenerateSettings(out_dir=out, prompts=prompts, res=s.res, steps=s.steps, guidance=s.guidance,
                           seed=s.seed, batch_size=s.batch_size, device=s.device, dtype=s.dtype, compile=s.compile)
     t0 = time.perf_counter()
-    model, cond_fn = load_model(preset, gs, base_pipeline=base_pipeline, native=True, use_t5=use_t5,
+    model, cond_fn, gs = load_model(preset, gs, base_pipeline=base_pipeline, native=True, use_t5=use_t5,
                                 random_weights=random_weights, device=device, dtype=dtype, on_message=on_message)
     load_s = time.perf_counter() - t0
-    side, shift, sigmas = sampling_grid(model, gs)
+    side, shift, sigmas = sampling_grid(model, gs.res, gs.steps, gs.shift)
     manifest = _manifest(s, gs, model, float(shift), len(prompts))
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ Noise: per image a CPU generator seeded with `seed + index`, base channels first
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,10 @@ from . import flow
 from . import latents as L
 from .config import Preset, check_sampling
 from .errors import DavaeError
-from .generate import RECIPE, Job, _decode, apply_recipe, guided_velocity, initial_noise, load_adapted, write_sample
+from .generate import RECIPE, Job, with_recipe
+from .images import decode_images, write_sample
+from .models import load_adapted
+from .sampling import guided_velocity, initial_noise, sample_latents
 
 
 @dataclass
@@ -118,8 +120,6 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
     """Upscale every image of `inputs` into `s.out_dir/<stem>.png`; returns what was written and the timings.
     Existing outputs are kept (resumable) unless `s.overwrite`."""
     from .devices import resolve_device, resolve_dtype
-    from .dit.backend import sigma_grid
-
     if not 0.0 <= s.strength <= 1.0:
         raise DavaeError(f"{s.strength} is outside [0, 1]", param="strength")
     if s.batch_size < 1:
@@ -137,7 +137,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
     if model.conditioning == "class" and s.prompt is not None:
         raise DavaeError("this model is class-conditional: use --class-id, not --prompt", param="prompt")
     if model.conditioning == "prompt" and (s.class_id is not None or s.class_from_folders):
-        raise DavaeError("is for class-conditional (LightningDiT) models; this one takes a prompt",
+        raise DavaeError("is for class-conditional models; this one takes a prompt",
                          param="class_from_folders" if s.class_from_folders else "class_id")
     labels = [s.class_id] * len(src)
     if s.class_from_folders:
@@ -147,19 +147,19 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
             raise DavaeError(f"the inputs lie in {len(folders)} folders, the model has {num} classes",
                              param="class_from_folders")
         labels = [folders.index(Path(str(it)).parent.name) for it in src.items]
-    s = dataclasses.replace(s)  # the caller's settings stay as given
-    apply_recipe(s, model.recipe)
-    if model.backend == "flux" and s.shift is not None and (model.scheduler_config or {}).get("use_dynamic_shifting"):
-        raise DavaeError("FLUX samples with its scheduler's dynamic shift (mu from the image-token count), as "
-                         "FluxPipeline; a fixed shift does not apply", param="shift")
+    s = with_recipe(s, model.recipe)  # a completed copy: the caller's settings stay as given
+    if s.shift is not None and model.dynamic_shift:
+        raise DavaeError("this model samples with its scheduler's dynamic shift (mu from the image-token count), "
+                         "as its pipeline does; a fixed shift does not apply", param="shift")
     res = s.res if s.res is not None else int(model.facts["resolution"])
-    scale = int(model.vae.config.scale)
-    unit = model.vae.config.downsample * model.patch_size  # base pixels per DiT token
+    vae = model.parts["davae"]
+    scale = int(vae.config.scale)
+    unit = vae.config.downsample * model.patch_size  # base pixels per DiT token
     shift = s.shift if s.shift is not None else model.shift
     if s.compile:
         model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
         on_message("compiling the DiT on its first use: the first batch's time includes the compilation")
-    vae, c, d = model.vae, model.base_channels, model.detail_channels
+    c, d = model.base_channels, model.detail_channels
     load_s = time.perf_counter() - t0
 
     out_dir = Path(s.out_dir)
@@ -179,7 +179,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
     for size, members in groups.items():
         side_h, side_w = size[0] // vae.config.downsample, size[1] // vae.config.downsample  # the latent at R
         tokens = (side_h // model.patch_size) * (side_w // model.patch_size)
-        sigmas = sigma_grid(model.backend, s.steps, shift, model.scheduler_config, tokens)
+        sigmas = model.backend.sigma_grid(s.steps, shift, model.scheduler_config, tokens)
         grid = [round(float(v), 8) for v in sigmas]
         sizes.add((size[0] * scale, size[1] * scale))
         for k in range(0, len(members), s.batch_size):
@@ -199,11 +199,11 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
             velocity = guided_velocity(model, s.guidance, uncond, cond, len(batch), device, dtype)
             hold = flow.hold_channels(z_base, noise[:, :c], c, until=s.strength)
             with torch.inference_mode():
-                lat = flow.sample(velocity, noise, sigmas, method=s.sampler, guidance_interval=s.guidance_interval,
-                                  constrain=hold)
+                lat = sample_latents(velocity, noise, sigmas, sampler=s.sampler,
+                                     guidance_interval=s.guidance_interval, constrain=hold)
                 sync()
                 td = time.perf_counter()
-                images = _decode(model, lat, s.tile)
+                images = decode_images(model, lat, s.tile)
                 sync()
             te = time.perf_counter()
             for key, v in zip(("encode_s", "text_s", "sample_s", "decode_s"), (tb - ta, tc - tb, td - tc, te - td)):

@@ -108,8 +108,8 @@ def test_sd35_medium_architecture_warm_start():
 
 
 def test_lora_targets_exactly_the_named_modules():
-    from davae_cli.dit.backend import SD3Backend
-    from davae_cli.dit.sd3 import lora_module_names
+    from davae_cli.dit.sd3 import SD3Backend
+    from davae_cli.dit.diffusers_family import lora_module_names
 
     preset = load_preset("tiny")
     backend = SD3Backend(preset)
@@ -218,7 +218,7 @@ def test_lightningdit_path_class_folders(tmp_path, captioned):
     backend's velocity; a short run lowers the fixed-noise loss."""
     import shutil
 
-    from davae_cli.dit.backend import LightningDiTBackend
+    from davae_cli.dit.lightningdit import LightningDiTBackend
     from davae_cli.train.dit import adapt_dit
     from davae_cli.train.vae import train_vae
 

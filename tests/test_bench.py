@@ -10,7 +10,7 @@ import torch
 
 from davae_cli.bench import plan
 from davae_cli.config import load_preset
-from davae_cli.flops import SD35_MEDIUM_CONFIG
+from davae_cli.dit.sd3 import SD35_MEDIUM_CONFIG
 
 from conftest import run_cli
 
@@ -137,12 +137,12 @@ def test_bench_uses_the_presets_sampling_recipe():
     """Steps and guidance default to the preset's sample section; with a guidance interval, CFG (a doubled
     batch) runs only on the steps inside it, and the FLOPs are those of the average step."""
     import davae_cli.bench as B
-    from davae_cli.dit.backend import sigma_grid
+    from davae_cli.dit.lightningdit import LightningDiTBackend
 
     p = load_preset("tiny-imagenet", ["sample.steps=4"])
     r = B.run_bench(p, B.BenchSettings(res=128, repeats=1, warmup=0, decode=False))
     assert r["steps"] == 4 and r["guidance"] == p.sample.guidance and r["guidance_interval"] == [0.0, 0.8]
-    sig = sigma_grid("lightningdit", 4, p.sample.shift)
+    sig = LightningDiTBackend.sigma_grid(4, p.sample.shift, None, None)
     want = sum(1 for i in range(4) if float(sig[i]) <= 0.8)
     assert r["guided_steps"] == want and 0 < want < 4
     r1 = B.run_bench(p, B.BenchSettings(res=128, repeats=1, warmup=0, decode=False, cfg=False))

@@ -73,7 +73,7 @@ def official(tmp_path_factory):
 
 def test_converts_weights_and_follows_the_official_computation(official, tmp_path):
     from davae_cli.config import load_preset
-    from davae_cli.official import convert_imagenet_davae
+    from davae_cli.dit.official import convert_imagenet_davae
     from davae_cli.vae.model import DetailAlignedVAE
 
     d, preset, src, ref = official
@@ -118,7 +118,7 @@ def test_cli_and_refusals(official, tmp_path):
     assert r.returncode == 1 and "already exists" in r.stderr and "Traceback" not in r.stderr
     # the refusals in-process (the CLI's one-line rendering of DavaeError is checked above and in test_cli)
     from davae_cli.config import load_preset
-    from davae_cli.official import convert_imagenet_davae
+    from davae_cli.dit.official import convert_imagenet_davae
 
     p = load_preset(str(preset))
     sd = torch.load(d / "davae.ckpt", weights_only=True)["state_dict"]
@@ -181,7 +181,7 @@ def test_convert_lightningdit(tmp_path):
             tmp_path / "dit", "--class-id", "2", "--steps", "2", "--out", tmp_path / "up")
     with Image.open(tmp_path / "up" / "small.png") as im:
         assert im.size == (128, 128)
-    from davae_cli.official import convert_lightningdit
+    from davae_cli.dit.official import convert_lightningdit
 
     with pytest.raises(DavaeError, match="no detail statistics"):
         convert_lightningdit(tmp_path / "off.pt", plain_vae, tmp_path / "x1", preset)

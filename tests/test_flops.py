@@ -8,16 +8,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from davae_cli.flops import (
-    PEAK_TFLOPS,
-    SD35_MEDIUM_CONFIG,
-    device_peak_tflops,
-    flop_ratio,
-    latent_tokens,
-    lightningdit_flops,
-    sd3_flops,
-    step_floor_ms,
-)
+from davae_cli.dit.lightningdit import lightningdit_flops
+from davae_cli.dit.sd3 import SD35_MEDIUM_CONFIG, sd3_flops
+from davae_cli.flops import PEAK_TFLOPS, device_peak_tflops, flop_ratio, latent_tokens, step_floor_ms
 
 TINY_SD3 = {
     "sample_size": 8,
@@ -219,8 +212,8 @@ def _encoder_layer_flops(n: int, hidden: int, inner: int, ffn: int, ffn_mats: in
 
 
 def test_sd3_text_encoder_flops_by_hand():
-    from davae_cli.flops import text_encoder_flops
-    from davae_cli.text import SD3_TEXT_ARCH
+    from davae_cli.dit.text import text_encoder_flops
+    from davae_cli.dit.text import SD3_TEXT_ARCH
 
     total = 0
     for name in ("text_encoder", "text_encoder_2"):  # CLIP-L, CLIP-G: 77 tokens, projection of the pooled token
@@ -236,7 +229,7 @@ def test_sd3_text_encoder_flops_by_hand():
 
 def test_counted_flops_on_meta_equal_a_real_forward():
     """The meta-device count (no memory, no compute) is the count of the real computation."""
-    from davae_cli.bench import _build_decoders, decode_flops, plan
+    from davae_cli.bench import build_decoders as _build_decoders, decode_flops, plan
     from davae_cli.config import load_preset
     from davae_cli.flops import counted_flops
 

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from davae_cli.dit.flux import extend_flux, flux_sigmas, flux_velocity, image_ids, pack, unpack
 from davae_cli.errors import DavaeError
-from davae_cli.flops import flux_flops
+from davae_cli.dit.flux import flux_flops
 
 TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
                  num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True,
@@ -108,7 +108,7 @@ def flux_pipe(tmp_path_factory):
 
     from davae_cli.config import load_preset
     from davae_cli.dit.flux import FLUX1_SCHEDULER_CONFIG
-    from davae_cli.text import build_tiny_flux_text_components
+    from davae_cli.dit.text import build_tiny_flux_text_components
 
     d = tmp_path_factory.mktemp("fluxpipe")
     torch.manual_seed(0)
@@ -224,7 +224,7 @@ def test_adapted_flux_warm_start_is_fluxpipeline_at_half_resolution(flux_pipe, t
     final = tmp_path / "dit" / "final"
     assert FluxTransformer2DModel.from_pretrained(final).config.in_channels == 4 * (16 + 16)
     facts = json.loads((final / "davae_dit.json").read_text())
-    assert facts["backend"] == "flux" and facts["patch_size"] == 2 and facts["guidance_distilled"] is True
+    assert facts["backend"] == "flux" and facts["patch_size"] == 2 and facts["guidance_mode"] == "distilled"
     run_cli("generate", "--preset", "tiny-flux", "--vae", tmp_path / "vae" / "final", "--dit", final, "--out",
             tmp_path / "g", "--steps", "4", "--seed", "3", "--prompt", "a red cube", "--save-latents", "--res", str(r))
     ours, _ = load_latent(tmp_path / "g" / "000000.safetensors")

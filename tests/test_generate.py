@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from davae_cli.config import load_preset
-from davae_cli.generate import tiled_decode
+from davae_cli.images import tiled_decode
 
 from conftest import run_cli
 
@@ -24,7 +24,7 @@ def pipe(tmp_path_factory):
     """A tiny SD3 pipeline folder: transformer/, vae/ (KL, C = 16, shift/scale), text encoders, tokenizers."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from davae_cli.text import save_tiny_sd3_text_components
+    from davae_cli.dit.text import save_tiny_sd3_text_components
 
     d = tmp_path_factory.mktemp("pipe")
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def _diffusers_pipeline(pipe):
 
 def _pipeline_latent(pipe, prompt, negative, seed, res, steps, guidance):
     """The final latent of StableDiffusion3Pipeline.__call__, from davae's initial noise for `seed`."""
-    from davae_cli.generate import initial_noise
+    from davae_cli.sampling import initial_noise
 
     sd3 = _diffusers_pipeline(pipe)
     noise = initial_noise(seed, 16, 0, res // 8)
@@ -260,11 +260,13 @@ def test_tiled_decode_blends_exactly_for_a_local_decoder():
 def test_model_too_large_for_this_cpu_is_refused(tmp_path):
     """A model that cannot fit without a GPU gets a one-line error before anything is loaded."""
     from davae_cli.errors import DavaeError
-    from davae_cli.generate import _check_fits_cpu, _params_of_config
+    from diffusers import SD3Transformer2DModel
+
+    from davae_cli.dit.loader import check_fits_cpu as _check_fits_cpu, params_of_config as _params_of_config
 
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(load_preset("sd35m-1024").dit.arch))
-    n = _params_of_config(cfg, "sd3")
+    n = _params_of_config(cfg, SD3Transformer2DModel)
     assert 2.2e9 < n < 2.3e9  # SD3.5 Medium, counted on the meta device
     with pytest.raises(DavaeError, match="no GPU"):
         _check_fits_cpu(100 * n, torch.device("cpu"), "a 224B model")
@@ -313,6 +315,6 @@ def test_random_weights_speed_mode(tmp_path):
     assert reps["native"]["tokens"] == 4 * reps["davae"]["tokens"] == 256
     bad = run_cli("generate", "--preset", "tiny-imagenet", "--random-weights", "--class-id", "1", "--out",
                   str(tmp_path / "x"), check=False)
-    assert bad.returncode == 1 and "SD3 and FLUX presets" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and "text-to-image presets" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_cli("generate", *common, "--dit", str(tmp_path), "--out", str(tmp_path / "y"), check=False)
     assert bad.returncode == 1 and "--dit" in bad.stderr and "--random-weights" in bad.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from davae_cli.errors import DavaeError
-from davae_cli.text import (
+from davae_cli.dit.text import (
     PromptCache,
     PromptEncoder,
     build_tiny_sd3_text_components,

@@ -84,13 +84,13 @@ def test_latents_from_davae_base_equal_adapt_dits_base_channels(vae, classes, tm
         b, _ = load_latent(adapted[src])
         assert a.shape == (16, 8, 8) and torch.equal(a, b[:16]), src
     r = _train(vae, classes, tmp_path / "bad", "--set", "train_dit.latents_from=nope", check=False)
-    assert r.returncode == 1 and "train_dit.latents_from must be direct or davae_base" in r.stderr
+    assert r.returncode == 1 and "train_dit.latents_from: 'nope' is not one of" in r.stderr
 
 
 def test_train_resume_and_the_export_loads_everywhere(vae, classes, tmp_path):
     from safetensors.torch import load_file
 
-    from davae_cli.dit.backend import LightningDiTBackend
+    from davae_cli.dit.lightningdit import LightningDiTBackend
     from davae_cli.dit.lightningdit import LightningDiT
 
     full = json.loads(_train(vae, classes, tmp_path / "full", *SETS).stdout)

@@ -182,8 +182,10 @@ def test_the_label_reaches_the_model_and_cfg_uses_the_null_class(lightning):
     """The class label changes the velocity of a (non-degenerate) LightningDiT, and classifier-free guidance
     runs the unconditional branch with the null class (index num_classes), as the model was trained."""
     from davae_cli.config import load_preset
-    from davae_cli.dit.backend import LightningDiTBackend
-    from davae_cli.generate import Job, _class_conditioner, guided_velocity
+    from davae_cli.dit.lightningdit import LightningDiTBackend
+    from davae_cli.generate import Job
+    from davae_cli.models import class_conditioner as _class_conditioner
+    from davae_cli.sampling import guided_velocity
 
     _, dit = lightning
     model = LightningDiTBackend(load_preset("tiny-imagenet")).load_adapted(dit)
@@ -201,7 +203,7 @@ def test_the_label_reaches_the_model_and_cfg_uses_the_null_class(lightning):
     calls = []
 
     class Spy:
-        guidance_distilled = None
+        guidance_mode, backend = "cfg", LightningDiTBackend
 
         def velocity(self, xx, ss, c):
             calls.append(c["labels"].tolist())

@@ -43,7 +43,7 @@ def main() -> int:
     from ldm.models.da_autoencoder import DAVAE  # noqa: E402 - the fetched copy
 
     from davae_cli.config import load_preset
-    from davae_cli.official import convert_imagenet_davae
+    from davae_cli.dit.official import convert_imagenet_davae
     from davae_cli.vae.model import DetailAlignedVAE
 
     dd = dict(double_z=True, z_channels=32, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 1, 2, 2, 4],

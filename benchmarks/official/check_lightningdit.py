@@ -48,7 +48,7 @@ def main() -> int:
 
     from davae_cli.config import load_preset
     from davae_cli.dit.backend import get_backend, read_facts
-    from davae_cli.official import convert_lightningdit
+    from davae_cli.dit.official import convert_lightningdit
     from davae_cli.train.vae import export_davae
     from davae_cli.vae.base import load_base_vae
     from davae_cli.vae.model import DetailAlignedVAE

@@ -50,7 +50,7 @@ def main() -> int:
     from diffusers import AutoencoderKL
 
     from davae_cli.config import load_preset
-    from davae_cli.official import convert_sd3_davae
+    from davae_cli.dit.official import convert_sd3_davae
     from davae_cli.vae.model import DetailAlignedVAE
 
     preset = load_preset("sd35m-1024-official")

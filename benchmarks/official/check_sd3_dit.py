@@ -46,7 +46,7 @@ def main() -> int:
     from peft import LoraConfig
 
     from davae_cli.config import load_preset
-    from davae_cli.official import convert_sd3_dit
+    from davae_cli.dit.official import convert_sd3_dit
     from davae_cli.train.vae import export_davae
     from davae_cli.vae.base import load_base_vae
     from davae_cli.vae.model import DetailAlignedVAE

@@ -1,40 +1,46 @@
-"""One interface over the DiT backends, so training, sampling and benchmarking are backend-agnostic.
+"""The `Backend` protocol: everything that differs between DiT families, in one class per family.
 
-`velocity(model, x, sigma, cond)` always returns the rectified-flow velocity eps - x0 in the sigma
-convention of `davae_cli.flow` (sigma = 1 is noise); each backend converts its own timestep convention.
+Each family implements it in its own module under `dit/` (`sd3.SD3Backend`, `flux.FluxBackend`,
+`lightningdit.LightningDiTBackend`, ...) and is named by one line of `dit/registry.py`; a preset's
+`dit.backend` picks it. Code outside `dit/` asks the backend and never names a family.
+
+What a backend answers:
+- architecture from a config dict, no model built: `config_channels` (C the DiT reads), `config_token_side`
+  (latent pixels per token side), `model_class`;
+- loading: `load` (hub id, folder, file, "random", tiny), `load_adapted` (an exported folder), `extend` (the
+  zero-init channel extension), `heads` (the input/output layers of a configuration, for bench's shared trunk);
+- the forward: `velocity(model, x, sigma, cond)` always returns eps - x0 in the sigma convention of
+  `davae_cli.flow` (sigma = 1 is noise); each family converts its own timestep/sign convention;
+- sampling: `sigma_grid` (its pipeline's grid), `scheduler_config` (and where it came from), `guidance_mode`
+  ("cfg": a negative branch, "distilled": the scale is a model input, "none"), `cfg_weight` (the pipeline's
+  guidance scale -> w of v_u + w (v_c - v_u)), `guidance_inputs`;
+- conditioning: `conditioning` ("prompt" | "class"), `prompt_keys`, `prompt_encoder`, `random_prompt_encoder`,
+  `random_condition` (tensors of the right shapes, for speed), `random_text_encoders` and `text_flops`,
+  `text_tokens`;
+- training: `prepare_training` (LoRA targets or everything), `export`, `training_inputs`;
+- cost: `flops` (one forward, checked against torch's counter in the tests);
+- the unmodified model: `native_model` (a `davae_cli.sampling.SamplingModel`).
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from ..config import Preset
 from ..errors import DavaeError
+from .registry import REGISTRY, backend_names
+
+if TYPE_CHECKING:
+    from ..config import Preset
+    from ..sampling import SamplingModel
 
 FACTS_FILE = "davae_dit.json"  # the sampling facts written beside an adapted model
-
-
-def sd3_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-    """SD3 already uses the sigma convention; its timestep is sigma * 1000.
-
-    x (N, C[+D], h, w) -> velocity of the same shape; embeds (N, 77 + T5 tokens, joint_attention_dim),
-    pooled (N, pooled_projection_dim), sigma (N,). Inside diffusers' SD3Transformer2DModel: patchify to
-    (N, h w / p^2, hidden), joint attention with the text tokens, proj_out to (N, h w / p^2, p p (C[+D])),
-    unpatchify back to (N, C[+D], h, w)."""
-    return model(hidden_states=x, encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"],
-                 timestep=sigma * 1000.0, return_dict=False)[0]
-
-
-def lightningdit_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-    """LightningDiT: t = 1 - sigma (t = 1 is data) and it predicts x0 - eps (see lightningdit.py). Labels
-    arrive already dropped to the null class by the caller, so the model's own dropout is disabled."""
-    y = cond["labels"]
-    return -model(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
 
 
 def place_frozen(module: nn.Module, device, dtype) -> nn.Module:
@@ -46,186 +52,230 @@ def place_frozen(module: nn.Module, device, dtype) -> nn.Module:
     return module.eval().requires_grad_(False)
 
 
-class _Backend:
-    """What both backends share; subclasses set `name`, `conditioning` and `velocity`."""
+def shared_trunk_view(model: nn.Module, layers: dict[str, nn.Module], attrs: Optional[dict] = None) -> nn.Module:
+    """A shallow copy of `model` that shares every parameter and buffer of `model` except the submodules at
+    the dotted paths of `layers`, which the copy (and only the copy) uses instead. `model` is not changed.
 
-    name: str
-    conditioning: str
+    bench uses it to hold one trunk for two configurations (each its own patch embedder and output head), so
+    the largest architectures fit once in memory and no attribute is swapped under a compiled graph. This is
+    the one place that touches torch's module internals (`_modules`): each module on a replaced path is
+    copied shallowly with its own child table."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    for path, layer in layers.items():
+        *parents, leaf = path.split(".")
+        node = view
+        for name in parents:
+            child = copy.copy(node._modules[name])
+            child._modules = dict(child._modules)
+            node._modules[name] = child
+            node = child
+        if leaf not in node._modules:
+            raise DavaeError(f"{type(model).__name__} has no submodule {path!r}")
+        node._modules[leaf] = layer
+    for key, value in (attrs or {}).items():  # plain attributes the forward reads (e.g. out_channels)
+        object.__setattr__(view, key, value)
+    return view
 
-    def __init__(self, preset: Preset):
+
+class Backend:
+    """A DiT family. Subclasses set the class attributes and implement what their family needs; the
+    defaults here are the common case (a diffusers-style `in_channels`/`patch_size` config, CFG)."""
+
+    name: str = ""
+    conditioning: str = "prompt"  # "prompt" (text encoders) or "class" (labels with a null class)
+    prompt_keys: tuple[str, str] = ("embeds", "pooled")  # the two per-prompt tensors of its prompt encoder
+    label: str = ""  # how users call it, for messages ("SD3", "FLUX.1", ...)
+    token_note: str = ""  # what a token is, when it is not one patch of the latent (for messages)
+
+    def __init__(self, preset: "Preset"):
         self.preset = preset
 
+    # ------------------------------------------------------------------------------------ architecture
+    @classmethod
+    def model_class(cls) -> type:
+        raise NotImplementedError
+
+    @classmethod
+    def config_channels(cls, config: dict) -> int:
+        """C (or C + D) of the latent the DiT with this config reads."""
+        return int(config["in_channels"])
+
+    @classmethod
+    def config_token_side(cls, config: dict) -> int:
+        """Latent pixels per token side."""
+        return int(config.get("patch_size", 1) or 1)
+
+    @classmethod
+    def widen_config(cls, config: dict, channels: int) -> dict:
+        """`config` with the DiT reading and writing `channels` latent channels (for the FLOP model)."""
+        return {**config, "in_channels": channels, "out_channels": channels}
+
     def channels(self, model) -> int:
-        return int(model.config.in_channels)
+        return self.config_channels(dict(model.config))
 
     def patch_size(self, model) -> int:
-        return int(model.config.patch_size)
+        return self.config_token_side(dict(model.config))
 
+    def arch_config(self) -> dict:
+        """The full config of the preset's architecture (`dit.arch` over the model class's defaults), built
+        on the meta device (no memory)."""
+        with torch.device("meta"):
+            return dict(self.load("random", device="meta").config)
 
-class SD3Backend(_Backend):
-    name = "sd3"
-    conditioning = "prompt"
-    velocity = staticmethod(sd3_velocity)
+    # ------------------------------------------------------------------------------------------ loading
+    def load(self, spec: str, seed: int = 0, dtype=torch.float32, device=None,
+             latent_side: Optional[int] = None) -> nn.Module:
+        """The pretrained DiT: "random" (from `dit.arch`, seeded, built on `device`), a local folder or
+        file, or a hub id. `latent_side`: the token grid when the family's model depends on it."""
+        raise NotImplementedError
 
-    def load(self, spec: str, seed: int = 0, dtype=torch.float32) -> nn.Module:
-        from .sd3 import load_sd3_transformer
-
-        return load_sd3_transformer(spec, self.preset.dit.subfolder, self.preset.dit.arch, seed=seed, dtype=dtype)
+    @classmethod
+    def load_adapted(cls, folder: Path, dtype=torch.float32) -> nn.Module:
+        return cls.model_class().from_pretrained(str(folder), torch_dtype=dtype)
 
     def extend(self, model, detail_channels: int):
-        from .sd3 import extend_sd3
+        """The zero-init extension to C + D channels, in place (SPEC §6)."""
+        raise NotImplementedError
 
-        return extend_sd3(model, detail_channels)
+    def heads(self, model, detail_channels: int) -> tuple[dict[str, nn.Module], dict]:
+        """({dotted path: layer}, {attribute: value}): the input and output layers (and the attributes the
+        forward reads) of the configuration with `detail_channels` more channels (0: the model's own)."""
+        raise NotImplementedError
 
-    def prepare_training(self, model) -> list[str]:
-        """LoRA on the preset's targets (if any) + the fully trained modules; returns trainable names."""
-        from .sd3 import add_lora, set_trainable
+    def configuration(self, model, detail_channels: int) -> nn.Module:
+        """The configuration with `detail_channels` more channels as a module sharing `model`'s trunk."""
+        return shared_trunk_view(model, *self.heads(model, detail_channels))
+
+    def bench_models(self, spec: str, seed: int, device, dtype, res: int) -> dict[str, nn.Module]:
+        """{"native": module, "davae": module} for `davae bench` at `res`: one trunk, two sets of heads."""
+        model = place_frozen(self.load(spec, seed=seed, device=device), device, dtype)
+        return {"native": model,
+                "davae": place_frozen(self.configuration(model, self.preset.vae.detail_channels), device, dtype)}
+
+    @staticmethod
+    def velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------- sampling
+    @classmethod
+    def sigma_grid(cls, steps: int, shift: Optional[float], scheduler_config: Optional[dict],
+                   image_tokens: Optional[int]) -> torch.Tensor:
+        """`steps + 1` sigmas from noise to 0: the grid of the family's pipeline (SPEC §6)."""
+        from ..flow import sampling_sigmas
+
+        return sampling_sigmas(steps, 1.0 if shift is None else shift).float()
+
+    @classmethod
+    def scheduler_config(cls, spec: Optional[str]) -> tuple[Optional[dict], str]:
+        """(the scheduler config to sample with, where it came from); None: the family has none."""
+        return None, ""
+
+    @classmethod
+    def guidance_mode(cls, config: dict) -> str:
+        return "cfg"
+
+    @classmethod
+    def cfg_weight(cls, guidance: float) -> float:
+        """w of v_u + w (v_c - v_u) for the pipeline's guidance scale (the same number by default)."""
+        return float(guidance)
+
+    @classmethod
+    def guidance_inputs(cls, guidance: float, batch: int, device) -> dict:
+        """Extra conditioning of a guidance-distilled model (the scale as an input)."""
+        return {}
+
+    # ------------------------------------------------------------------------------------- conditioning
+    @classmethod
+    def prompt_encoder(cls, spec: str, *, device, dtype=torch.float32, use_t5: bool = True,
+                       max_sequence_length: int = 256):
+        """An encoder of the text encoders in `spec` (pipeline folder, hub id or "tiny-random"):
+        `encode(prompts) -> (tensor, tensor)` named by `prompt_keys`, `identity`, `unload()`."""
+        raise DavaeError(f"{cls.label or cls.name} models are class-conditional: they take no prompts")
+
+    def random_prompt_encoder(self, *, use_t5: bool, device, dtype):
+        """The preset's text encoders with random weights behind local tokenizers (speed only)."""
+        raise DavaeError(f"is for text-to-image presets; {self.preset.name} is a {self.label or self.name} preset",
+                         param="random_weights")
+
+    def prompt_cache_kind(self) -> str:
+        return self.name
+
+    def use_t5(self) -> bool:
+        """Whether the prompt embeddings include T5's (a switch of SD3; other families always do)."""
+        return True
+
+    def prompt_cache(self, folder: Path):
+        """The run's prompt-embedding cache for the preset's text encoders (no model is loaded)."""
+        from .text import PromptCache
 
         d = self.preset.dit
-        if d.lora_rank:
-            add_lora(model, d.lora_rank, d.lora_alpha, d.lora_targets, d.lora_init)
-            return set_trainable(model, d.full_train)
+        return PromptCache.for_spec(folder, d.text_encoders, max_sequence_length=d.max_sequence_length,
+                                    use_t5=self.use_t5(), kind=self.prompt_cache_kind())
+
+    def text_tokens(self) -> int:
+        """Text tokens the DiT attends to per prompt (0 for class-conditional families)."""
+        return 0
+
+    def random_condition(self, config: dict, batch: int, device, dtype, generator: torch.Generator) -> dict:
+        """Conditioning tensors of the right shapes with random values (bench: speed does not depend on them)."""
+        raise NotImplementedError
+
+    def random_text_encoders(self, device, dtype) -> Optional[Callable[[int, torch.Generator], None]]:
+        """`run(prompts, generator)` encoding that many random prompts with the preset's text encoders
+        (random weights), or None when the family has none."""
+        return None
+
+    def text_flops(self) -> int:
+        """FLOPs of encoding one prompt (0 without text encoders)."""
+        return 0
+
+    # ----------------------------------------------------------------------------------------- training
+    def prepare_training(self, model) -> list[str]:
+        """Make the trainable parameters trainable (LoRA on the preset's targets, or everything); returns
+        their names."""
         model.requires_grad_(True)
         return [n for n, _ in model.named_parameters()]
 
     def export(self, model, folder: Path) -> None:
-        """A plain diffusers SD3Transformer2DModel folder (LoRA merged) + the adapter in `lora/`."""
-        from .sd3 import merged_copy, save_lora
-
-        plain = merged_copy(model) if hasattr(model, "peft_config") else model
-        plain.save_pretrained(str(folder), safe_serialization=True)
-        if hasattr(model, "peft_config"):
-            save_lora(model, folder / "lora")
-
-    @staticmethod
-    def load_adapted(folder: Path, dtype=torch.float32):
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
-
-
-class FluxBackend(SD3Backend):
-    """FLUX.1: the SD3 backend's LoRA, training and export on a `FluxTransformer2DModel`, with the packed
-    layout's extension (`dit/flux.py`); C is in_channels / 4 and a token covers 2x2 latent pixels."""
-
-    name = "flux"
-
-    @staticmethod
-    def velocity(model, x, sigma, cond):
-        from .flux import flux_velocity
-
-        return flux_velocity(model, x, sigma, cond)
-
-    def load(self, spec: str, seed: int = 0, dtype=torch.float32) -> nn.Module:
-        from .flux import load_flux_transformer
-
-        return load_flux_transformer(spec, self.preset.dit.subfolder, self.preset.dit.arch, seed=seed, dtype=dtype)
-
-    def extend(self, model, detail_channels: int):
-        from .flux import extend_flux
-
-        return extend_flux(model, detail_channels)
-
-    def channels(self, model) -> int:
-        from .flux import latent_channels
-
-        return latent_channels(model)
-
-    def patch_size(self, model) -> int:
-        from .flux import PACK
-
-        return PACK * int(model.config.patch_size)
-
-    @staticmethod
-    def load_adapted(folder: Path, dtype=torch.float32):
-        from diffusers import FluxTransformer2DModel
-
-        return FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
-
-
-class LightningDiTBackend(_Backend):
-    name = "lightningdit"
-    conditioning = "class"
-    velocity = staticmethod(lightningdit_velocity)
-
-    def load(self, spec: str, seed: int = 0, dtype=torch.float32, latent_side: int | None = None) -> nn.Module:
-        """`latent_side`: the token grid's side (p = 1) when it is not the DA-VAE latent of
-        adapt_dit.resolution (the native model at the base resolution, benchmarks)."""
-        from . import lightningdit as L
-
-        arch = dict(self.preset.dit.arch)
-        size = arch.pop("size", "XL/1")
-        # the token grid follows the recipe's resolution; the class count and the null class follow dit.*
-        # (class_dropout_prob > 0 keeps the null-class row; the trainer drops labels itself)
-        arch.setdefault("input_size", latent_side or self.preset.adapt_dit.resolution // self.preset.granularity)
-        arch.setdefault("num_classes", self.preset.dit.num_classes)
-        arch.setdefault("class_dropout_prob", self.preset.dit.cond_dropout)
-        p = Path(spec).expanduser()
-        if p.is_dir() and (p / "config.json").is_file():
-            return L.LightningDiT.from_pretrained(str(p), torch_dtype=dtype)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            try:
-                model = L.build_lightningdit(size, **arch)
-            except TypeError as e:
-                raise DavaeError(f"dit.arch: not a valid LightningDiT config ({e})") from None
-        if spec != "random":
-            if not p.is_file():
-                raise DavaeError(f"{spec}: no such checkpoint file or folder (LightningDiT loads local files)", param="dit")
-            L.load_lightningdit_weights(model, str(p))
-        return model.to(dtype)
-
-    def extend(self, model, detail_channels: int):
-        from .lightningdit import extend_lightningdit
-
-        return extend_lightningdit(model, detail_channels)
-
-    def prepare_training(self, model) -> list[str]:
-        """Everything trains (SPEC §6) except the fixed sin-cos position table."""
-        model.requires_grad_(True)
-        if isinstance(getattr(model, "pos_embed", None), nn.Parameter):
-            model.pos_embed.requires_grad_(False)
-        return [n for n, p in model.named_parameters() if p.requires_grad]
-
-    def export(self, model, folder: Path) -> None:
         model.save_pretrained(str(folder), safe_serialization=True)
 
-    @staticmethod
-    def load_adapted(folder: Path, dtype=torch.float32):
-        from .lightningdit import LightningDiT
+    def training_inputs(self, batch: int, device) -> dict:
+        """Extra per-sample inputs of a training forward (a distilled model's guidance scale)."""
+        return {}
 
-        return LightningDiT.from_pretrained(str(folder), torch_dtype=dtype)
+    def sampling_facts(self, model, dit_spec: str) -> dict:
+        """What sampling an adapted model needs besides the common facts (its scheduler config)."""
+        return {}
+
+    # --------------------------------------------------------------------------------------------- cost
+    @classmethod
+    def flops(cls, config: dict, image_tokens: int, text_tokens: int, batch: int = 1) -> dict:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- native
+    def native_model(self, spec: Optional[str], *, res: Optional[int], vae_dir: Optional[str],
+                     shift: Optional[float], recipe: dict, device, dtype,
+                     on_message: Callable[[str], None] = lambda t: None) -> "SamplingModel":
+        """The unmodified base model at `res` under its own sampling settings (`generate --native`)."""
+        raise NotImplementedError
 
 
-def get_backend(preset: Preset):
-    return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend, "flux": FluxBackend}[preset.dit.backend](preset)
+def backend_class(name: str) -> type[Backend]:
+    """The family registered as `name` (a preset's dit.backend, or an adapted model's facts)."""
+    if name not in REGISTRY:
+        raise DavaeError(f"unknown DiT backend {name!r} ({', '.join(backend_names())})")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
-def backend_class(name: str):
-    """The backend class of an adapted model's facts (`davae_dit.json` "backend")."""
-    try:
-        return {"sd3": SD3Backend, "lightningdit": LightningDiTBackend, "flux": FluxBackend}[name]
-    except KeyError:
-        raise DavaeError(f"{FACTS_FILE}: unknown backend {name!r} (sd3, lightningdit or flux)") from None
+def family_labels(conditioning: str) -> list[str]:
+    """The labels of the registered families conditioned by "prompt" or "class" (for messages)."""
+    return [backend_class(n).label for n in backend_names() if backend_class(n).conditioning == conditioning]
 
 
-def sigma_grid(backend: str, steps: int, shift: float, scheduler_config: Optional[dict] = None,
-               image_tokens: Optional[int] = None) -> torch.Tensor:
-    """The sampling grid, `steps + 1` sigmas from noise to 0 (SPEC §6). SD3: the grid of diffusers'
-    FlowMatchEulerDiscreteScheduler as StableDiffusion3Pipeline runs it (its scheduler_config with `shift`);
-    LightningDiT: its official integrator's grid, uniform in time then shifted; FLUX: FluxPipeline's grid
-    (dynamic shift from `image_tokens`)."""
-    if backend == "sd3":
-        from .sd3 import pipeline_sigmas
-
-        return pipeline_sigmas(steps, shift, scheduler_config, image_tokens)
-    if backend == "flux":
-        from .flux import flux_sigmas
-
-        return flux_sigmas(steps, scheduler_config or None, image_tokens, shift)
-    from ..flow import sampling_sigmas
-
-    return sampling_sigmas(steps, shift).float()
+def get_backend(preset: "Preset") -> Backend:
+    return backend_class(preset.dit.backend)(preset)
 
 
 def read_facts(folder: Path) -> dict:

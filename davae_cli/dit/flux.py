@@ -1,4 +1,5 @@
-"""FLUX.1 backend: diffusers `FluxTransformer2DModel` on the packed latent, its zero-init channel extension,
+"""FLUX.1 (`FluxTransformer2DModel`, `FluxPipeline`): where everything FLUX-specific lives; `FluxBackend` is
+registered as "flux". The transformer works on the packed latent, its zero-init channel extension,
 the velocity in davae's sigma convention, and `FluxPipeline`'s sigma grid (dynamic shift from the token
 count).
 
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import DavaeError
+from .diffusers_family import DiffusersBackend
+from ..flops import flop_result, mm
 
 PACK = 2  # FluxPipeline packs 2x2 latent cells into one token
 
@@ -183,3 +186,141 @@ def extend_flux(model, detail_channels: int):
     model.out_channels = cin + extra
     model.register_to_config(in_channels=cin + extra, out_channels=cin + extra)
     return model
+
+
+def flux_flops(config: dict, image_tokens: int, text_tokens: int, batch: int = 1) -> dict:
+    """FLOPs of one forward of diffusers' ``FluxTransformer2DModel`` (FLUX.1) on ``image_tokens`` packed
+    tokens (one per 2x2 latent cell) and ``text_tokens`` T5 tokens.
+
+    Width h = heads x head_dim, MLP width 4h, n image and m text tokens, L = n + m:
+    - embedders: x_embedder (in_channels -> h) on n rows, context_embedder (joint -> h) on m rows, and on
+      one row per sample the timestep, guidance (guidance-distilled models) and pooled-text MLPs
+      (256 -> h -> h, 256 -> h -> h, pooled -> h -> h);
+    - each double-stream block: AdaLN-Zero modulation h -> 6h for both streams; q, k, v and output
+      projections for both streams (4 h x h on n rows and on m rows); joint attention over L tokens;
+      a GELU MLP h -> 4h -> h for both streams;
+    - each single-stream block on L rows: modulation h -> 3h; q, k, v (3 h x h) and the MLP input h -> 4h;
+      attention over L; the fused output projection 5h -> h (no separate attention output projection);
+    - final: modulation h -> 2h on one row per sample, proj_out h -> out_channels on n rows.
+    """
+    h = config["num_attention_heads"] * config["attention_head_dim"]
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    c_in = config["in_channels"]
+    c_out = config.get("out_channels") or c_in
+    ff = 4 * h
+    b, n, m = batch, image_tokens, text_tokens
+    big = b * (n + m)
+    emb = mm(b, 256, h) + mm(b, h, h) + mm(b, config["pooled_projection_dim"], h) + mm(b, h, h)
+    if config.get("guidance_embeds"):
+        emb += mm(b, 256, h) + mm(b, h, h)
+    double, single = config["num_layers"], config["num_single_layers"]
+    parts = {
+        "embed": mm(b * n, c_in, h) + mm(b * m, config["joint_attention_dim"], h) + emb,
+        "double_modulation": double * 2 * mm(b, h, 6 * h),
+        "double_qkvo": double * (4 * mm(b * n, h, h) + 4 * mm(b * m, h, h)),
+        "double_mlp": double * (mm(b * n, h, ff) + mm(b * n, ff, h) + mm(b * m, h, ff) + mm(b * m, ff, h)),
+        "single_modulation": single * mm(b, h, 3 * h),
+        "single_qkv_mlp_in": single * (3 * mm(big, h, h) + mm(big, h, ff)),
+        "single_out": single * mm(big, h + ff, h),
+        "final": mm(b, h, 2 * h) + mm(b * n, h, c_out),
+    }
+    attention = (double + single) * 4 * b * heads * (n + m) ** 2 * head_dim
+    return flop_result(parts, attention, n, b, text_tokens=m)
+
+
+class FluxBackend(DiffusersBackend):
+    """FLUX.1: a token is a 2x2 cell of the latent (in_channels = 4C), one forward per step (FLUX.1-dev takes
+    the guidance scale as an input, FLUX.1-schnell none), FluxPipeline's dynamic-shift grid, CLIP-L + T5-XXL
+    prompts (`text.FluxPromptEncoder`)."""
+
+    name = "flux"
+    label = "FLUX.1"
+    token_note = "FLUX packs 2x2 latent cells into a token"
+    transformer_class = "FluxTransformer2DModel"
+    default_scheduler = FLUX1_SCHEDULER_CONFIG
+    default_scheduler_name = "FLUX.1's scheduler_config"
+    hub_hint = ", or for the gated FLUX.1-dev accept its licence on the hub and log in"
+    velocity = staticmethod(flux_velocity)
+
+    @classmethod
+    def config_channels(cls, config: dict) -> int:
+        return int(config["in_channels"]) // (PACK * PACK)
+
+    @classmethod
+    def config_token_side(cls, config: dict) -> int:
+        return PACK * int(config.get("patch_size", 1) or 1)
+
+    @classmethod
+    def widen_config(cls, config: dict, channels: int) -> dict:
+        return {**config, "in_channels": PACK * PACK * channels, "out_channels": PACK * PACK * channels}
+
+    def extend(self, model, detail_channels: int):
+        return extend_flux(model, detail_channels)
+
+    def heads(self, model, detail_channels: int):
+        extra = PACK * PACK * detail_channels
+        return ({"x_embedder": extend_input(model.x_embedder, extra), "proj_out": extend_output(model.proj_out, extra)},
+                {"out_channels": int(model.config.in_channels) + extra})
+
+    @classmethod
+    def sigma_grid(cls, steps, shift, scheduler_config, image_tokens):
+        return flux_sigmas(steps, scheduler_config or None, image_tokens, shift)
+
+    @classmethod
+    def guidance_mode(cls, config: dict) -> str:
+        return "distilled" if config.get("guidance_embeds") else "none"
+
+    @classmethod
+    def guidance_inputs(cls, guidance: float, batch: int, device) -> dict:
+        return {"guidance": torch.full((batch,), float(guidance), device=device)}
+
+    def training_inputs(self, batch: int, device) -> dict:
+        """FLUX.1-dev trains with its guidance embedding fed the sampling guidance (as diffusers' FLUX LoRA
+        scripts); `flux_velocity` drops it for a model without the embedding (FLUX.1-schnell)."""
+        return self.guidance_inputs(float(self.preset.sample.guidance), batch, device)
+
+    @classmethod
+    def prompt_encoder(cls, spec, *, device, dtype=torch.float32, use_t5=True, max_sequence_length=512):
+        from .text import FluxPromptEncoder
+
+        return FluxPromptEncoder.from_spec(spec, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
+
+    def random_prompt_encoder(self, *, use_t5, device, dtype):
+        """FLUX.1's CLIP-L and T5-XXL with random weights (the tiny pair for a tiny-random preset)."""
+        from .text import TINY_SPEC, FluxPromptEncoder, build_sd3_text_encoders, build_tiny_flux_text_components
+
+        a = self.preset.dit.arch
+        comps = build_tiny_flux_text_components(int(a.get("joint_attention_dim", 32)), int(a.get("pooled_projection_dim", 16)))
+        if self.preset.dit.text_encoders != TINY_SPEC:
+            real = build_sd3_text_encoders("flux", device, dtype)
+            comps.update(text_encoder=real["text_encoder"], text_encoder_2=real["text_encoder_3"])
+        return FluxPromptEncoder(comps, identity="random", device=device, dtype=dtype,
+                                 max_sequence_length=self.preset.dit.max_sequence_length)
+
+    def random_condition(self, config, batch, device, dtype, generator):
+        cond = {"embeds": torch.randn(batch, self.text_tokens(), config["joint_attention_dim"],
+                                      generator=generator).to(device, dtype),
+                "pooled": torch.randn(batch, config["pooled_projection_dim"], generator=generator).to(device, dtype)}
+        if self.guidance_mode(config) == "distilled":
+            cond.update(self.guidance_inputs(float(self.preset.sample.guidance), batch, device))
+        return cond
+
+    def _text_arch(self) -> str:
+        from .text import TINY_SPEC
+
+        return "tiny-flux" if self.preset.dit.text_encoders == TINY_SPEC else "flux"
+
+    def random_text_encoders(self, device, dtype):
+        from .text import build_sd3_text_encoders, run_sd3_text_encoders
+
+        enc = build_sd3_text_encoders(self._text_arch(), device, dtype)
+        return lambda prompts, g: run_sd3_text_encoders(enc, prompts, self.preset.dit.max_sequence_length, g)
+
+    def text_flops(self) -> int:
+        from .text import text_encoder_flops
+
+        return text_encoder_flops(self._text_arch(), self.preset.dit.max_sequence_length)
+
+    @classmethod
+    def flops(cls, config, image_tokens, text_tokens, batch=1):
+        return flux_flops(config, image_tokens, text_tokens, batch)

@@ -44,6 +44,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..errors import DavaeError, first_line
+from ..flops import flop_result, mm
+from .backend import Backend
 from .extend import extend_output_head, extend_patch_embed, output_row_index
 
 __all__ = [
@@ -636,3 +638,178 @@ def extend_lightningdit(model: LightningDiT, detail_channels: int) -> LightningD
     model.register_to_config(in_channels=c + detail_channels,
                              detail_channels=int(model.config.detail_channels) + detail_channels)
     return model
+
+
+def lightningdit_flops(config: dict, image_tokens: int, batch: int = 1) -> dict:
+    """FLOPs of one forward of a LightningDiT-style class-conditional DiT.
+
+    Assumes the architecture of hustvl/LightningDiT ``models/lightningdit.py`` with ``use_swiglu=True`` (as in
+    LightningDiT-XL): per block an adaLN modulation ``hidden -> 6*hidden`` (per sample), ``qkv``
+    ``hidden -> 3*hidden``, softmax attention over the image tokens, ``proj`` ``hidden -> hidden``, and a
+    SwiGLU FFN ``SwiGLUFFN(hidden, int(2/3 * int(hidden * mlp_ratio)))`` (``w12``: ``hidden -> 2*h_ff``,
+    ``w3``: ``h_ff -> hidden``; 3072 for XL); a patch-embed conv ``in_channels -> hidden`` with
+    kernel = stride = patch; the timestep MLP ``256 -> hidden -> hidden`` (per sample; the class label is an
+    embedding lookup, free); the final layer adaLN ``hidden -> 2*hidden`` (per sample) and linear
+    ``hidden -> patch^2 * out_channels``. It does not import ``davae_cli.dit.lightningdit``; if that module
+    departs from this layout (e.g. ``wo_shift`` adaLN ``hidden -> 4*hidden`` or a GELU MLP), this count is off
+    by those layers. An ``mlp_hidden`` key in ``config`` overrides the FFN width. Elementwise work (RMSNorm,
+    QK-norm, RoPE, SiLU gating, softmax, modulation) is ignored.
+
+    Config keys: ``hidden_size``, ``depth``, ``num_heads``, ``mlp_ratio``, ``in_channels``,
+    ``out_channels`` (default ``in_channels``), ``patch_size``; ``num_classes`` is accepted and unused.
+    """
+    h = int(config["hidden_size"])
+    depth = int(config["depth"])
+    heads = int(config["num_heads"])
+    if h % heads:
+        raise ValueError(f"hidden_size {h} is not divisible by num_heads {heads}")
+    head_dim = h // heads
+    mlp_ratio = float(config.get("mlp_ratio", 4.0))
+    h_ff = int(config.get("mlp_hidden") or int(2 / 3 * int(h * mlp_ratio)))
+    c_in = int(config.get("in_channels", 32))
+    c_out = config.get("out_channels")
+    c_out = c_in if c_out is None else int(c_out)
+    p = int(config.get("patch_size", 1))
+    n, b = int(image_tokens), int(batch)
+    if min(n, b) <= 0:
+        raise ValueError(f"need image_tokens > 0 and batch > 0; got {n}, {b}")
+
+    rows = b * n
+    parts = {
+        "patch_embed": mm(rows, c_in * p * p, h),
+        "time_embed": mm(b, 256, h) + mm(b, h, h),
+        "adaln": depth * mm(b, h, 6 * h),
+        "qkv": depth * mm(rows, h, 3 * h),
+        "proj": depth * mm(rows, h, h),
+        "ffn": depth * (mm(rows, h, 2 * h_ff) + mm(rows, h_ff, h)),
+        "final": mm(b, h, 2 * h) + mm(rows, h, p * p * c_out),
+    }
+    attention = depth * 4 * b * heads * n**2 * head_dim
+    return flop_result(parts, attention, n, b, text_tokens=0, ffn_hidden=h_ff)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the backend
+
+
+def lightningdit_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+    """LightningDiT: t = 1 - sigma (t = 1 is data) and it predicts x0 - eps. x (N, C[+D], h, w), sigma (N,),
+    labels (N,) -> eps - x0 (N, C[+D], h, w). Labels arrive already dropped to the null class by the caller,
+    so the model's own dropout is disabled."""
+    y = cond["labels"]
+    return -model(x, 1.0 - sigma, y, force_drop_ids=torch.zeros_like(y))
+
+
+class LightningDiTBackend(Backend):
+    """Class-conditional LightningDiT (ImageNet): a local checkpoint, folder or `random` from `dit.arch`;
+    everything trains (SPEC §6) except the fixed sin-cos position table; labels with a null class for CFG;
+    its official integrator's grid (uniform in time, then shifted)."""
+
+    name = "lightningdit"
+    label = "LightningDiT"
+    conditioning = "class"
+    velocity = staticmethod(lightningdit_velocity)
+
+    @classmethod
+    def model_class(cls) -> type:
+        return LightningDiT
+
+    def arch_config(self) -> dict:
+        with torch.device("meta"):
+            return dict(LightningDiT.from_config(dict(self.preset.dit.arch)).config)
+
+    def load(self, spec: str, seed: int = 0, dtype=torch.float32, device=None, latent_side=None) -> nn.Module:
+        """`latent_side`: the token grid's side (p = 1) when it is not the DA-VAE latent of
+        adapt_dit.resolution (the native model at the base resolution, benchmarks)."""
+        arch = dict(self.preset.dit.arch)
+        size = arch.pop("size", "XL/1")
+        # the token grid follows the recipe's resolution; the class count and the null class follow dit.*
+        # (class_dropout_prob > 0 keeps the null-class row; the trainer drops labels itself)
+        arch.setdefault("input_size", latent_side or self.preset.adapt_dit.resolution // self.preset.granularity)
+        arch.setdefault("num_classes", self.preset.dit.num_classes)
+        arch.setdefault("class_dropout_prob", self.preset.dit.cond_dropout)
+        p = Path(spec).expanduser()
+        if p.is_dir() and (p / "config.json").is_file():
+            return LightningDiT.from_pretrained(str(p), torch_dtype=dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                model = build_lightningdit(size, **arch)
+            except TypeError as e:
+                raise DavaeError(f"dit.arch: not a valid LightningDiT config ({e})") from None
+        if spec != "random":
+            if not p.is_file():
+                raise DavaeError(f"{spec}: no such checkpoint file or folder (LightningDiT loads local files)", param="dit")
+            load_lightningdit_weights(model, str(p))
+        return model.to(dtype)
+
+    def check_grid(self, model, side: int, granularity: int, downsample: int) -> None:
+        grid = int(model.config.input_size)
+        if grid != side:
+            raise DavaeError(f"the DiT was built for a {grid}x{grid} latent grid, but adapt_dit.resolution "
+                             f"{self.preset.adapt_dit.resolution} with this DA-VAE (s*f = {granularity}) needs "
+                             f"{side}x{side}: adapt a DiT trained at {side * downsample}² (its base resolution)", param="dit")
+
+    def extend(self, model, detail_channels: int):
+        return extend_lightningdit(model, detail_channels)
+
+    def bench_models(self, spec, seed, device, dtype, res):
+        """Two models: the position table depends on the token grid (LightningDiT-XL is 675M parameters, so
+        holding both is no problem)."""
+        from .backend import place_frozen
+
+        p = self.preset
+        out = {}
+        sides = {"native": res // p.vae.downsample, "davae": res // p.granularity}
+        for which, side in sides.items():
+            m = self.load(spec, seed=seed, latent_side=side)
+            if which == "davae":
+                self.extend(m, p.vae.detail_channels)
+            out[which] = place_frozen(m, device, dtype)
+        return out
+
+    def random_condition(self, config, batch, device, dtype, generator):
+        return {"labels": (torch.arange(batch) % self.preset.dit.num_classes).to(device)}
+
+    def prepare_training(self, model) -> list[str]:
+        """Everything trains (SPEC §6) except the fixed sin-cos position table."""
+        model.requires_grad_(True)
+        if isinstance(getattr(model, "pos_embed", None), nn.Parameter):
+            model.pos_embed.requires_grad_(False)
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+
+    @classmethod
+    def flops(cls, config, image_tokens, text_tokens=0, batch=1):
+        return lightningdit_flops(config, image_tokens, batch)
+
+    def native_model(self, spec, *, res, vae_dir, shift, recipe, device, dtype, on_message=lambda t: None):
+        """The pretrained LightningDiT (checkpoint, folder or `random` from the preset) at the base resolution;
+        decodes with the base VAE of the DA-VAE in `vae_dir` (its latent transform inverted)."""
+        from ..latents import check_native_space, read_native_facts
+        from ..sampling import SamplingModel
+        from ..vae.base import base_decode
+        from ..vae.model import DetailAlignedVAE
+        from .backend import place_frozen
+
+        p = self.preset
+        if not vae_dir or res is None:
+            raise DavaeError("with a LightningDiT preset needs --vae (for its base VAE) and --res", param="native")
+        f = p.vae.downsample
+        dit = place_frozen(self.load(spec, seed=p.adapt_dit.seed, latent_side=res // f), device, dtype)
+        davae = DetailAlignedVAE.from_pretrained(str(vae_dir)).to(device).eval()
+        side = res // f
+        if int(dit.config.input_size) != side or res % f:
+            raise DavaeError(f"{res}: the native DiT was built for {int(dit.config.input_size) * f}² "
+                             f"({dit.config.input_size}x{dit.config.input_size} latents)", param="res")
+        if Path(spec).is_dir():
+            check_native_space(read_native_facts(spec), davae, f"the native DiT {spec}")
+
+        def decode(latent):
+            return base_decode(davae.base.vae, davae.transform.inverse(latent.float()))
+
+        return SamplingModel(
+            name="native", backend=type(self), dit=dit, base_channels=int(dit.config.in_channels), detail_channels=0,
+            granularity=f, patch_size=int(dit.config.patch_size),
+            shift=float(p.sample.shift if shift is None else shift), decoder=decode,
+            recipe=recipe, conditioning="class", identity={"dit_source": spec, "base_vae_hash": davae.config.base_vae_hash},
+            parts={"davae": davae})

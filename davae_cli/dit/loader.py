@@ -52,3 +52,31 @@ def load_transformer(cls, spec: str, subfolder: Optional[str], arch: Optional[di
     except Exception as e:  # noqa: BLE001
         first = first_line(e, 160)
         raise DavaeError(f"cannot load the {name} {spec!r} ({first}); pass a local diffusers folder{hub_hint}") from None
+
+
+# ---------------------------------------------------------------------------------------------- models
+def check_fits_cpu(n_params: int, device: torch.device, what: str) -> None:
+    import os
+
+    if device.type != "cpu":
+        return
+    need = n_params * 4
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if need > 0.9 * free:
+        raise DavaeError(f"{what} needs about {need / 2**30:.0f} GB in fp32 but this machine has no GPU and only "
+                         f"{free / 2**30:.0f} GB free; run on a GPU")
+
+
+def params_of_config(config_file: Path, cls) -> int:
+    """Parameter count of a model folder's architecture (`cls` built from its config.json on the meta device,
+    no memory used); 0 when the config cannot be built."""
+    cfg = {k: v for k, v in json.loads(Path(config_file).read_text()).items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(cfg)
+    except Exception:  # noqa: BLE001 - an unknown config: no estimate
+        return 0
+    return sum(p.numel() for p in model.parameters())

@@ -50,13 +50,10 @@ def build_adapted_dit(preset: Preset, vae: DetailAlignedVAE, dit_spec: Optional[
                          f"they do not belong together")
     p = backend.patch_size(model)
     side = preset.adapt_dit.resolution // vae.granularity
-    grid = getattr(model.config, "input_size", None) if backend.name == "lightningdit" else None
-    if grid is not None and int(grid) != side:
-        raise DavaeError(f"the DiT was built for a {grid}x{grid} latent grid, but adapt_dit.resolution "
-                         f"{preset.adapt_dit.resolution} with this DA-VAE (s*f = {vae.granularity}) needs {side}x{side}: "
-                         f"adapt a DiT trained at {side * vae.config.downsample}² (its base resolution)", param="dit")
+    if hasattr(backend, "check_grid"):  # a family whose model is built for one token grid
+        backend.check_grid(model, side, vae.granularity, vae.config.downsample)
     if dit_spec and Path(dit_spec).is_dir():
-        from .native import check_native_space, read_native_facts
+        from ..latents import check_native_space, read_native_facts
 
         check_native_space(read_native_facts(dit_spec), vae, f"--dit {dit_spec}")
     if side % p:
@@ -98,52 +95,32 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
                   "base_vae_hash": vae.config.base_vae_hash},
         "dit_source": dit_spec, "steps": steps, "conditioning": cond,
     }
-    if backend.name in ("sd3", "flux"):
-        from ..dit.sd3 import scheduler_config_of
-
-        cfg = scheduler_config_of(dit_spec)
-        if backend.name == "flux":
-            from ..dit.flux import FLUX1_SCHEDULER_CONFIG
-
-            facts["scheduler_config"] = cfg or dict(FLUX1_SCHEDULER_CONFIG)
-            facts["scheduler_source"] = "the DiT's pipeline" if cfg else "FLUX.1's scheduler_config"
-            facts["guidance_distilled"] = bool(model.config.guidance_embeds)
-        else:
-            facts["scheduler_config"] = cfg or {}
-            facts["scheduler_source"] = "the DiT's pipeline" if cfg else "diffusers' FlowMatchEulerDiscreteScheduler defaults"
+    facts.update(backend.sampling_facts(model, dit_spec))
     return facts
 
 
 class PromptConditioner:
     """Prompt embeddings from the run's cache (computed once, text encoders unloaded before training)."""
 
-    def __init__(self, preset: Preset, cache_dir: Path, prompts: list[str], device, is_main: bool, barrier,
+    def __init__(self, backend, cache_dir: Path, prompts: list[str], device, is_main: bool, barrier,
                  on_message=lambda s: None):
-        from ..text import FluxPromptEncoder, PromptCache, PromptEncoder
-
-        d = preset.dit
-        flux = d.backend == "flux"
+        d = backend.preset.dit
         if not d.text_encoders:
-            raise DavaeError("dit.text_encoders is not set: name an SD3 pipeline folder or hub id with the text "
-                             "encoders (--text-encoders)")
-        self.cache = PromptCache.for_spec(cache_dir, d.text_encoders, max_sequence_length=d.max_sequence_length,
-                                          use_t5=True if flux else d.use_t5, kind="flux" if flux else "sd3")
+            raise DavaeError(f"dit.text_encoders is not set: name a {backend.label} pipeline folder or hub id with "
+                             f"the text encoders (--text-encoders)")
+        self.cache = backend.prompt_cache(cache_dir)
         wanted = sorted(set(prompts) | {""})
         if is_main:
             missing = self.cache.missing(wanted)
             if missing:
                 on_message(f"encoding {len(missing)} prompt(s) with {d.text_encoders} (once; cached in {cache_dir})")
-            self.cache.encode_cached(
-                (lambda: FluxPromptEncoder.from_spec(d.text_encoders, device=device,
-                                                     max_sequence_length=d.max_sequence_length)) if flux else
-                (lambda: PromptEncoder.from_spec(d.text_encoders, device=device, use_t5=d.use_t5,
-                                                 max_sequence_length=d.max_sequence_length)), wanted)
+            self.cache.encode_cached(lambda: backend.prompt_encoder(d.text_encoders, device=device, use_t5=backend.use_t5(),
+                                                                    max_sequence_length=d.max_sequence_length), wanted)
         barrier()
         self._mem: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.device = device
-        # FLUX.1-dev trains with its guidance embedding fed the sampling guidance (as diffusers' FLUX LoRA
-        # scripts); flux_velocity drops it for a model without the embedding (FLUX.1-schnell)
-        self.guidance = float(preset.sample.guidance) if flux else None
+        self.keys = backend.prompt_keys
+        self.extra = backend.training_inputs  # per-sample inputs of a training forward (a distilled guidance)
 
     def _get(self, prompt: str):
         if prompt not in self._mem:
@@ -154,17 +131,14 @@ class PromptConditioner:
 
     def batch(self, prompts: list[str], drop: torch.Tensor) -> dict:
         items = [self._get("" if bool(dr) else p) for p, dr in zip(prompts, drop)]
-        out = {"embeds": torch.stack([e for e, _ in items]).to(self.device),
-               "pooled": torch.stack([p for _, p in items]).to(self.device)}
-        if self.guidance is not None:
-            out["guidance"] = torch.full((len(items),), self.guidance, device=self.device)
-        return out
+        out = {self.keys[k]: torch.stack([item[k] for item in items]).to(self.device) for k in (0, 1)}
+        return {**out, **self.extra(len(items), self.device)}
 
 
 def _conditioning(preset: Preset, backend, records, run_dir: Path, acc, cb):
     """(conditioner, the condition key of each record): cached prompt embeddings, or checked class labels."""
     if backend.conditioning == "prompt":
-        conditioner = PromptConditioner(preset, run_dir / "cache" / "prompts", [r.prompt for r in records],
+        conditioner = PromptConditioner(backend, run_dir / "cache" / "prompts", [r.prompt for r in records],
                                         acc.device, acc.is_main_process, acc.wait_for_everyone, cb.on_message)
         return conditioner, [r.prompt for r in records]
     bad = [r for r in records if not 0 <= r.label < preset.dit.num_classes]

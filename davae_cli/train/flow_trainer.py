@@ -53,9 +53,8 @@ def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, pres
     xt, target = flow.noisy(x0, eps, sigma)
     pred = backend.velocity(model, xt, sigma.to(x0.dtype), cond)
     has_detail = x0.shape[1] > base_channels
-    w = flow.detail_weight(step, a.detail_ramp_steps) if has_detail else 1.0
-    k = flow.sample_loss_weight(sigma, target=getattr(a, "loss_target", "velocity"),
-                                weighting=getattr(a, "loss_weighting", "none"), gamma=getattr(a, "loss_weight_gamma", 5.0))
+    w = flow.detail_weight(step, a.detail_ramp_steps) if has_detail else 1.0  # only adapt-dit has detail channels
+    k = flow.sample_loss_weight(sigma, target=a.loss_target, weighting=a.loss_weighting, gamma=a.loss_weight_gamma)
     loss = flow.flow_loss(pred, target, base_channels, w, k)
     with torch.no_grad():
         err = (pred.float() - target.float()).pow(2)
@@ -63,7 +62,7 @@ def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, pres
         if has_detail:
             parts.update(loss_detail=err[:, base_channels:].mean().item(), w=w)
     if a.cosine_loss > 0:
-        cos = flow.cosine_loss(pred, target, base_channels, w if getattr(a, "cosine_schedule", True) else 1.0)
+        cos = flow.cosine_loss(pred, target, base_channels, w if a.cosine_schedule else 1.0)
         parts["loss_cos"] = cos.item()
         loss = loss + a.cosine_loss * cos
     return loss, parts

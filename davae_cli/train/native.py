@@ -15,7 +15,6 @@ generate check against the DA-VAE they are given.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,13 +26,11 @@ from ..config import Preset
 from ..streams import Fields, is_stream, probe_shards
 from ..errors import DavaeError
 from ..latent_data import TrainingLatents, _latent_files, prepare_latent_dataset
-from ..latents import LatentNormalizer
+from ..latents import NATIVE_FILE, LatentNormalizer, base_space
 from ..vae.base import base_encode_mean
 from ..vae.model import DetailAlignedVAE
 from .flow_trainer import ClassConditioner, check_or_record_run, export_adapted, train_flow_model
 from .loop import Callbacks, RunLoop, open_run, unlock_run
-
-NATIVE_FILE = "davae_native.json"
 
 
 @dataclass
@@ -75,35 +72,6 @@ class BaseLatentEncoder(nn.Module):
                 "latents_from": "davae_base" if self.davae_base else "direct"}
 
 
-def base_space(vae: DetailAlignedVAE) -> dict:
-    """What fixes the native latent space: the base VAE's weights and the latent transform."""
-    return {"base_vae_hash": vae.config.base_vae_hash, "base_channels": int(vae.config.base_channels),
-            "downsample": int(vae.config.downsample),
-            "transform_shift": [round(float(v), 6) for v in vae.transform.shift],
-            "transform_scale": [round(float(v), 6) for v in vae.transform.scale]}
-
-
-def read_native_facts(folder: str | Path) -> Optional[dict]:
-    f = Path(folder) / NATIVE_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
-
-
-def check_native_space(facts: Optional[dict], vae: DetailAlignedVAE, what: str) -> None:
-    """One line when a native DiT (with `davae_native.json`) was trained in another latent space."""
-    if not facts:
-        return
-    mine = base_space(vae)
-    if facts.get("base_vae_hash") != mine["base_vae_hash"]:
-        raise DavaeError(f"{what} was trained on the latents of another base VAE ({str(facts.get('base_vae'))[:60]}, "
-                         f"hash {str(facts.get('base_vae_hash'))[:12]}) than this DA-VAE's "
-                         f"(hash {str(mine['base_vae_hash'])[:12]})")
-    for key in ("transform_shift", "transform_scale"):
-        a, b = facts.get(key), mine[key]
-        if a is not None and (len(a) != len(b) or any(abs(x - y) > 1e-4 * max(1.0, abs(y)) for x, y in zip(a, b))):
-            raise DavaeError(f"{what} was trained with another base latent transform than this DA-VAE's "
-                             f"({key} differs)")
-
-
 def check_class_data(inputs: list[str], captions: Optional[str], latents_ok: bool = False) -> None:
     """Images with class labels (sub-folders or a JSONL), checked before anything is written. `latents_ok`:
     folders of latent files are accepted as they are (adapt-dit checks them when it indexes them)."""
@@ -127,14 +95,15 @@ def check_class_data(inputs: list[str], captions: Optional[str], latents_ok: boo
 def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data: list[str],
               captions: Optional[str] = None, resume: bool = False,
               callbacks: Optional[Callbacks] = None) -> TrainDiTResult:
-    """Train the preset's LightningDiT (`dit.arch`, random init) on base latents of `data`; see the module doc."""
-    from ..dit.backend import LightningDiTBackend
+    """Train the preset's class-conditional DiT (`dit.arch`, random init) on base latents of `data`; see the module doc."""
+    from ..dit.backend import family_labels, get_backend
 
     cb = callbacks or Callbacks()
     run_dir, vae_dir = Path(run_dir), Path(vae_dir)
-    if preset.dit.backend != "lightningdit":
-        raise DavaeError(f"train-dit trains class-conditional LightningDiT models; preset {preset.name!r} uses the "
-                         f"{preset.dit.backend} backend")
+    backend = get_backend(preset)
+    if backend.conditioning != "class":
+        raise DavaeError(f"train-dit trains class-conditional models ({', '.join(family_labels('class'))}) from "
+                         f"scratch; preset {preset.name!r} uses the {backend.label} family (adapt it with adapt-dit)")
     if not (vae_dir / "config.json").is_file():
         raise DavaeError(f"{vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)", param="vae")
     if not data:
@@ -148,7 +117,6 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     n = preset.train_dit
     f = int(vae.config.downsample)
     side = n.resolution // f
-    backend = LightningDiTBackend(preset)
     model = backend.load("random", seed=n.seed, latent_side=side)
     if backend.channels(model) != vae.config.base_channels:
         raise DavaeError(f"dit.arch reads {backend.channels(model)} channels; the DA-VAE's base VAE has "

@@ -306,6 +306,71 @@ def _resume(ckpt_path: Path, model, disc, opt_d, ema, opt, sched, cb) -> tuple[i
     return start_step, state.get("data_positions")
 
 
+def _list_training_data(t, data: list[str], val_data, streamed: bool, fields: Fields):
+    """(streamed images, folder images): what trains, listed and checked before anything is written."""
+    if not streamed:
+        return None, training_images(data, val_data, t.num_val, t.seed, t.max_images, t.max_val)
+    if t.cache_base:
+        raise DavaeError("train_vae.cache_base keeps every image's base outputs in memory; it needs a folder "
+                         "of images, not streamed shards (--set train_vae.cache_base=false)")
+    if t.max_images:
+        raise DavaeError("train_vae.max_images picks a subset of a folder; with shards, pass fewer shards")
+    return streamed_training_images(data, val_data, t.num_val, t.max_val, fields, t.seed), None
+
+
+def _export_untrained(model, t, data, streamed: bool, fields: Fields, acc, run_dir: Path, cb) -> "TrainVAEResult":
+    """`train_vae.steps == 0`: the freshly built DA-VAE, with its detail statistics measured on `data` if
+    given, exported to RUN/final."""
+    final_dir = run_dir / "final"
+    if data:
+        source = streamed_training_images(data, None, 0, 0, fields, t.seed) if streamed else list_images(data)
+        if streamed or len(source):
+            mean, std, n = measure_detail_stats(model, source, min(t.stats_images, 4 * len(source)),
+                                                t.resolution, t.seed, t.batch_size, cb)
+            model.set_detail_stats(mean, std, n)
+    if acc.is_main_process:
+        export_davae(model, final_dir)
+    cb.on_end({"steps": 0, "final": str(final_dir)})
+    unlock_run(run_dir)
+    return TrainVAEResult(str(run_dir), str(final_dir), 0, {}, 0)
+
+
+def _training_loader(preset: Preset, raw, images, train_source, streamed: bool, fields: Fields, acc,
+                     start_step: int, positions, ckpt_path, cb):
+    """(dataset, loader, held-out images) of this process: streamed shards from the saved position, or the
+    folder's exact step-indexed crops (with the frozen base's outputs cached when `train_vae.cache_base`)."""
+    t = preset.train_vae
+    crop = t.crop_size or t.resolution
+    world, rank = acc.num_processes, acc.process_index
+    if streamed:
+        stream = ShardStream(images.shards, crop=crop, seed=t.seed, rank=rank, world=world, fields=fields,
+                             shuffle_within_shard=preset.data.shuffle_within_shard, num_workers=t.num_workers,
+                             exclude=images.exclude)
+        loader = StreamBatches(stream, t.batch_size, resume_position(positions, ckpt_path, rank, world))
+        return stream, loader, center_crops(images.val, t.resolution)[0] if len(images.val) else None
+    data_ = vae_training_data(images, crop=crop, resolution=t.resolution, seed=t.seed,
+                              length=(t.steps * world + world) * t.batch_size, granularity=raw.granularity,
+                              base_cache=_base_cache(raw, train_source, cb) if t.cache_base else None)
+    return data_.dataset, data_.loader(start_step, t.steps, t.batch_size, rank, world, t.num_workers), data_.val_images
+
+
+def _evaluate_and_export(raw, evaluate, val_images, ema, trainable, train_source, t, acc, loop, final_dir: Path,
+                         cb) -> dict:
+    """The last held-out evaluation, then the EMA weights exported with the detail channels' statistics
+    measured on the training images; returns the evaluation."""
+    if val_images is not None:
+        cb.on_message(f"evaluating on {int(val_images.shape[0])} held-out image(s)")
+    final_eval = evaluate(t.steps)
+    ema.copy_to(trainable)
+    raw.eval()
+    mean, std, n = measure_detail_stats(raw, train_source, t.stats_images, t.resolution, t.seed, t.batch_size, cb)
+    raw.set_detail_stats(mean, std, n)
+    if acc.is_main_process:
+        export_davae(raw, final_dir)
+    loop.write({"step": t.steps, "event": "export", "final": str(final_dir), "detail_stats_images": n})
+    return final_eval
+
+
 def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: bool = False,
               val_data: Optional[list[str]] = None, callbacks: Optional[Callbacks] = None) -> TrainVAEResult:
     """Train (or, with `preset.train_vae.steps == 0`, just build and export) a DA-VAE. See the module doc."""
@@ -314,41 +379,18 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     t = preset.train_vae
     streamed = bool(data) and any(is_stream(d) for d in data)
     fields = Fields(preset.data.image_key, preset.data.caption_key, preset.data.label_key)
-    simages = images = None
-    if t.steps and data:  # the data is listed (a stream's first record read) before the run folder is made
-        if streamed:
-            if t.cache_base:
-                raise DavaeError("train_vae.cache_base keeps every image's base outputs in memory; it needs a folder "
-                                 "of images, not streamed shards (--set train_vae.cache_base=false)")
-            if t.max_images:
-                raise DavaeError("train_vae.max_images picks a subset of a folder; with shards, pass fewer shards")
-            simages = streamed_training_images(data, val_data, t.num_val, t.max_val, fields, t.seed)
-        else:
-            images = training_images(data, val_data, t.num_val, t.seed, t.max_images, t.max_val)
+    # the data is listed (a stream's first record read) before the run folder is made
+    simages, images = _list_training_data(t, data, val_data, streamed, fields) if t.steps and data else (None, None)
     acc, preset, ckpt_path = open_run(run_dir, preset, resume, on_message=cb.on_message)
     t, lo = preset.train_vae, preset.loss
     device = acc.device
 
     base = load_base_vae(preset.vae.base_vae, preset.vae.base_vae_subfolder, preset.vae.base_channels,
                          arch=preset.vae.base_vae_arch)
-    model = DetailAlignedVAE.from_base(base, preset.vae)
-    model.to(device)
+    model = DetailAlignedVAE.from_base(base, preset.vae).to(device)
     final_dir = run_dir / "final"
-
     if t.steps == 0:
-        if data:
-            source = streamed_training_images(data, None, 0, 0, fields, t.seed) if streamed else list_images(data)
-            if streamed or len(source):
-                mean, std, n = measure_detail_stats(model, source, min(t.stats_images, 4 * len(source)),
-                                                    t.resolution, t.seed, t.batch_size, cb)
-                model.set_detail_stats(mean, std, n)
-        if acc.is_main_process:
-            export_davae(model, final_dir)
-        summary = {"steps": 0, "final": str(final_dir)}
-        cb.on_end(summary)
-        unlock_run(run_dir)
-        return TrainVAEResult(str(run_dir), str(final_dir), 0, {}, 0)
-
+        return _export_untrained(model, t, data, streamed, fields, acc, run_dir, cb)
     if not data:
         raise DavaeError("is required when training (--steps > 0)", param="data")
     if not streamed:
@@ -358,14 +400,12 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
 
     lpips_model = build_lpips(lo.lpips_net).to(device) if lo.lpips > 0 else None
     disc = PatchDiscriminator(n_layers=lo.disc_layers).to(device) if lo.adv > 0 else None
-
     trainable, opt, sched, opt_d, ema = _optimisation(model, disc, t)
     start_step, positions = _resume(ckpt_path, model, disc, opt_d, ema, opt, sched, cb) if ckpt_path is not None \
         else (0, None)
     if ckpt_path is None and resume:
         cb.on_message("no checkpoint yet: starting from step 0")
     ema.to(device)
-
     if disc is not None:
         model, opt, disc, opt_d = acc.prepare(model, opt, disc, opt_d)
     else:
@@ -375,20 +415,12 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
 
     crop = t.crop_size or t.resolution
     total = t.steps
-    world, rank = acc.num_processes, acc.process_index
+    world = acc.num_processes
     if streamed:
-        stream = ShardStream(simages.shards, crop=crop, seed=t.seed, rank=rank, world=world, fields=fields,
-                             shuffle_within_shard=preset.data.shuffle_within_shard, num_workers=t.num_workers,
-                             exclude=simages.exclude)
-        loader = StreamBatches(stream, t.batch_size, resume_position(positions, ckpt_path, rank, world))
-        dataset, train_source = stream, simages
-        val_images = center_crops(simages.val, t.resolution)[0] if len(simages.val) else None
-    else:
-        data_ = vae_training_data(images, crop=crop, resolution=t.resolution, seed=t.seed,
-                                  length=(total * world + world) * t.batch_size, granularity=raw.granularity,
-                                  base_cache=_base_cache(raw, train_source, cb) if t.cache_base else None)
-        dataset, val_images = data_.dataset, data_.val_images
-        loader = data_.loader(start_step, total, t.batch_size, rank, world, t.num_workers)
+        train_source = simages
+    dataset, loader, val_images = _training_loader(preset, raw, simages if streamed else images,
+                                                   None if streamed else train_source, streamed, fields, acc,
+                                                   start_step, positions, ckpt_path, cb)
     stepper = VAETrainStep(preset, raw, lpips_model, disc)
 
     def state_fn(at: int) -> dict:
@@ -422,17 +454,8 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     raw.train()
     loop.run(VAEOptimStep(stepper, acc, model, opt, sched, ema, trainable, opt_d, t), iter(loader), after_step)
 
-    if val_images is not None:
-        cb.on_message(f"evaluating on {int(val_images.shape[0])} held-out image(s)")
-    final_eval = evaluate(total)
-    # export the EMA weights with the detail channels' statistics measured on the training images
-    ema.copy_to(trainable)
-    raw.eval()
-    mean, std, n = measure_detail_stats(raw, train_source, t.stats_images, t.resolution, t.seed, t.batch_size, cb)
-    raw.set_detail_stats(mean, std, n)
-    if acc.is_main_process:
-        export_davae(raw, final_dir)
-    loop.write({"step": total, "event": "export", "final": str(final_dir), "detail_stats_images": n})
+    final_eval = _evaluate_and_export(raw, evaluate, val_images, ema, trainable, train_source, t, acc, loop,
+                                      final_dir, cb)
     skipped = (0 if streamed else len(source.skipped)) + dataset.read_failures
     summary = {"steps": total, "final": str(final_dir), "eval": final_eval, "last": loop.last,
                "skipped_images": skipped, "elapsed_s": round(loop.elapsed_s, 1)}

@@ -32,9 +32,9 @@ from typing import Optional
 
 import torch
 
-from .config import Preset
-from .errors import DavaeError, first_line
-from .vae.ldm import fit_tensor, ldm_key_to_diffusers
+from ..config import Preset
+from ..errors import DavaeError, first_line
+from ..vae.ldm import fit_tensor, ldm_key_to_diffusers
 
 
 def _read_state(path: Path, allow_pickle: bool) -> dict:
@@ -114,10 +114,10 @@ def convert_imagenet_davae(ckpt: str | Path, base_vae: str | Path, stats: str | 
                            preset: Preset, *, allow_pickle: bool = False) -> dict:
     """Convert an official ImageNet DA-VAE checkpoint (see the module doc) into a davae DA-VAE folder at `out`
     (written atomically). `preset` gives the architecture (`imagenet-512`: VA-VAE f16d32, D = 96)."""
-    from .train.vae import export_davae
-    from .vae.base import load_base_vae
-    from .vae.ldm import convert_ldm_vae_state
-    from .vae.model import DetailAlignedVAE
+    from ..train.vae import export_davae
+    from ..vae.base import load_base_vae
+    from ..vae.ldm import convert_ldm_vae_state
+    from ..vae.model import DetailAlignedVAE
 
     ckpt, base_vae, stats, out = Path(ckpt), Path(base_vae), Path(stats), Path(out)
     if out.exists():
@@ -190,10 +190,10 @@ def convert_lightningdit(ckpt: str | Path, vae_dir: str | Path, out: str | Path,
     imagenet-davae --stats latents_stats.pt`): the official trainer normalised all 128 channels with that
     file, so the converted DA-VAE's base transform and detail statistics are exactly the DiT's input
     normalisation. `preset` gives the architecture and the sampling recipe (`imagenet-512-official`)."""
-    from .dit.backend import get_backend
-    from .dit.lightningdit import load_lightningdit_weights
-    from .train.dit import export_adapted, sampling_facts
-    from .vae.model import DetailAlignedVAE
+    from .backend import get_backend
+    from .lightningdit import load_lightningdit_weights
+    from ..train.dit import export_adapted, sampling_facts
+    from ..vae.model import DetailAlignedVAE
 
     ckpt, vae_dir, out = Path(ckpt), Path(vae_dir), Path(out)
     _check_dit_job(out, preset, "lightningdit", "a LightningDiT (use imagenet-512-official)", ckpt)
@@ -238,9 +238,9 @@ def convert_sd3_davae(ckpt: str | Path, base_vae: str | Path, out: str | Path, p
     (the official base image: bicubic without antialiasing, clamped), so it computes what the official model
     computes, while its latent stays base first. The official code does not normalise the detail channels
     for its DiT (its statistics file is never found), so the folder's detail statistics stay 0 / 1."""
-    from .train.vae import export_davae
-    from .vae.base import load_base_vae
-    from .vae.model import DetailAlignedVAE
+    from ..train.vae import export_davae
+    from ..vae.base import load_base_vae
+    from ..vae.model import DetailAlignedVAE
 
     ckpt, out = Path(ckpt), Path(out)
     if out.exists():
@@ -334,10 +334,11 @@ def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, ou
     from the file's metadata, else `lora_alpha`, else its rank (the official recipe: alpha = rank = 256)."""
     import json
 
-    from .dit.backend import get_backend
-    from .dit.sd3 import extend_sd3, merged_copy
-    from .train.dit import export_adapted, sampling_facts
-    from .vae.model import DetailAlignedVAE
+    from .backend import get_backend
+    from .diffusers_family import merged_copy
+    from .sd3 import extend_sd3
+    from ..train.dit import export_adapted, sampling_facts
+    from ..vae.model import DetailAlignedVAE
 
     heads, lora, vae_dir, out = Path(heads), Path(lora), Path(vae_dir), Path(out)
     _check_dit_job(out, preset, "sd3", "an SD3.5 adaptation (use sd35m-1024-official)", heads)
@@ -421,3 +422,35 @@ def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, ou
     export_adapted(backend, model, facts, out)
     return {"out": str(out), "lora_rank": rank, "lora_alpha": alpha, "lora_targets": len(targets),
             "base_transformer": str(spec), "vae": str(vae_dir), "sample_shift": facts["sample_shift"]}
+
+
+# ------------------------------------------------------------------------------------- the conversion table
+from .registry import OFFICIAL_KINDS  # noqa: E402 - the table lives import-free for the command line
+
+
+def convert_official(kind: str, checkpoint: Path, out: Path, preset: Preset, inputs: dict,
+                     allow_pickle: bool = False) -> tuple[dict, str]:
+    """Run the conversion of `kind` (a key of OFFICIAL_KINDS) with `inputs` (checked against the table:
+    a missing required input or one that does not apply is one line); returns (report, one-line summary)."""
+    spec = OFFICIAL_KINDS[kind]
+    for name, given in inputs.items():
+        if given is not None and name not in spec["needs"] + spec["optional"]:
+            raise DavaeError(f"does not apply to `convert {kind}`", param=name)
+    for name in spec["needs"]:
+        if inputs.get(name) is None:
+            raise DavaeError(f"is required to convert {kind}", param=name)
+    i = inputs
+    if kind == "imagenet-davae":
+        report = convert_imagenet_davae(checkpoint, i["base_vae"], i["stats"], out, preset, allow_pickle=allow_pickle)
+        return report, f"converted {report['weights']} weights; detail statistics: {report['detail_stats']}"
+    if kind == "sd3-davae":
+        report = convert_sd3_davae(checkpoint, i["base_vae"], out, preset, allow_pickle=allow_pickle)
+        return report, f"converted {report['weights']} weights; detail statistics: {report['detail_stats']}"
+    if kind == "sd3-dit":
+        report = convert_sd3_dit(checkpoint, i["lora"], i["vae"], out, preset, dit=i.get("dit"),
+                                 lora_alpha=i.get("lora_alpha"), allow_pickle=allow_pickle)
+        return report, (f"merged a rank-{report['lora_rank']} LoRA (alpha {report['lora_alpha']:g}) on "
+                        f"{report['lora_targets']} modules into {report['base_transformer']}")
+    report = convert_lightningdit(checkpoint, i["vae"], out, preset, allow_pickle=allow_pickle)
+    return report, (f"converted {report['parameters']:,} parameters ({report['channels']} channels, "
+                    f"QK-norm {report['use_qknorm']})")

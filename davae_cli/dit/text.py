@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from .errors import DavaeError
-from .latents import atomic_write_bytes
+from ..errors import DavaeError
+from ..flops import counted_flops
+from ..latents import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -596,3 +597,11 @@ class FluxPromptEncoder:
                                                      num_images_per_prompt=1,
                                                      max_sequence_length=self.max_sequence_length)
         return embeds.to(self.dtype), pooled.to(self.dtype)
+
+
+def text_encoder_flops(arch: str = "sd3", max_sequence_length: int = 256) -> int:
+    """FLOPs of encoding one prompt with SD3's three text encoders (``davae_cli.dit.text.SD3_TEXT_ARCH``:
+    CLIP-L and CLIP-G on 77 tokens, T5-XXL on ``max_sequence_length``; ``arch="flux"``: FLUX.1's CLIP-L and
+    T5-XXL), counted on the meta device."""
+    encoders = build_sd3_text_encoders(arch, device="meta")
+    return counted_flops(run_sd3_text_encoders, encoders, 1, max_sequence_length)
