@@ -174,7 +174,7 @@ def _uses_cfg(preset: Preset, guidance: Optional[float]) -> bool:
     whose CFG weight is 1 (e.g. SD3 at 1.0, Z-Image-Turbo at 0)."""
     backend = get_backend(preset)
     g = preset.sample.guidance if guidance is None else guidance
-    return backend.guidance_mode(backend.arch_config()) == "cfg" and backend.cfg_weight(g) != 1.0
+    return backend.guidance_mode(dict(preset.dit.arch)) == "cfg" and backend.cfg_weight(g) != 1.0
 
 
 def build_decoders(preset: Preset, device, dtype):

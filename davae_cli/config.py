@@ -535,9 +535,10 @@ BOUNDS: list[tuple[str, tuple]] = [
     *[(k, _POS) for k in ("vae.base_channels", "vae.detail_channels", "vae.downsample", "vae.scale",
                           "train_vae.resolution", "train_vae.batch_size", "train_vae.checkpoint_every",
                           "train_vae.keep_checkpoints", "train_vae.log_every", "train_vae.eval_every",
-                          "dit.train_shift", "adapt_dit.detail_ramp_steps", "adapt_dit.loss_weight_gamma")],
+                          "dit.train_shift", "adapt_dit.detail_ramp_steps")],
     *[(f"{sec}.{k}", _POS) for sec in _TRAINERS
-      for k in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "encode_batch_size")],
+      for k in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "encode_batch_size",
+                "loss_weight_gamma")],
     *[(f"{sec}.{k}", _NONNEG) for sec in _TRAINERS for k in ("steps", "cosine_loss", "max_images")],
     *[(f"{sec}.ema_decay", _FRAC) for sec in _TRAINERS],
     *[(k, _NONNEG) for k in ("train_vae.steps", "train_vae.max_images", "train_vae.max_val", "train_dit.max_minutes",
@@ -545,11 +546,11 @@ BOUNDS: list[tuple[str, tuple]] = [
                              "loss.l1", "loss.lpips", "loss.kl", "loss.adv", "loss.align")],
     *[(k, _FRAC) for k in ("loss.detail_dropout", "train_vae.ema_decay", "dit.cond_dropout")],
     ("data.latent_shard_size", (_positive, "must be >= 1")),
-    ("vae.scale", (lambda v: v >= 2, "must be at least 2 (s: the paper uses 2; s = 4 puts the base at a quarter "
-                                     "of the resolution)")),
 ]
 
 RULES: list[tuple[Callable[["Preset"], bool], str]] = [
+    (lambda p: p.vae.scale < 2,
+     "vae.scale: s must be at least 2 (the paper: 2; s = 4 puts the base at a quarter of the resolution), got {s}"),
     (lambda p: p.vae.down_blocks == 0 and (2 * p.vae.detail_channels) % (p.vae.scale ** 2),
      "vae.detail_channels: 2D = {2D} must be divisible by s² = {ss} (the detail encoder's pixel-unshuffle({s}))"),
     (lambda p: p.vae.detail_channels % p.vae.base_channels,

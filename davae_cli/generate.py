@@ -242,7 +242,7 @@ def load_model(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = 
             if given:
                 raise DavaeError("cannot be combined with --random-weights (which builds every model itself)", param=name)
         model, cond_fn = load_random(preset, native=native, use_t5=use_t5, negative=negative, device=device, dtype=dtype)
-        res = res or preset.adapt_dit.resolution
+        res = res if res is not None else preset.adapt_dit.resolution
     elif native:
         model, cond_fn = load_native(preset, spec=base_pipeline or preset.dit.pretrained, vae_dir=vae_dir, res=res,
                                      shift=s.shift, use_t5=use_t5, negative=negative, device=device, dtype=dtype,
@@ -250,11 +250,8 @@ def load_model(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = 
     else:
         model, cond_fn = load_adapted(preset, vae_dir, dit_dir, base_pipeline=base_pipeline, use_t5=use_t5,
                                       negative_prompt=s.negative_prompt, device=device, dtype=dtype)
-        res = res or int(model.facts["resolution"])
-    s = with_recipe(s, model.recipe, res=res)
-    if s.shift is not None and model.dynamic_shift:
-        raise DavaeError("this model samples with its scheduler's dynamic shift (mu from the image-token count), "
-                         "as its pipeline does; a fixed shift does not apply", param="shift")
+        res = res if res is not None else int(model.facts["resolution"])
+    s = with_recipe(s, model.recipe, res=res)  # --shift with a dynamic-shift scheduler: refused by sampling_grid
     if s.compile:
         model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
         on_message("compiling the DiT on its first use: the first batch's time includes the compilation")

@@ -339,3 +339,40 @@ def test_adapted_zimage_warm_start_training_upscale_and_bench(zimage_pipe, tmp_p
     g = json.loads(run_cli("generate", "--preset", "tiny-zimage", "--random-weights", "--prompt", "x", "--res", "128",
                            "--steps", "2", "--out", tmp_path / "rw", "--json").stdout)
     assert g["mode"] == "davae" and g["tokens"] == 16 and len(g["written"]) == 1
+
+
+def test_adapt_dit_zimage_resume_after_kill_is_exact(tmp_path):
+    """The kill-9 resume test of the SD3 path, on Z-Image: SIGKILL after step 3 then --resume gives the losses
+    and the final weights (LoRA merged) of an uninterrupted run, bit for bit."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    sets = ["vae.base_vae=random", "vae.base_vae_subfolder=null", "adapt_dit.resolution=64", "adapt_dit.batch_size=2",
+            "adapt_dit.log_every=1", "adapt_dit.checkpoint_every=3", "adapt_dit.lr=3e-3"]
+    flags = sum((["--set", s] for s in sets), [])
+    run_cli("train-vae", "--preset", "tiny-zimage", "--out", tmp_path / "vae", "--steps", "0", *flags)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (72, 88, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("picture" + " number" * i)
+    args = ["adapt-dit", "--preset", "tiny-zimage", "--vae", tmp_path / "vae" / "final", "--data", data,
+            "--steps", "5", *flags]
+    run_cli(*args, "--out", tmp_path / "full", subprocess_=True)  # a process, like the killed run below
+    killed = run_cli(*args, "--out", tmp_path / "cut", check=False, env={"DAVAE_KILL_AFTER_STEP": "3"})
+    assert killed.returncode != 0 and not (tmp_path / "cut" / "final").exists()
+    run_cli(*args, "--out", tmp_path / "cut", "--resume")
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if r.get("event") == "train"]
+
+    assert len(losses(tmp_path / "full")) == 5 and losses(tmp_path / "cut") == losses(tmp_path / "full")
+    a = load_file(tmp_path / "full" / "final" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "cut" / "final" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -715,8 +715,11 @@ class LightningDiTBackend(Backend):
         return LightningDiT
 
     def arch_config(self) -> dict:
+        """The preset's architecture (its `size` with the `dit.arch` overrides), built on the meta device."""
+        arch = dict(self.preset.dit.arch)
+        size = arch.pop("size", "XL/1")
         with torch.device("meta"):
-            return dict(LightningDiT.from_config(dict(self.preset.dit.arch)).config)
+            return dict(build_lightningdit(size, **arch).config)
 
     def load(self, spec: str, seed: int = 0, dtype=torch.float32, device=None, latent_side=None) -> nn.Module:
         """`latent_side`: the token grid's side (p = 1) when it is not the DA-VAE latent of

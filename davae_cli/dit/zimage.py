@@ -182,19 +182,28 @@ _CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
                   "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def build_tiny_zimage_text_components(cap_feat_dim: int = 32, seed: int = 0) -> dict:
-    """Tiny random Z-Image text components (no download), for CPU tests: `tokenizer` (a byte-level Qwen2Tokenizer
-    with no merges, Qwen's chat special tokens and a Qwen-style chat template, pad = <|endoftext|>) and
-    `text_encoder` (a 2-layer Qwen3Model, hidden = `cap_feat_dim`)."""
+def _tiny_tokenizer():
+    """A byte-level Qwen2Tokenizer with no merges, Qwen's chat special tokens and a Qwen-style chat template
+    (pad = <|endoftext|>), built offline."""
     from tokenizers import AddedToken
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+    from transformers import Qwen2Tokenizer
 
     specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
     vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
     vocab.update({s: len(vocab) + k for k, s in enumerate(specials)})
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=_CHAT_TEMPLATE, model_max_length=4096)
     tok.add_tokens([AddedToken(s, special=True) for s in specials[1:]])
+    return tok
+
+
+def build_tiny_zimage_text_components(cap_feat_dim: int = 32, seed: int = 0) -> dict:
+    """Tiny random Z-Image text components (no download), for CPU tests: `tokenizer` (a byte-level Qwen2Tokenizer
+    with no merges, Qwen's chat special tokens and a Qwen-style chat template, pad = <|endoftext|>) and
+    `text_encoder` (a 2-layer Qwen3Model, hidden = `cap_feat_dim`)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    tok = _tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         te = Qwen3Model(Qwen3Config(
@@ -369,13 +378,17 @@ class ZImageBackend(DiffusersBackend):
         return self.preset.dit.text_encoders == TINY_SPEC
 
     def _random_text_components(self, device, dtype) -> dict:
-        comps = build_tiny_zimage_text_components(int(self.preset.dit.arch.get("cap_feat_dim", 32)))
-        if not self._tiny():
-            from transformers import Qwen3Config, Qwen3Model
+        """The tiny pair for a tiny-random preset, else Qwen3-4B (random weights) behind the tiny tokenizer;
+        on `device` in `dtype`."""
+        if self._tiny():
+            comps = build_tiny_zimage_text_components(int(self.preset.dit.arch.get("cap_feat_dim", 32)))
+            comps["text_encoder"].to(device=device, dtype=dtype)
+            return comps
+        from transformers import Qwen3Config, Qwen3Model
 
-            with torch.device(device):
-                comps["text_encoder"] = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG)).to(dtype)
-        return comps
+        with torch.device(device):
+            encoder = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG)).to(dtype)
+        return {"text_encoder": encoder.eval().requires_grad_(False), "tokenizer": _tiny_tokenizer()}
 
     def random_prompt_encoder(self, *, use_t5, device, dtype):
         """Qwen3-4B of its real architecture with random weights (the tiny one for a tiny-random preset)."""
