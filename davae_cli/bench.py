@@ -298,11 +298,10 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
         gen = torch.Generator(device="cpu").manual_seed(s.seed)
         noise = torch.randn(s.batch_size, cfg.channels, cfg.latent_side, cfg.latent_side, generator=gen).to(device, dtype)
 
-        def velocity(x, sigma, guided_step):
-            if s.cfg and guided_step:
-                u, cnd = v2(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
-                return u + w * (cnd - u)  # classifier-free guidance with the family's weight
-            return v1(x, sigma)
+        cfg_velocity = flow.guided_velocity(lambda x, sigma: v2(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2), w)
+
+        def velocity(x, sigma, guided_step):  # generate's guidance: one doubled batch where guided
+            return cfg_velocity(x, sigma, True) if s.cfg and guided_step else v1(x, sigma)
 
         result = {}
 

@@ -141,21 +141,21 @@ def sample(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, *, met
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown sampler {method!r}")
     keep = constrain or (lambda x, sigma: x)
-    x = noise
+    x = noise  # (N, C, h, w): the state, in the noise's dtype
     n = noise.shape[0]
     # sigmas stay float32 whatever the state's dtype (a bf16 timestep is off by up to ~4/1000 near noise)
     for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])  # scalars, s > s_next
         guided = in_interval(s, guidance_interval)
-        x = keep(x, s)
-        v = velocity(x, torch.full((n,), s, device=x.device, dtype=torch.float32), guided)
-        x_next = x + (s_next - s) * v
+        x = keep(x, s)  # (N, C, h, w), held channels put back on their path
+        v = velocity(x, torch.full((n,), s, device=x.device, dtype=torch.float32), guided)  # (N, C, h, w)
+        x_next = x + (s_next - s) * v  # (N, C, h, w): the Euler step
         if method == "heun" and s_next > 0:
-            x_next = keep(x_next, s_next)
+            x_next = keep(x_next, s_next)  # (N, C, h, w)
             v2 = velocity(x_next, torch.full((n,), s_next, device=x.device, dtype=torch.float32),
-                          in_interval(s_next, guidance_interval))
-            x_next = x + (s_next - s) * 0.5 * (v + v2)
+                          in_interval(s_next, guidance_interval))  # (N, C, h, w)
+            x_next = x + (s_next - s) * 0.5 * (v + v2)  # (N, C, h, w): Heun's correction
         x = x_next
         if callback:
             callback(i)
-    return keep(x, float(sigmas[-1]))
+    return keep(x, float(sigmas[-1]))  # (N, C, h, w) at sigmas[-1]

@@ -76,14 +76,17 @@ def guided_velocity(model: SamplingModel, guidance: float, uncond: dict, cond: d
     if model.guidance_mode == "distilled":
         cond = {**cond, **model.backend.guidance_inputs(guidance, batch, device)}
     w = model.backend.cfg_weight(guidance) if model.guidance_mode == "cfg" else 1.0
-    use_cfg = w != 1.0
+    both = join_conditions(uncond, cond) if w != 1.0 else None  # batch 2N: unconditional first
 
-    def velocity(x, sigma, guided):  # x (N, C+D, h, w) float32, sigma (N,)
-        if use_cfg and guided:
-            both = join_conditions(uncond, cond)  # batch 2N: unconditional, conditional
-            v_u, v_c = model.velocity(torch.cat([x, x]).to(dtype), torch.cat([sigma, sigma]), both).float().chunk(2)
-            return v_u + w * (v_c - v_u)  # (N, C+D, h, w)
-        return model.velocity(x.to(dtype), sigma, cond).float()  # (N, C+D, h, w)
+    def pair(x, sigma):  # x (N, C+D, h, w) float32, sigma (N,) -> (v_u, v_c), each (N, C+D, h, w) float32
+        return model.velocity(torch.cat([x, x]).to(dtype), torch.cat([sigma, sigma]), both).float().chunk(2)
+
+    cfg = flow.guided_velocity(pair, w)  # v_u + w (v_c - v_u)
+
+    def velocity(x, sigma, guided):  # x (N, C+D, h, w) float32, sigma (N,) -> (N, C+D, h, w) float32
+        if both is not None and guided:
+            return cfg(x, sigma, True)
+        return model.velocity(x.to(dtype), sigma, cond).float()
 
     return velocity
 
