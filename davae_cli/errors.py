@@ -30,10 +30,13 @@ class DavaeError(Exception):
         return self._join("--" + self.param.replace("_", "-"), self.message)
 
 
-def first_line(e: BaseException, limit: int = 160, empty: "str | None" = None) -> str:
-    """The first line of an exception's message, at most `limit` characters: what one-line errors quote.
-    An empty message gives `empty`, or the exception's type name."""
-    text = str(e).strip()
+def first_line(e: BaseException, limit: int = 160, empty: "str | None" = None, whole: bool = False) -> str:
+    """The first line of an exception's message, at most `limit` characters: what one-line errors quote
+    (`whole`: every line joined by spaces, for messages whose useful part is not on the first line, ending in
+    "..." when cut). An empty message gives `empty`, or the exception's type name."""
+    text = " ".join(str(e).split()) if whole else str(e).strip()
     if not text:
         return type(e).__name__ if empty is None else empty
+    if whole:
+        return text[:limit] + "..." if len(text) > limit else text
     return text.splitlines()[0][:limit]

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import Preset, check_sampling
-from .errors import DavaeError
+from .errors import DavaeError, first_line
 from .dit.backend import get_backend
 from .generate import GenerateSettings, Job, load_model, sample_batch
 from .sampling import sampling_grid
@@ -50,7 +50,7 @@ def read_prompt_list(path: str | Path, column: Optional[str] = None) -> list[str
         try:
             schema = pq.read_schema(p)
         except Exception as e:  # noqa: BLE001
-            raise DavaeError(f"{path}: not a readable parquet file ({str(e)[:100]})", param="prompts") from None
+            raise DavaeError(f"{path}: not a readable parquet file ({first_line(e, 100)})", param="prompts") from None
         col = next((n for n in names if n in schema.names), None)
         if col is None:
             raise DavaeError(f"{path}: no {' / '.join(names)} column (it has {', '.join(schema.names[:8])})",

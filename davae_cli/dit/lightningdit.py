@@ -523,7 +523,7 @@ def _read_torch(path: Path, trust_pickle: bool):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise DavaeError(f"{path}: cannot read ({str(e).strip()[:160]})") from None
+        raise DavaeError(f"{path}: cannot read ({first_line(e)})") from None
 
 
 def _read_folder(path: Path) -> dict:
@@ -604,7 +604,7 @@ def load_lightningdit_weights(model: LightningDiT, path: str | Path, prefer_ema:
         try:
             sd, what = load_file(str(p), device="cpu"), "safetensors"
         except Exception as e:  # noqa: BLE001
-            raise DavaeError(f"{p}: cannot read safetensors ({str(e).strip()[:160]})") from None
+            raise DavaeError(f"{p}: cannot read safetensors ({first_line(e)})") from None
     else:
         sd, what = _pick_state_dict(_read_torch(p, trust_pickle), prefer_ema, p)
     sd = _strip_prefixes({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 from ..flops import counted_flops
 from ..latents import atomic_write_bytes
 
@@ -261,11 +261,6 @@ def spec_identity(spec: str) -> str:
 # --------------------------------------------------------------------------------------------- prompt encoder
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return (text[:300] + "...") if len(text) > 300 else (text or type(err).__name__)
-
-
 def _load_components(spec: str, use_t5: bool, dtype: torch.dtype) -> dict:
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
@@ -297,9 +292,9 @@ def _load_components(spec: str, use_t5: bool, dtype: torch.dtype) -> dict:
         raise
     except Exception as e:
         if where == "hub":
-            raise DavaeError(f"cannot load the SD3 text encoders of hub id {spec!r} ({_one_line(e)}); "
+            raise DavaeError(f"cannot load the SD3 text encoders of hub id {spec!r} ({first_line(e, 300, whole=True)}); "
                              f"{GATED_HINT}") from e
-        raise DavaeError(f"cannot load the SD3 text encoders from folder {spec!r} ({_one_line(e)}); "
+        raise DavaeError(f"cannot load the SD3 text encoders from folder {spec!r} ({first_line(e, 300, whole=True)}); "
                          "check that it is a complete diffusers SD3 pipeline folder") from e
     return comps
 
@@ -319,7 +314,7 @@ def _joint_dim_without_t5(spec: str) -> int:
         return int(AutoConfig.from_pretrained(src, subfolder="text_encoder_3").d_model)
     except Exception as e:
         raise DavaeError(f"cannot find joint_attention_dim for {spec!r} without T5 (no transformer/config.json or "
-                         f"text_encoder_3/config.json: {_one_line(e)}); {GATED_HINT}") from e
+                         f"text_encoder_3/config.json: {first_line(e, 300, whole=True)}); {GATED_HINT}") from e
 
 
 class PromptEncoder:
@@ -454,7 +449,7 @@ class PromptCache:
             t = load_file(str(path))
             return t[self.EMBEDS], t[self.POOLED]
         except Exception as e:
-            raise DavaeError(f"unreadable prompt cache entry {path} ({_one_line(e)}); delete it and re-run") from e
+            raise DavaeError(f"unreadable prompt cache entry {path} ({first_line(e, 300, whole=True)}); delete it and re-run") from e
 
     def get(self, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """For each prompt, (embeds (L, J), pooled (P)) on the CPU, or None when not cached."""
@@ -581,7 +576,7 @@ class FluxPromptEncoder:
                          "tokenizer": AutoTokenizer.from_pretrained(spec, subfolder="tokenizer"),
                          "tokenizer_2": AutoTokenizer.from_pretrained(spec, subfolder="tokenizer_2")}
             except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
-                raise DavaeError(f"cannot load FLUX.1's text encoders from {spec!r} ({_one_line(e)}); pass a local "
+                raise DavaeError(f"cannot load FLUX.1's text encoders from {spec!r} ({first_line(e, 300, whole=True)}); pass a local "
                                  f"FLUX.1 pipeline folder (text_encoder, text_encoder_2, tokenizer, tokenizer_2)") from None
         return cls(comps, identity=spec_identity(spec) + "|flux", device=device, dtype=dtype,
                    max_sequence_length=max_sequence_length)
