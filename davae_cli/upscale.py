@@ -38,7 +38,7 @@ from .errors import DavaeError
 from .generate import RECIPE, Job, with_recipe
 from .images import decode_images, write_sample
 from .models import load_adapted
-from .sampling import guided_velocity, initial_noise, sample_latents
+from .sampling import guided_velocity, initial_noise, sample_latents, timed
 
 
 @dataclass
@@ -113,27 +113,20 @@ def _inputs(inputs: list[str]) -> D.ImageSource:
     return src
 
 
-def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: str, dit_dir: str,
-            base_pipeline: Optional[str] = None, use_t5: bool = True,
-            progress: Optional[Callable[[int, int], None]] = None,
-            on_message: Callable[[str], None] = lambda t: None) -> dict:
-    """Upscale every image of `inputs` into `s.out_dir/<stem>.png`; returns what was written and the timings.
-    Existing outputs are kept (resumable) unless `s.overwrite`."""
-    from .devices import resolve_device, resolve_dtype
+def _check_settings(s: UpscaleSettings) -> None:
+    """The settings' bounds, before anything is loaded."""
     if not 0.0 <= s.strength <= 1.0:
         raise DavaeError(f"{s.strength} is outside [0, 1]", param="strength")
     if s.batch_size < 1:
         raise DavaeError("must be at least 1", param="batch_size")
-    interval = None if isinstance(s.guidance_interval, str) else s.guidance_interval
-    check_sampling(s.steps, s.shift, interval, s.sampler)
-    if s.class_from_folders and s.class_id is not None:  # before anything is loaded
+    check_sampling(s.steps, s.shift, None if isinstance(s.guidance_interval, str) else s.guidance_interval, s.sampler)
+    if s.class_from_folders and s.class_id is not None:
         raise DavaeError("give either --class-id or --class-from-folders", param="class_id")
-    src = _inputs(inputs)
-    device = resolve_device(s.device)
-    dtype = resolve_dtype(s.dtype, device)
-    t0 = time.perf_counter()
-    model, cond_fn = load_adapted(preset, vae_dir, dit_dir, base_pipeline=base_pipeline, use_t5=use_t5,
-                                  negative_prompt=s.negative_prompt, device=device, dtype=dtype)
+
+
+def _jobs(model, s: UpscaleSettings, src) -> list[Job]:
+    """One job per input: the prompt for a text-to-image model; for a class model the class given, or each
+    input's folder (sorted folder names are the classes, as train-dit labels them), or the null class."""
     if model.conditioning == "class" and s.prompt is not None:
         raise DavaeError("this model is class-conditional: use --class-id, not --prompt", param="prompt")
     if model.conditioning == "prompt" and (s.class_id is not None or s.class_from_folders):
@@ -147,82 +140,100 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
             raise DavaeError(f"the inputs lie in {len(folders)} folders, the model has {num} classes",
                              param="class_from_folders")
         labels = [folders.index(Path(str(it)).parent.name) for it in src.items]
+    prompt = model.conditioning == "prompt"
+    return [Job(i, s.seed + i, (s.prompt or "") if prompt else None, None if prompt else labels[i])
+            for i in range(len(src))]
+
+
+def _upscale_batch(model, cond_fn, batch: list[Job], images: torch.Tensor, sigmas, s: UpscaleSettings, device,
+                   dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """images (B, 3, H/s, W/s) in [-1, 1] at the base size -> (images (B, 3, H, W), final latents
+    (B, C+D, h, w), {encode_s, text_s, sample_s, decode_s}): the base channels held to the encoded input."""
+    vae, c, d = model.parts["davae"], model.base_channels, model.detail_channels
+    clock = timed(device)
+    with torch.inference_mode():
+        z_base, encode_s = clock(lambda: vae.encode_base_image(images.to(device)).float())  # (B, C, h, w)
+    (uncond, cond), text_s = clock(lambda: cond_fn(batch))
+    side_h, side_w = z_base.shape[-2:]
+    noise = torch.cat([initial_noise(j.seed, c, d, side_h, side_w) for j in batch]).to(device)  # (B, C+D, h, w)
+    velocity = guided_velocity(model, s.guidance, uncond, cond, len(batch), device, dtype)
+    hold = flow.hold_channels(z_base, noise[:, :c], c, until=s.strength)
+    lat, sample_s = clock(lambda: sample_latents(velocity, noise, sigmas, sampler=s.sampler,
+                                                 guidance_interval=s.guidance_interval, constrain=hold))
+    with torch.inference_mode():
+        out, decode_s = clock(lambda: decode_images(model, lat, s.tile))
+    return out, lat, {"encode_s": encode_s, "text_s": text_s, "sample_s": sample_s, "decode_s": decode_s}
+
+
+def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: str, dit_dir: str,
+            base_pipeline: Optional[str] = None, use_t5: bool = True,
+            progress: Optional[Callable[[int, int], None]] = None,
+            on_message: Callable[[str], None] = lambda t: None) -> dict:
+    """Upscale every image of `inputs` into `s.out_dir/<stem>.png`; returns what was written and the timings.
+    Existing outputs are kept (resumable) unless `s.overwrite`."""
+    from .devices import resolve_device, resolve_dtype
+
+    _check_settings(s)
+    src = _inputs(inputs)
+    device = resolve_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
+    t0 = time.perf_counter()
+    model, cond_fn = load_adapted(preset, vae_dir, dit_dir, base_pipeline=base_pipeline, use_t5=use_t5,
+                                  negative_prompt=s.negative_prompt, device=device, dtype=dtype)
+    jobs = _jobs(model, s, src)
     s = with_recipe(s, model.recipe)  # a completed copy: the caller's settings stay as given
     if s.shift is not None and model.dynamic_shift:
         raise DavaeError("this model samples with its scheduler's dynamic shift (mu from the image-token count), "
                          "as its pipeline does; a fixed shift does not apply", param="shift")
     res = s.res if s.res is not None else int(model.facts["resolution"])
     vae = model.parts["davae"]
-    scale = int(vae.config.scale)
-    unit = vae.config.downsample * model.patch_size  # base pixels per DiT token
+    scale, f = int(vae.config.scale), vae.config.downsample
     shift = s.shift if s.shift is not None else model.shift
     if s.compile:
         model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
         on_message("compiling the DiT on its first use: the first batch's time includes the compilation")
-    c, d = model.base_channels, model.detail_channels
     load_s = time.perf_counter() - t0
 
     out_dir = Path(s.out_dir)
-    jobs = [Job(i, s.seed + i, (s.prompt or "") if model.conditioning == "prompt" else None,
-                labels[i] if model.conditioning == "class" else None) for i in range(len(src))]
     todo = [i for i in range(len(src)) if s.overwrite or not (out_dir / f"{src.name(i)}.png").exists()]
     # group by base size so that each batch is one tensor; sizes come from the headers, images are read per batch
     groups: dict[tuple[int, int], list[int]] = {}
     for i in todo:
         h, w = _image_size(src.items[i])
-        groups.setdefault(base_size(h, w, res, scale, unit), []).append(i)
+        groups.setdefault(base_size(h, w, res, scale, f * model.patch_size), []).append(i)
     timings = {"encode_s": 0.0, "text_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
     written, sizes, done = [], set(), len(src) - len(todo)
     if progress:
         progress(done, len(src))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for size, members in groups.items():
-        side_h, side_w = size[0] // vae.config.downsample, size[1] // vae.config.downsample  # the latent at R
-        tokens = (side_h // model.patch_size) * (side_w // model.patch_size)
+        tokens = (size[0] // f // model.patch_size) * (size[1] // f // model.patch_size)  # the latent at R
         sigmas = model.backend.sigma_grid(s.steps, shift, model.scheduler_config, tokens)
         grid = [round(float(v), 8) for v in sigmas]
         sizes.add((size[0] * scale, size[1] * scale))
         for k in range(0, len(members), s.batch_size):
             idx = members[k : k + s.batch_size]
             batch = [jobs[i] for i in idx]
-            ta = time.perf_counter()
-            x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size,
-                                                      vae.config.base_resize) for i in idx]).to(device)
-            with torch.inference_mode():
-                z_base = vae.encode_base_image(x_base).float()  # (B, C, h, w), the DiT's own base space
-            sync()
-            tb = time.perf_counter()
-            uncond, cond = cond_fn(batch)
-            sync()
-            tc = time.perf_counter()
-            noise = torch.cat([initial_noise(j.seed, c, d, side_h, side_w) for j in batch]).to(device)
-            velocity = guided_velocity(model, s.guidance, uncond, cond, len(batch), device, dtype)
-            hold = flow.hold_channels(z_base, noise[:, :c], c, until=s.strength)
-            with torch.inference_mode():
-                lat = sample_latents(velocity, noise, sigmas, sampler=s.sampler,
-                                     guidance_interval=s.guidance_interval, constrain=hold)
-                sync()
-                td = time.perf_counter()
-                images = decode_images(model, lat, s.tile)
-                sync()
-            te = time.perf_counter()
-            for key, v in zip(("encode_s", "text_s", "sample_s", "decode_s"), (tb - ta, tc - tb, td - tc, te - td)):
+            t_read = time.perf_counter()
+            x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size, vae.config.base_resize)
+                                  for i in idx])
+            timings["encode_s"] += time.perf_counter() - t_read  # reading and resizing count as encoding
+            images, lat, times = _upscale_batch(model, cond_fn, batch, x_base, sigmas, s, device, dtype)
+            for key, v in times.items():
                 timings[key] += v
             for i, j, img, z in zip(idx, batch, images, lat):
-                stem = src.name(i)
                 meta = {"source": str(src.items[i]), "strength": s.strength, "prompt": j.prompt,
                         "negative_prompt": s.negative_prompt if j.prompt is not None else None,
                         "class_id": j.class_id, "seed": j.seed, "steps": s.steps, "guidance": s.guidance,
                         "guidance_interval": s.guidance_interval, "sampler": s.sampler, "shift": shift,
                         "sigmas": grid, "res": list(img.shape[-2:]), "base_size": list(size), "mode": "upscale",
                         **model.identity}
-                written.append(write_sample(out_dir, stem, img, z, meta, s.save_latents))
+                written.append(write_sample(out_dir, src.name(i), img, z, meta, s.save_latents))
             done += len(idx)
             if progress:
                 progress(done, len(src))
     n = len(written)
-    total_s = sum(timings.values())
     per = (lambda sec: 1000.0 * sec / n) if n else (lambda sec: None)
+    total_s = sum(timings.values())
     return {"written": written, "skipped_existing": len(src) - len(todo), "images": len(src),
             "sizes": sorted(list(v) for v in sizes), "strength": s.strength, "steps": s.steps, "guidance": s.guidance,
             "guidance_interval": s.guidance_interval, "sampler": s.sampler, "shift": shift, "device": str(device),
