@@ -254,6 +254,74 @@ def _grid(preset: Preset, s: BenchSettings, shapes: dict):
             preset.sample.guidance_interval)
 
 
+def _side_report(cfg: "_Config", s: BenchSettings, peak_tflops: Optional[float], warnings: list[str]) -> dict:
+    """The medians of one configuration's repeats, per step and per image, with its FLOPs and achieved rate;
+    noisy or single repeats add a warning."""
+    loop = statistics.median(cfg.loop_ms)
+    dec = statistics.median(cfg.decode_ms) if cfg.decode_ms else None
+    txt = statistics.median(cfg.text_ms) if cfg.text_ms else None
+    step_ms = loop / s.steps
+    tflops = cfg.flops["total"] / 1e12
+    achieved = tflops / (step_ms / 1000.0)
+    spread = (max(cfg.loop_ms) - min(cfg.loop_ms)) / loop if len(cfg.loop_ms) > 1 else None
+    if spread is not None and spread > NOISY_SPREAD:
+        warnings.append(f"{cfg.name}: repeats spread {100 * spread:.0f}% of the median; "
+                        f"use more --repeats / --warmup or a quieter machine")
+    if len(cfg.loop_ms) == 1:
+        warnings.append(f"{cfg.name}: a single repeat cannot show noise (use --repeats 3)")
+    return {
+        "image_tokens": cfg.tokens, "latent": [cfg.channels, cfg.latent_side, cfg.latent_side],
+        "ms_per_step": step_ms, "ms_loop": loop, "ms_decode": dec, "ms_text": txt,
+        "ms_per_image": (loop + (dec or 0.0) + (txt or 0.0)) / s.batch_size,
+        "images_per_s": 1000.0 * s.batch_size / (loop + (dec or 0.0) + (txt or 0.0)),
+        "peak_mem_mb": cfg.peak_mb, "tflops_per_step": tflops, "achieved_tflops": achieved,
+        "pct_of_peak": 100.0 * achieved / peak_tflops if peak_tflops else None,
+        "floor_ms_per_step": F.step_floor_ms(cfg.flops, peak_tflops) if peak_tflops else None,
+        "loop_ms_repeats": cfg.loop_ms, "spread": spread,
+    }
+
+
+def _time_once(cfg: "_Config", pair: _Pair, s: BenchSettings, sigmas, interval, text, n_guided: int, clock: "_Clock",
+               device, dtype, record: bool) -> None:
+    """One timed run of a configuration: text encoders (when timed), the denoising loop (generate's loop and
+    guidance), the decode; with `record`, appended to the configuration's repeats."""
+    net = cfg.activate()
+    v2, v1 = pair.velocity(net, 2 * s.batch_size), pair.velocity(net, s.batch_size)
+    w = pair.backend.cfg_weight(s.guidance)
+    gen = torch.Generator(device="cpu").manual_seed(s.seed)
+    noise = torch.randn(s.batch_size, cfg.channels, cfg.latent_side, cfg.latent_side, generator=gen).to(device, dtype)
+
+    cfg_velocity = flow.guided_velocity(lambda x, sigma: v2(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2), w)
+
+    def velocity(x, sigma, guided_step):  # generate's guidance: one doubled batch where guided
+        return cfg_velocity(x, sigma, True) if s.cfg and guided_step else v1(x, sigma)
+
+    result = {}
+
+    def loop():
+        result["x"] = sample_latents(velocity, noise, sigmas, guidance_interval=interval)  # generate's loop
+
+    with torch.inference_mode(), _sdpa(s.attention):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        tms = None
+        if text is not None:  # the prompt and, with CFG, the negative prompt of every image of the batch
+            g = torch.Generator().manual_seed(s.seed)
+            prompts = s.batch_size * (2 if s.cfg and n_guided else 1)
+            tms = clock.time(lambda: text(prompts, g))
+        ms = clock.time(loop)
+        dms = clock.time(lambda: cfg.decode(result["x"])) if cfg.decode is not None else None
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+            cfg.peak_mb = max(cfg.peak_mb or 0.0, peak)
+    if record:
+        cfg.loop_ms.append(ms)
+        if dms is not None:
+            cfg.decode_ms.append(dms)
+        if tms is not None:
+            cfg.text_ms.append(tms)
+
+
 def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Measure both configurations; returns the report dict (see `davae bench --json`)."""
     check_settings(preset, s)
@@ -291,51 +359,14 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
                                pair.activate(name), dec))
     clock = _Clock(device)
 
-    def run_once(cfg: _Config, record: bool) -> None:
-        net = cfg.activate()
-        v2, v1 = pair.velocity(net, 2 * s.batch_size), pair.velocity(net, s.batch_size)
-        w = pair.backend.cfg_weight(s.guidance)
-        gen = torch.Generator(device="cpu").manual_seed(s.seed)
-        noise = torch.randn(s.batch_size, cfg.channels, cfg.latent_side, cfg.latent_side, generator=gen).to(device, dtype)
-
-        cfg_velocity = flow.guided_velocity(lambda x, sigma: v2(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2), w)
-
-        def velocity(x, sigma, guided_step):  # generate's guidance: one doubled batch where guided
-            return cfg_velocity(x, sigma, True) if s.cfg and guided_step else v1(x, sigma)
-
-        result = {}
-
-        def loop():
-            result["x"] = sample_latents(velocity, noise, sigmas, guidance_interval=interval)  # generate's loop
-
-        with torch.inference_mode(), _sdpa(s.attention):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            tms = None
-            if text is not None:  # the prompt and, with CFG, the negative prompt of every image of the batch
-                g = torch.Generator().manual_seed(s.seed)
-                prompts = s.batch_size * (2 if s.cfg and n_guided else 1)
-                tms = clock.time(lambda: text(prompts, g))
-            ms = clock.time(loop)
-            dms = clock.time(lambda: cfg.decode(result["x"])) if cfg.decode is not None else None
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) / 2**20
-                cfg.peak_mb = max(cfg.peak_mb or 0.0, peak)
-        if record:
-            cfg.loop_ms.append(ms)
-            if dms is not None:
-                cfg.decode_ms.append(dms)
-            if tms is not None:
-                cfg.text_ms.append(tms)
-
     for i in range(s.warmup):
         for cfg in configs:
             say(f"warm-up {i + 1}/{s.warmup}: {cfg.name}")
-            run_once(cfg, False)
+            _time_once(cfg, pair, s, sigmas, interval, text, n_guided, clock, device, dtype, record=False)
     for r in range(s.repeats):
         for cfg in (configs if r % 2 == 0 else configs[::-1]):  # alternate A/B, and the order within a repeat
             say(f"repeat {r + 1}/{s.repeats}: {cfg.name} ({cfg.tokens} image tokens, {s.steps} steps)")
-            run_once(cfg, True)
+            _time_once(cfg, pair, s, sigmas, interval, text, n_guided, clock, device, dtype, record=True)
             gc.collect()
 
     peak_tflops = F.device_peak_tflops(torch.cuda.get_device_name(device), dtype_name) if device.type == "cuda" else None
@@ -347,28 +378,7 @@ def run_bench(preset: Preset, s: BenchSettings, progress: Optional[Callable[[str
            "compile": s.compile and s.compile_mode, "attention": s.attention, "weights": s.weights, "text_tokens": text_tokens,
            "peak_tflops": peak_tflops, "warnings": []}
     for cfg in configs:
-        loop = statistics.median(cfg.loop_ms)
-        dec = statistics.median(cfg.decode_ms) if cfg.decode_ms else None
-        txt = statistics.median(cfg.text_ms) if cfg.text_ms else None
-        step_ms = loop / s.steps
-        tflops = cfg.flops["total"] / 1e12
-        achieved = tflops / (step_ms / 1000.0)
-        spread = (max(cfg.loop_ms) - min(cfg.loop_ms)) / loop if len(cfg.loop_ms) > 1 else None
-        if spread is not None and spread > NOISY_SPREAD:
-            out["warnings"].append(f"{cfg.name}: repeats spread {100 * spread:.0f}% of the median; "
-                                   f"use more --repeats / --warmup or a quieter machine")
-        if len(cfg.loop_ms) == 1:
-            out["warnings"].append(f"{cfg.name}: a single repeat cannot show noise (use --repeats 3)")
-        out[cfg.name] = {
-            "image_tokens": cfg.tokens, "latent": [cfg.channels, cfg.latent_side, cfg.latent_side],
-            "ms_per_step": step_ms, "ms_loop": loop, "ms_decode": dec, "ms_text": txt,
-            "ms_per_image": (loop + (dec or 0.0) + (txt or 0.0)) / s.batch_size,
-            "images_per_s": 1000.0 * s.batch_size / (loop + (dec or 0.0) + (txt or 0.0)),
-            "peak_mem_mb": cfg.peak_mb, "tflops_per_step": tflops, "achieved_tflops": achieved,
-            "pct_of_peak": 100.0 * achieved / peak_tflops if peak_tflops else None,
-            "floor_ms_per_step": F.step_floor_ms(cfg.flops, peak_tflops) if peak_tflops else None,
-            "loop_ms_repeats": cfg.loop_ms, "spread": spread,
-        }
+        out[cfg.name] = _side_report(cfg, s, peak_tflops, out["warnings"])
     n, dv = out["native"], out["davae"]
     out["speedup_step"] = n["ms_per_step"] / dv["ms_per_step"]
     out["speedup_end_to_end"] = n["ms_per_image"] / dv["ms_per_image"]
