@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import DavaeError
 from .diffusers_family import DiffusersBackend
+from .text import ClipT5Text
 from ..flops import flop_result, mm
 
 PACK = 2  # FluxPipeline packs 2x2 latent cells into one token
@@ -228,7 +229,7 @@ def flux_flops(config: dict, image_tokens: int, text_tokens: int, batch: int = 1
     return flop_result(parts, attention, n, b, text_tokens=m)
 
 
-class FluxBackend(DiffusersBackend):
+class FluxBackend(ClipT5Text, DiffusersBackend):
     """FLUX.1: a token is a 2x2 cell of the latent (in_channels = 4C), one forward per step (FLUX.1-dev takes
     the guidance scale as an input, FLUX.1-schnell none), FluxPipeline's dynamic-shift grid, CLIP-L + T5-XXL
     prompts (`text.FluxPromptEncoder`)."""
@@ -236,6 +237,7 @@ class FluxBackend(DiffusersBackend):
     name = "flux"
     label = "FLUX.1"
     token_note = "FLUX packs 2x2 latent cells into a token"
+    text_arch, tiny_text_arch = "flux", "tiny-flux"  # CLIP-L + T5-XXL (ClipT5Text)
     transformer_class = "FluxTransformer2DModel"
     default_scheduler = FLUX1_SCHEDULER_CONFIG
     default_scheduler_name = "FLUX.1's scheduler_config"
@@ -304,22 +306,6 @@ class FluxBackend(DiffusersBackend):
         if self.guidance_mode(config) == "distilled":
             cond.update(self.guidance_inputs(float(self.preset.sample.guidance), batch, device))
         return cond
-
-    def _text_arch(self) -> str:
-        from .text import TINY_SPEC
-
-        return "tiny-flux" if self.preset.dit.text_encoders == TINY_SPEC else "flux"
-
-    def random_text_encoders(self, device, dtype):
-        from .text import build_sd3_text_encoders, run_sd3_text_encoders
-
-        enc = build_sd3_text_encoders(self._text_arch(), device, dtype)
-        return lambda prompts, g: run_sd3_text_encoders(enc, prompts, self.preset.dit.max_sequence_length, g)
-
-    def text_flops(self) -> int:
-        from .text import text_encoder_flops
-
-        return text_encoder_flops(self._text_arch(), self.preset.dit.max_sequence_length)
 
     @classmethod
     def flops(cls, config, image_tokens, text_tokens, batch=1):

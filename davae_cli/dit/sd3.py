@@ -15,6 +15,7 @@ import torch
 from ..errors import DavaeError
 from ..flops import flop_result, mm
 from .diffusers_family import DiffusersBackend
+from .text import ClipT5Text
 from .extend import extend_output_head, extend_patch_embed
 
 
@@ -186,7 +187,7 @@ def sd3_velocity(model, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> tor
                  timestep=sigma * 1000.0, return_dict=False)[0]
 
 
-class SD3Backend(DiffusersBackend):
+class SD3Backend(ClipT5Text, DiffusersBackend):
     name = "sd3"
     label = "SD3"
     transformer_class = "SD3Transformer2DModel"
@@ -219,11 +220,6 @@ class SD3Backend(DiffusersBackend):
     def use_t5(self) -> bool:
         return bool(self.preset.dit.use_t5)
 
-    def _text_arch(self) -> str:
-        from .text import TINY_SPEC
-
-        return "tiny" if self.preset.dit.text_encoders == TINY_SPEC else "sd3"
-
     def random_prompt_encoder(self, *, use_t5, device, dtype):
         """CLIP-L, CLIP-G and T5-XXL of their real architectures with random weights (the tiny set for a
         tiny-random preset) behind local tokenizers."""
@@ -245,17 +241,6 @@ class SD3Backend(DiffusersBackend):
         return {"embeds": torch.randn(batch, self.text_tokens(), config["joint_attention_dim"],
                                       generator=generator).to(device, dtype),
                 "pooled": torch.randn(batch, config["pooled_projection_dim"], generator=generator).to(device, dtype)}
-
-    def random_text_encoders(self, device, dtype):
-        from .text import build_sd3_text_encoders, run_sd3_text_encoders
-
-        enc = build_sd3_text_encoders(self._text_arch(), device, dtype)
-        return lambda prompts, g: run_sd3_text_encoders(enc, prompts, self.preset.dit.max_sequence_length, g)
-
-    def text_flops(self) -> int:
-        from .text import text_encoder_flops
-
-        return text_encoder_flops(self._text_arch(), self.preset.dit.max_sequence_length)
 
     @classmethod
     def flops(cls, config, image_tokens, text_tokens, batch=1):

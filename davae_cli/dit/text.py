@@ -600,3 +600,23 @@ def text_encoder_flops(arch: str = "sd3", max_sequence_length: int = 256) -> int
     T5-XXL), counted on the meta device."""
     encoders = build_sd3_text_encoders(arch, device="meta")
     return counted_flops(run_sd3_text_encoders, encoders, 1, max_sequence_length)
+
+
+class ClipT5Text:
+    """For a backend whose prompts go through CLIP (+ T5) encoders of `SD3_TEXT_ARCH`: which architecture its
+    preset uses (`text_arch`, or `tiny_text_arch` for a tiny-random preset), those encoders with random weights
+    for timing, and their FLOPs per prompt. Mixed in before the backend's base class."""
+
+    text_arch = "sd3"
+    tiny_text_arch = "tiny"
+
+    def _text_arch(self) -> str:
+        return self.tiny_text_arch if self.preset.dit.text_encoders == TINY_SPEC else self.text_arch
+
+    def random_text_encoders(self, device, dtype):
+        enc = build_sd3_text_encoders(self._text_arch(), device, dtype)
+        return lambda prompts, g: run_sd3_text_encoders(enc, prompts, self.preset.dit.max_sequence_length, g)
+
+    def text_flops(self) -> int:
+        return text_encoder_flops(self._text_arch(), self.preset.dit.max_sequence_length)
+

@@ -30,9 +30,9 @@ from torch import nn
 from ..errors import DavaeError, first_line
 from .diffusers_family import DiffusersBackend
 from .extend import extend_output_head, output_row_index
+from .text import TINY_SPEC, PromptEncoder, spec_identity
 
 SEQ_MULTI_OF = 32  # transformer_z_image.SEQ_MULTI_OF: both token sequences are padded to a multiple of 32
-TINY_SPEC = "tiny-random"
 
 # Tongyi-MAI/Z-Image-Turbo transformer/config.json. Every value equals ZImageTransformer2DModel.__init__'s
 # default in diffusers 0.42.1 except axes_lens, whose default is (1024, 512, 512): 1536 is the value quoted by
@@ -249,19 +249,10 @@ class ZImagePromptEncoder:
             except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
                 raise DavaeError(f"cannot load Z-Image's text encoder from {spec!r} ({first_line(e, 200)}); pass a "
                                  f"local Z-Image pipeline folder (text_encoder, tokenizer)") from None
-        from .text import spec_identity
-
         return cls(comps, identity=spec_identity(spec) + "|zimage", device=device, dtype=dtype,
                    max_sequence_length=max_sequence_length)
 
-    def unload(self) -> None:
-        """Drop the text model; `encode` fails afterwards."""
-        import gc
-
-        self._pipe = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    unload = PromptEncoder.unload  # drop the text model; `encode` fails afterwards
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
