@@ -28,7 +28,8 @@ def recipe_of(preset: Preset) -> dict:
 
 # --------------------------------------------------------------------------------------------- conditioners
 def prompt_conditioner(encoder, keys: tuple[str, str], negative: str, device, dtype) -> CondFn:
-    """Prompts through `encoder` (each distinct text encoded once), the negative prompt as unconditional."""
+    """Prompts through `encoder` (each distinct text encoded once), the negative prompt as unconditional
+    (`model_conditioner` picks the negative for a model)."""
     memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(texts: list[str]) -> dict:
@@ -43,6 +44,13 @@ def prompt_conditioner(encoder, keys: tuple[str, str], negative: str, device, dt
         return get([negative] * len(batch)), get([j.prompt for j in batch])
 
     return cond_fn
+
+
+def model_conditioner(model: SamplingModel, encoder, negative: str, device, dtype) -> CondFn:
+    """The prompt conditioner of `model`: its family's prompt tensors; the negative prompt only where the
+    model runs a negative branch (CFG), else the empty prompt (never encoded for guidance)."""
+    return prompt_conditioner(encoder, model.backend.prompt_keys, negative if model.guidance_mode == "cfg" else "",
+                              device, dtype)
 
 
 def class_conditioner(num_classes: int, device) -> CondFn:
@@ -117,7 +125,7 @@ def load_adapted(preset: Preset, vae_dir: Optional[str], dit_dir: Optional[str],
     negative = negative_prompt if negative_prompt is not None else (model.recipe.get("negative_prompt") or "")
     enc = cls.prompt_encoder(base_pipeline or cond["text_encoders"], device=device, dtype=torch.float32,
                              use_t5=use_t5 and cond.get("use_t5", True), max_sequence_length=cond["max_sequence_length"])
-    return model, prompt_conditioner(enc, cls.prompt_keys, negative if model.guidance_mode == "cfg" else "", device, dtype)
+    return model, model_conditioner(model, enc, negative, device, dtype)
 
 
 def load_native(preset: Preset, *, spec: Optional[str], vae_dir: Optional[str], res: Optional[int],
@@ -131,8 +139,7 @@ def load_native(preset: Preset, *, spec: Optional[str], vae_dir: Optional[str], 
         return model, class_conditioner(preset.dit.num_classes, device)
     enc = backend.prompt_encoder(spec, device=device, dtype=torch.float32, use_t5=use_t5,
                                  max_sequence_length=preset.dit.max_sequence_length)
-    return model, prompt_conditioner(enc, backend.prompt_keys, negative if model.guidance_mode == "cfg" else "",
-                                     device, dtype)
+    return model, model_conditioner(model, enc, negative, device, dtype)
 
 
 def load_random(preset: Preset, *, native: bool, use_t5: bool, negative: str, device,
@@ -167,8 +174,7 @@ def load_random(preset: Preset, *, native: bool, use_t5: bool, negative: str, de
         conditioning="prompt", scheduler_config=cfg or {"shift": float(preset.sample.shift)},
         guidance_mode=backend.guidance_mode(dict(dit.config)), identity={"weights": "random", "preset": preset.name})
     enc = backend.random_prompt_encoder(use_t5=use_t5, device=device, dtype=dtype)
-    return model, prompt_conditioner(enc, backend.prompt_keys, negative if model.guidance_mode == "cfg" else "",
-                                     device, dtype)
+    return model, model_conditioner(model, enc, negative, device, dtype)
 
 
 def random_davae(preset: Preset, device, dtype):

@@ -91,6 +91,13 @@ def guided_velocity(model: SamplingModel, guidance: float, uncond: dict, cond: d
     return velocity
 
 
+def check_shift(model: SamplingModel, shift: Optional[float]) -> None:
+    """A fixed shift given for a model whose scheduler shifts dynamically is one line."""
+    if shift is not None and model.dynamic_shift:
+        raise DavaeError("this model samples with its scheduler's dynamic shift (mu from the image-token count), "
+                         "as its pipeline does; a fixed shift does not apply", param="shift")
+
+
 def sampling_grid(model: SamplingModel, res: Optional[int], steps: int,
                   shift: Optional[float]) -> tuple[int, float, torch.Tensor]:
     """(latent side, shift, sigma grid of steps + 1 values) at `res`: the resolution must be a whole number of
@@ -98,9 +105,7 @@ def sampling_grid(model: SamplingModel, res: Optional[int], steps: int,
     g = model.granularity * model.patch_size
     if res is None or res <= 0 or res % g:
         raise DavaeError(f"{res}: must be a positive multiple of {g} for this model (pixels per token)", param="res")
-    if shift is not None and model.dynamic_shift:
-        raise DavaeError("this model samples with its scheduler's dynamic shift (mu from the image-token count), "
-                         "as its pipeline does; a fixed shift does not apply", param="shift")
+    check_shift(model, shift)
     side = res // model.granularity
     shift = shift if shift is not None else model.shift
     tokens = (side // model.patch_size) ** 2

@@ -38,7 +38,7 @@ from .errors import DavaeError
 from .generate import RECIPE, Job, with_recipe
 from .images import decode_images, write_sample
 from .models import load_adapted
-from .sampling import guided_velocity, initial_noise, sample_latents, timed
+from .sampling import check_shift, guided_velocity, initial_noise, sample_latents, timed
 
 
 @dataclass
@@ -182,9 +182,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
                                   negative_prompt=s.negative_prompt, device=device, dtype=dtype)
     jobs = _jobs(model, s, src)
     s = with_recipe(s, model.recipe)  # a completed copy: the caller's settings stay as given
-    if s.shift is not None and model.dynamic_shift:
-        raise DavaeError("this model samples with its scheduler's dynamic shift (mu from the image-token count), "
-                         "as its pipeline does; a fixed shift does not apply", param="shift")
+    check_shift(model, s.shift)
     res = s.res if s.res is not None else int(model.facts["resolution"])
     vae = model.parts["davae"]
     scale, f = int(vae.config.scale), vae.config.downsample

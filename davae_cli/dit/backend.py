@@ -138,6 +138,9 @@ class Backend:
         """The zero-init extension to C + D channels, in place (SPEC §6)."""
         raise NotImplementedError
 
+    def check_grid(self, model, side: int, granularity: int, downsample: int) -> None:
+        """One line when `model` cannot read a `side` x `side` latent (a family built for one token grid)."""
+
     def heads(self, model, detail_channels: int) -> tuple[dict[str, nn.Module], dict]:
         """({dotted path: layer}, {attribute: value}): the input and output layers (and the attributes the
         forward reads) of the configuration with `detail_channels` more channels (0: the model's own)."""

@@ -50,8 +50,7 @@ def build_adapted_dit(preset: Preset, vae: DetailAlignedVAE, dit_spec: Optional[
                          f"they do not belong together")
     p = backend.patch_size(model)
     side = preset.adapt_dit.resolution // vae.granularity
-    if hasattr(backend, "check_grid"):  # a family whose model is built for one token grid
-        backend.check_grid(model, side, vae.granularity, vae.config.downsample)
+    backend.check_grid(model, side, vae.granularity, vae.config.downsample)
     if dit_spec and Path(dit_spec).is_dir():
         from ..latents import check_native_space, read_native_facts
 
