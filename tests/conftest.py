@@ -28,7 +28,7 @@ TAESD3 = SHARED / "weights" / "taesd3"
 SUN_HAYS = SHARED / "data" / "sun_hays80"
 
 
-def _tiny_kl(path: Path, latent_channels: int = 4) -> Path:
+def _tiny_kl(path: Path, latent_channels: int = 4, scaling_factor: float = 1.5, shift_factor: float = 0.1) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(1)
@@ -36,7 +36,7 @@ def _tiny_kl(path: Path, latent_channels: int = 4) -> Path:
         in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
-        scaling_factor=1.5, shift_factor=0.1,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
     )
     vae.save_pretrained(str(path))
     return path

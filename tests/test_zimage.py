@@ -209,8 +209,9 @@ def test_bad_input_is_one_line():
 def zimage_pipe(tmp_path_factory):
     """A tiny Z-Image pipeline folder: transformer/ (the tiny-zimage preset's arch), vae/ (KL, C = 16, its own
     shift/scale), scheduler/ (Z-Image-Turbo's static-shift config), text_encoder/ and tokenizer/ (tiny Qwen3)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 
+    from conftest import _tiny_kl
     from davae_cli.config import load_preset
 
     d = tmp_path_factory.mktemp("zimagepipe")
@@ -220,9 +221,7 @@ def zimage_pipe(tmp_path_factory):
         model.x_pad_token.normal_()
         model.cap_pad_token.normal_()
     model.save_pretrained(d / "transformer")
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-                  norm_num_groups=4, scaling_factor=0.36, shift_factor=0.12).save_pretrained(d / "vae")
+    _tiny_kl(d / "vae", 16, scaling_factor=0.36, shift_factor=0.12)  # its own shift/scale, as FLUX.1's VAE
     FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER_CONFIG).save_pretrained(d / "scheduler")
     for name, comp in build_tiny_zimage_text_components(cap_feat_dim=32).items():
         comp.save_pretrained(str(d / name))
