@@ -145,18 +145,29 @@ def check_latent_compatible(vae: DetailAlignedVAE, latent: torch.Tensor, meta: d
     return None
 
 
+def check_decode_mode(base_only: bool, detail_from_base: bool) -> None:
+    if base_only and detail_from_base:
+        raise DavaeError("--base-only and --detail-from-base are two different decodes: pass one")
+
+
 @torch.no_grad()
 def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | Path, *, overwrite: bool = False,
                    progress: Optional[ProgressFn] = None, on_total: Optional[Callable[[int], None]] = None,
-                   dit_dir: Optional[str | Path] = None, base_only: bool = False) -> BatchReport:
+                   dit_dir: Optional[str | Path] = None, base_only: bool = False,
+                   detail_from_base: bool = False) -> BatchReport:
     """Decode latent files (or folders of them, recursive) to `out_dir/<stem>.png` at full resolution.
 
     `dit_dir`: the adapted DiT whose latent normalisation DiT-space latents (`generate --save-latents`) are
     in; they are mapped back to DA-VAE latents first. `base_only`: decode only the base channels, with the
     base VAE at 1/s + bicubic x s (the baseline at the same tokens): the same latents with and without their
-    detail channels, which tells the detail's contribution from the base channels' own content."""
+    detail channels, which tells the detail's contribution from the base channels' own content.
+    `detail_from_base`: decode with the DA-VAE, the detail channels replaced by their least-squares
+    prediction from the base channels, fitted over all the latents given (`metrics.latent_stats.DetailFromBase`):
+    what the decoder makes of the base channels alone, so the difference to a plain decode is what the
+    detail channels' own content is worth."""
     from PIL import Image
 
+    check_decode_mode(base_only, detail_from_base)
     normalizer = None
     if dit_dir is not None:
         from .dit.backend import read_facts
@@ -183,24 +194,39 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
     if on_total:
         on_total(len(files))
     device = _device_of(vae)
+
+    def read(f: Path) -> torch.Tensor:
+        """The DA-VAE latent (1, C+D, h, w) of file f, or DavaeError(why it cannot be decoded here)."""
+        latent, meta = load_latent(f)
+        why = check_latent_compatible(vae, latent, meta, dit_space_ok=normalizer is not None)
+        if why:
+            raise DavaeError(why)
+        z = latent[None].to(device)
+        return normalizer.inverse(z) if meta.get("space") == "dit" else z
+
+    predictor = None
+    if detail_from_base:
+        from .metrics.latent_stats import DetailFromBase
+
+        usable = []
+        for f in files:  # the fit sees every decodable latent; the failures are reported below
+            try:
+                usable.append(read(f).cpu())
+            except DavaeError:
+                pass
+        if usable:
+            predictor = DetailFromBase.fit(usable, vae.config.base_channels)
     claimed: set = set()
     for f in files:
         out = out_dir / f"{f.stem}.png"
         try:
             if not _claim_output(out, claimed, overwrite, report, str(f)):
                 continue
-            latent, meta = load_latent(f)
-            why = check_latent_compatible(vae, latent, meta, dit_space_ok=normalizer is not None)
-            if why:
-                report.failed.append((str(f), why))
-                continue
-            z = latent[None].to(device)
-            if meta.get("space") == "dit":
-                z = normalizer.inverse(z)
+            z = read(f)
             if base_only:
                 img = vae.decode_baseline(z[:, : vae.config.base_channels])[0]
             else:
-                img = vae.decode(z)[0]
+                img = vae.decode(predictor.predict(z) if predictor is not None else z)[0]
             buf = io.BytesIO()
             Image.fromarray(D.to_uint8(img)).save(buf, format="PNG")
             atomic_write_bytes(out, buf.getvalue())

@@ -48,3 +48,25 @@ def test_heavy_tails_and_latents_of_different_sizes():
     assert math.isfinite(r["detail"]["neighbour_corr"]) and abs(r["detail"]["neighbour_corr"]) < 0.15
     with pytest.raises(ValueError, match="no detail channels"):
         detail_structure([torch.zeros(1, 2, 4, 4)], 2)
+
+
+def test_detail_from_base_recovers_a_linear_map_and_predicts_the_mean_of_independent_detail():
+    """DetailFromBase: where z_d = A z_base + b exactly, the prediction is z_d itself (any latent, any size);
+    where z_d is independent of z_base, the prediction is z_d's mean; the base channels are never touched."""
+    from davae_cli.metrics.latent_stats import DetailFromBase
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(16, 3, 6, 6, generator=g)
+    a, b = torch.randn(3, 6, generator=g), torch.randn(6, generator=g)
+    lat = torch.cat([base, torch.einsum("nchw,cd->ndhw", base, a) + b.view(1, -1, 1, 1)], 1)
+    pred = DetailFromBase.fit([lat], 3)
+    torch.testing.assert_close(pred.coef[:3].float(), a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pred.coef[3].float(), b, atol=1e-5, rtol=0)
+    other = torch.randn(2, 3, 4, 10, generator=g)  # another size: the map is per position
+    other = torch.cat([other, torch.einsum("nchw,cd->ndhw", other, a) + b.view(1, -1, 1, 1)], 1)
+    torch.testing.assert_close(pred.predict(other), other, atol=1e-5, rtol=0)
+    noise = 2.0 + torch.randn(4000, 2, 1, 1, generator=g)  # independent of the base
+    ind = torch.cat([torch.randn(4000, 3, 1, 1, generator=g), noise], 1)
+    out = DetailFromBase.fit([ind], 3).predict(ind)
+    assert torch.equal(out[:, :3], ind[:, :3])
+    assert out[:, 3:].std() < 0.1 and out[:, 3:].mean() == pytest.approx(2.0, abs=0.05)

@@ -105,7 +105,11 @@ def test_training_lowers_the_loss_and_logs_evaluations(tmp_path, images_dir, tae
     evals = [r for r in recs if r["event"] == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
     assert evals[0]["davae.psnr"] == pytest.approx(evals[0]["base_half_bicubic.psnr"], abs=1e-4)  # starts as the baseline
-    assert {"davae.ssim", "base_full.psnr", "align_mse", "gap_closed"} <= set(evals[-1])
+    assert {"davae.ssim", "base_full.psnr", "align_mse", "gap_closed", "davae_detail_from_base.psnr",
+            "detail_gain_db"} <= set(evals[-1])
+    # the decoder starts as the baseline whatever z_d is: z_d predicted from z_base decodes the same at step 0
+    assert evals[0]["detail_gain_db"] == pytest.approx(0.0, abs=1e-4)
+    assert evals[-1]["detail_gain_db"] == pytest.approx(evals[-1]["davae.psnr"] - evals[-1]["davae_detail_from_base.psnr"])
     assert res.skipped_images == 1  # broken.jpg
     assert (tmp_path / "run" / "samples" / "step-0000030.png").is_file()
     model = DetailAlignedVAE.from_pretrained(tmp_path / "run" / "final")

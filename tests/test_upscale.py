@@ -242,3 +242,18 @@ def test_decode_generated_latents_with_and_without_their_detail(adapted, tmp_pat
     with torch.no_grad():
         want = to_uint8(model.decode_baseline(z[:, :16])[0]).astype(int)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "000000.png")).astype(int), want)
+    # --detail-from-base: the DA-VAE decode of the latent with z_d := its least-squares prediction from z_base,
+    # fitted over the latents given (here one); recomputed with numpy's lstsq
+    run_cli("decode", tmp_path / "g", "--vae", vae, "--dit", dit, "--detail-from-base", "--out", tmp_path / "p")
+    zb = z[0, :16].reshape(16, -1).T.double().numpy()  # (positions, C)
+    x1 = np.concatenate([zb, np.ones((zb.shape[0], 1))], 1)
+    coef, *_ = np.linalg.lstsq(x1, z[0, 16:].reshape(z.shape[1] - 16, -1).T.double().numpy(), rcond=None)
+    zp = torch.cat([z[:, :16], torch.from_numpy(x1 @ coef).T.reshape(1, -1, *z.shape[2:]).float()], 1)
+    with torch.no_grad():
+        want = model.decode(zp)[0]
+    got = np.asarray(Image.open(tmp_path / "p" / "000000.png")).astype(int)
+    assert np.abs(got - to_uint8(want).astype(int)).max() <= 1
+    r = run_cli("decode", tmp_path / "g", "--vae", vae, "--dit", dit, "--base-only", "--detail-from-base",
+                "--out", tmp_path / "x", check=False)
+    assert r.returncode != 0 and "two different decodes" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()

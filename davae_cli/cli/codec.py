@@ -87,6 +87,8 @@ Examples:
   # generated latents (DiT space) decoded with and without their detail channels
   davae decode samples/ --vae runs/vae/final --dit runs/adapt/final --out dec/
   davae decode samples/ --vae runs/vae/final --dit runs/adapt/final --base-only --out dec-base/
+  # ... and with the detail channels replaced by their linear prediction from the base channels
+  davae decode samples/ --vae runs/vae/final --dit runs/adapt/final --detail-from-base --out dec-pred/
 """
 
 
@@ -96,15 +98,17 @@ def decode_cmd(
     out: Path = OutOpt,
     dit: Optional[Path] = typer.Option(None, "--dit", help="The adapted DiT that DiT-space latents (generate --save-latents) were sampled with: undoes its normalisation."),
     base_only: bool = typer.Option(False, "--base-only", help="Decode only the base channels: the base VAE at 1/s + bicubic x s (the same latents without their detail)."),
+    detail_from_base: bool = typer.Option(False, "--detail-from-base", help="Decode with the DA-VAE, the detail channels replaced by their least-squares prediction from the base channels (fitted over all the latents given): what the decoder makes of the base channels alone."),
     overwrite: bool = OverwriteOpt,
     base_vae: Optional[str] = BaseOpt,
     device: Optional[str] = DeviceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Decode latent files to PNGs (OUT/<stem>.png) at full resolution; refuses latents of another DA-VAE."""
-    from ..codec import decode_latents
+    from ..codec import check_decode_mode, decode_latents
 
+    check_decode_mode(base_only, detail_from_base)
     model = _load(vae, base_vae, device)
     report = _with_progress("decode", decode_latents, model, inputs, out, overwrite=overwrite,
-                            dit_dir=dit, base_only=base_only)
+                            dit_dir=dit, base_only=base_only, detail_from_base=detail_from_base)
     _finish(report, json_out, "image(s)")

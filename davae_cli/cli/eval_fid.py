@@ -81,12 +81,14 @@ def _human(r: dict) -> None:
             kid_h = "  KID" if "kid" in r else ""
             typer.echo(f"  {'':<34}   rFID     PSNR    SSIM   LPIPS{kid_h}")
             for name, row in (("(a) base at 1/s + bicubic", bl["base_half_bicubic"]), ("(b) DA-VAE", r),
-                              ("(c) base at full res (s² tokens)", bl["base_full"])):
+                              ("(c) base at full res (s² tokens)", bl["base_full"]),
+                              ("(b') DA-VAE, z_d predicted from z_base", bl["davae_detail_from_base"])):
                 kid_v = f"  {_fmt(row.get('kid'), '.4f')}" if "kid" in r else ""
                 typer.echo(f"  {name:<34} {_fmt(row['rfid'], '7.2f')} {_fmt(row['psnr'], '8.3f')} "
                            f"{_fmt(row['ssim'], '7.4f')} {_fmt(row['lpips'], '7.4f')}{kid_v}")
             gap = "n/a" if bl["gap_closed"] is None else f"{100 * bl['gap_closed']:.1f}%"
-            typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}")
+            typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}; (b) - (b'), what z_d's own content adds: "
+                       f"{bl['detail_gain_db']:+.3f} dB")
         for line in structure_lines(r.get("detail_structure")):
             typer.echo(line)
         typer.echo(f"  DA-VAE     {r['vae']['path']} ({r['vae']['davae'][:19]})")
@@ -142,7 +144,7 @@ def eval_fid_cmd(
     res: Optional[int] = typer.Option(None, "--res", help="With --reconstruct: resize the short side to RES first."),
     base_vae: Optional[str] = typer.Option(None, "--base-vae", help="With --reconstruct: the DA-VAE's base VAE, if moved."),
     paired: bool = typer.Option(False, "--paired", help="Also PSNR, SSIM and LPIPS of each GEN image against the REF image of the same file name (e.g. upscaled vs original)."),
-    baselines: bool = typer.Option(False, "--baselines", help="With --reconstruct: also score the base VAE at 1/s + bicubic (the same tokens) and at full resolution (s² x the tokens)."),
+    baselines: bool = typer.Option(False, "--baselines", help="With --reconstruct: also score the base VAE at 1/s + bicubic (the same tokens) and at full resolution (s² x the tokens), and the DA-VAE with its detail channels replaced by their linear prediction from the base channels (what the detail adds)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     json_out: bool = JsonOpt,
 ) -> None:

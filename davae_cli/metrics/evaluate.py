@@ -227,8 +227,10 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     ds = _PreparedImages(src.items, res, g)
     skipped = [(p, f"unreadable image: {why}") for p, why in src.skipped]
     f_orig: list = []
-    # per output: the DA-VAE, and with `baselines` (a) the base at 1/s + bicubic, (c) the base at full res
-    names = ("davae", "base_half_bicubic", "base_full") if baselines else ("davae",)
+    # per output: the DA-VAE, and with `baselines` (a) the base at 1/s + bicubic, (c) the base at full res,
+    # and the DA-VAE on z_base alone (z_d replaced by its linear prediction from z_base)
+    names = ("davae", "base_half_bicubic", "base_full", "davae_detail_from_base") if baselines else ("davae",)
+    predictor = _fit_detail_predictor(vae, ds, batch_size, num_workers, dev, progress) if baselines else None
     acc = {k: {"feats": [], "psnr": [], "ssim": [], "lpips": []} for k in names}
     latents: list = []  # the first STRUCTURE_LATENTS latents, for detail_structure
     done = 0
@@ -249,7 +251,8 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
                 latents.extend(enc.latent[: STRUCTURE_LATENTS - len(latents)].float().cpu())
             outs = {"davae": lambda: vae.decode(enc.latent),
                     "base_half_bicubic": lambda: vae.decode_baseline(enc.z_base),
-                    "base_full": lambda: vae.reconstruct_base_full(x)}
+                    "base_full": lambda: vae.reconstruct_base_full(x),
+                    "davae_detail_from_base": lambda: vae.decode(predictor.predict(enc.latent))}
             for run in _same_shape_runs([_to_chw(resize(a)) for a in arrs]):
                 f_orig.append(extractor(torch.stack(run)).cpu().numpy())
             for name in names:
@@ -309,13 +312,37 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     if baselines:
         a_, b_, c_ = per["base_half_bicubic"]["psnr"], per["davae"]["psnr"], per["base_full"]["psnr"]
         result["baselines"] = {"base_half_bicubic": per["base_half_bicubic"], "base_full": per["base_full"],
+                               "davae_detail_from_base": per["davae_detail_from_base"],
                                "gap_closed": (b_ - a_) / (c_ - a_) if c_ - a_ > 0.1 else None,
+                               "detail_gain_db": b_ - per["davae_detail_from_base"]["psnr"],
                                "note": f"base_half_bicubic: the base VAE on the 1/{vae.config.scale} image + torch "
                                        f"bicubic x{vae.config.scale} in float (the same tokens as the DA-VAE); "
-                                       f"base_full: the base VAE at full resolution ({vae.config.scale ** 2}x the tokens)"}
+                                       f"base_full: the base VAE at full resolution ({vae.config.scale ** 2}x the tokens); "
+                                       f"davae_detail_from_base: the DA-VAE with z_d replaced by its least-squares "
+                                       f"prediction from z_base (fitted on the first {STRUCTURE_LATENTS} latents): the "
+                                       f"decoder's own upsampling of z_base; detail_gain_db: what z_d's content adds"}
     result["skipped"] = [{"path": p, "reason": w} for p, w in skipped]
     result["notes"] = notes
     return result
+
+
+@torch.no_grad()
+def _fit_detail_predictor(vae, ds, batch_size: int, num_workers: int, dev, progress):
+    """`DetailFromBase` fitted on the latents of the first STRUCTURE_LATENTS readable images (an encode pass)."""
+    from .latent_stats import DetailFromBase
+
+    latents: list = []
+    for batch in _loader(ds, batch_size, num_workers):
+        for _, arr, _ in batch:
+            if arr is not None and len(latents) < STRUCTURE_LATENTS:
+                latents.append(vae.encode(D.to_tensor(arr)[None].to(dev)).latent[0].float().cpu())
+        if progress:
+            progress("fit the detail prediction", len(latents), min(STRUCTURE_LATENTS, len(ds)))
+        if len(latents) >= STRUCTURE_LATENTS:
+            break
+    if not latents:
+        raise DavaeError("no readable images to fit the detail prediction on")
+    return DetailFromBase.fit(latents, vae.config.base_channels)
 
 
 class _PreparedImages(torch.utils.data.Dataset):

@@ -15,6 +15,12 @@ For latents (B, C + D, h, w), base first:
 - `std`: the channels' standard deviation, averaged.
 
 Each for the base channels, the detail channels and the unexplained part of the detail channels.
+
+`DetailFromBase` is that least-squares map as an object: fitted on some latents, it replaces the detail
+channels of any latent by their prediction from its base channels. Decoding such latents tells what the
+decoder makes of z_base alone (its own learned upsampling), so the PSNR or FID difference to the full
+latent is what the detail channels' own content is worth (`davae decode --detail-from-base`, the
+`davae_detail_from_base` rows of `train-vae` and `eval-fid --reconstruct --baselines`).
 """
 
 from __future__ import annotations
@@ -50,24 +56,65 @@ def _channel_stats(v: list[torch.Tensor]) -> dict:
     return {"std": float(var.sqrt().mean()), "neighbour_corr": float(nc.mean()), "kurtosis": float(kurt.mean())}
 
 
-def detail_structure(latents: Iterable[torch.Tensor], base_channels: int) -> dict:
-    """The statistics above for latents, each (B, C + D, h, w) or (C + D, h, w); sizes may differ between
-    items. Returns {latents, base, detail, detail_unexplained: {variance_share, std, neighbour_corr, kurtosis}}."""
-    c = int(base_channels)
+def _design(base: list[torch.Tensor]) -> torch.Tensor:
+    """(C + 1, N) float64: the base channels of every position, and a row of ones (the intercept)."""
+    return torch.cat([torch.cat([b.flatten(1), torch.ones(1, b[0].numel())], 0) for b in base], 1).double()
+
+
+def _items(latents: Iterable[torch.Tensor], c: int) -> list[torch.Tensor]:
+    """(C + D, h, w) tensors on the CPU from latents (B, C + D, h, w) or (C + D, h, w); sizes may differ."""
     items = [t.detach().cpu() for t in latents]
     items = [t for x in items for t in (x if x.dim() == 4 else x[None])]
     if not items:
         raise ValueError("no latents")
     if items[0].shape[0] <= c:
         raise ValueError(f"latents have {items[0].shape[0]} channels: no detail channels after C = {c}")
+    return items
+
+
+class DetailFromBase:
+    """The least-squares prediction z_d ~ A z_base + b (per detail channel, over all positions of the
+    latents it is fitted on; A is C x D). `predict(latent)` returns the latent with its detail channels
+    replaced by that prediction from its own base channels."""
+
+    def __init__(self, coef: torch.Tensor, base_channels: int):
+        self.coef = coef.double()  # (C + 1, D): A stacked on b
+        self.c = int(base_channels)
+
+    @classmethod
+    def fit(cls, latents: Iterable[torch.Tensor], base_channels: int) -> "DetailFromBase":
+        c = int(base_channels)
+        items = _items(latents, c)
+        x = torch.cat([t[:c].flatten(1) for t in items], 1).double()  # (C, N)
+        y = torch.cat([t[c:].flatten(1) for t in items], 1).double()  # (D, N)
+        # normal equations in float64 on centred, unit-variance base channels (their conditioning is then that
+        # of the channels' correlation, not of raw sums); lstsq copes with a constant or collinear channel
+        mx, my = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
+        sx = (x - mx).pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+        xs = (x - mx) / sx
+        a = torch.linalg.lstsq(xs @ xs.T, xs @ (y - my).T).solution / sx  # (C, D) in the original units
+        return cls(torch.cat([a, my.T - mx.T @ a], 0), c)
+
+    def predict(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, C + D, h, w) -> the same with z_d := A z_base + b (dtype and device kept)."""
+        c = self.c
+        b, _, h, w = latent.shape
+        base = latent[:, :c].double().permute(0, 2, 3, 1).reshape(-1, c)  # (B h w, C)
+        coef = self.coef.to(latent.device)
+        pred = base @ coef[:c] + coef[c]  # (B h w, D)
+        pred = pred.reshape(b, h, w, -1).permute(0, 3, 1, 2).to(latent.dtype)
+        return torch.cat([latent[:, :c], pred], 1)
+
+
+def detail_structure(latents: Iterable[torch.Tensor], base_channels: int) -> dict:
+    """The statistics above for latents, each (B, C + D, h, w) or (C + D, h, w); sizes may differ between
+    items. Returns {latents, base, detail, detail_unexplained: {variance_share, std, neighbour_corr, kurtosis}}."""
+    c = int(base_channels)
+    items = _items(latents, c)
     base = [t[:c] for t in items]
     det = [t[c:] for t in items]
-    # least squares z_d ~ A z_base + b over all positions (normal equations in float64)
-    x = torch.cat([torch.cat([b.flatten(1), torch.ones(1, b[0].numel())], 0) for b in base], 1).double()  # (C+1, N)
     y = torch.cat([d.flatten(1) for d in det], 1).double()  # (D, N)
-    xtx, xty = x @ x.T, x @ y.T
-    coef = torch.linalg.lstsq(xtx, xty).solution  # (C+1, D)
-    resid = y - coef.T @ x
+    resid = y - DetailFromBase.fit(items, c).coef.T @ _design(base)
     tss = (y - y.mean(1, keepdim=True)).pow(2).sum(1)
     rss = resid.pow(2).sum(1)
     # back to per-latent (D, h, w) tensors for the spatial statistics of the unexplained part

@@ -118,9 +118,11 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
                             lpips_model=None, baselines: bool = True) -> dict:
     """PSNR/SSIM(/LPIPS) on held-out images (B, 3, H, W) in [-1, 1]:
     (b) the DA-VAE; with `baselines`, (a) the base at 1/s + bicubic (same tokens) and (c) the base at
-    full resolution (s^2 times the tokens); MSE(Proj(mu_d), z_base); and `detail_structure` of the latents
-    (is the detail part generable: metrics.latent_stats)."""
-    from ..metrics.latent_stats import detail_structure
+    full resolution (s^2 times the tokens), and the DA-VAE with z_d replaced by its least-squares prediction
+    from z_base (`davae_detail_from_base`; `detail_gain_db` = what z_d's own content adds in PSNR);
+    MSE(Proj(mu_d), z_base); and `detail_structure` of the latents (is the detail part generable:
+    metrics.latent_stats)."""
+    from ..metrics.latent_stats import DetailFromBase, detail_structure
 
     device = next(model.parameters()).device
     acc: dict[str, list] = {}
@@ -141,10 +143,19 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
         for name, y in outs.items():
             for metric, values in reconstruction_metrics(y, x, lpips_model).items():
                 add(f"{name}.{metric}", values)
+    if baselines:  # the decoder on z_base alone: z_d replaced by its linear prediction from z_base
+        predictor = DetailFromBase.fit(latents, model.config.base_channels)
+        for i, z in enumerate(latents):
+            x = images[i * batch_size : (i + 1) * batch_size].to(device)
+            y = model.decode(predictor.predict(z.to(device))).clamp(-1, 1)
+            for metric, values in reconstruction_metrics(y, x, lpips_model).items():
+                add(f"davae_detail_from_base.{metric}", values)
     res = {k: float(torch.cat(v).mean()) for k, v in acc.items()}
     res["num_images"] = int(images.shape[0])
     res["detail_structure"] = detail_structure(latents, model.config.base_channels)
     if baselines:
+        # what the detail channels' own content adds over the decoder's upsampling of z_base
+        res["detail_gain_db"] = res["davae.psnr"] - res["davae_detail_from_base.psnr"]
         a, b, c = res["base_half_bicubic.psnr"], res["davae.psnr"], res["base_full.psnr"]
         # share of the PSNR gap from the baseline (a) to the full-resolution base (c) that the DA-VAE closes
         res["gap_closed"] = (b - a) / (c - a) if c - a > 0.1 else None
