@@ -11,7 +11,6 @@ process, resumable (an existing PNG is skipped), and the timings.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,29 +89,6 @@ def make_jobs(s: GenerateSettings) -> list[Job]:
         for k in range(s.num_images):
             jobs.append(Job(i * s.num_images + k, s.seed + k, p, c))
     return jobs
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line (blank lines skipped), or a JSONL with a "prompt" field per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise DavaeError(f"{path}: file not found", param="prompts")
-    out = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                out.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DavaeError(f"{path}:{i}: expected a JSON object with a \"prompt\" field") from None
-        else:
-            out.append(line.strip())
-    if not out:
-        raise DavaeError(f"{path}: no prompts in the file", param="prompts")
-    return out
-
-
 
 
 def sample_batch(model: SamplingModel, s: GenerateSettings, cond_fn: CondFn, batch: list[Job], sigmas, side: int, *,

@@ -134,6 +134,8 @@ def _measurements(out: Path) -> dict:
                  "tokenizer_val": {"base_half_bicubic": bl.get("base_half_bicubic"),
                                    "davae": {k: rf.get(k) for k in ("rfid", "psnr", "ssim", "lpips", "kid")} if rf else None,
                                    "base_full": bl.get("base_full"), "gap_closed": bl.get("gap_closed"),
+                                   "davae_detail_from_base": bl.get("davae_detail_from_base"),
+                                   "detail_gain_db": bl.get("detail_gain_db"),
                                    "num_images": rf.get("num_images")},
                  "detail_structure": rf.get("detail_structure")}
     up = {"bicubic": _log(out, "fid_upscale_bicubic"), "davae": _log(out, "fid_upscale"),
@@ -141,10 +143,9 @@ def _measurements(out: Path) -> dict:
     res["upscale"] = {m: {k: (v.get(m) if m in ("fid", "kid") else (v.get("paired") or {}).get(m)) for k, v in up.items()}
                       for m in ("fid", "kid", "psnr", "lpips")}
     res["upscale"]["num_images"] = (up["davae"].get("paired") or {}).get("num_pairs")
-    res["same_samples"] = {"fid": {"base_bicubic": _log(out, "fid_davae_base").get("fid"),
-                                   "davae": _log(out, "fid_davae").get("fid")},
-                           "kid": {"base_bicubic": _log(out, "fid_davae_base").get("kid"),
-                                   "davae": _log(out, "fid_davae").get("kid")}}
+    same = {"base_bicubic": _log(out, "fid_davae_base"), "davae_detail_from_base": _log(out, "fid_davae_pred"),
+            "davae": _log(out, "fid_davae")}
+    res["same_samples"] = {m: {k: v.get(m) for k, v in same.items()} for m in ("fid", "kid")}
     spread = {}
     for key in ("native_half_bicubic", "davae"):
         h1, h2 = _log(out, f"fid_{key}_h1"), _log(out, f"fid_{key}_h2")
@@ -218,7 +219,8 @@ def results(out: Path, per_class: int) -> None:
         print(f"{key:22s} FID {num(f[key], '8.2f')}  KID {num(k[key], '.4f')}  tokens {res['tokens'][key]}  "
               f"ms/image {num(res['ms_per_image'][key], '.1f')}")
     ss, up = res["same_samples"]["fid"], res["upscale"]
-    print(f"same samples: FID with detail {num(ss['davae'], '.2f')}, base channels alone {num(ss['base_bicubic'], '.2f')}")
+    print(f"same samples: FID with detail {num(ss['davae'], '.2f')}, detail predicted from the base "
+          f"{num(ss['davae_detail_from_base'], '.2f')}, base channels alone {num(ss['base_bicubic'], '.2f')}")
     print("upscale (bicubic | davae | oracle): FID " + " | ".join(num(up["fid"][m], ".2f") for m in ("bicubic", "davae", "oracle"))
           + ", PSNR " + " | ".join(num(up["psnr"][m], ".2f") for m in ("bicubic", "davae", "oracle"))
           + ", LPIPS " + " | ".join(num(up["lpips"][m], ".4f") for m in ("bicubic", "davae", "oracle")))

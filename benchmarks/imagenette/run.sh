@@ -141,6 +141,11 @@ fid davae "$OUT/samples/davae" "$VAL"
 stage davae_base "$OUT/samples/davae_base/.done" "" \
   davae decode "$OUT/samples/davae" --vae "$VAE" --dit "$OUT/adapt/final" --base-only --out "$OUT/samples/davae_base" --json
 fid davae_base "$OUT/samples/davae_base" "$VAL"
+# ... and decoded by the DA-VAE with their detail channels replaced by the linear prediction from their base
+# channels: the decoder's own upsampling of the generated z_base, without the generated detail
+stage davae_pred "$OUT/samples/davae_pred/.done" "" \
+  davae decode "$OUT/samples/davae" --vae "$VAE" --dit "$OUT/adapt/final" --detail-from-base --out "$OUT/samples/davae_pred" --json
+fid davae_pred "$OUT/samples/davae_pred" "$VAL"
 
 # a class-balanced val subset (symlinks) for the tokenizer and upscale measurements
 VALSUB="$OUT/data/valsub"

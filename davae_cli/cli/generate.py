@@ -37,7 +37,7 @@ def generate_cmd(
     dit: Optional[Path] = typer.Option(None, "--dit", help="Adapted DiT folder (RUN/final of adapt-dit)."),
     base_pipeline: Optional[str] = typer.Option(None, "--base-pipeline", help="SD3 pipeline folder or hub id: text encoders (and, with --native, transformer and VAE); LightningDiT --native: the pretrained checkpoint."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Prompt (repeatable)."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="File with one prompt per line (or .jsonl with \"prompt\")."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="File of prompts: .txt one per line, .jsonl (field prompt, caption or text) or .parquet (column prompt, caption or text), as `davae synth` reads."),
     class_id: Optional[list[int]] = typer.Option(None, "--class-id", help="Class id for class-conditional models (repeatable)."),
     res: Optional[int] = typer.Option(None, "--res", help="Image resolution (default: the adapted model's)."),
     steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Sampling steps (default: the recipe's; see below)."),
@@ -67,12 +67,13 @@ def generate_cmd(
     2x the resolution at the base token count. Sampling recipe (steps, guidance, interval, sampler): the one
     stored with the adapted model, or the preset's `sample` section with --native; flags override it. PNGs
     carry prompt, seed, the settings, shift and sigma grid actually used, and the model identities."""
-    from ..generate import RECIPE, GenerateSettings, generate, read_prompts
+    from ..generate import RECIPE, GenerateSettings, generate
+    from ..synth import read_prompt_list
 
     p = resolve_preset(preset, sets)
     texts = list(prompt or [])
     if prompts is not None:
-        texts += read_prompts(prompts)
+        texts += read_prompt_list(prompts)
     interval: object = RECIPE
     if guidance_interval is not None and guidance_interval.strip().lower() in ("all", "none", "off"):
         interval = None
