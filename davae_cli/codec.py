@@ -128,17 +128,25 @@ def encode_images(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | P
 
 
 def check_latent_compatible(vae: DetailAlignedVAE, latent: torch.Tensor, meta: dict,
-                            dit_space_ok: bool = False) -> Optional[str]:
-    """None if `latent` was made by this DA-VAE (same C, D, base VAE and weights), else why not."""
+                            dit_space_ok: bool = False, dit_davae: Optional[dict] = None) -> Optional[str]:
+    """None if `latent` was made in this DA-VAE's latent space (same C, D, base VAE, and this DA-VAE or one with
+    its latent identity: a decoder-only fine-tune shares it), else why not. `dit_davae`: the `davae` facts of the
+    adapted DiT that DiT-space latents were sampled with (older latents record only the DA-VAE's identity; the
+    DiT's facts then say whether this DA-VAE shares its latent)."""
     ident = vae.describe()
     if latent.shape[0] != vae.latent_channels:
         return f"latent has {latent.shape[0]} channels, this DA-VAE expects C+D = {vae.latent_channels}"
-    for key in ("C", "D", "base_vae_hash", "davae"):
+    for key in ("C", "D", "base_vae_hash"):
         if key in meta and meta[key] != ident[key]:
-            what = {"davae": "a different DA-VAE", "base_vae_hash": "a DA-VAE on a different base VAE"}.get(key, f"{key} = {meta[key]}")
+            what = {"base_vae_hash": "a DA-VAE on a different base VAE"}.get(key, f"{key} = {meta[key]}")
             return f"made by {what} ({key} {str(meta[key])[:23]} vs {str(ident[key])[:23]})"
     if "davae" not in meta:
         return "no DA-VAE identity in its metadata (not written by `davae encode`)"
+    same_space = (meta["davae"] == ident["davae"] or meta.get("latent_identity") == ident["latent_identity"]
+                  or (dit_davae is not None and meta["davae"] == dit_davae.get("identity") and vae.is_recorded(dit_davae)))
+    if not same_space:
+        return (f"made by a different DA-VAE (davae {str(meta['davae'])[:23]} vs {ident['davae'][:23]}), "
+                f"not one with this DA-VAE's latent")
     if meta.get("space") == "dit" and not dit_space_ok:
         return ("a normalised DiT-space latent from `davae generate --save-latents`: pass --dit (the adapted DiT it "
                 "was sampled with) to decode it")
@@ -168,13 +176,13 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
     from PIL import Image
 
     check_decode_mode(base_only, detail_from_base)
-    normalizer = None
+    normalizer, facts = None, None
     if dit_dir is not None:
         from .dit.backend import read_facts
         from .latents import LatentNormalizer
 
         facts = read_facts(Path(dit_dir))
-        if facts["davae"]["identity"] != vae.identity:
+        if not vae.is_recorded(facts["davae"]):
             raise DavaeError(f"{dit_dir} was adapted for another DA-VAE ({facts['davae']['identity'][:16]}), not "
                              f"{vae.identity[:16]}", param="dit")
         normalizer = LatentNormalizer.from_facts(facts)
@@ -198,7 +206,8 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
     def read(f: Path) -> torch.Tensor:
         """The DA-VAE latent (1, C+D, h, w) of file f, or DavaeError(why it cannot be decoded here)."""
         latent, meta = load_latent(f)
-        why = check_latent_compatible(vae, latent, meta, dit_space_ok=normalizer is not None)
+        why = check_latent_compatible(vae, latent, meta, dit_space_ok=normalizer is not None,
+                                      dit_davae=facts["davae"] if normalizer is not None else None)
         if why:
             raise DavaeError(why)
         z = latent[None].to(device)

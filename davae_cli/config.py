@@ -152,6 +152,13 @@ class TrainVAEConfig:
     max_images: int = 0
     max_val: int = 0  # with --val-data: evaluate on a seeded random subset of this many images (0 = all)
     seed: int = 0
+    # start from the weights of this DA-VAE folder (the preset's vae section must describe the same
+    # architecture on the same base VAE) instead of a fresh build (`train-vae --init`)
+    init_from: Optional[str] = None
+    # False (`train-vae --decoder-only`, needs init_from): the detail encoder stays frozen and the detail
+    # statistics are kept, so the latent space is unchanged and DiTs adapted on the init DA-VAE stay valid
+    # (its `latent_identity` is kept); only the decoder learns
+    train_encoder: bool = True
 
 
 @dataclass
@@ -575,6 +582,9 @@ RULES: list[tuple[Callable[["Preset"], bool], str]] = [
      "vae.up_blocks > 0 needs vae.up_hidden > 0 and divisible by s² = {ss}, got {p.vae.up_hidden}"),
     (lambda p: p.train_vae.cache_base and (p.vae.detail_features != "residual" or p.vae.decoder_input != "residual"),
      "train_vae.cache_base needs vae.detail_features = residual and vae.decoder_input = residual (a frozen base path)"),
+    (lambda p: not p.train_vae.train_encoder and not p.train_vae.init_from,
+     "train_vae.train_encoder = false (--decoder-only) needs train_vae.init_from (--init): the DA-VAE whose "
+     "encoder to keep"),
     (lambda p: p.dit.backend not in _backend_names(),
      "dit.backend: {p.dit.backend!r} is not a DiT family ({families})"),
     (lambda p: p.adapt_dit.resolution <= 0 or p.adapt_dit.resolution % p.granularity,

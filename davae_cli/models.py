@@ -79,7 +79,7 @@ def load_davae_model(vae_dir: Path, dit_dir: Path, device, dtype) -> SamplingMod
         raise DavaeError(f"the DA-VAE ({vae_dir}) has C+D = {c}+{d} but the DiT ({dit_dir}) was adapted to "
                          f"{facts['base_channels']}+{facts['detail_channels']}: they do not fit together")
     want = facts["davae"]
-    if want["identity"] != vae.identity:
+    if not vae.is_recorded(want):
         raise DavaeError(f"{dit_dir} was adapted for the DA-VAE {want['identity'][:16]} ({want.get('path')}), "
                          f"but --vae {vae_dir} is the DA-VAE {vae.identity[:16]}: other weights or base "
                          f"(base VAE {vae.config.base_vae_hash or '?'}); pass the DA-VAE it was adapted with", param="dit")
@@ -100,7 +100,8 @@ def load_davae_model(vae_dir: Path, dit_dir: Path, device, dtype) -> SamplingMod
         decoder=lambda latent: vae.decode(norm.inverse(latent.float())), recipe=facts.get("sampling"),
         conditioning=facts["conditioning"]["type"], scheduler_config=facts.get("scheduler_config"),
         guidance_mode=cls.guidance_mode(dict(dit.config)), facts=facts,
-        identity={"davae": vae.identity, "dit": str(Path(dit_dir).resolve()), "preset": facts.get("preset"),
+        identity={"davae": vae.identity, "latent_identity": vae.latent_identity, "dit": str(Path(dit_dir).resolve()),
+                  "preset": facts.get("preset"),
                   "dit_source": facts.get("dit_source")},
         parts={"davae": vae})
 

@@ -179,3 +179,47 @@ def test_cached_base_path_equals_the_direct_path(tmp_path, tae_base):
         torch.testing.assert_close(a[key], b[key])
     with pytest.raises(ConfigError, match="cache_base"):
         load_preset(str(write_preset(tmp_path / "q.yaml", tae_base, "official")), ["train_vae.cache_base=true"])
+
+
+def test_decoder_only_fine_tune_keeps_the_latent_and_adapted_dits_accept_it(tmp_path, images_dir, kl_base):
+    """train-vae --init A --decoder-only: the detail encoder, the detail statistics and so the latent identity
+    stay those of A bit for bit while the decoder changes; latents encoded by A and DiT facts recorded on A are
+    accepted by the result; a latent of another DA-VAE is not. Bad combinations are one line."""
+    from davae_cli.codec import check_latent_compatible
+
+    preset = write_preset(tmp_path / "p.yaml", kl_base)
+    run_cli("train-vae", "--preset", preset, "--data", images_dir, "--out", tmp_path / "a", "--steps", "2")
+    a = DetailAlignedVAE.from_pretrained(tmp_path / "a" / "final")
+    run_cli("train-vae", "--preset", preset, "--data", images_dir, "--out", tmp_path / "b", "--steps", "3",
+            "--init", tmp_path / "a" / "final", "--decoder-only", "--set", "loss.adv=0.1", "--set", "loss.disc_start=0")
+    b = DetailAlignedVAE.from_pretrained(tmp_path / "b" / "final")
+    sa, sb = a.state_dict(), b.state_dict()
+    enc = [k for k in sa if k.startswith(("detail_trunk.", "down.", "transform.", "detail_"))]
+    dec = [k for k in sa if k.startswith(("up.", "decoder_trunk."))]
+    assert enc and dec and all(torch.equal(sa[k], sb[k]) for k in enc)
+    assert any(not torch.equal(sa[k], sb[k]) for k in dec)  # the decoder (and only it) trained
+    assert b.latent_identity == a.latent_identity and b.identity != a.identity
+    # an adapted DiT's facts on A (with or without the latent identity: older folders lack it)
+    assert b.is_recorded({"identity": a.identity, "latent_identity": a.latent_identity})
+    assert not b.is_recorded({"identity": a.identity})
+    assert a.is_recorded({"identity": a.identity})
+    lat = torch.zeros(a.latent_channels, 2, 2)
+    assert check_latent_compatible(b, lat, a.describe()) is None  # `davae encode` by A writes these facts
+    old = {k: v for k, v in a.describe().items() if k != "latent_identity"}  # a latent written before
+    assert "different DA-VAE" in check_latent_compatible(b, lat, old)
+    assert check_latent_compatible(b, lat, {**old, "space": "dit"}, dit_space_ok=True,
+                                   dit_davae={"identity": a.identity, "latent_identity": a.latent_identity}) is None
+    # a fresh DA-VAE (another encoder) has another latent identity
+    run_cli("train-vae", "--preset", preset, "--data", images_dir, "--out", tmp_path / "c", "--steps", "0",
+            "--set", "train_vae.seed=5")
+    c = DetailAlignedVAE.from_pretrained(tmp_path / "c" / "final")
+    assert c.latent_identity != a.latent_identity and "different DA-VAE" in check_latent_compatible(c, lat, a.describe())
+    # one-line refusals, nothing trained
+    r = run_cli("train-vae", "--preset", preset, "--data", images_dir, "--out", tmp_path / "x", "--decoder-only",
+                check=False)
+    assert r.returncode != 0 and "needs train_vae.init_from (--init)" in r.stderr and "Traceback" not in r.stderr
+    other = write_preset(tmp_path / "q.yaml", kl_base, vae__up_hidden=8)
+    r = run_cli("train-vae", "--preset", other, "--data", images_dir, "--out", tmp_path / "y", "--init",
+                tmp_path / "a" / "final", check=False)
+    assert r.returncode != 0 and "has vae up_hidden = 0 where the preset has 8" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "y" / "final").exists()

@@ -19,6 +19,11 @@ Examples:
   davae train-vae --preset tiny --data photos/ --out runs/tiny --resume          # continue after a stop
 
   accelerate launch --num_processes 8 -m davae_cli train-vae --preset sd35m-1024 --data /data/hq --out runs/sd35
+
+  # fine-tune only the decoder of a trained DA-VAE (here with the GAN loss): the latent stays the same, so
+  # DiTs adapted on runs/tiny/final decode with the result
+  davae train-vae --preset tiny --init runs/tiny/final --decoder-only --data photos/ --out runs/tiny-dec \
+      --set loss.adv=0.1 --set loss.disc_start=0
 """
 
 
@@ -30,6 +35,8 @@ def train_vae_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (0 exports the freshly initialised model)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     val_data: Optional[list[str]] = typer.Option(None, "--val-data", help="Held-out image folder(s) (default: hold out train_vae.num_val images of --data)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from the weights of this DA-VAE folder (the preset must describe its architecture) instead of a fresh build."),
+    decoder_only: bool = typer.Option(False, "--decoder-only", help="With --init: keep the detail encoder and its statistics frozen, so the latent space (and DiTs adapted on it) stays valid; only the decoder trains."),
     sets: Optional[list[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -38,6 +45,10 @@ def train_vae_cmd(
     Writes RUN/config.yaml, RUN/checkpoints/, RUN/log.jsonl, RUN/samples/ and the exported model at RUN/final.
     """
     extra = []
+    if init is not None:
+        extra.append(f"train_vae.init_from={init.expanduser().resolve()}")
+    if decoder_only:
+        extra.append("train_vae.train_encoder=false")
     if base_vae is not None:
         extra.append(f"vae.base_vae={base_vae}")
         if base_vae == "random" or Path(base_vae).exists():

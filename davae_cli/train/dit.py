@@ -91,7 +91,7 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
         "detail_stats": {k: v for k, v in detail_stats.items() if k not in ("mean", "std", "view")},
         "base_normalisation": "as encoded by the DA-VAE (its base latent transform), unchanged",
         "davae": {"path": str(Path(vae_dir).resolve()), "identity": vae.identity,
-                  "base_vae_hash": vae.config.base_vae_hash},
+                  "latent_identity": vae.latent_identity, "base_vae_hash": vae.config.base_vae_hash},
         "dit_source": dit_spec, "steps": steps, "conditioning": cond,
     }
     facts.update(backend.sampling_facts(model, dit_spec))

@@ -109,6 +109,20 @@ def _base_cache(model: DetailAlignedVAE, source: ImageSource, cb: Callbacks) -> 
     return out
 
 
+def _load_init(model: DetailAlignedVAE, folder: str, base, cb: Callbacks) -> None:
+    """`train_vae.init_from`: the weights (and detail statistics) of the DA-VAE in `folder`, which must be the
+    architecture the preset describes, on the same base VAE."""
+    init = DetailAlignedVAE.from_pretrained(folder, base_vae=base)
+    for key, mine in model.config.items():
+        if key.startswith("base_vae_") and key != "base_vae_hash":
+            continue  # where the base VAE was loaded from, not what it is (the hash is checked)
+        if init.config.get(key) != mine:
+            raise DavaeError(f"train_vae.init_from: {folder} has vae {key} = {init.config.get(key)!r} where the "
+                             f"preset has {mine!r}: pass the preset it was trained with")
+    model.load_state_dict(init.state_dict())
+    cb.on_message(f"starting from the weights of {folder} (latent {init.latent_identity[7:19]})")
+
+
 def _optimizer(params_groups, lr: float, betas, wd: float):
     return torch.optim.AdamW(params_groups, lr=lr, betas=tuple(betas), weight_decay=wd)
 
@@ -333,7 +347,7 @@ def _export_untrained(model, t, data, streamed: bool, fields: Fields, acc, run_d
     """`train_vae.steps == 0`: the freshly built DA-VAE, with its detail statistics measured on `data` if
     given, exported to RUN/final."""
     final_dir = run_dir / "final"
-    if data:
+    if data and t.train_encoder:
         source = streamed_training_images(data, None, 0, 0, fields, t.seed) if streamed else list_images(data)
         if streamed or len(source):
             mean, std, n = measure_detail_stats(model, source, min(t.stats_images, 4 * len(source)),
@@ -374,8 +388,10 @@ def _evaluate_and_export(raw, evaluate, val_images, ema, trainable, train_source
     final_eval = evaluate(t.steps)
     ema.copy_to(trainable)
     raw.eval()
-    mean, std, n = measure_detail_stats(raw, train_source, t.stats_images, t.resolution, t.seed, t.batch_size, cb)
-    raw.set_detail_stats(mean, std, n)
+    n = int(raw.detail_stats_images)
+    if t.train_encoder:  # a decoder-only fine-tune keeps its init's statistics: the latent is unchanged
+        mean, std, n = measure_detail_stats(raw, train_source, t.stats_images, t.resolution, t.seed, t.batch_size, cb)
+        raw.set_detail_stats(mean, std, n)
     if acc.is_main_process:
         export_davae(raw, final_dir)
     loop.write({"step": t.steps, "event": "export", "final": str(final_dir), "detail_stats_images": n})
@@ -399,6 +415,10 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     base = load_base_vae(preset.vae.base_vae, preset.vae.base_vae_subfolder, preset.vae.base_channels,
                          arch=preset.vae.base_vae_arch)
     model = DetailAlignedVAE.from_base(base, preset.vae).to(device)
+    if t.init_from and ckpt_path is None:  # a resumed run has the weights in its checkpoint
+        _load_init(model, t.init_from, base, cb)
+    if not t.train_encoder:
+        model.set_trainable(encoder=False)
     final_dir = run_dir / "final"
     if t.steps == 0:
         return _export_untrained(model, t, data, streamed, fields, acc, run_dir, cb)

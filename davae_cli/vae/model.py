@@ -137,6 +137,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         self.register_buffer("detail_stats_images", torch.zeros((), dtype=torch.long))
         self.__dict__["_base"] = None  # the frozen base VAE lives outside the module tree (not saved)
         self.__dict__["_identity"] = None
+        self.__dict__["_latent_identity"] = None
         del arch
 
     # ------------------------------------------------------------------ construction and loading
@@ -271,6 +272,37 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             self.__dict__["_identity"] = state_dict_hash(self)
         return self._identity
 
+    # what fixes the latent of an image besides the weights below: a decoder fine-tune keeps all of these
+    LATENT_CONFIG_KEYS = ("base_vae_hash", "base_channels", "detail_channels", "downsample", "scale", "detail_features",
+                          "detail_shortcut", "down_hidden", "down_blocks", "latent_transform", "base_resize")
+    LATENT_STATE_PREFIXES = ("detail_trunk.", "down.", "transform.", "detail_mean", "detail_std")
+
+    @property
+    def latent_identity(self) -> str:
+        """Content hash of what fixes the latent (the encoder side: base VAE hash, the detail encoder's weights
+        and settings, the base latent transform, the detail statistics a DiT standardises with). Equal for a
+        DA-VAE and its decoder-only fine-tunes (`train-vae --decoder-only`), so a DiT adapted on one decodes
+        with the others."""
+        import hashlib
+        import json
+
+        if self.__dict__.get("_latent_identity") is None:
+            h = hashlib.sha256(json.dumps({k: self.config[k] for k in self.LATENT_CONFIG_KEYS}, sort_keys=True).encode())
+            for name, t in sorted(self.state_dict().items()):
+                if name.startswith(self.LATENT_STATE_PREFIXES):
+                    h.update(name.encode())
+                    h.update(str(tuple(t.shape)).encode())
+                    h.update(t.detach().cpu().contiguous().to(torch.float32).numpy().tobytes())
+            self.__dict__["_latent_identity"] = "sha256:" + h.hexdigest()
+        return self.__dict__["_latent_identity"]
+
+    def is_recorded(self, recorded: dict) -> bool:
+        """Whether `recorded` (an adapted DiT's `davae` facts: identity, and latent_identity when written by
+        this version) names this DA-VAE or one with the same latent (a decoder fine-tune of it)."""
+        if recorded.get("identity") == self.identity:
+            return True
+        return bool(recorded.get("latent_identity")) and recorded["latent_identity"] == self.latent_identity
+
     def _apply(self, fn, *args, **kwargs):
         # keep the out-of-tree base VAE on the same device/dtype as the DA-VAE
         out = super()._apply(fn, *args, **kwargs)
@@ -278,12 +310,13 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             self._base.vae._apply(fn, *args, **kwargs)
         return out
 
-    def set_trainable(self) -> None:
-        """requires_grad on exactly the parts the recipe trains (new blocks always; trunks per config)."""
+    def set_trainable(self, encoder: bool = True) -> None:
+        """requires_grad on exactly the parts the recipe trains (new blocks always; trunks per config);
+        `encoder=False` freezes the whole detail encoder (a decoder-only fine-tune)."""
         self.requires_grad_(False)
-        for m in (self.down, self.up):
+        for m in (self.down, self.up) if encoder else (self.up,):
             m.requires_grad_(True)
-        if self.detail_trunk is not None and self.config.train_detail_trunk:
+        if encoder and self.detail_trunk is not None and self.config.train_detail_trunk:
             self.detail_trunk.requires_grad_(True)
         if self.decoder_trunk is not None and self.config.train_decoder_trunk:
             self.decoder_trunk.requires_grad_(True)
@@ -410,6 +443,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
     def set_detail_stats(self, mean: torch.Tensor, std: torch.Tensor, num_images: int) -> None:
         self.detail_mean.copy_(mean)
         self.detail_std.copy_(std.clamp_min(1e-6))
+        self.__dict__["_latent_identity"] = None
         self.detail_stats_images.fill_(int(num_images))
 
     def describe(self) -> dict:
@@ -417,6 +451,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         c = self.config
         return {
             "davae": self.identity,
+            "latent_identity": self.latent_identity,
             "base_vae": c.base_vae_source,
             "base_vae_hash": c.base_vae_hash,
             "C": c.base_channels,
