@@ -217,14 +217,17 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
     if detail_from_base:
         from .metrics.latent_stats import DetailFromBase
 
-        usable = []
-        for f in files:  # the fit sees every decodable latent; the failures are reported below
-            try:
-                usable.append(read(f).cpu())
-            except DavaeError:
-                pass
-        if usable:
-            predictor = DetailFromBase.fit(usable, vae.config.base_channels)
+        def decodable():  # every latent that decodes here, streamed; the failures are reported below
+            for f in files:
+                try:
+                    yield read(f).cpu()
+                except DavaeError:
+                    pass
+
+        try:
+            predictor = DetailFromBase.fit(decodable(), vae.config.base_channels)
+        except ValueError:  # nothing decodable: each file's failure is reported below
+            predictor = None
     claimed: set = set()
     for f in files:
         out = out_dir / f"{f.stem}.png"

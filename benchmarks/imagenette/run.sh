@@ -19,7 +19,7 @@
 #
 # usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu] [--until STAGE]
 #   --smoke      every stage with tiny settings (symlinked 40-image subsets, a few steps): about 5 minutes
-#   --scale gpu  the same chain sized for about 10 minutes of one GPU
+#   --scale gpu  larger step budgets meant for one GPU (not run on one yet: no time budget, no measured duration)
 #   --until S    stop after stage S and collect what exists; a later run without it continues
 # Data and weights: $IMAGENETTE (default ../shared/data/imagenette224 beside the repository) and $TAESD3
 # (default ../shared/weights/taesd3). Rerunning skips finished stages (their final/ or output exists) and

@@ -83,17 +83,29 @@ class DetailFromBase:
 
     @classmethod
     def fit(cls, latents: Iterable[torch.Tensor], base_channels: int) -> "DetailFromBase":
+        """Least squares over every position of `latents` (each (B, C + D, h, w) or (C + D, h, w), any sizes),
+        streamed: only first and second moments are kept (float64), so an iterator over many files is fine."""
         c = int(base_channels)
-        items = _items(latents, c)
-        x = torch.cat([t[:c].flatten(1) for t in items], 1).double()  # (C, N)
-        y = torch.cat([t[c:].flatten(1) for t in items], 1).double()  # (D, N)
-        # normal equations in float64 on centred, unit-variance base channels (their conditioning is then that
-        # of the channels' correlation, not of raw sums); lstsq copes with a constant or collinear channel
-        mx, my = x.mean(1, keepdim=True), y.mean(1, keepdim=True)
-        sx = (x - mx).pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
-        xs = (x - mx) / sx
-        a = torch.linalg.lstsq(xs @ xs.T, xs @ (y - my).T).solution / sx  # (C, D) in the original units
-        return cls(torch.cat([a, my.T - mx.T @ a], 0), c)
+        n, sx, sy, sxx, sxy = 0, 0.0, 0.0, 0.0, 0.0
+        for t in latents:
+            t = t.detach().cpu()
+            for item in (t if t.dim() == 4 else t[None]):
+                if item.shape[0] <= c:
+                    raise ValueError(f"latents have {item.shape[0]} channels: no detail channels after C = {c}")
+                x, y = item[:c].flatten(1).double(), item[c:].flatten(1).double()  # (C, N), (D, N)
+                n += x.shape[1]
+                sx, sy = sx + x.sum(1), sy + y.sum(1)
+                sxx, sxy = sxx + x @ x.T, sxy + x @ y.T
+        if n == 0:
+            raise ValueError("no latents")
+        mx, my = sx / n, sy / n
+        cxx = sxx / n - torch.outer(mx, mx)  # covariances: the fit on centred channels
+        cxy = sxy / n - torch.outer(mx, my)
+        # on unit-variance base channels (conditioning of their correlation, not of raw sums); lstsq copes with a
+        # constant or collinear channel
+        sd = cxx.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
+        a = torch.linalg.lstsq(cxx / torch.outer(sd, sd), cxy / sd[:, None]).solution / sd[:, None]  # (C, D)
+        return cls(torch.cat([a, (my - mx @ a)[None]], 0), c)
 
     def predict(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, C + D, h, w) -> the same with z_d := A z_base + b (dtype and device kept)."""
