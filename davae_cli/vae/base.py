@@ -55,10 +55,13 @@ def vae_from_config(config: dict) -> nn.Module:
     return cls.from_config(cfg)
 
 
-def state_dict_hash(module: nn.Module) -> str:
-    """sha256 over the tensors of a module (names, shapes, bytes), for models built in code."""
-    h = hashlib.sha256()
+def state_dict_hash(module: nn.Module, prefixes: Optional[tuple[str, ...]] = None, header: str = "") -> str:
+    """sha256 over the tensors of a module (names, shapes, bytes), for models built in code; `prefixes`: only
+    the tensors whose names start with one of them; `header`: text hashed first (e.g. settings)."""
+    h = hashlib.sha256(header.encode())
     for name, t in sorted(module.state_dict().items()):
+        if prefixes is not None and not name.startswith(prefixes):
+            continue
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().to(torch.float32).numpy().tobytes())

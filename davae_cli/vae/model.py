@@ -283,17 +283,11 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         and settings, the base latent transform, the detail statistics a DiT standardises with). Equal for a
         DA-VAE and its decoder-only fine-tunes (`train-vae --decoder-only`), so a DiT adapted on one decodes
         with the others."""
-        import hashlib
         import json
 
         if self.__dict__.get("_latent_identity") is None:
-            h = hashlib.sha256(json.dumps({k: self.config[k] for k in self.LATENT_CONFIG_KEYS}, sort_keys=True).encode())
-            for name, t in sorted(self.state_dict().items()):
-                if name.startswith(self.LATENT_STATE_PREFIXES):
-                    h.update(name.encode())
-                    h.update(str(tuple(t.shape)).encode())
-                    h.update(t.detach().cpu().contiguous().to(torch.float32).numpy().tobytes())
-            self.__dict__["_latent_identity"] = "sha256:" + h.hexdigest()
+            settings = json.dumps({k: self.config[k] for k in self.LATENT_CONFIG_KEYS}, sort_keys=True)
+            self.__dict__["_latent_identity"] = state_dict_hash(self, self.LATENT_STATE_PREFIXES, settings)
         return self.__dict__["_latent_identity"]
 
     def is_recorded(self, recorded: dict) -> bool:
