@@ -84,6 +84,12 @@ class VAEConfig:
     # the channel order the up block reads: "base_first" (the latent's own order) or "detail_first" (the
     # official SD3 DA-VAE's decoder input, for its converted checkpoints; the latent itself stays base first)
     up_input_order: Literal["base_first", "detail_first"] = "base_first"
+    # decoder_input = residual: which part of the learned correction is added to the baseline. "full": all of it;
+    # "high": only what the base resolution cannot hold (its mean over every s x s pixel block is removed), so
+    # the decode's s x s block means are exactly the baseline's: the decoder adds detail on top of the base
+    # decoder's image and never repaints it (issue 20: the L1-trained full correction smoothed the base
+    # decoder's texture away, which cost FID on generated latents)
+    residual_band: Literal["full", "high"] = "full"
 
 
 @dataclass
@@ -576,6 +582,8 @@ RULES: list[tuple[Callable[["Preset"], bool], str]] = [
      "vae.down_blocks > 0 needs vae.down_hidden > 0 (the encoder's width)"),
     (lambda p: p.vae.down_blocks > 0 and p.vae.detail_shortcut != "base",
      "vae.detail_shortcut must be 'base' with vae.down_blocks > 0"),
+    (lambda p: p.vae.residual_band != "full" and p.vae.decoder_input != "residual",
+     "vae.residual_band = high needs vae.decoder_input = residual"),
     (lambda p: p.vae.up_blocks > 0 and p.vae.decoder_input != "residual",
      "vae.up_blocks > 0 needs vae.decoder_input = residual"),
     (lambda p: p.vae.up_blocks > 0 and (p.vae.up_hidden <= 0 or p.vae.up_hidden % p.vae.scale ** 2),

@@ -42,6 +42,14 @@ def upsample(x: torch.Tensor, s: int = 2) -> torch.Tensor:
     return F.interpolate(x, scale_factor=float(s), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
+def high_band(x: torch.Tensor, s: int = 2) -> torch.Tensor:
+    """x minus its mean over every s x s pixel block (repeated back): the part of an image a resolution s
+    times lower cannot hold. Its s x s block means are exactly zero. (B, ch, H, W), H and W multiples of s."""
+    if x.shape[-2] % s or x.shape[-1] % s:
+        raise ValueError(f"high_band: {tuple(x.shape[-2:])} is not a multiple of s = {s}")
+    return x - F.interpolate(F.avg_pool2d(x, s), scale_factor=float(s), mode="nearest")
+
+
 def split(latent: torch.Tensor, base_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C+D, h, w) -> z_base (B, C, h, w), z_detail (B, D, h, w)."""
     return latent[:, :base_channels], latent[:, base_channels:]

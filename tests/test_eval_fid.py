@@ -396,6 +396,14 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
         vals.append(float(psnr(y, x)))
     assert bl["davae_detail_from_base"]["psnr"] == pytest.approx(sum(vals) / len(vals), abs=1e-3)
     assert bl["detail_gain_db"] == pytest.approx(r["psnr"] - bl["davae_detail_from_base"]["psnr"])
+    # sharpness of the originals (as prepared: 32 px, cropped to a multiple of 16) by hand; every row has one
+    prepared = [to_uint8(x[0]) for x in xs]
+    lap_ref = []
+    for arr in prepared:
+        Image.fromarray(arr).save(tmp_path / "prep.png")
+        lap_ref.append(np_sharpness(tmp_path / "prep.png"))
+    assert rb["sharpness_ref"] == pytest.approx(np.mean(lap_ref), rel=1e-5)
+    assert all(0 < row["sharpness"] < 4 for row in (rb, *[bl[k] for k in ("base_half_bicubic", "base_full")]))
     out = invoke(*args, "--baselines").stdout
     assert "(b') DA-VAE, z_d predicted from z_base" in out and "what z_d's own content adds" in out
     assert "(a) base at 1/s + bicubic" in out and "PSNR gap (a)->(c) closed by (b)" in out
@@ -455,6 +463,32 @@ def test_paired_metrics_match_an_independent_computation(tmp_path, folders, extr
     assert isinstance(pr["lpips"], float)
     res = invoke("eval-fid", gen, "--ref-stats", tmp_path / "none.npz", "--paired", ok=False)
     assert res.exit_code == 1 and "--paired compares GEN with a REF folder" in res.stderr
+
+
+def np_sharpness(path) -> float:
+    """mean |4-neighbour Laplacian| (valid region) of the channel mean of the image in [-1, 1], by hand."""
+    y = (np.asarray(Image.open(path).convert("RGB")).astype(np.float64) / 127.5 - 1).mean(2)
+    lap = y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:] - 4 * y[1:-1, 1:-1]
+    return float(np.abs(lap).mean())
+
+
+def test_sharpness_matches_a_hand_computation_and_falls_with_blur(folders, extractor):
+    """--sharpness: the mean |Laplacian| of GEN and REF, recomputed with numpy; blurrier folders score lower
+    (what shows a decoder that smooths); the broken image is left out; refused with --save-stats."""
+    r = fid_json(extractor, folders["blur0.5"], folders["orig"], "--sharpness")
+    sh = r["sharpness"]
+    by_hand = lambda d: np.mean([np_sharpness(p) for p in sorted(d.rglob("[0-9]*.png"))])  # noqa: E731
+    assert sh["gen"] == pytest.approx(by_hand(folders["blur0.5"]), rel=1e-5)
+    assert sh["ref"] == pytest.approx(by_hand(folders["orig"]), rel=1e-5)
+    blurred = [fid_json(extractor, folders[f"blur{b}"], folders["orig"], "--sharpness")["sharpness"]["gen"]
+               for b in BLUR_RADII]
+    assert sh["ref"] > blurred[0] > blurred[1] > blurred[2] > 0, (sh["ref"], blurred)
+    assert "sharpness" not in fid_json(extractor, folders["blur0.5"], folders["orig"])
+    out = invoke("eval-fid", folders["blur0.5"], folders["orig"], "--inception", extractor, "--num-workers", 0,
+                 "--sharpness").stdout
+    assert "sharpness  GEN" in out and "high-frequency energy" in out
+    res = invoke("eval-fid", folders["orig"], "--save-stats", "x.npz", "--sharpness", ok=False)
+    one_line_error(res.exit_code, res.stderr, "--sharpness scores GEN (and REF) images")
 
 
 @pytest.mark.parametrize("n, d", [(400, 64), (3000, 256), (40, 64)])

@@ -205,6 +205,46 @@ def test_deep_residual_design_starts_as_baseline_and_round_trips(tae_base, tmp_p
         torch.testing.assert_close(again.decode(again.encode(x).latent), before)
 
 
+@pytest.mark.parametrize("deep", [False, True])
+def test_high_band_residual_keeps_the_baselines_block_means(tae_base, tmp_path, deep):
+    """vae.residual_band = high: whatever the decoder's weights, the decode's s x s block means are the
+    baseline's (it adds only what the base resolution cannot hold); the added part is recomputed by hand
+    from the full-band decode of the same weights; the setting round-trips and needs the residual design."""
+    from davae_cli.config import ConfigError, load_preset
+    from davae_cli.vae.model import DetailAlignedVAE
+    from conftest import write_preset
+
+    if deep:
+        model = _deep_residual_model(tae_base, tmp_path, vae__residual_band="high")
+    else:
+        model, _, _ = build(tmp_path, tae_base, "residual", vae__residual_band="high")
+    assert model.config.residual_band == "high"
+    s = model.config.scale
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for p in model.up.parameters():  # a decoder that changes the image (the last conv is zero at init)
+            p.add_(0.05 * torch.randn_like(p))
+        enc = model.encode(x)
+        baseline = model.decode_baseline(enc.z_base)
+        out = model.decode(enc.latent)
+        pool = torch.nn.functional.avg_pool2d
+        torch.testing.assert_close(pool(out, s), pool(baseline, s), rtol=0, atol=1e-6)
+        assert (out - baseline).abs().max() > 1e-3  # it does add something
+        model.register_to_config(residual_band="full")
+        full = model.decode(enc.latent)
+        r = full - baseline
+        by_hand = r - pool(r, s).repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
+        torch.testing.assert_close(out, baseline + by_hand, rtol=0, atol=1e-6)
+        model.register_to_config(residual_band="high")
+    model.save_pretrained(tmp_path / "m")
+    again = DetailAlignedVAE.from_pretrained(tmp_path / "m", base_vae=str(tae_base))
+    assert again.config.residual_band == "high"
+    with torch.no_grad():
+        torch.testing.assert_close(again.decode(enc.latent), out)
+    with pytest.raises(ConfigError, match="residual_band = high needs vae.decoder_input = residual"):
+        load_preset(write_preset(tmp_path / "q.yaml", tae_base, vae__residual_band="high"))
+
+
 def test_deep_residual_decoder_pixel_layout(tae_base, tmp_path):
     """The decoder's output channel c*f*f + i*f + j lands on pixel (c, i, j) of every f x f cell: the
     inverse of the pixel_unshuffle(baseline, f) it reads."""

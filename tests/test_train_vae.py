@@ -223,3 +223,21 @@ def test_decoder_only_fine_tune_keeps_the_latent_and_adapted_dits_accept_it(tmp_
                 tmp_path / "a" / "final", check=False)
     assert r.returncode != 0 and "has vae up_hidden = 0 where the preset has 8" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "y" / "final").exists()
+
+
+def test_decoder_only_fine_tune_may_change_the_residual_band(tmp_path, images_dir, tae_base):
+    """`--decoder-only` may switch vae.residual_band (a decoder setting without parameters): the latent
+    identity stays, the result decodes with the high band; a full fine-tune with the same change is refused."""
+    preset = write_preset(tmp_path / "p.yaml", tae_base, style="residual")
+    run_cli("train-vae", "--preset", preset, "--data", images_dir, "--out", tmp_path / "a", "--steps", "2")
+    a = DetailAlignedVAE.from_pretrained(tmp_path / "a" / "final")
+    r = run_cli("train-vae", "--preset", preset, "--data", images_dir, "--out", tmp_path / "b", "--steps", "2",
+                "--init", tmp_path / "a" / "final", "--decoder-only", "--set", "vae.residual_band=high")
+    assert "vae residual_band: 'full' in" in r.stderr
+    b = DetailAlignedVAE.from_pretrained(tmp_path / "b" / "final")
+    assert b.config.residual_band == "high" and a.config.residual_band == "full"
+    assert b.latent_identity == a.latent_identity and b.identity != a.identity
+    r = run_cli("train-vae", "--preset", preset, "--data", images_dir, "--out", tmp_path / "c", "--steps", "2",
+                "--init", tmp_path / "a" / "final", "--set", "vae.residual_band=high", check=False)
+    assert r.returncode != 0 and "has vae residual_band = 'full' where the preset has 'high'" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "c" / "final").exists()

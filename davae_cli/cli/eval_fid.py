@@ -25,7 +25,11 @@ Examples:
   # upscaled images against their originals: FID/KID and, per same-named pair, PSNR/SSIM/LPIPS
   davae eval-fid up/ data/val/ --kid --paired --json
 
-  # tokenizer metrics of a DA-VAE: rFID, PSNR, SSIM, LPIPS
+  # two decoders of the same latents: FID and how much high-frequency energy each keeps
+  davae eval-fid decoded_a/ data/val/ --kid --sharpness
+  davae eval-fid decoded_b/ data/val/ --kid --sharpness
+
+  # tokenizer metrics of a DA-VAE: rFID, PSNR, SSIM, LPIPS, sharpness
   davae eval-fid data/val/ --reconstruct --vae runs/tiny/final --res 256
 
   # the same beside the base VAE at 1/s + bicubic (same tokens) and at full resolution (the ceiling)
@@ -76,16 +80,17 @@ def _human(r: dict) -> None:
                    + (f"   unavailable: {r['lpips_reason']}" if r.get("lpips_reason") else ""))
         if "kid" in r:
             typer.echo(f"KID    {_fmt(r['kid'], '.6f')}")
+        typer.echo(f"sharpness  {_fmt(r.get('sharpness'), '.4f')} (the originals: {_fmt(r.get('sharpness_ref'), '.4f')})")
         if r.get("baselines"):
             bl = r["baselines"]
             kid_h = "  KID" if "kid" in r else ""
-            typer.echo(f"  {'':<34}   rFID     PSNR    SSIM   LPIPS{kid_h}")
+            typer.echo(f"  {'':<34}   rFID     PSNR    SSIM   LPIPS  sharp{kid_h}")
             for name, row in (("(a) base at 1/s + bicubic", bl["base_half_bicubic"]), ("(b) DA-VAE", r),
                               ("(c) base at full res (s² tokens)", bl["base_full"]),
                               ("(b') DA-VAE, z_d predicted from z_base", bl["davae_detail_from_base"])):
                 kid_v = f"  {_fmt(row.get('kid'), '.4f')}" if "kid" in r else ""
                 typer.echo(f"  {name:<34} {_fmt(row['rfid'], '7.2f')} {_fmt(row['psnr'], '8.3f')} "
-                           f"{_fmt(row['ssim'], '7.4f')} {_fmt(row['lpips'], '7.4f')}{kid_v}")
+                           f"{_fmt(row['ssim'], '7.4f')} {_fmt(row['lpips'], '7.4f')} {_fmt(row.get('sharpness'), '6.4f')}{kid_v}")
             gap = "n/a" if bl["gap_closed"] is None else f"{100 * bl['gap_closed']:.1f}%"
             typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}; (b) - (b'), what z_d's own content adds: "
                        f"{bl['detail_gain_db']:+.3f} dB")
@@ -104,6 +109,10 @@ def _human(r: dict) -> None:
             typer.echo(f"paired ({pr['num_pairs']} same-name pairs; {pr['unmatched_gen']} GEN without a partner, "
                        f"{pr['size_mismatch']} of another size): PSNR {pr['psnr']:.3f} dB  SSIM {pr['ssim']:.4f}  "
                        f"LPIPS {_fmt(pr['lpips'], '.4f')}")
+        if r.get("sharpness"):
+            sh = r["sharpness"]
+            typer.echo(f"sharpness  GEN {_fmt(sh['gen'], '.4f')}  REF {_fmt(sh['ref'], '.4f')}  "
+                       f"(mean |Laplacian| of the luminance: high-frequency energy)")
     _print_protocol(r)
     skipped = f"{r['skipped_gen']} in GEN, {r['skipped_ref']} in REF" if kind != "reconstruction" \
         else f"{r['skipped_ref']}"
@@ -144,6 +153,7 @@ def eval_fid_cmd(
     res: Optional[int] = typer.Option(None, "--res", help="With --reconstruct: resize the short side to RES first."),
     base_vae: Optional[str] = typer.Option(None, "--base-vae", help="With --reconstruct: the DA-VAE's base VAE, if moved."),
     paired: bool = typer.Option(False, "--paired", help="Also PSNR, SSIM and LPIPS of each GEN image against the REF image of the same file name (e.g. upscaled vs original)."),
+    with_sharpness: bool = typer.Option(False, "--sharpness", help="Also the mean |Laplacian| of the luminance of GEN and REF (high-frequency energy: shows a decoder that smooths). Always reported with --reconstruct."),
     baselines: bool = typer.Option(False, "--baselines", help="With --reconstruct: also score the base VAE at 1/s + bicubic (the same tokens) and at full resolution (s² x the tokens), and the DA-VAE with its detail channels replaced by their linear prediction from the base channels (what the detail adds)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     json_out: bool = JsonOpt,
@@ -161,6 +171,8 @@ def eval_fid_cmd(
         fail("--reconstruct needs --vae DAVAE_DIR")
     if reconstruct and (ref is not None or ref_stats is not None or save_stats is not None):
         fail("--reconstruct takes one folder (the reference images) and no REF, --ref-stats or --save-stats")
+    if with_sharpness and save_stats is not None:
+        fail("--sharpness scores GEN (and REF) images; not with --save-stats")
     if paired and (reconstruct or save_stats is not None or ref is None):
         fail("--paired compares GEN with a REF folder (same file names); not with --reconstruct or --save-stats")
     if save_stats is not None and (ref is not None or ref_stats is not None):
@@ -187,7 +199,7 @@ def eval_fid_cmd(
             result = F.save_statistics(gen, save_stats, with_feats=with_kid, use_cache=not no_cache, **common)
         else:
             result = F.evaluate_fid(gen, ref, ref_stats=ref_stats, with_kid=with_kid, use_cache=not no_cache,
-                                    paired=paired, **common)
+                                    paired=paired, with_sharpness=with_sharpness, **common)
     if json_out:
         print_json(result)
         _print_skipped(result)

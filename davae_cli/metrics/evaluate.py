@@ -45,10 +45,12 @@ def _check_common(mode: str, batch_size: int, num_workers: int) -> None:
 def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats: Optional[str] = None,
                  mode: str = "clean", with_kid: bool = False, batch_size: int = 32, num_workers: int = 0,
                  device: Optional[str] = None, inception: Optional[str | Path] = None,
-                 progress: Optional[ProgressFn] = None, use_cache: bool = True, paired: bool = False) -> dict:
+                 progress: Optional[ProgressFn] = None, use_cache: bool = True, paired: bool = False,
+                 with_sharpness: bool = False) -> dict:
     """FID (and KID) of the images under `gen` against the images under `ref` or against `ref_stats`
     (an .npz with mu/sigma, or clean-fid's NAME[:RES[:SPLIT]]). Returns the result with its protocol.
-    `paired`: also `paired_metrics` of GEN against REF images of the same file name."""
+    `paired`: also `paired_metrics` of GEN against REF images of the same file name. `with_sharpness`: also
+    the mean `image.sharpness` of GEN (and REF), in `sharpness`."""
     _check_common(mode, batch_size, num_workers)
     if ref is None and ref_stats is None:
         raise DavaeError("give a reference: a REF folder or --ref-stats NAME_OR_NPZ")
@@ -106,7 +108,29 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
         if ref_src is None:
             raise DavaeError("needs a REF folder (pairs are matched by file name)", param="paired")
         result["paired"] = paired_metrics(gen_src, ref_src, dev, batch_size, progress)
+    if with_sharpness:
+        from .image import SHARPNESS_NOTE
+
+        result["sharpness"] = {"gen": folder_sharpness(gen_src, "sharpness GEN", progress),
+                               "ref": folder_sharpness(ref_src, "sharpness REF", progress) if ref_src is not None else None,
+                               "note": SHARPNESS_NOTE}
     return result
+
+
+def folder_sharpness(src: D.ImageSource, phase: str = "sharpness", progress: Optional[ProgressFn] = None) -> Optional[float]:
+    """The mean `image.sharpness` of a folder's readable images (each at its own size); None if none."""
+    from .image import sharpness
+
+    vals = []
+    for i, item in enumerate(src.items):
+        try:
+            arr = D.read_image(item)
+        except Exception:
+            continue  # unreadable images are already reported by the FID pass
+        vals.append(float(sharpness(D.to_tensor(arr)[None])[0]))
+        if progress and ((i + 1) % 64 == 0 or i + 1 == len(src.items)):
+            progress(phase, i + 1, len(src.items))
+    return float(np.mean(vals)) if vals else None
 
 
 @torch.no_grad()
@@ -206,7 +230,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     available, LPIPS (VGG); `detail_structure` of the latents. With `baselines`, the same metrics for the
     base VAE at 1/s + bicubic (the same tokens) and at full resolution (the ceiling), in `baselines`."""
     from ..vae.model import DetailAlignedVAE
-    from .image import reconstruction_metrics
+    from .image import SHARPNESS_NOTE, reconstruction_metrics, sharpness
 
     _check_common(mode, batch_size, num_workers)
     if res is not None and res < 1:
@@ -231,7 +255,8 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     # and the DA-VAE on z_base alone (z_d replaced by its linear prediction from z_base)
     names = ("davae", "base_half_bicubic", "base_full", "davae_detail_from_base") if baselines else ("davae",)
     predictor = _fit_detail_predictor(vae, ds, batch_size, num_workers, dev, progress) if baselines else None
-    acc = {k: {"feats": [], "psnr": [], "ssim": [], "lpips": []} for k in names}
+    acc = {k: {"feats": [], "psnr": [], "ssim": [], "lpips": [], "sharpness": []} for k in names}
+    sharp_orig: list = []
     latents: list = []  # the first STRUCTURE_LATENTS latents, for detail_structure
     done = 0
     for batch in _loader(ds, batch_size, num_workers):
@@ -255,6 +280,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
                     "davae_detail_from_base": lambda: vae.decode(predictor.predict(enc.latent))}
             for run in _same_shape_runs([_to_chw(resize(a)) for a in arrs]):
                 f_orig.append(extractor(torch.stack(run)).cpu().numpy())
+            sharp_orig.append(sharpness(x).cpu())
             for name in names:
                 rec = [D.to_uint8(t) for t in outs[name]()]  # what a saved PNG would hold
                 y8 = torch.stack([D.to_tensor(a) for a in rec]).to(dev)
@@ -268,6 +294,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
                 for key in ("psnr", "ssim", "lpips"):
                     if key in m:
                         acc[name][key].append(m[key].cpu())
+                acc[name]["sharpness"].append(sharpness(y8).cpu())
                 for run in _same_shape_runs([_to_chw(resize(a)) for a in rec]):
                     acc[name]["feats"].append(extractor(torch.stack(run)).cpu().numpy())
         done += len(batch)
@@ -285,7 +312,8 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
         mu_r, sigma_r = fr.stats()
         out = {"rfid": frechet(mu_r, sigma_r, mu_o, sigma_o, notes), "psnr": float(torch.cat(a["psnr"]).mean()),
                "ssim": float(torch.cat(a["ssim"]).mean()),
-               "lpips": float(torch.cat(a["lpips"]).mean()) if lpips_model is not None and a["lpips"] else None}
+               "lpips": float(torch.cat(a["lpips"]).mean()) if lpips_model is not None and a["lpips"] else None,
+               "sharpness": float(torch.cat(a["sharpness"]).mean())}
         if with_kid:
             out["kid"] = kid(fr.feats, fo.feats)
         return out
@@ -296,6 +324,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
 
     result = {**per["davae"], "fid": rfid,
               "detail_structure": detail_structure(latents, vae.config.base_channels),
+              "sharpness_ref": float(torch.cat(sharp_orig).mean()), "sharpness_note": SHARPNESS_NOTE,
               "num_images": n, "num_gen": n, "num_ref": n, "mode": mode,
               "feature_extractor": extractor.describe(), "resize": RESIZE[mode],
               "reference": str(Path(ref).expanduser()), "reference_kind": "reconstruction",

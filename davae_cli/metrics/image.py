@@ -44,6 +44,18 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return s.flatten(1).mean(1).float()
 
 
+SHARPNESS_NOTE = ("sharpness: the mean absolute 4-neighbour Laplacian of the luminance (the channel mean of the "
+                  "8-bit image in [-1, 1]), per image, averaged: high-frequency energy; a decoder that smooths "
+                  "scores below its reference")
+
+
+def sharpness(x: torch.Tensor) -> torch.Tensor:
+    """Per-image mean |4-neighbour Laplacian| of the channel-mean luminance of (B, 3, H, W) images in [-1, 1]
+    (valid region): the high-frequency energy of an image (SHARPNESS_NOTE)."""
+    lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=x.device).view(1, 1, 3, 3)
+    return F.conv2d(x.float().mean(1, keepdim=True), lap).abs().flatten(1).mean(1)
+
+
 def reconstruction_metrics(y: torch.Tensor, x: torch.Tensor, lpips_model=None) -> dict[str, torch.Tensor]:
     """Per-image PSNR, SSIM and (with `lpips_model`) LPIPS of reconstructions `y` against originals `x`,
     both (B, 3, H, W) in [-1, 1]: what train-vae's held-out evaluation and eval-fid --reconstruct report."""

@@ -109,13 +109,18 @@ def _base_cache(model: DetailAlignedVAE, source: ImageSource, cb: Callbacks) -> 
     return out
 
 
-def _load_init(model: DetailAlignedVAE, folder: str, base, cb: Callbacks) -> None:
+def _load_init(model: DetailAlignedVAE, folder: str, base, cb: Callbacks, decoder_only: bool = False) -> None:
     """`train_vae.init_from`: the weights (and detail statistics) of the DA-VAE in `folder`, which must be the
-    architecture the preset describes, on the same base VAE."""
+    architecture the preset describes, on the same base VAE. A decoder-only fine-tune may change the decoder
+    settings that add no parameters (`DetailAlignedVAE.DECODER_SETTINGS`, e.g. `vae.residual_band`)."""
     init = DetailAlignedVAE.from_pretrained(folder, base_vae=base)
     for key, mine in model.config.items():
         if key.startswith("base_vae_") and key != "base_vae_hash":
             continue  # where the base VAE was loaded from, not what it is (the hash is checked)
+        if decoder_only and key in DetailAlignedVAE.DECODER_SETTINGS:
+            if init.config.get(key) != mine:
+                cb.on_message(f"vae {key}: {init.config.get(key)!r} in {folder}, {mine!r} in this fine-tune")
+            continue
         if init.config.get(key) != mine:
             raise DavaeError(f"train_vae.init_from: {folder} has vae {key} = {init.config.get(key)!r} where the "
                              f"preset has {mine!r}: pass the preset it was trained with")
@@ -416,7 +421,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
                          arch=preset.vae.base_vae_arch)
     model = DetailAlignedVAE.from_base(base, preset.vae).to(device)
     if t.init_from and ckpt_path is None:  # a resumed run has the weights in its checkpoint
-        _load_init(model, t.init_from, base, cb)
+        _load_init(model, t.init_from, base, cb, decoder_only=not t.train_encoder)
     if not t.train_encoder:
         model.set_trainable(encoder=False)
     final_dir = run_dir / "final"

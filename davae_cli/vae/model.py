@@ -95,6 +95,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         base_resize: str = "antialias",
         decoder_base_space: str = "transformed",
         up_input_order: str = "base_first",
+        residual_band: str = "full",
     ):
         super().__init__()
         if detail_channels % base_channels:
@@ -171,6 +172,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
             base_resize=vcfg.base_resize,
             decoder_base_space=vcfg.decoder_base_space,
             up_input_order=vcfg.up_input_order,
+            residual_band=vcfg.residual_band,
         )
 
     @classmethod
@@ -276,6 +278,9 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
     LATENT_CONFIG_KEYS = ("base_vae_hash", "base_channels", "detail_channels", "downsample", "scale", "detail_features",
                           "detail_shortcut", "down_hidden", "down_blocks", "latent_transform", "base_resize")
     LATENT_STATE_PREFIXES = ("detail_trunk.", "down.", "transform.", "detail_mean", "detail_std")
+    # decoder settings without parameters of their own: a decoder-only fine-tune (`train-vae --init --decoder-only`)
+    # may change them, the latent stays the same
+    DECODER_SETTINGS = ("residual_band",)
 
     @property
     def latent_identity(self) -> str:
@@ -394,11 +399,15 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         if self.decoder_trunk is None and baseline is None:
             baseline = self.decode_baseline(latent[:, :c])
         if isinstance(self.up, ResidualDetailDecoder):
-            return self.up(up_in, baseline)
-        h = self.up(up_in)  # (B, G, 2h, 2w)
-        if self.decoder_trunk is not None:
-            return self.decoder_trunk(h)
-        return baseline + F.pixel_shuffle(h, self.config.downsample)
+            out = self.up(up_in, baseline)
+        else:
+            h = self.up(up_in)  # (B, G, 2h, 2w)
+            if self.decoder_trunk is not None:
+                return self.decoder_trunk(h)
+            out = baseline + F.pixel_shuffle(h, self.config.downsample)
+        if self.config.residual_band == "high":
+            out = baseline + L.high_band(out - baseline, self.config.scale)
+        return out
 
     def forward(self, x: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
                 detail_dropout: float = 0.0, base_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
