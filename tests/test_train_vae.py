@@ -109,6 +109,11 @@ def test_training_lowers_the_loss_and_logs_evaluations(tmp_path, images_dir, tae
             "detail_gain_db"} <= set(evals[-1])
     # the decoder starts as the baseline whatever z_d is: z_d predicted from z_base decodes the same at step 0
     assert evals[0]["detail_gain_db"] == pytest.approx(0.0, abs=1e-4)
+    # sharpness of every row and of the held-out images; at step 0 the DA-VAE's is the baseline's
+    assert {"images.sharpness", "davae.sharpness", "base_half_bicubic.sharpness", "base_full.sharpness",
+            "davae_detail_from_base.sharpness"} <= set(evals[-1])
+    assert evals[0]["davae.sharpness"] == pytest.approx(evals[0]["base_half_bicubic.sharpness"], abs=1e-5)
+    assert evals[0]["base_half_bicubic.sharpness"] < evals[0]["images.sharpness"]  # bicubic x2 is smoother
     assert evals[-1]["detail_gain_db"] == pytest.approx(evals[-1]["davae.psnr"] - evals[-1]["davae_detail_from_base.psnr"])
     assert res.skipped_images == 1  # broken.jpg
     assert (tmp_path / "run" / "samples" / "step-0000030.png").is_file()
