@@ -51,6 +51,10 @@ def test_smoke_chain_writes_results_and_resumes(tmp_path):
         assert all(v is not None for v in res["upscale"][m].values()), m
     assert res["upscale"]["num_images"] == 20  # 2 val images per class, paired with their originals
     assert all(v is not None for v in res["same_samples"]["fid"].values())
+    # sharpness (eval-fid --sharpness) of every model, decode and upscale row, and of the real val images
+    assert set(res["sharpness"]) == keys | {"real_val"} and all(v > 0 for v in res["sharpness"].values())
+    assert all(v > 0 for v in res["same_samples"]["sharpness"].values())
+    assert all(v > 0 for v in res["upscale"]["sharpness"].values())
     for key in ("native_half_bicubic", "davae"):
         assert res["fid_spread"][key]["abs_difference"] is not None
     assert res["class_accuracy"]["reason"] and res["detail_structure"]["latents"] == 20

@@ -124,6 +124,11 @@ def _log(out: Path, name: str) -> dict:
     return _json_lines(p) if p.is_file() and p.stat().st_size else {}
 
 
+def _sharpness(fid_log: dict, side: str = "gen"):
+    """eval-fid --sharpness's mean |Laplacian| of GEN (or REF) in a stage's output; None when absent."""
+    return (fid_log.get("sharpness") or {}).get(side)
+
+
 def _measurements(out: Path) -> dict:
     """Issue 20's keys: rfid, upscale, same_samples, fid_spread, class_accuracy, detail_structure (None where a
     stage has not run)."""
@@ -142,10 +147,12 @@ def _measurements(out: Path) -> dict:
           "oracle": _log(out, "fid_upscale_oracle")}
     res["upscale"] = {m: {k: (v.get(m) if m in ("fid", "kid") else (v.get("paired") or {}).get(m)) for k, v in up.items()}
                       for m in ("fid", "kid", "psnr", "lpips")}
+    res["upscale"]["sharpness"] = {k: _sharpness(v) for k, v in up.items()}
     res["upscale"]["num_images"] = (up["davae"].get("paired") or {}).get("num_pairs")
     same = {"base_bicubic": _log(out, "fid_davae_base"), "davae_detail_from_base": _log(out, "fid_davae_pred"),
             "davae": _log(out, "fid_davae")}
     res["same_samples"] = {m: {k: v.get(m) for k, v in same.items()} for m in ("fid", "kid")}
+    res["same_samples"]["sharpness"] = {k: _sharpness(v) for k, v in same.items()}
     spread = {}
     for key in ("native_half_bicubic", "davae"):
         h1, h2 = _log(out, f"fid_{key}_h1"), _log(out, f"fid_{key}_h2")
@@ -160,12 +167,13 @@ def _measurements(out: Path) -> dict:
 
 
 def results(out: Path, per_class: int) -> None:
-    res: dict = {"fid": {}, "kid": {}, "tokens": {}, "ms_per_image": {}, "samples": {}}
+    res: dict = {"fid": {}, "kid": {}, "sharpness": {}, "tokens": {}, "ms_per_image": {}, "samples": {}}
     for key in KEYS:
         fid = _log(out, f"fid_{key}")
         gen = _log(out, GEN_STAGE[key])
         res["fid"][key] = fid.get("fid")
         res["kid"][key] = fid.get("kid")
+        res["sharpness"][key] = _sharpness(fid)
         res["tokens"][key] = gen.get("tokens")
         res["ms_per_image"][key] = gen.get("ms_per_image")
         res["samples"][key] = str(out / "samples" / key)
@@ -173,6 +181,7 @@ def results(out: Path, per_class: int) -> None:
         res.setdefault("protocol", {k: fid.get(k) for k in ("mode", "resize", "feature_extractor")})
     # (i) is sampled at 112² and upsampled; its time is the 112² model's (the bicubic step is negligible)
     res["num_gen_native_full"] = _log(out, "fid_native_full").get("num_gen")
+    res["sharpness"]["real_val"] = _sharpness(_log(out, "fid_davae"), "ref")
     res["reference"] = _log(out, "fid_davae").get("reference")
     res["num_ref"] = _log(out, "fid_davae").get("num_ref")
 

@@ -107,7 +107,7 @@ stage() {  # stage NAME DONE_PATH RUN_DIR cmd...: skip when DONE_PATH exists, --
 }
 fid() {  # fid KEY GEN_DIR REF_DIR [flags]: eval-fid into logs/fid_KEY.json
   local key=$1 gen=$2 ref=$3; shift 3
-  stage "fid_$key" "$OUT/logs/fid_$key.done" "" davae eval-fid "$gen" "$ref" --kid --mode clean "$@" --json
+  stage "fid_$key" "$OUT/logs/fid_$key.done" "" davae eval-fid "$gen" "$ref" --kid --mode clean --sharpness "$@" --json
 }
 
 # ------------------------------------------------------------------ the models
