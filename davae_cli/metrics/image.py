@@ -49,6 +49,11 @@ SHARPNESS_NOTE = ("sharpness: the mean absolute 4-neighbour Laplacian of the lum
                   "scores below its reference")
 
 
+def as_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] rounded to what an 8-bit PNG holds, still in [-1, 1] (what `sharpness` is defined on)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
 def sharpness(x: torch.Tensor) -> torch.Tensor:
     """Per-image mean |4-neighbour Laplacian| of the channel-mean luminance of (B, 3, H, W) images in [-1, 1]
     (valid region): the high-frequency energy of an image (SHARPNESS_NOTE)."""

@@ -132,11 +132,6 @@ def _optimizer(params_groups, lr: float, betas, wd: float):
     return torch.optim.AdamW(params_groups, lr=lr, betas=tuple(betas), weight_decay=wd)
 
 
-def _as_8bit(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] rounded to what an 8-bit PNG holds (as eval-fid measures sharpness)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-
-
 @torch.no_grad()
 def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size: int = 8,
                             lpips_model=None, baselines: bool = True) -> dict:
@@ -146,7 +141,7 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
     from z_base (`davae_detail_from_base`; `detail_gain_db` = what z_d's own content adds in PSNR);
     MSE(Proj(mu_d), z_base); and `detail_structure` of the latents (is the detail part generable:
     metrics.latent_stats)."""
-    from ..metrics.image import sharpness
+    from ..metrics.image import as_8bit, sharpness
     from ..metrics.latent_stats import DetailFromBase, detail_structure
 
     device = next(model.parameters()).device
@@ -165,11 +160,11 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
         if baselines:
             outs["base_half_bicubic"] = model.decode_baseline(enc.z_base)
             outs["base_full"] = model.reconstruct_base_full(x)
-        add("images.sharpness", sharpness(_as_8bit(x)))
+        add("images.sharpness", sharpness(as_8bit(x)))
         for name, y in outs.items():
             for metric, values in reconstruction_metrics(y, x, lpips_model).items():
                 add(f"{name}.{metric}", values)
-            add(f"{name}.sharpness", sharpness(_as_8bit(y)))
+            add(f"{name}.sharpness", sharpness(as_8bit(y)))
     if baselines:  # the decoder on z_base alone: z_d replaced by its linear prediction from z_base
         predictor = DetailFromBase.fit(latents, model.config.base_channels)
         for i, z in enumerate(latents):
@@ -177,7 +172,7 @@ def evaluate_held_out(model: DetailAlignedVAE, images: torch.Tensor, batch_size:
             y = model.decode(predictor.predict(z.to(device))).clamp(-1, 1)
             for metric, values in reconstruction_metrics(y, x, lpips_model).items():
                 add(f"davae_detail_from_base.{metric}", values)
-            add("davae_detail_from_base.sharpness", sharpness(_as_8bit(y)))
+            add("davae_detail_from_base.sharpness", sharpness(as_8bit(y)))
     res = {k: float(torch.cat(v).mean()) for k, v in acc.items()}
     res["num_images"] = int(images.shape[0])
     res["detail_structure"] = detail_structure(latents, model.config.base_channels)
