@@ -6,7 +6,6 @@ Bad inputs are reported one by one and never stop the good ones; existing output
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -173,8 +172,6 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
     prediction from the base channels, fitted over all the latents given (`metrics.latent_stats.DetailFromBase`):
     what the decoder makes of the base channels alone, so the difference to a plain decode is what the
     detail channels' own content is worth."""
-    from PIL import Image
-
     check_decode_mode(base_only, detail_from_base)
     normalizer, facts = None, None
     if dit_dir is not None:
@@ -203,13 +200,15 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
         on_total(len(files))
     device = _device_of(vae)
 
-    def read(f: Path) -> torch.Tensor:
+    def read(f: Path, metas: Optional[dict] = None) -> torch.Tensor:
         """The DA-VAE latent (1, C+D, h, w) of file f, or DavaeError(why it cannot be decoded here)."""
         latent, meta = load_latent(f)
         why = check_latent_compatible(vae, latent, meta, dit_space_ok=normalizer is not None,
                                       dit_davae=facts["davae"] if normalizer is not None else None)
         if why:
             raise DavaeError(why)
+        if metas is not None:
+            metas[f] = meta
         z = latent[None].to(device)
         return normalizer.inverse(z) if meta.get("space") == "dit" else z
 
@@ -234,17 +233,31 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
         try:
             if not _claim_output(out, claimed, overwrite, report, str(f)):
                 continue
-            z = read(f)
+            metas: dict = {}
+            z = read(f, metas)
             if base_only:
                 img = vae.decode_baseline(z[:, : vae.config.base_channels])[0]
             else:
                 img = vae.decode(predictor.predict(z) if predictor is not None else z)[0]
-            buf = io.BytesIO()
-            Image.fromarray(D.to_uint8(img)).save(buf, format="PNG")
-            atomic_write_bytes(out, buf.getvalue())
+            atomic_write_bytes(out, _png_with_meta(img, metas[f], "base_only" if base_only else
+                                                   "detail_from_base" if predictor is not None else "davae"))
             report.written.append(str(out))
         except DavaeError as e:
             report.failed.append((str(f), str(e)))
         finally:
             progress(1)
     return report
+
+
+# what a decoded PNG keeps of its latent's metadata: how it was made (generate, upscale, encode), not the identities
+_CARRIED = ("prompt", "negative_prompt", "class_id", "seed", "steps", "guidance", "guidance_interval", "sampler",
+            "shift", "res", "mode", "strength", "source")
+
+
+def _png_with_meta(img: torch.Tensor, meta: dict, decoded: str) -> bytes:
+    """The PNG of a decoded latent, with its generation metadata (e.g. class_id, seed, prompt) carried over
+    as `davae:*` text like `generate`'s, plus `davae:decoded` (davae | base_only | detail_from_base)."""
+    from .images import _png_bytes
+
+    kept = {k: meta[k] for k in _CARRIED if meta.get(k) is not None}
+    return _png_bytes(img, {**kept, "decoded": decoded})

@@ -57,7 +57,16 @@ def test_smoke_chain_writes_results_and_resumes(tmp_path):
     assert all(v > 0 for v in res["upscale"]["sharpness"].values())
     for key in ("native_half_bicubic", "davae"):
         assert res["fid_spread"][key]["abs_difference"] is not None
-    assert res["class_accuracy"]["reason"] and res["detail_structure"]["latents"] == 20
+    assert res["detail_structure"]["latents"] == 20
+    # whether samples show their class: eval-fid --class-probe on every model (labels carried from generate's
+    # metadata through the bicubic upsampling of (i) and through decode), and the real val images
+    acc = res["class_accuracy"]
+    assert set(acc) == keys | {"davae_base", "real_val"}
+    assert all(v is not None and 0 <= v <= 1 for v in acc.values()), acc
+    assert all(v is not None and 1 <= v <= 10 + 1e-9 for v in res["probe_is"].values()), res["probe_is"]
+    assert res["class_probe"]["train_images"] == 20 and res["inception_score"] is None
+    with Image.open(Path(res["samples"]["native_half_bicubic"]) / "000019.png") as im:
+        assert im.text["davae:class_id"] == "9"
     ups = sorted(p.name for p in (out / "samples" / "upscale").glob("*.png"))
     assert len(ups) == 20 and ups == sorted(p.name for p in (out / "samples" / "upscale_oracle").glob("*.png"))
     # the native 224² model trained for the wall-clock of native-112 + adaptation
@@ -75,3 +84,20 @@ def test_bad_arguments_exit_2():
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "imagenette" / "run.sh"), "/tmp/x", "--scale", "tpu"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--scale" in r.stderr
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "imagenette" / "run.sh"), "/tmp/x", "--budget", "ten"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--budget must be a number of minutes" in r.stderr
+
+
+@pytest.mark.skipif(not (DATA / "train").is_dir() or not TAESD3.is_dir(),
+                    reason="../shared/data/imagenette224 or ../shared/weights/taesd3 not present")
+def test_a_spent_budget_starts_no_stage(tmp_path):
+    """--budget 0: nothing is started, the run says so and exits 0 (a later run continues)."""
+    env = {**os.environ, "IMAGENETTE": str(DATA), "TAESD3": str(TAESD3),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = tmp_path / "chain"
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "imagenette" / "run.sh"), str(out), "--smoke", "--budget", "0"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the budget is spent: stopping before vae" in r.stdout
+    assert not (out / "vae").exists()

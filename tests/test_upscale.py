@@ -232,6 +232,12 @@ def test_decode_generated_latents_with_and_without_their_detail(adapted, tmp_pat
     gen = np.asarray(Image.open(tmp_path / "g" / "000000.png")).astype(int)
     dec = np.asarray(Image.open(tmp_path / "d" / "000000.png")).astype(int)
     assert np.abs(gen - dec).max() <= 1  # the generated image, from its saved latent
+    # the decoded PNG keeps how the latent was made (generate's metadata), and says how it was decoded
+    meta_g, meta_d = Image.open(tmp_path / "g" / "000000.png").text, Image.open(tmp_path / "d" / "000000.png").text
+    for key in ("davae:prompt", "davae:seed", "davae:steps", "davae:guidance"):
+        assert meta_d[key] == meta_g[key], key
+    assert meta_d["davae:decoded"] == "davae"
+    assert Image.open(tmp_path / "b" / "000000.png").text["davae:decoded"] == "base_only"
     from davae_cli.data import to_uint8
     from davae_cli.dit.backend import read_facts
     from davae_cli.latents import LatentNormalizer
@@ -253,6 +259,7 @@ def test_decode_generated_latents_with_and_without_their_detail(adapted, tmp_pat
         want = model.decode(zp)[0]
     got = np.asarray(Image.open(tmp_path / "p" / "000000.png")).astype(int)
     assert np.abs(got - to_uint8(want).astype(int)).max() <= 1
+    assert Image.open(tmp_path / "p" / "000000.png").text["davae:decoded"] == "detail_from_base"
     r = run_cli("decode", tmp_path / "g", "--vae", vae, "--dit", dit, "--base-only", "--detail-from-base",
                 "--out", tmp_path / "x", check=False)
     assert r.returncode != 0 and "two different decodes" in r.stderr and "Traceback" not in r.stderr

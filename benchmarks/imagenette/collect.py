@@ -22,15 +22,21 @@ KEYS = ("native_half_bicubic", "davae", "native_full")
 GEN_STAGE = {"native_half_bicubic": "gen_native_half", "davae": "gen_davae", "native_full": "gen_native_full"}
 
 
-def _atomic_png(img: Image.Image, path: Path) -> None:
+def _atomic_png(img: Image.Image, path: Path, text: dict | None = None) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)
     tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
+    img.save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)
 
 
 def upsample(src: Path, dst: Path) -> None:
     """x2 with the DA-VAE's own upsampling (`davae_cli.latents.upsample`: torch bicubic in float, clamped), the
-    path `decode_baseline` takes, so (i) and the DA-VAE's baselines are upsampled the same way."""
+    path `decode_baseline` takes, so (i) and the DA-VAE's baselines are upsampled the same way. The PNG text
+    (generate's metadata: class_id, seed, ...) is kept."""
     import numpy as np
     import torch
 
@@ -47,8 +53,9 @@ def upsample(src: Path, dst: Path) -> None:
             continue
         with Image.open(f) as im:
             x = to_tensor(np.asarray(im.convert("RGB")))[None]
+            text = dict(getattr(im, "text", {}) or {})
         with torch.no_grad():
-            _atomic_png(Image.fromarray(to_uint8(up(x, 2)[0])), out)
+            _atomic_png(Image.fromarray(to_uint8(up(x, 2)[0])), out, text)
 
 
 def _json_lines(path: Path) -> dict:
@@ -160,9 +167,19 @@ def _measurements(out: Path) -> dict:
         spread[key] = {"half_1": a, "half_2": b, "abs_difference": abs(a - b) if a is not None and b is not None else None,
                        "num_per_half": h1.get("num_gen")}
     res["fid_spread"] = spread
-    res["class_accuracy"] = {"native_half_bicubic": None, "davae": None, "native_full": None,
-                             "reason": "needs an ImageNet classifier's weights, which cannot be downloaded on this "
-                                       "machine; the FID Inception here has no logits (no Inception Score either)"}
+    # eval-fid --class-probe: a linear probe on the FID Inception's features of train/ (no ImageNet classifier
+    # head can be loaded offline); real val/ images are its ceiling. probe_is: the IS formula over the 10 classes
+    cls = {"native_half_bicubic": _log(out, "fid_native_half_bicubic"), "davae": _log(out, "fid_davae"),
+           "native_full": _log(out, "fid_native_full"), "davae_base": _log(out, "fid_davae_base")}
+    classes = {k: v.get("classes") or {} for k, v in cls.items()}
+    res["class_accuracy"] = {k: (c.get("gen") or {}).get("accuracy") for k, c in classes.items()}
+    res["class_accuracy"]["real_val"] = (classes["davae"].get("ref") or {}).get("accuracy")
+    res["probe_is"] = {k: (c.get("gen") or {}).get("probe_is") for k, c in classes.items()}
+    res["probe_is"]["real_val"] = (classes["davae"].get("ref") or {}).get("probe_is")
+    res["class_probe"] = {**(classes["davae"].get("probe") or {}), "note": classes["davae"].get("note")}
+    res["inception_score"] = None
+    res["inception_score_reason"] = ("the FID Inception available offline stops at its pool features (no logits); "
+                                     "probe_is is the same formula over the probe's 10 classes")
     return res
 
 
@@ -233,6 +250,8 @@ def results(out: Path, per_class: int) -> None:
     print("upscale (bicubic | davae | oracle): FID " + " | ".join(num(up["fid"][m], ".2f") for m in ("bicubic", "davae", "oracle"))
           + ", PSNR " + " | ".join(num(up["psnr"][m], ".2f") for m in ("bicubic", "davae", "oracle"))
           + ", LPIPS " + " | ".join(num(up["lpips"][m], ".4f") for m in ("bicubic", "davae", "oracle")))
+    ca = res["class_accuracy"]
+    print("class accuracy (linear probe): " + ", ".join(f"{k} {num(v, '.3f')}" for k, v in ca.items()))
 
 
 def _residual_std(files, normalizer, c: int) -> float:

@@ -6,7 +6,9 @@
 #   3. adapt-dit   that model warm-started on the DA-VAE's 224² latents (49 tokens)
 #   4. generate    the same class-balanced samples (same seeds) with (i) native-112 (+ bicubic x2 in float, the
 #                  DA-VAE's own upsampling, collect.py) and (ii) the adapted DA-VAE model; timed per image
-#   5. eval-fid    FID and KID (clean mode) of each against val/
+#   5. eval-fid    FID and KID (clean mode) of each against val/, and whether the samples show their class: the
+#                  accuracy of a linear probe on the FID Inception's features of train/ (and its Inception-Score
+#                  formula over the 10 classes), with real val/ images as the probe's ceiling
 #   6. measurements that separate the causes:
 #      davae_base  (ii)'s own latents decoded without their detail channels (decode --base-only): detail vs drift
 #      rfid        the tokenizer on a class-balanced val subset: base at 112² + bicubic | DA-VAE | base at 224²
@@ -17,30 +19,36 @@
 #   then collect.py writes OUT/results.json and OUT/grid.png.
 # The stages run in this order, so an interrupted run has the most important numbers first.
 #
-# usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu] [--until STAGE]
+# usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu] [--until STAGE] [--budget MINUTES]
 #   --smoke      every stage with tiny settings (symlinked 40-image subsets, a few steps): about 5 minutes
-#   --scale gpu  larger step budgets meant for one GPU (not run on one yet: no time budget, no measured duration)
+#   --scale gpu  larger step budgets meant for one GPU (not run on one yet: no measured duration); with --budget
+#                the stages that fit one lease run in the order above and a later run continues
 #   --until S    stop after stage S and collect what exists; a later run without it continues
+#   --budget M   start no stage once M minutes have passed since this invocation started (a stage already
+#                running finishes), collect what exists and exit 0; a later run continues (e.g. one lease of a
+#                GPU machine, or the rest of a CPU session)
 # Data and weights: $IMAGENETTE (default ../shared/data/imagenette224 beside the repository) and $TAESD3
 # (default ../shared/weights/taesd3). Rerunning skips finished stages (their final/ or output exists) and
 # resumes interrupted ones.
 set -euo pipefail
 
-usage() { echo "usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu] [--until STAGE]" >&2; exit 2; }
+usage() { echo "usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu] [--until STAGE] [--budget MINUTES]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 case "$OUT" in -*) usage ;; esac
-SMOKE=0; SCALE=cpu; UNTIL=""
+SMOKE=0; SCALE=cpu; UNTIL=""; BUDGET_MIN=""; START_S=$(date +%s)
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --scale) shift; [ $# -gt 0 ] || usage; SCALE=$1 ;;
     --until) shift; [ $# -gt 0 ] || usage; UNTIL=$1 ;;
+    --budget) shift; [ $# -gt 0 ] || usage; BUDGET_MIN=$1 ;;
     *) usage ;;
   esac
   shift
 done
 case "$SCALE" in cpu|gpu) ;; *) echo "error: --scale must be cpu or gpu, got $SCALE" >&2; exit 2 ;; esac
+case "$BUDGET_MIN" in ""|*[!0-9.]*|*.*.*|.) [ -z "$BUDGET_MIN" ] || { echo "error: --budget must be a number of minutes, got $BUDGET_MIN" >&2; exit 2; } ;; esac
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -59,6 +67,7 @@ NPC=200             # generated images per class for (i) and (ii) (10 classes: 2
 NPC_FULL=50         # (iii), the slow 196-token model (1.2 s per image here): 500
 NVAL=50             # val images per class for the tokenizer and upscale measurements (500)
 GEN_BS=100
+PROBE_PER_CLASS=200  # train images per class for eval-fid's class probe (Inception features, cached once)
 VAE_SET=(); N112_STEPS=1100; ADAPT_STEPS=500; DIT_SET=()
 if [ "$SCALE" = gpu ]; then
   VAE_SET=(--set train_vae.steps=6000 --set train_vae.max_images=9469 --set train_vae.batch_size=32)
@@ -78,7 +87,7 @@ if [ "$SMOKE" = 1 ]; then
     done
   done
   TRAIN="$OUT/data/train"; VAL="$OUT/data/val"
-  NPC=2; NPC_FULL=2; NVAL=2; GEN_BS=20; N112_STEPS=6; ADAPT_STEPS=4
+  NPC=2; NPC_FULL=2; NVAL=2; GEN_BS=20; N112_STEPS=6; ADAPT_STEPS=4; PROBE_PER_CLASS=2
   VAE_SET=(--set train_vae.steps=6 --set train_vae.checkpoint_every=3 --set train_vae.stats_images=8 --set train_vae.max_val=4)
   DIT_SET=(--set train_dit.batch_size=8 --set train_dit.checkpoint_every=3 --set train_dit.log_every=2)
 fi
@@ -91,9 +100,17 @@ finish() { python "$HERE/collect.py" results "$OUT" --per-class "$NPC" && echo "
 stop_here() {  # --until: collect what exists and stop after this stage
   if [ -n "$UNTIL" ] && [ "$1" = "$UNTIL" ]; then echo "[--until $UNTIL] stopping"; finish || true; exit 0; fi
 }
+over_budget() {  # --budget: true once the minutes since this invocation started reach it
+  [ -n "$BUDGET_MIN" ] && python -c "import sys; sys.exit(0 if (float(sys.argv[2]) - float(sys.argv[1])) / 60 >= float(sys.argv[3]) else 1)" \
+    "$START_S" "$(date +%s)" "$BUDGET_MIN"
+}
 stage() {  # stage NAME DONE_PATH RUN_DIR cmd...: skip when DONE_PATH exists, --resume when RUN_DIR exists
   local name=$1 done=$2 rundir=$3; shift 3
   if [ -e "$done" ]; then echo "[$name] done ($done)"; stop_here "$name"; return 0; fi
+  if over_budget; then
+    echo "[--budget $BUDGET_MIN] $(date -u +%H:%M:%S) the budget is spent: stopping before $name (rerun to continue)"
+    finish || true; exit 0
+  fi
   local extra=()
   if [ -n "$rundir" ] && [ -f "$rundir/config.yaml" ]; then extra=(--resume); echo "[$name] resuming"; fi
   echo "[$name] $(date -u +%H:%M:%S) $*"
@@ -105,9 +122,10 @@ stage() {  # stage NAME DONE_PATH RUN_DIR cmd...: skip when DONE_PATH exists, --
   if [ -z "$rundir" ]; then touch "$done"; fi   # output stages: their marker
   stop_here "$name"
 }
-fid() {  # fid KEY GEN_DIR REF_DIR [flags]: eval-fid into logs/fid_KEY.json
+fid() {  # fid KEY GEN_DIR REF_DIR [flags]: eval-fid into logs/fid_KEY.json, with the class probe on train/
   local key=$1 gen=$2 ref=$3; shift 3
-  stage "fid_$key" "$OUT/logs/fid_$key.done" "" davae eval-fid "$gen" "$ref" --kid --mode clean --sharpness "$@" --json
+  stage "fid_$key" "$OUT/logs/fid_$key.done" "" davae eval-fid "$gen" "$ref" --kid --mode clean --sharpness \
+    --class-probe "$TRAIN" --probe-per-class "$PROBE_PER_CLASS" "$@" --json
 }
 
 # ------------------------------------------------------------------ the models

@@ -29,6 +29,10 @@ Examples:
   davae eval-fid decoded_a/ data/val/ --kid --sharpness
   davae eval-fid decoded_b/ data/val/ --kid --sharpness
 
+  # do class-conditional samples show their class? a linear probe on the Inception features of data/train/
+  # (one subfolder per class, sorted = class ids); labels of samples from their PNG metadata (generate, upscale)
+  davae eval-fid samples/ data/val/ --class-probe data/train/ --json
+
   # tokenizer metrics of a DA-VAE: rFID, PSNR, SSIM, LPIPS, sharpness
   davae eval-fid data/val/ --reconstruct --vae runs/tiny/final --res 256
 
@@ -113,6 +117,15 @@ def _human(r: dict) -> None:
             sh = r["sharpness"]
             typer.echo(f"sharpness  GEN {_fmt(sh['gen'], '.4f')}  REF {_fmt(sh['ref'], '.4f')}  "
                        f"(mean |Laplacian| of the luminance: high-frequency energy)")
+        if r.get("classes"):
+            cl = r["classes"]
+            pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+            ref_acc = cl["ref"]["accuracy"] if cl.get("ref") else None
+            typer.echo(f"class accuracy  GEN {pct(cl['gen']['accuracy'])} of {cl['gen']['labelled']} labelled  "
+                       f"REF {pct(ref_acc)}  (chance {pct(1 / len(cl['probe']['classes']))}); "
+                       f"probe IS GEN {_fmt(cl['gen']['probe_is'], '.2f')} of at most {len(cl['probe']['classes'])}")
+            typer.echo(f"  probe      linear, on {cl['probe']['train_images']} images of {cl['probe']['data']} "
+                       f"(train accuracy {pct(cl['probe']['train_accuracy'])})")
     _print_protocol(r)
     skipped = f"{r['skipped_gen']} in GEN, {r['skipped_ref']} in REF" if kind != "reconstruction" \
         else f"{r['skipped_ref']}"
@@ -155,6 +168,10 @@ def eval_fid_cmd(
     paired: bool = typer.Option(False, "--paired", help="Also PSNR, SSIM and LPIPS of each GEN image against the REF image of the same file name (e.g. upscaled vs original)."),
     with_sharpness: bool = typer.Option(False, "--sharpness", help="Also the mean |Laplacian| of the luminance of GEN and REF (high-frequency energy: shows a decoder that smooths). Always reported with --reconstruct."),
     baselines: bool = typer.Option(False, "--baselines", help="With --reconstruct: also score the base VAE at 1/s + bicubic (the same tokens) and at full resolution (s² x the tokens), and the DA-VAE with its detail channels replaced by their linear prediction from the base channels (what the detail adds)."),
+    class_probe: Optional[str] = typer.Option(None, "--class-probe", metavar="TRAIN_DIR",
+                                              help="Also the class accuracy of GEN (and REF): a linear probe fitted on the Inception features of TRAIN_DIR (one subfolder per class, sorted names = class ids); GEN's classes from their PNG metadata (generate, upscale) or folders. Plus the probe's Inception-Score formula over its classes."),
+    probe_per_class: Optional[int] = typer.Option(None, "--probe-per-class", metavar="N",
+                                                  help="With --class-probe: a seeded N training images per class (default 200)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     json_out: bool = JsonOpt,
 ) -> None:
@@ -173,6 +190,10 @@ def eval_fid_cmd(
         fail("--reconstruct takes one folder (the reference images) and no REF, --ref-stats or --save-stats")
     if with_sharpness and save_stats is not None:
         fail("--sharpness scores GEN (and REF) images; not with --save-stats")
+    if (class_probe is not None or probe_per_class is not None) and (reconstruct or save_stats is not None):
+        fail("--class-probe scores GEN (and REF) images; not with --reconstruct or --save-stats")
+    if probe_per_class is not None and class_probe is None:
+        fail("--probe-per-class needs --class-probe TRAIN_DIR")
     if paired and (reconstruct or save_stats is not None or ref is None):
         fail("--paired compares GEN with a REF folder (same file names); not with --reconstruct or --save-stats")
     if save_stats is not None and (ref is not None or ref_stats is not None):
@@ -199,7 +220,8 @@ def eval_fid_cmd(
             result = F.save_statistics(gen, save_stats, with_feats=with_kid, use_cache=not no_cache, **common)
         else:
             result = F.evaluate_fid(gen, ref, ref_stats=ref_stats, with_kid=with_kid, use_cache=not no_cache,
-                                    paired=paired, with_sharpness=with_sharpness, **common)
+                                    paired=paired, with_sharpness=with_sharpness, class_probe=class_probe,
+                                    probe_per_class=probe_per_class, **common)
     if json_out:
         print_json(result)
         _print_skipped(result)

@@ -46,12 +46,22 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
                  mode: str = "clean", with_kid: bool = False, batch_size: int = 32, num_workers: int = 0,
                  device: Optional[str] = None, inception: Optional[str | Path] = None,
                  progress: Optional[ProgressFn] = None, use_cache: bool = True, paired: bool = False,
-                 with_sharpness: bool = False) -> dict:
+                 with_sharpness: bool = False, class_probe: Optional[str | Path] = None,
+                 probe_per_class: Optional[int] = None) -> dict:
     """FID (and KID) of the images under `gen` against the images under `ref` or against `ref_stats`
     (an .npz with mu/sigma, or clean-fid's NAME[:RES[:SPLIT]]). Returns the result with its protocol.
     `paired`: also `paired_metrics` of GEN against REF images of the same file name. `with_sharpness`: also
-    the mean `image.sharpness` of GEN (and REF), in `sharpness`."""
+    the mean `image.sharpness` of GEN (and REF), in `sharpness`. `class_probe`: a labelled folder (one
+    subfolder per class); a linear probe on its Inception features scores whether GEN's images are of the
+    class they were generated for (and REF's of their folder's), in `classes` (`classify`)."""
     _check_common(mode, batch_size, num_workers)
+    if probe_per_class is not None and probe_per_class < 1:
+        raise DavaeError("must be at least 1", param="probe_per_class")
+    probe_classes = None
+    if class_probe is not None:
+        from .classify import class_folders
+
+        probe_classes = class_folders(class_probe)  # a bad folder fails before any model is loaded
     if ref is None and ref_stats is None:
         raise DavaeError("give a reference: a REF folder or --ref-stats NAME_OR_NPZ")
     if ref is not None and ref_stats is not None:
@@ -114,7 +124,52 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
         result["sharpness"] = {"gen": folder_sharpness(gen_src, "sharpness GEN", progress),
                                "ref": folder_sharpness(ref_src, "sharpness REF", progress) if ref_src is not None else None,
                                "note": SHARPNESS_NOTE}
+    if class_probe is not None:
+        result["classes"] = _class_scores(class_probe, probe_classes, probe_per_class, extractor, mode, kw,
+                                          (gen_src, g), (ref_src, r) if ref_src is not None else None)
     return result
+
+
+def _class_scores(folder, classes: list, per_class: Optional[int], extractor, mode: str, kw: dict, gen: tuple,
+                  ref: Optional[tuple]) -> dict:
+    """Fit the linear class probe on a seeded `per_class` images of each class folder and score GEN (labels
+    from PNG metadata or folders) and REF (labels from folders) with it."""
+    from .classify import (PROBE_NOTE, PROBE_PER_CLASS, fit_probe, folder_label, probe_scores, sample_label,
+                           usable_items)
+
+    per_class = PROBE_PER_CLASS if per_class is None else per_class
+    src = list_folder(folder, "class-probe")
+    by_class: dict = {}
+    for it in src.items:
+        c = folder_label(it, classes)
+        if c >= 0:
+            by_class.setdefault(c, []).append(it)
+    rng = np.random.default_rng([0, 7])
+    picked = []
+    for c in sorted(by_class):
+        its = by_class[c]
+        keep = sorted(rng.choice(len(its), size=min(per_class, len(its)), replace=False).tolist())
+        picked += [its[i] for i in keep]
+    train_src = D.ImageSource(picked, [])
+    fs = folder_features(folder, extractor, mode, role="class-probe", source=train_src, **kw)
+    train_items = usable_items(picked, fs.skipped)
+    probe = fit_probe(fs.feats, [folder_label(it, classes) for it in train_items], classes)
+
+    def score(pair, labeller):
+        s, f = pair
+        items = usable_items(s.items, f.skipped)
+        if len(items) != f.num:
+            raise DavaeError(f"{len(items)} readable images but {f.num} feature rows (a stale feature cache?); "
+                             "rerun with --no-cache", param="class_probe")
+        return probe_scores(probe, f.feats, [labeller(it, classes) for it in items])
+
+    gen_scores = score(gen, sample_label)
+    ref_scores = score(ref, folder_label) if ref is not None else None
+    if ref_scores is not None and not ref_scores["labelled"]:
+        ref_scores["note"] = "REF's images are not in folders named after the probe's classes"
+    return {"gen": gen_scores, "ref": ref_scores, "probe": {**probe.describe(), "data": str(folder),
+                                                            "per_class": per_class},
+            "note": PROBE_NOTE}
 
 
 def folder_sharpness(src: D.ImageSource, phase: str = "sharpness", progress: Optional[ProgressFn] = None) -> Optional[float]:
