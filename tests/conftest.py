@@ -178,3 +178,15 @@ _FIRST = ("test_imagenette_chain.py",)
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: 0 if Path(str(item.fspath)).name in _FIRST else 1)
+
+
+def torchscript_file(module: "torch.nn.Module", path: Path) -> Path:
+    """`module` scripted and saved to `path`: a stand-in feature extractor for `eval-fid --inception`."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+        torch.jit.save(torch.jit.script(module.eval()), str(path))
+    return path

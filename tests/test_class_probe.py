@@ -3,7 +3,6 @@ end on colour-coded classes with a tiny TorchScript feature extractor: labels fr
 the known share of wrong-class samples, bad input as one line."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -11,9 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from typer.testing import CliRunner
-
-from davae_cli.cli.app import app
+from conftest import run_cli, torchscript_file
 from davae_cli.metrics import classify as C
 
 COLOURS = {"apple": (200, 40, 40), "lake": (40, 60, 200), "moss": (40, 180, 60)}  # class folders, sorted = ids
@@ -35,11 +32,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extractor(tmp_path_factory):
-    path = tmp_path_factory.mktemp("extractor") / "colour.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(MeanColour().eval()), str(path))
-    return path
+    return torchscript_file(MeanColour(), tmp_path_factory.mktemp("extractor") / "colour.pt")
 
 
 def _image(colour, rng, meta=None) -> Image.Image:
@@ -72,13 +65,6 @@ def data(tmp_path_factory):
         drawn = cls if i < 9 else (cls + 1) % 3
         _save(_image(COLOURS[names[drawn]], rng), root / "gen" / f"{i:06d}.png", class_id=cls)
     return root
-
-
-def invoke(*args, ok=True):
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    if ok and res.exit_code != 0:
-        raise AssertionError(f"exit {res.exit_code}\n{res.stderr[-3000:]}\n{res.exception!r}")
-    return res
 
 
 # ------------------------------------------------------------------------------ the probe itself
@@ -119,7 +105,7 @@ def test_probe_is_the_regularised_logistic_regression_optimum():
 
 # ------------------------------------------------------------------------------ end to end
 def test_class_accuracy_of_samples_and_of_real_images(data, extractor):
-    r = json.loads(invoke("eval-fid", data / "gen", data / "val", "--class-probe", data / "train",
+    r = json.loads(run_cli("eval-fid", data / "gen", data / "val", "--class-probe", data / "train",
                           "--inception", extractor, "--num-workers", 0, "--json").stdout)
     cl = r["classes"]
     assert cl["probe"]["classes"] == sorted(COLOURS) and cl["probe"]["train_images"] == 30
@@ -128,17 +114,17 @@ def test_class_accuracy_of_samples_and_of_real_images(data, extractor):
     assert cl["ref"]["labelled"] == 12 and cl["ref"]["accuracy"] == 1.0
     assert 2.0 < cl["gen"]["probe_is"] <= 3.0 and "not the 1000-class" in cl["note"]
     # --probe-per-class: a seeded subset per class
-    r2 = json.loads(invoke("eval-fid", data / "gen", data / "val", "--class-probe", data / "train",
+    r2 = json.loads(run_cli("eval-fid", data / "gen", data / "val", "--class-probe", data / "train",
                            "--probe-per-class", 4, "--inception", extractor, "--num-workers", 0, "--json").stdout)
     assert r2["classes"]["probe"]["train_images"] == 12 and r2["fid"] == pytest.approx(r["fid"])
-    out = invoke("eval-fid", data / "gen", data / "val", "--class-probe", data / "train",
+    out = run_cli("eval-fid", data / "gen", data / "val", "--class-probe", data / "train",
                  "--inception", extractor, "--num-workers", 0).stdout
     assert "class accuracy  GEN 75.0% of 12 labelled  REF 100.0%" in out
 
 
 def test_folder_labels_when_there_is_no_metadata(data, extractor):
     """val/ as GEN: no metadata, the folder names are the classes (as upscale --class-from-folders)."""
-    r = json.loads(invoke("eval-fid", data / "val", data / "gen", "--class-probe", data / "train",
+    r = json.loads(run_cli("eval-fid", data / "val", data / "gen", "--class-probe", data / "train",
                           "--inception", extractor, "--num-workers", 0, "--json").stdout)
     assert r["classes"]["gen"]["accuracy"] == 1.0 and r["classes"]["gen"]["labelled"] == 12
     assert r["classes"]["ref"]["labelled"] == 0 and r["classes"]["ref"]["accuracy"] is None  # gen/ has no folders
@@ -152,8 +138,8 @@ def test_folder_labels_when_there_is_no_metadata(data, extractor):
 ])
 def test_bad_input_is_one_line(data, extractor, extra, fragment):
     extra = [a.format(gen=data / "gen", root=data, train=data / "train") for a in extra]
-    res = invoke("eval-fid", data / "gen", data / "val", "--inception", extractor, "--num-workers", 0, *extra, ok=False)
-    assert res.exit_code == 1 and "Traceback" not in res.stderr
+    res = run_cli("eval-fid", data / "gen", data / "val", "--inception", extractor, "--num-workers", 0, *extra, check=False)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and fragment in errors[0], res.stderr
     assert res.stdout == ""

@@ -8,7 +8,6 @@ with the official modules themselves: benchmarks/official/check_imagenet_davae.p
 from __future__ import annotations
 
 import functools
-import re
 
 import pytest
 import torch
@@ -199,7 +198,6 @@ def test_convert_sd3_davae(tmp_path, kl_base):
     encodes as the official code does (detail: conv + pixel-unshuffle + the group mean of s²F/2D channels added
     to mean and logvar; base: bicubic without antialias, clamped) and its up block reads [detail, base]; the latent
     stays base first. A teacher that is not the base VAE is refused."""
-    from davae_cli.vae.base import load_base_vae
     from davae_cli.vae.model import DetailAlignedVAE
 
     preset = tmp_path / "p.yaml"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
-from conftest import run_cli
+from conftest import run_cli, torchscript_file
 from davae_cli.metrics import extractors as FID
 from davae_cli.metrics import stats as STATS
 from davae_cli.cli.app import app
@@ -48,11 +48,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extractor(tmp_path_factory):
-    path = tmp_path_factory.mktemp("extractor") / "edges.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(EdgeAndColour().eval()), str(path))
-    return path
+    return torchscript_file(EdgeAndColour(), tmp_path_factory.mktemp("extractor") / "edges.pt")
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA, TAESD3 = SHARED / "data" / "imagenette224", SHARED / "weights" / "taesd3"
 
 
+def _env() -> dict:
+    """The run's environment: the shared data and weights, and this interpreter's `davae` first on PATH."""
+    return {**os.environ, "IMAGENETTE": str(DATA), "TAESD3": str(TAESD3),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 @pytest.mark.skipif(not (DATA / "train").is_dir() or not TAESD3.is_dir(),
                     reason="../shared/data/imagenette224 or ../shared/weights/taesd3 not present")
 def test_smoke_chain_writes_results_and_resumes(tmp_path):
-    env = {**os.environ, "IMAGENETTE": str(DATA), "TAESD3": str(TAESD3),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = _env()
     out = tmp_path / "chain"
     cmd = ["bash", str(ROOT / "benchmarks" / "imagenette" / "run.sh"), str(out), "--smoke"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -93,8 +98,7 @@ def test_bad_arguments_exit_2():
                     reason="../shared/data/imagenette224 or ../shared/weights/taesd3 not present")
 def test_a_spent_budget_starts_no_stage(tmp_path):
     """--budget 0: nothing is started, the run says so and exits 0 (a later run continues)."""
-    env = {**os.environ, "IMAGENETTE": str(DATA), "TAESD3": str(TAESD3),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = _env()
     out = tmp_path / "chain"
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "imagenette" / "run.sh"), str(out), "--smoke", "--budget", "0"],
                        capture_output=True, text=True, env=env)
