@@ -11,9 +11,12 @@
 #                  formula over the 10 classes), with real val/ images as the probe's ceiling
 #   6. measurements that separate the causes:
 #      davae_base  (ii)'s own latents decoded without their detail channels (decode --base-only): detail vs drift
-#      rfid        the tokenizer on a class-balanced val subset: base at 112² + bicubic | DA-VAE | base at 224²
-#      upscale     `davae upscale` of that subset from 112², against bicubic of the base reconstruction and the
-#                  DA-VAE's own reconstruction (oracle detail): FID/KID and paired PSNR/LPIPS to the real image
+#      upscale     `davae upscale` of a class-balanced val subset from 112², against bicubic of the base
+#                  reconstruction and the DA-VAE's own reconstruction (oracle detail): FID/KID and paired
+#                  PSNR/LPIPS to the real image
+#      davae_pred  (ii)'s latents decoded with their detail predicted from their base channels (decode
+#                  --detail-from-base): what the generated detail's own content is worth
+#      rfid        the tokenizer on that val subset: base at 112² + bicubic | DA-VAE | base at 224²
 #      *_h1, *_h2  (i) and (ii) scored on the two halves of their samples (by seed): the FID noise
 #   7. (iii) a native LightningDiT at 224² (196 tokens) for the training time of 2 + 3, sampled and scored
 #   then collect.py writes OUT/results.json and OUT/grid.png.
@@ -159,12 +162,6 @@ fid davae "$OUT/samples/davae" "$VAL"
 stage davae_base "$OUT/samples/davae_base/.done" "" \
   davae decode "$OUT/samples/davae" --vae "$VAE" --dit "$OUT/adapt/final" --base-only --out "$OUT/samples/davae_base" --json
 fid davae_base "$OUT/samples/davae_base" "$VAL"
-# ... and decoded by the DA-VAE with their detail channels replaced by the linear prediction from their base
-# channels: the decoder's own upsampling of the generated z_base, without the generated detail
-stage davae_pred "$OUT/samples/davae_pred/.done" "" \
-  davae decode "$OUT/samples/davae" --vae "$VAE" --dit "$OUT/adapt/final" --detail-from-base --out "$OUT/samples/davae_pred" --json
-fid davae_pred "$OUT/samples/davae_pred" "$VAL"
-
 # a class-balanced val subset (symlinks) for the tokenizer and upscale measurements
 VALSUB="$OUT/data/valsub"
 if [ ! -e "$VALSUB/.done" ]; then
@@ -176,8 +173,6 @@ if [ ! -e "$VALSUB/.done" ]; then
   done
   touch "$VALSUB/.done"
 fi
-stage rfid "$OUT/logs/rfid.done" "" davae eval-fid "$VALSUB" --reconstruct --vae "$VAE" --baselines --kid --json
-
 # upscale each val image from 112² (its class given) | bicubic of the base reconstruction | the DA-VAE's own
 # reconstruction (the detail an oracle would give); all at 224², scored against the originals
 stage upscale "$OUT/samples/upscale/.done" "" \
@@ -189,6 +184,17 @@ stage upscale_bicubic "$OUT/samples/upscale_bicubic/.done" "" \
 stage upscale_oracle "$OUT/samples/upscale_oracle/.done" "" \
   davae decode "$OUT/latents_val" --vae "$VAE" --out "$OUT/samples/upscale_oracle" --json
 for key in upscale upscale_bicubic upscale_oracle; do fid "$key" "$OUT/samples/$key" "$VALSUB" --paired; done
+
+# (ii)'s own latents decoded by the DA-VAE with their detail channels replaced by the linear prediction from
+# their base channels: the decoder's own upsampling of the generated z_base, without the generated detail
+stage davae_pred "$OUT/samples/davae_pred/.done" "" \
+  davae decode "$OUT/samples/davae" --vae "$VAE" --dit "$OUT/adapt/final" --detail-from-base --out "$OUT/samples/davae_pred" --json
+fid davae_pred "$OUT/samples/davae_pred" "$VAL"
+
+# the tokenizer's ceiling on the same val subset: base at 112² + bicubic | DA-VAE | base at 224² (and the DA-VAE
+# with z_d predicted from z_base)
+stage rfid "$OUT/logs/rfid.done" "" davae eval-fid "$VALSUB" --reconstruct --vae "$VAE" --baselines --kid --json
+
 
 # the FID noise: each model's samples split into two halves by seed (per class: seeds 0..NPC/2-1 and
 # NPC/2..NPC-1, symlinked), each half scored against val/: two independent estimates at NPC/2 per class
