@@ -29,7 +29,7 @@ PROBE_NOTE = ("class accuracy: a multinomial logistic regression (L2, on standar
               "Inception's 2048-d pool features of a labelled training folder (a seeded subset per class); "
               "probe_is = exp(E KL(p(y|x) || p(y))) over its classes (at most the number of classes; not the "
               "1000-class Inception Score, whose logits this offline Inception lacks)")
-PROBE_L2 = 1e-2          # the weight decay of the probe (on standardised features): the chain's choice, see BENCHMARKS
+PROBE_L2 = 1e-2          # on standardised features: Imagenette val accuracy is 99.18 % for 1e-4..3e-2 (BENCHMARKS)
 PROBE_PER_CLASS = 200    # training images per class (seeded subset): Inception features cost ~0.06 s per image here
 
 
