@@ -200,17 +200,16 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
         on_total(len(files))
     device = _device_of(vae)
 
-    def read(f: Path, metas: Optional[dict] = None) -> torch.Tensor:
-        """The DA-VAE latent (1, C+D, h, w) of file f, or DavaeError(why it cannot be decoded here)."""
+    def read(f: Path) -> tuple[torch.Tensor, dict]:
+        """The DA-VAE latent (1, C+D, h, w) of file f and its metadata, or DavaeError(why it cannot be decoded
+        here)."""
         latent, meta = load_latent(f)
         why = check_latent_compatible(vae, latent, meta, dit_space_ok=normalizer is not None,
                                       dit_davae=facts["davae"] if normalizer is not None else None)
         if why:
             raise DavaeError(why)
-        if metas is not None:
-            metas[f] = meta
         z = latent[None].to(device)
-        return normalizer.inverse(z) if meta.get("space") == "dit" else z
+        return (normalizer.inverse(z) if meta.get("space") == "dit" else z), meta
 
     predictor = None
     if detail_from_base:
@@ -219,7 +218,7 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
         def decodable():  # every latent that decodes here, streamed; the failures are reported below
             for f in files:
                 try:
-                    yield read(f).cpu()
+                    yield read(f)[0].cpu()
                 except DavaeError:
                     pass
 
@@ -233,13 +232,12 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
         try:
             if not _claim_output(out, claimed, overwrite, report, str(f)):
                 continue
-            metas: dict = {}
-            z = read(f, metas)
+            z, meta = read(f)
             if base_only:
                 img = vae.decode_baseline(z[:, : vae.config.base_channels])[0]
             else:
                 img = vae.decode(predictor.predict(z) if predictor is not None else z)[0]
-            atomic_write_bytes(out, _png_with_meta(img, metas[f], "base_only" if base_only else
+            atomic_write_bytes(out, _png_with_meta(img, meta, "base_only" if base_only else
                                                    "detail_from_base" if predictor is not None else "davae"))
             report.written.append(str(out))
         except DavaeError as e:

@@ -96,6 +96,7 @@ def test_probe_is_the_regularised_logistic_regression_optimum():
     grad_b = (p - onehot).mean(0)
     assert np.abs(grad_w).max() < 1e-6 and np.abs(grad_b).max() < 1e-6
     assert probe.train_accuracy > 0.95
+    assert probe.describe()["l2"] == 1e-2 and C.fit_probe(x, y, ["a", "b", "c"], l2=0.5).describe()["l2"] == 0.5
     test = centres[y] + rng.normal(0, 1, (k * n, d))
     s = C.probe_scores(probe, test, np.where(np.arange(len(y)) % 10 == 0, -1, y))  # every 10th unlabelled
     assert s["labelled"] == len(y) - len(y) // 10 and s["images"] == len(y)

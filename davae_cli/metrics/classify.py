@@ -42,6 +42,7 @@ class ClassProbe:
     bias: np.ndarray       # (K,)
     train_images: int
     train_accuracy: float
+    l2: float              # the weight decay it was fitted with
 
     def probs(self, feats: np.ndarray) -> np.ndarray:
         """p(y|x) of each row of `feats` (N, F) -> (N, K)."""
@@ -53,7 +54,7 @@ class ClassProbe:
 
     def describe(self) -> dict:
         return {"classes": list(self.classes), "train_images": self.train_images,
-                "train_accuracy": self.train_accuracy, "l2": PROBE_L2}
+                "train_accuracy": self.train_accuracy, "l2": self.l2}
 
 
 def fit_probe(feats: np.ndarray, labels: Sequence[int], classes: Sequence[str], l2: float = PROBE_L2,
@@ -85,7 +86,7 @@ def fit_probe(feats: np.ndarray, labels: Sequence[int], classes: Sequence[str], 
 
     opt.step(closure)
     probe = ClassProbe(list(classes), mean, std, w.detach().numpy().copy(), b.detach().numpy().copy(),
-                       int(len(y)), 0.0)
+                       int(len(y)), 0.0, float(l2))
     probe.train_accuracy = float((probe.probs(f).argmax(1) == y).mean())
     return probe
 
