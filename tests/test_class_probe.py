@@ -104,6 +104,36 @@ def test_probe_is_the_regularised_logistic_regression_optimum():
     assert 1.0 < s["probe_is"] <= 3.0
 
 
+def test_a_cached_probe_is_the_fitted_one_and_its_key_covers_the_inputs(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(3), 8)
+    x = (rng.normal(0, 3, (3, 5))[y] + rng.normal(0, 1, (24, 5))).astype(np.float32)
+    fitted = C.cached_probe(x, y, ["a", "b", "c"], tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    direct = C.fit_probe(x, y, ["a", "b", "c"])
+    np.testing.assert_array_equal(fitted.weight, direct.weight)
+
+    def no_fit(*a, **k):
+        raise AssertionError("refitted although cached")
+
+    monkeypatch.setattr(C, "fit_probe", no_fit)
+    again = C.cached_probe(x, y, ["a", "b", "c"], tmp_path)
+    for f in ("mean", "std", "weight", "bias"):
+        np.testing.assert_array_equal(getattr(again, f), getattr(fitted, f))
+    assert again.describe() == fitted.describe()
+    monkeypatch.undo()
+    # other labels, another L2, other features: new entries; a damaged entry is refitted
+    C.cached_probe(x, y[::-1].copy(), ["a", "b", "c"], tmp_path)
+    C.cached_probe(x, y, ["a", "b", "c"], tmp_path, l2=0.1)
+    C.cached_probe(x + 1, y, ["a", "b", "c"], tmp_path)
+    entries = sorted(tmp_path.glob("*.npz"))
+    assert len(entries) == 4
+    for e in entries:
+        e.write_bytes(b"damaged")
+    np.testing.assert_array_equal(C.cached_probe(x, y, ["a", "b", "c"], tmp_path).weight, direct.weight)
+    assert C.cached_probe(x, y, ["a", "b", "c"], None).describe() == direct.describe()  # no cache
+
+
 # ------------------------------------------------------------------------------ end to end
 def test_class_accuracy_of_samples_and_of_real_images(data, extractor):
     r = json.loads(run_cli("eval-fid", data / "gen", data / "val", "--class-probe", data / "train",

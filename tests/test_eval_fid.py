@@ -158,6 +158,29 @@ def test_fid_equals_an_independent_frechet_distance(folders, extractor):
     assert "PIL bicubic" in r["resize"] and r["mode"] == "clean"
 
 
+def test_split_scores_each_part_of_the_features(folders, extractor):
+    """--split 3: image j of GEN's sorted readable files is in part j mod 3; each part's FID and KID against the
+    whole REF, recomputed from features read by this file's own path; the whole-folder FID is unchanged."""
+    from davae_cli.metrics.fid import frechet, kid
+
+    r = fid_json(extractor, folders["orig"], folders["blur1.5"], "--kid", "--split", 3)
+    whole = fid_json(extractor, folders["orig"], folders["blur1.5"], "--kid")
+    assert r["fid"] == pytest.approx(whole["fid"]) and r["kid"] == pytest.approx(whole["kid"])
+    sp = r["split"]
+    assert sp["parts"] == 3 and sp["num_gen"] == [8, 8, 8] and "j mod N" in sp["note"]
+    f1, f2 = own_features(folders["orig"], extractor), own_features(folders["blur1.5"], extractor)
+    mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
+    for i in range(3):
+        part = f1[i::3]
+        assert sp["fid"][i] == pytest.approx(frechet(part.mean(0), np.cov(part, rowvar=False), mu2, s2), rel=1e-4)
+        assert sp["kid"][i] == pytest.approx(kid(part, f2), rel=1e-3, abs=1e-6)
+    assert len(set(round(v, 6) for v in sp["fid"])) == 3  # three different subsets, three different values
+    assert sp["fid_range"] == pytest.approx(max(sp["fid"]) - min(sp["fid"]))
+    human = invoke("eval-fid", folders["orig"], folders["blur1.5"], "--split", 2, "--inception", extractor,
+                   "--num-workers", 0).stdout
+    assert "split into 2 parts of 12/12: FID" in human
+
+
 def test_saved_statistics_give_the_same_fid(tmp_path, folders, extractor):
     direct = fid_json(extractor, folders["orig"], folders["blur1.5"], "--kid")
     out = tmp_path / "stats" / "ref.npz"
@@ -281,6 +304,9 @@ def bad(tmp_path_factory, folders):
     (["{orig}", "{orig}", "--inception", "{bad}/missing.pt"], "--inception {bad}/missing.pt: file not found"),
     (["{orig}", "{orig}", "--inception", "{bad}/garbage.npz"], "not a loadable TorchScript module"),
     (["{orig}", "{orig}", "--save-stats", "{bad}/out.npz"], "--save-stats takes one folder"),
+    (["{orig}", "{orig}", "--split", "1"], "--split must be at least 2"),
+    (["{orig}", "{orig}", "--split", "13"], "24 usable GEN images cannot be split into 13 parts of at least 2"),
+    (["{orig}", "--reconstruct", "--vae", "{bad}", "--split", "2"], "--split scores parts of GEN"),
 ])
 def test_bad_input_is_one_line(bad, folders, extractor, args, fragment):
     args = [a.format(bad=bad, orig=folders["orig"]) for a in args]

@@ -54,7 +54,7 @@ def test_smoke_chain_writes_results_and_resumes(tmp_path):
     for m in ("fid", "kid", "psnr", "lpips"):
         assert set(res["upscale"][m]) == {"bicubic", "davae", "oracle"}
         assert all(v is not None for v in res["upscale"][m].values()), m
-    assert res["upscale"]["num_images"] == 20  # 2 val images per class, paired with their originals
+    assert res["upscale"]["num_images"] == 10  # 1 val image per class, paired with its original
     assert all(v is not None for v in res["same_samples"]["fid"].values())
     # sharpness (eval-fid --sharpness) of every model, decode and upscale row, and of the real val images
     assert set(res["sharpness"]) == keys | {"real_val"} and all(v > 0 for v in res["sharpness"].values())
@@ -73,7 +73,7 @@ def test_smoke_chain_writes_results_and_resumes(tmp_path):
     with Image.open(Path(res["samples"]["native_half_bicubic"]) / "000019.png") as im:
         assert im.text["davae:class_id"] == "9"
     ups = sorted(p.name for p in (out / "samples" / "upscale").glob("*.png"))
-    assert len(ups) == 20 and ups == sorted(p.name for p in (out / "samples" / "upscale_oracle").glob("*.png"))
+    assert len(ups) == 10 and ups == sorted(p.name for p in (out / "samples" / "upscale_oracle").glob("*.png"))
     # the native 224² model trained for the wall-clock of native-112 + adaptation
     full = json.loads((out / "native_full" / "final" / "davae_native.json").read_text())
     assert full["stopped_by_time_limit"]

@@ -161,11 +161,11 @@ def _measurements(out: Path) -> dict:
     res["same_samples"] = {m: {k: v.get(m) for k, v in same.items()} for m in ("fid", "kid")}
     res["same_samples"]["sharpness"] = {k: _sharpness(v) for k, v in same.items()}
     spread = {}
-    for key in ("native_half_bicubic", "davae"):
-        h1, h2 = _log(out, f"fid_{key}_h1"), _log(out, f"fid_{key}_h2")
-        a, b = h1.get("fid"), h2.get("fid")
+    for key in ("native_half_bicubic", "davae"):  # eval-fid --split 2: two disjoint halves (by seed), same features
+        sp = _log(out, f"fid_{key}").get("split") or {}
+        a, b = (sp.get("fid") or [None, None])[:2]
         spread[key] = {"half_1": a, "half_2": b, "abs_difference": abs(a - b) if a is not None and b is not None else None,
-                       "num_per_half": h1.get("num_gen")}
+                       "num_per_half": (sp.get("num_gen") or [None])[0], "kid_halves": sp.get("kid")}
     res["fid_spread"] = spread
     # eval-fid --class-probe: a linear probe on the FID Inception's features of train/ (no ImageNet classifier
     # head can be loaded offline); real val/ images are its ceiling. probe_is: the IS formula over the 10 classes

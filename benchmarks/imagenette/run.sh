@@ -17,7 +17,7 @@
 #      davae_pred  (ii)'s latents decoded with their detail predicted from their base channels (decode
 #                  --detail-from-base): what the generated detail's own content is worth
 #      rfid        the tokenizer on that val subset: base at 112² + bicubic | DA-VAE | base at 224²
-#      *_h1, *_h2  (i) and (ii) scored on the two halves of their samples (by seed): the FID noise
+#      --split 2   (i) and (ii) also scored on two disjoint halves of their samples (by seed): the FID noise
 #   7. (iii) a native LightningDiT at 224² (196 tokens) for the training time of 2 + 3, sampled and scored
 #   then collect.py writes OUT/results.json and OUT/grid.png.
 # The stages run in this order, so an interrupted run has the most important numbers first.
@@ -79,10 +79,10 @@ if [ "$SCALE" = gpu ]; then
 fi
 TRAIN="$DATA/train"; VAL="$DATA/val"
 if [ "$SMOKE" = 1 ]; then
-  # symlinked subsets (4 train / 2 val images per class), never copies
+  # symlinked subsets (2 train / 1 val image per class), never copies
   mkdir -p "$OUT/data"
   for split in train val; do
-    n=4; [ "$split" = val ] && n=2
+    n=2; [ "$split" = val ] && n=1
     for cls in "$DATA/$split"/*/; do
       c=$(basename "$cls"); mkdir -p "$OUT/data/$split/$c"
       files=("$cls"*)   # sorted by the glob
@@ -90,7 +90,7 @@ if [ "$SMOKE" = 1 ]; then
     done
   done
   TRAIN="$OUT/data/train"; VAL="$OUT/data/val"
-  NPC=2; NPC_FULL=2; NVAL=2; GEN_BS=20; N112_STEPS=6; ADAPT_STEPS=4; PROBE_PER_CLASS=2
+  NPC=2; NPC_FULL=2; NVAL=1; GEN_BS=20; N112_STEPS=6; ADAPT_STEPS=4; PROBE_PER_CLASS=2
   VAE_SET=(--set train_vae.steps=6 --set train_vae.checkpoint_every=3 --set train_vae.stats_images=8 --set train_vae.max_val=4)
   DIT_SET=(--set train_dit.batch_size=8 --set train_dit.checkpoint_every=3 --set train_dit.log_every=2)
 fi
@@ -154,8 +154,10 @@ stage gen_davae "$OUT/samples/davae/.done" "" \
   davae generate $P --vae "$VAE" --dit "$OUT/adapt/final" --out "$OUT/samples/davae" --seed 0 --save-latents "${GEN[@]}"
 stage upsample "$OUT/samples/native_half_bicubic/.done" "" \
   python "$HERE/collect.py" upsample "$OUT/samples/native_half" "$OUT/samples/native_half_bicubic"
-fid native_half_bicubic "$OUT/samples/native_half_bicubic" "$VAL"
-fid davae "$OUT/samples/davae" "$VAL"
+# --split 2: each model's samples also scored as two disjoint halves (seeds of even and odd offset within each
+# class, NPC/2 per class), from the same features: the FID's noise
+fid native_half_bicubic "$OUT/samples/native_half_bicubic" "$VAL" --split 2
+fid davae "$OUT/samples/davae" "$VAL" --split 2
 
 # ------------------------------------------------------------------ what separates the causes
 # (ii)'s own latents without their detail channels: the base VAE at 112² + the same bicubic
@@ -195,24 +197,6 @@ fid davae_pred "$OUT/samples/davae_pred" "$VAL"
 # with z_d predicted from z_base)
 stage rfid "$OUT/logs/rfid.done" "" davae eval-fid "$VALSUB" --reconstruct --vae "$VAE" --baselines --kid --json
 
-
-# the FID noise: each model's samples split into two halves by seed (per class: seeds 0..NPC/2-1 and
-# NPC/2..NPC-1, symlinked), each half scored against val/: two independent estimates at NPC/2 per class
-for key in native_half_bicubic davae; do
-  for h in 1 2; do
-    half="$OUT/samples/halves/${key}_h$h"
-    if [ ! -e "$half/.done" ]; then
-      rm -rf "$half"; mkdir -p "$half"
-      for c in 0 1 2 3 4 5 6 7 8 9; do
-        for ((k = (h - 1) * NPC / 2; k < h * NPC / 2; k++)); do
-          n=$(printf "%06d.png" $((c * NPC + k))); ln -sf "$OUT/samples/$key/$n" "$half/$n"
-        done
-      done
-      touch "$half/.done"
-    fi
-    fid "${key}_h$h" "$half" "$VAL"
-  done
-done
 
 # ------------------------------------------------------------------ (iii) native 224², same training time
 BUDGET=$(python - "$OUT" <<'PY'

@@ -29,6 +29,9 @@ Examples:
   davae eval-fid decoded_a/ data/val/ --kid --sharpness
   davae eval-fid decoded_b/ data/val/ --kid --sharpness
 
+  # how noisy is that FID? also the FID of the samples dealt into 2 disjoint halves (same features)
+  davae eval-fid samples/ data/val/ --kid --split 2
+
   # do class-conditional samples show their class? a linear probe on the Inception features of data/train/
   # (one subfolder per class, sorted = class ids); labels of samples from their PNG metadata (generate, upscale)
   davae eval-fid samples/ data/val/ --class-probe data/train/ --json
@@ -117,6 +120,11 @@ def _human(r: dict) -> None:
             sh = r["sharpness"]
             typer.echo(f"sharpness  GEN {_fmt(sh['gen'], '.4f')}  REF {_fmt(sh['ref'], '.4f')}  "
                        f"(mean |Laplacian| of the luminance: high-frequency energy)")
+        if r.get("split"):
+            sp = r["split"]
+            typer.echo(f"split into {sp['parts']} parts of {'/'.join(str(n) for n in sp['num_gen'])}: FID "
+                       + "  ".join(f"{v:.4f}" for v in sp["fid"]) + f"  (range {sp['fid_range']:.4f})"
+                       + ("   KID " + "  ".join(f"{v:.6f}" for v in sp["kid"]) if "kid" in sp else ""))
         if r.get("classes"):
             cl = r["classes"]
             pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
@@ -172,6 +180,8 @@ def eval_fid_cmd(
                                               help="Also the class accuracy of GEN (and REF): a linear probe fitted on the Inception features of TRAIN_DIR (one subfolder per class, sorted names = class ids); GEN's classes from their PNG metadata (generate, upscale) or folders. Plus the probe's Inception-Score formula over its classes."),
     probe_per_class: Optional[int] = typer.Option(None, "--probe-per-class", metavar="N",
                                                   help="With --class-probe: a seeded N training images per class (default 200)."),
+    split: Optional[int] = typer.Option(None, "--split", metavar="N",
+                                        help="Also the FID (and KID) of GEN dealt into N disjoint parts (image j of the sorted files in part j mod N), each against the whole reference: the FID's noise at 1/N of the samples, from the same features."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     json_out: bool = JsonOpt,
 ) -> None:
@@ -192,6 +202,8 @@ def eval_fid_cmd(
         fail("--sharpness scores GEN (and REF) images; not with --save-stats")
     if (class_probe is not None or probe_per_class is not None) and (reconstruct or save_stats is not None):
         fail("--class-probe scores GEN (and REF) images; not with --reconstruct or --save-stats")
+    if split is not None and (reconstruct or save_stats is not None):
+        fail("--split scores parts of GEN against a reference; not with --reconstruct or --save-stats")
     if probe_per_class is not None and class_probe is None:
         fail("--probe-per-class needs --class-probe TRAIN_DIR")
     if paired and (reconstruct or save_stats is not None or ref is None):
@@ -221,7 +233,7 @@ def eval_fid_cmd(
         else:
             result = F.evaluate_fid(gen, ref, ref_stats=ref_stats, with_kid=with_kid, use_cache=not no_cache,
                                     paired=paired, with_sharpness=with_sharpness, class_probe=class_probe,
-                                    probe_per_class=probe_per_class, **common)
+                                    probe_per_class=probe_per_class, split=split, **common)
     if json_out:
         print_json(result)
         _print_skipped(result)

@@ -91,6 +91,44 @@ def fit_probe(feats: np.ndarray, labels: Sequence[int], classes: Sequence[str], 
     return probe
 
 
+def cached_probe(feats: np.ndarray, labels: Sequence[int], classes: Sequence[str], cache_dir: Optional[Path],
+                 l2: float = PROBE_L2, notes: Optional[list] = None) -> ClassProbe:
+    """`fit_probe`, read from `cache_dir` when the same features, labels, classes and L2 were fitted before (the
+    fit is deterministic, and several eval-fid runs against one training folder refit the same probe); None:
+    no cache. The key is a hash of those inputs, so a changed folder or L2 is a new entry."""
+    import hashlib
+    import io
+
+    f = np.ascontiguousarray(feats, np.float32)
+    y = np.asarray(labels, np.int64)
+    h = hashlib.sha256()
+    for part in (f.tobytes(), str(f.shape).encode(), y.tobytes(), json.dumps(list(classes)).encode(),
+                 repr(float(l2)).encode(), b"fit_probe v1"):
+        h.update(part)
+    path = Path(cache_dir) / f"{h.hexdigest()[:32]}.npz" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                return ClassProbe(meta["classes"], z["mean"], z["std"], z["weight"], z["bias"],
+                                  meta["train_images"], meta["train_accuracy"], meta["l2"])
+        except Exception:
+            pass  # a damaged entry is refitted and replaced
+    probe = fit_probe(f, y, classes, l2=l2)
+    if path is not None:
+        from ..latents import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, mean=probe.mean, std=probe.std, weight=probe.weight, bias=probe.bias,
+                 meta=np.array(json.dumps(probe.describe())))
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError as e:
+            if notes is not None:
+                notes.append(f"could not write the class-probe cache {path.parent}: {e}")
+    return probe
+
+
 def probe_scores(probe: ClassProbe, feats: np.ndarray, labels: Sequence[int]) -> dict:
     """accuracy over the rows with a label (>= 0), per-class accuracy, and probe_is over all rows."""
     p = probe.probs(feats)

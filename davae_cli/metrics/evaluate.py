@@ -17,11 +17,13 @@ import torch
 
 from .. import data as D
 from ..errors import DavaeError
+from .. import latents as L
 from ..latents import atomic_write_bytes
 from ._util import _first_line
 from ..devices import resolve_device
 from .extractors import MODES, NO_LOGITS, RESIZE, FeatureExtractor, resolve_extractor
-from .features import FeatureSet, ProgressFn, _loader, _same_shape_runs, _to_chw, folder_features, list_folder
+from .features import (FeatureSet, ProgressFn, _loader, _same_shape_runs, _to_chw, cache_root, folder_features,
+                       list_folder)
 from .fid import frechet, kid
 from .stats import _protocol_notes, check_stats_shape, is_stats_file, load_stats_npz, named_stats, parse_stats_name
 
@@ -47,14 +49,18 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
                  device: Optional[str] = None, inception: Optional[str | Path] = None,
                  progress: Optional[ProgressFn] = None, use_cache: bool = True, paired: bool = False,
                  with_sharpness: bool = False, class_probe: Optional[str | Path] = None,
-                 probe_per_class: Optional[int] = None) -> dict:
+                 probe_per_class: Optional[int] = None, split: Optional[int] = None) -> dict:
     """FID (and KID) of the images under `gen` against the images under `ref` or against `ref_stats`
     (an .npz with mu/sigma, or clean-fid's NAME[:RES[:SPLIT]]). Returns the result with its protocol.
     `paired`: also `paired_metrics` of GEN against REF images of the same file name. `with_sharpness`: also
     the mean `image.sharpness` of GEN (and REF), in `sharpness`. `class_probe`: a labelled folder (one
     subfolder per class); a linear probe on its Inception features scores whether GEN's images are of the
-    class they were generated for (and REF's of their folder's), in `classes` (`classify`)."""
+    class they were generated for (and REF's of their folder's), in `classes` (`classify`). `split`: also the
+    FID (and KID) of GEN's images dealt into that many disjoint parts, in `split` (`split_scores`): the FID's
+    sampling noise at 1/split of the sample size, from the same features."""
     _check_common(mode, batch_size, num_workers)
+    if split is not None and split < 2:
+        raise DavaeError("must be at least 2 (the number of disjoint parts)", param="split")
     if probe_per_class is not None and probe_per_class < 1:
         raise DavaeError("must be at least 1", param="probe_per_class")
     probe_classes = None
@@ -110,6 +116,8 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
     result["fid"] = frechet(mu_g, sigma_g, mu_r, sigma_r, notes)
     if with_kid:
         result["kid"] = kid(g.feats, ref_feats)
+    if split is not None:
+        result["split"] = split_scores(g.feats, split, mu_r, sigma_r, ref_feats if with_kid else None, notes)
     result["feature_extractor"] = extractor.describe()
     result["skipped"] = [{"path": p, "reason": w} for p, w in skipped]
     result["cached"] = cached
@@ -130,11 +138,37 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
     return result
 
 
+SPLIT_NOTE = ("GEN's usable images in sorted file order, image j in part j mod N: for `generate`'s class-balanced "
+              "output (file index = class x n + k, k the seed offset) with n a multiple of N, every part holds n/N "
+              "images of every class with seeds of its own; each part is scored against the whole reference")
+
+
+def split_scores(feats: np.ndarray, parts: int, mu_r, sigma_r, ref_feats: Optional[np.ndarray],
+                 notes: Optional[list] = None) -> dict:
+    """FID (and KID when `ref_feats` is given) of `feats`' rows dealt into `parts` disjoint parts (row j in part
+    j mod parts) against one reference: independent estimates at 1/parts of the sample size, and their range."""
+    if feats.shape[0] < 2 * parts:
+        raise DavaeError(f"{feats.shape[0]} usable GEN images cannot be split into {parts} parts of at least 2",
+                         param="split")
+    fids, kids, nums = [], [], []
+    for i in range(parts):
+        part = FeatureSet(feats[i::parts])
+        mu, sigma = part.stats()
+        fids.append(frechet(mu, sigma, mu_r, sigma_r, notes))
+        nums.append(part.num)
+        if ref_feats is not None:
+            kids.append(kid(part.feats, ref_feats))
+    out = {"parts": parts, "num_gen": nums, "fid": fids, "fid_range": max(fids) - min(fids), "note": SPLIT_NOTE}
+    if ref_feats is not None:
+        out["kid"] = kids
+    return out
+
+
 def _class_scores(folder, classes: list, per_class: Optional[int], extractor, mode: str, kw: dict, gen: tuple,
                   ref: Optional[tuple]) -> dict:
     """Fit the linear class probe on a seeded `per_class` images of each class folder and score GEN (labels
     from PNG metadata or folders) and REF (labels from folders) with it."""
-    from .classify import (PROBE_NOTE, PROBE_PER_CLASS, fit_probe, folder_label, probe_scores, sample_label,
+    from .classify import (PROBE_NOTE, PROBE_PER_CLASS, cached_probe, folder_label, probe_scores, sample_label,
                            usable_items)
 
     per_class = PROBE_PER_CLASS if per_class is None else per_class
@@ -153,7 +187,9 @@ def _class_scores(folder, classes: list, per_class: Optional[int], extractor, mo
     train_src = D.ImageSource(picked, [])
     fs = folder_features(folder, extractor, mode, role="class-probe", source=train_src, **kw)
     train_items = usable_items(picked, fs.skipped)
-    probe = fit_probe(fs.feats, [folder_label(it, classes) for it in train_items], classes)
+    probe = cached_probe(fs.feats, [folder_label(it, classes) for it in train_items], classes,
+                         cache_root().parent / "class-probes" if kw.get("use_cache", True) else None,
+                         notes=kw.get("notes"))
 
     def score(pair, labeller):
         s, f = pair
@@ -309,30 +345,35 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     # per output: the DA-VAE, and with `baselines` (a) the base at 1/s + bicubic, (c) the base at full res,
     # and the DA-VAE on z_base alone (z_d replaced by its linear prediction from z_base)
     names = ("davae", "base_half_bicubic", "base_full", "davae_detail_from_base") if baselines else ("davae",)
-    predictor = _fit_detail_predictor(vae, ds, batch_size, num_workers, dev, progress) if baselines else None
+    # the predictor's pre-pass keeps its latents (per group of images): the main pass reuses them, not encoding twice
+    known: dict = {}
+    predictor = _fit_detail_predictor(vae, ds, batch_size, num_workers, dev, progress, known) if baselines else None
     acc = {k: {"feats": [], "psnr": [], "ssim": [], "lpips": [], "sharpness": []} for k in names}
     sharp_orig: list = []
     latents: list = []  # the first STRUCTURE_LATENTS latents, for detail_structure
     done = 0
     for batch in _loader(ds, batch_size, num_workers):
-        good = []
-        for i, arr, why in batch:
+        groups: dict = {}
+        for i, arr, why in batch:  # one VAE pass per image size
             if arr is None:
                 skipped.append((str(src.items[i]), why))
             else:
-                good.append(arr)
-        groups: dict = {}
-        for arr in good:  # one VAE pass per image size
-            groups.setdefault(arr.shape, []).append(arr)
-        for arrs in groups.values():
+                groups.setdefault(arr.shape, []).append((i, arr))
+        for pairs in groups.values():
+            arrs = [a for _, a in pairs]
             x = torch.stack([D.to_tensor(a) for a in arrs]).to(dev)
-            enc = vae.encode(x)
+            key = tuple(i for i, _ in pairs)
+            if key in known:
+                latent = known.pop(key)
+            else:
+                latent = vae.encode(x).latent
+            z_base, _ = L.split(latent, vae.config.base_channels)
             if len(latents) < STRUCTURE_LATENTS:
-                latents.extend(enc.latent[: STRUCTURE_LATENTS - len(latents)].float().cpu())
-            outs = {"davae": lambda: vae.decode(enc.latent),
-                    "base_half_bicubic": lambda: vae.decode_baseline(enc.z_base),
+                latents.extend(latent[: STRUCTURE_LATENTS - len(latents)].float().cpu())
+            outs = {"davae": lambda: vae.decode(latent),
+                    "base_half_bicubic": lambda: vae.decode_baseline(z_base),
                     "base_full": lambda: vae.reconstruct_base_full(x),
-                    "davae_detail_from_base": lambda: vae.decode(predictor.predict(enc.latent))}
+                    "davae_detail_from_base": lambda: vae.decode(predictor.predict(latent))}
             for run in _same_shape_runs([_to_chw(resize(a)) for a in arrs]):
                 f_orig.append(extractor(torch.stack(run)).cpu().numpy())
             sharp_orig.append(sharpness(x).cpu())
@@ -411,15 +452,23 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
 
 
 @torch.no_grad()
-def _fit_detail_predictor(vae, ds, batch_size: int, num_workers: int, dev, progress):
-    """`DetailFromBase` fitted on the latents of the first STRUCTURE_LATENTS readable images (an encode pass)."""
+def _fit_detail_predictor(vae, ds, batch_size: int, num_workers: int, dev, progress, known: dict):
+    """`DetailFromBase` fitted on the latents of the first STRUCTURE_LATENTS readable images (an encode pass);
+    those latents are left in `known`, keyed by the image indices of each encoded group."""
     from .latent_stats import DetailFromBase
 
     latents: list = []
     for batch in _loader(ds, batch_size, num_workers):
-        for _, arr, _ in batch:
-            if arr is not None and len(latents) < STRUCTURE_LATENTS:
-                latents.append(vae.encode(D.to_tensor(arr)[None].to(dev)).latent[0].float().cpu())
+        groups: dict = {}
+        for i, arr, _ in batch:  # grouped as the main pass groups them, so its encodings are the same numbers
+            if arr is not None:
+                groups.setdefault(arr.shape, []).append((i, arr))
+        for pairs in groups.values():
+            if len(latents) >= STRUCTURE_LATENTS:
+                break
+            lat = vae.encode(torch.stack([D.to_tensor(a) for _, a in pairs]).to(dev)).latent
+            known[tuple(i for i, _ in pairs)] = lat  # the tensor itself: its memory layout changes the decode's rounding
+            latents.extend(lat[: STRUCTURE_LATENTS - len(latents)].float().cpu())
         if progress:
             progress("fit the detail prediction", len(latents), min(STRUCTURE_LATENTS, len(ds)))
         if len(latents) >= STRUCTURE_LATENTS:
