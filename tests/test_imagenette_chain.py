@@ -1,5 +1,6 @@
 """benchmarks/imagenette/run.sh --smoke: the whole chain (train-vae, train-dit x2, adapt-dit, generate, upscale,
-decode --base-only, eval-fid --reconstruct/--paired, results.json, grid.png) on symlinked Imagenette subsets,
+decode --base-only/--detail-from-base, eval-fid --reconstruct/--paired/--split/--class-probe, results.json,
+grid.png) on symlinked Imagenette subsets,
 through the same code paths as the full run; a rerun skips every finished stage. Skipped when ../shared/data/imagenette224 or TAESD3 is absent."""
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def test_smoke_chain_writes_results_and_resumes(tmp_path):
     assert all(v > 0 for v in res["upscale"]["sharpness"].values())
     for key in ("native_half_bicubic", "davae"):
         assert res["fid_spread"][key]["abs_difference"] is not None
-    assert res["detail_structure"]["latents"] == 20
+    assert res["detail_structure"]["latents"] == 10  # the rfid stage's val subset
     # whether samples show their class: eval-fid --class-probe on every model (labels carried from generate's
     # metadata through the bicubic upsampling of (i) and through decode), and the real val images
     acc = res["class_accuracy"]
@@ -73,7 +74,10 @@ def test_smoke_chain_writes_results_and_resumes(tmp_path):
     with Image.open(Path(res["samples"]["native_half_bicubic"]) / "000019.png") as im:
         assert im.text["davae:class_id"] == "9"
     ups = sorted(p.name for p in (out / "samples" / "upscale").glob("*.png"))
-    assert len(ups) == 10 and ups == sorted(p.name for p in (out / "samples" / "upscale_oracle").glob("*.png"))
+    assert len(ups) == 10 and res["upscale"]["num_images_rfid"] == 10  # upscale and its baselines: the same images
+    assert len(list((out / "samples" / "grid_bicubic").glob("*.png"))) == 3  # the grid's bicubic column
+    for key in ("native_half_bicubic", "davae"):  # eval-fid --split 2: halves of 10, from the same features
+        assert res["fid_spread"][key]["num_per_half"] == 10 and len(res["fid_spread"][key]["kid_halves"]) == 2
     # the native 224² model trained for the wall-clock of native-112 + adaptation
     full = json.loads((out / "native_full" / "final" / "davae_native.json").read_text())
     assert full["stopped_by_time_limit"]

@@ -11,12 +11,12 @@
 #                  formula over the 10 classes), with real val/ images as the probe's ceiling
 #   6. measurements that separate the causes:
 #      davae_base  (ii)'s own latents decoded without their detail channels (decode --base-only): detail vs drift
-#      upscale     `davae upscale` of a class-balanced val subset from 112², against bicubic of the base
-#                  reconstruction and the DA-VAE's own reconstruction (oracle detail): FID/KID and paired
-#                  PSNR/LPIPS to the real image
+#      upscale     `davae upscale` of a class-balanced val subset from 112²: FID/KID and paired PSNR/LPIPS to
+#                  the real images
+#      rfid        the tokenizer on that val subset, the same metrics: base at 112² + bicubic (upscale's bicubic
+#                  baseline) | DA-VAE (its oracle: the detail of the real image) | base at 224²
 #      davae_pred  (ii)'s latents decoded with their detail predicted from their base channels (decode
 #                  --detail-from-base): what the generated detail's own content is worth
-#      rfid        the tokenizer on that val subset: base at 112² + bicubic | DA-VAE | base at 224²
 #      --split 2   (i) and (ii) also scored on two disjoint halves of their samples (by seed): the FID noise
 #   7. (iii) a native LightningDiT at 224² (196 tokens) for the training time of 2 + 3, sampled and scored
 #   then collect.py writes OUT/results.json and OUT/grid.png.
@@ -175,28 +175,21 @@ if [ ! -e "$VALSUB/.done" ]; then
   done
   touch "$VALSUB/.done"
 fi
-# upscale each val image from 112² (its class given) | bicubic of the base reconstruction | the DA-VAE's own
-# reconstruction (the detail an oracle would give); all at 224², scored against the originals
+# upscale each val image from 112² (its class given), scored against the originals (FID/KID, paired PSNR/LPIPS)
 stage upscale "$OUT/samples/upscale/.done" "" \
   davae upscale "$VALSUB" $P --vae "$VAE" --dit "$OUT/adapt/final" --class-from-folders --res 224 \
   --batch-size "$GEN_BS" --out "$OUT/samples/upscale" "${SAMPLE[@]}" --json
-stage encode_val "$OUT/latents_val/.done" "" davae encode "$VALSUB" --vae "$VAE" --res 224 --out "$OUT/latents_val" --json
-stage upscale_bicubic "$OUT/samples/upscale_bicubic/.done" "" \
-  davae decode "$OUT/latents_val" --vae "$VAE" --base-only --out "$OUT/samples/upscale_bicubic" --json
-stage upscale_oracle "$OUT/samples/upscale_oracle/.done" "" \
-  davae decode "$OUT/latents_val" --vae "$VAE" --out "$OUT/samples/upscale_oracle" --json
-for key in upscale upscale_bicubic upscale_oracle; do fid "$key" "$OUT/samples/$key" "$VALSUB" --paired; done
+fid upscale "$OUT/samples/upscale" "$VALSUB" --paired
+# the tokenizer on the same val subset, the same metrics: base at 112² + bicubic (upscale's "bicubic" baseline)
+# | DA-VAE reconstruction (the detail an oracle would give: upscale's "oracle") | base at 224² | DA-VAE with z_d
+# predicted from z_base
+stage rfid "$OUT/logs/rfid.done" "" davae eval-fid "$VALSUB" --reconstruct --vae "$VAE" --baselines --kid --json
 
 # (ii)'s own latents decoded by the DA-VAE with their detail channels replaced by the linear prediction from
 # their base channels: the decoder's own upsampling of the generated z_base, without the generated detail
 stage davae_pred "$OUT/samples/davae_pred/.done" "" \
   davae decode "$OUT/samples/davae" --vae "$VAE" --dit "$OUT/adapt/final" --detail-from-base --out "$OUT/samples/davae_pred" --json
 fid davae_pred "$OUT/samples/davae_pred" "$VAL"
-
-# the tokenizer's ceiling on the same val subset: base at 112² + bicubic | DA-VAE | base at 224² (and the DA-VAE
-# with z_d predicted from z_base)
-stage rfid "$OUT/logs/rfid.done" "" davae eval-fid "$VALSUB" --reconstruct --vae "$VAE" --baselines --kid --json
-
 
 # ------------------------------------------------------------------ (iii) native 224², same training time
 BUDGET=$(python - "$OUT" <<'PY'
