@@ -114,7 +114,12 @@ def grid(out: Path, per_class: int, classes=(0, 2, 4, 6, 8), seeds=(0, 1), upsca
         for col, key in enumerate(KEYS):
             paste(out / "samples" / key / name, col, r)
     real = {p.stem: p for p in (out / "data" / "valsub").rglob("*") if p.is_file() and not p.name.startswith(".")}
-    bicubic = _base_bicubic(out / "vae" / "final", [real[u.stem] for u in ups if u.stem in real]) if ups else {}
+    try:
+        bicubic = _base_bicubic(out, [real[u.stem] for u in ups if u.stem in real]) if ups else {}
+    except Exception as e:  # the grid is an illustration: a failure leaves the column blank, never results.json
+        print(f"note: the grid's bicubic column is left blank ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+              file=sys.stderr)
+        bicubic = {}
     for j, up in enumerate(ups):
         r = len(rows) + j
         if up.stem in real:
@@ -128,9 +133,10 @@ def grid(out: Path, per_class: int, classes=(0, 2, 4, 6, 8), seeds=(0, 1), upsca
     return path
 
 
-def _base_bicubic(vae_dir: Path, reals: list) -> dict:
+def _base_bicubic(out: Path, reals: list) -> dict:
     """{real image path: PNG path} of the base VAE at 1/s + bicubic (`decode_baseline(encode_base(x))`, 8-bit),
-    written to OUT/samples/grid_bicubic/; {} when the DA-VAE is absent."""
+    written to OUT/samples/grid_bicubic/; {} when the DA-VAE (OUT/vae/final) is absent."""
+    vae_dir = out / "vae" / "final"
     if not reals or not (vae_dir / "config.json").is_file():
         return {}
     import numpy as np
@@ -140,7 +146,7 @@ def _base_bicubic(vae_dir: Path, reals: list) -> dict:
     from davae_cli.vae.model import DetailAlignedVAE
 
     vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).eval()
-    dst = vae_dir.parent.parent / "samples" / "grid_bicubic"
+    dst = out / "samples" / "grid_bicubic"
     dst.mkdir(parents=True, exist_ok=True)
     made = {}
     for p in reals:
@@ -200,8 +206,13 @@ def _measurements(out: Path) -> dict:
     for key in ("native_half_bicubic", "davae"):  # eval-fid --split 2: two disjoint halves (by seed), same features
         sp = _log(out, f"fid_{key}").get("split") or {}
         a, b = (sp.get("fid") or [None, None])[:2]
+        num, kids, how = (sp.get("num_gen") or [None])[0], sp.get("kid"), "eval-fid --split 2 (even/odd seed offsets)"
+        if a is None:  # a run folder from before --split: its fid_KEY_h1/h2 stages (first/second half of the seeds)
+            h1, h2 = _log(out, f"fid_{key}_h1"), _log(out, f"fid_{key}_h2")
+            a, b, num, kids = h1.get("fid"), h2.get("fid"), h1.get("num_gen"), [h1.get("kid"), h2.get("kid")]
+            how = "fid_KEY_h1/h2 stages (first/second half of the seeds)" if a is not None else None
         spread[key] = {"half_1": a, "half_2": b, "abs_difference": abs(a - b) if a is not None and b is not None else None,
-                       "num_per_half": (sp.get("num_gen") or [None])[0], "kid_halves": sp.get("kid")}
+                       "num_per_half": num, "kid_halves": kids, "halves": how}
     res["fid_spread"] = spread
     # eval-fid --class-probe: a linear probe on the FID Inception's features of train/ (no ImageNet classifier
     # head can be loaded offline); real val/ images are its ceiling. probe_is: the IS formula over the 10 classes

@@ -8,7 +8,8 @@
 #                  DA-VAE's own upsampling, collect.py) and (ii) the adapted DA-VAE model; timed per image
 #   5. eval-fid    FID and KID (clean mode) of each against val/, and whether the samples show their class: the
 #                  accuracy of a linear probe on the FID Inception's features of train/ (and its Inception-Score
-#                  formula over the 10 classes), with real val/ images as the probe's ceiling
+#                  formula over the 10 classes), with real val/ images as the probe's ceiling; for (i) and (ii)
+#                  also --split 2: the same features dealt into two halves (even/odd seeds), the FID's noise
 #   6. measurements that separate the causes:
 #      davae_base  (ii)'s own latents decoded without their detail channels (decode --base-only): detail vs drift
 #      upscale     `davae upscale` of a class-balanced val subset from 112²: FID/KID and paired PSNR/LPIPS to
@@ -17,13 +18,13 @@
 #                  baseline) | DA-VAE (its oracle: the detail of the real image) | base at 224²
 #      davae_pred  (ii)'s latents decoded with their detail predicted from their base channels (decode
 #                  --detail-from-base): what the generated detail's own content is worth
-#      --split 2   (i) and (ii) also scored on two disjoint halves of their samples (by seed): the FID noise
 #   7. (iii) a native LightningDiT at 224² (196 tokens) for the training time of 2 + 3, sampled and scored
 #   then collect.py writes OUT/results.json and OUT/grid.png.
 # The stages run in this order, so an interrupted run has the most important numbers first.
 #
 # usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu] [--until STAGE] [--budget MINUTES]
-#   --smoke      every stage with tiny settings (symlinked 40-image subsets, a few steps): about 5 minutes
+#   --smoke      every stage with tiny settings (symlinked subsets of 20 train / 10 val images, a few steps):
+#                about 10 minutes on a 2-core CPU (the CI's longest test)
 #   --scale gpu  larger step budgets meant for one GPU (not run on one yet: no measured duration); with --budget
 #                the stages that fit one lease run in the order above and a later run continues
 #   --until S    stop after stage S and collect what exists; a later run without it continues
@@ -183,7 +184,7 @@ fid upscale "$OUT/samples/upscale" "$VALSUB" --paired
 # the tokenizer on the same val subset, the same metrics: base at 112² + bicubic (upscale's "bicubic" baseline)
 # | DA-VAE reconstruction (the detail an oracle would give: upscale's "oracle") | base at 224² | DA-VAE with z_d
 # predicted from z_base
-stage rfid "$OUT/logs/rfid.done" "" davae eval-fid "$VALSUB" --reconstruct --vae "$VAE" --baselines --kid --json
+stage rfid "$OUT/logs/rfid.done" "" davae eval-fid "$VALSUB" --reconstruct --vae "$VAE" --res 224 --baselines --kid --json
 
 # (ii)'s own latents decoded by the DA-VAE with their detail channels replaced by the linear prediction from
 # their base channels: the decoder's own upsampling of the generated z_base, without the generated detail

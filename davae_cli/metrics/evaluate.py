@@ -73,6 +73,9 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
     if ref is not None and ref_stats is not None:
         raise DavaeError("give either a REF folder or --ref-stats, not both")
     gen_src = list_folder(gen, "GEN")
+    if split is not None and len(gen_src.items) < 2 * split:  # before any feature is computed
+        raise DavaeError(f"{len(gen_src.items)} GEN images cannot be split into {split} parts of at least 2",
+                         param="split")
     ref_src = list_folder(ref, "REF") if ref is not None else None
     ref_file = None
     if ref_stats is not None and is_stats_file(ref_stats):
@@ -138,9 +141,10 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
     return result
 
 
-SPLIT_NOTE = ("GEN's usable images in sorted file order, image j in part j mod N: for `generate`'s class-balanced "
-              "output (file index = class x n + k, k the seed offset) with n a multiple of N, every part holds n/N "
-              "images of every class with seeds of its own; each part is scored against the whole reference")
+SPLIT_NOTE = ("GEN's readable images in sorted path order, the j-th in part j mod N: for `generate`'s class-balanced "
+              "output (file index = class x n + k, k the seed offset) with n a multiple of N and no unreadable file, "
+              "every part holds n/N images of every class with seeds of its own; each part is scored against the "
+              "whole reference")
 
 
 def split_scores(feats: np.ndarray, parts: int, mu_r, sigma_r, ref_feats: Optional[np.ndarray],
@@ -151,13 +155,16 @@ def split_scores(feats: np.ndarray, parts: int, mu_r, sigma_r, ref_feats: Option
         raise DavaeError(f"{feats.shape[0]} usable GEN images cannot be split into {parts} parts of at least 2",
                          param="split")
     fids, kids, nums = [], [], []
+    part_notes: list = []
     for i in range(parts):
         part = FeatureSet(feats[i::parts])
         mu, sigma = part.stats()
-        fids.append(frechet(mu, sigma, mu_r, sigma_r, notes))
+        fids.append(frechet(mu, sigma, mu_r, sigma_r, part_notes))
         nums.append(part.num)
         if ref_feats is not None:
             kids.append(kid(part.feats, ref_feats))
+    if notes is not None:
+        notes.extend(n for n in dict.fromkeys(part_notes) if n not in notes)  # once each, not once per part
     out = {"parts": parts, "num_gen": nums, "fid": fids, "fid_range": max(fids) - min(fids), "note": SPLIT_NOTE}
     if ref_feats is not None:
         out["kid"] = kids
@@ -364,7 +371,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
             x = torch.stack([D.to_tensor(a) for a in arrs]).to(dev)
             key = tuple(i for i, _ in pairs)
             if key in known:
-                latent = known.pop(key)
+                latent = known.pop(key).to(dev)
             else:
                 latent = vae.encode(x).latent
             z_base, _ = L.split(latent, vae.config.base_channels)
@@ -453,8 +460,9 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
 
 @torch.no_grad()
 def _fit_detail_predictor(vae, ds, batch_size: int, num_workers: int, dev, progress, known: dict):
-    """`DetailFromBase` fitted on the latents of the first STRUCTURE_LATENTS readable images (an encode pass);
-    those latents are left in `known`, keyed by the image indices of each encoded group."""
+    """`DetailFromBase` fitted on the latents of about the first STRUCTURE_LATENTS readable images (an encode pass,
+    in the main pass's batches and same-size groups, stopping at the group that reaches the count); those latents
+    are left in `known`, keyed by the image indices of each encoded group, for the main pass to reuse."""
     from .latent_stats import DetailFromBase
 
     latents: list = []
@@ -467,7 +475,8 @@ def _fit_detail_predictor(vae, ds, batch_size: int, num_workers: int, dev, progr
             if len(latents) >= STRUCTURE_LATENTS:
                 break
             lat = vae.encode(torch.stack([D.to_tensor(a) for _, a in pairs]).to(dev)).latent
-            known[tuple(i for i, _ in pairs)] = lat  # the tensor itself: its memory layout changes the decode's rounding
+            # kept with its memory layout (which changes the decode's rounding), off the accelerator until reused
+            known[tuple(i for i, _ in pairs)] = lat.cpu()
             latents.extend(lat[: STRUCTURE_LATENTS - len(latents)].float().cpu())
         if progress:
             progress("fit the detail prediction", len(latents), min(STRUCTURE_LATENTS, len(ds)))
