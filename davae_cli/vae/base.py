@@ -284,8 +284,19 @@ def load_latent_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Ten
     return mean, std
 
 
+def conv_layout(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a convolutional fn, with x in channels-last memory on the CPU, where oneDNN's convolutions run
+    it 1.5-1.8x faster (TAESD3 at 224² on a 2-core EPYC: encoder trunk 0.25 -> 0.16 s per image); the same
+    values to float rounding. The result is returned contiguous, as callers expect."""
+    if x.ndim == 4 and x.device.type == "cpu" and x.dtype == torch.float32:
+        return fn(x.contiguous(memory_format=torch.channels_last)).contiguous()
+    return fn(x)
+
+
 def base_encode_mean(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The base VAE's posterior mean (KL) or deterministic latent (Tiny), untransformed. x in [-1, 1]."""
+    # not conv_layout: oneDNN's channels-last results depend on the batch's composition (~1e-6), and z_base must
+    # be the same for an image however it is batched (upscale --strength 0 returns it exactly)
     if type(vae).__name__ == "AutoencoderTiny":
         return vae.encoder(x)
     return vae.encode(x).latent_dist.mean
@@ -294,8 +305,8 @@ def base_encode_mean(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def base_decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Decode an untransformed base latent to an image in [-1, 1] (not clamped)."""
     if type(vae).__name__ == "AutoencoderTiny":
-        return vae.decoder(z)
-    return vae.decode(z).sample
+        return conv_layout(vae.decoder, z)
+    return conv_layout(lambda t: vae.decode(t).sample, z)
 
 
 def base_downsample_factor(vae: nn.Module) -> int:

@@ -31,6 +31,7 @@ from .base import (
     BaseVAE,
     LatentTransform,
     base_decode,
+    conv_layout,
     base_downsample_factor,
     base_encode_mean,
     folder_hash,
@@ -375,7 +376,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
                 baseline = self.decode_baseline(z_base)
             feats = F.pixel_unshuffle(x - baseline, self.config.downsample)
         else:
-            feats = self.detail_trunk(x)
+            feats = conv_layout(self.detail_trunk, x)
         mean, logvar = self.down(feats, z_base)
         z_detail = mean
         if sample:
@@ -399,7 +400,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         if self.decoder_trunk is None and baseline is None:
             baseline = self.decode_baseline(latent[:, :c])
         if isinstance(self.up, ResidualDetailDecoder):
-            out = self.up(up_in, baseline)
+            out = conv_layout(lambda t: self.up(t, baseline), up_in)
         else:
             h = self.up(up_in)  # (B, G, 2h, 2w)
             if self.decoder_trunk is not None:
