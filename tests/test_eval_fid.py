@@ -532,3 +532,14 @@ def test_frechet_equals_clean_fids_sqrtm(n, d):
     assert abs(ours - ref) / ref < (1e-10 if n > d else 1e-6), (ours, ref)
     assert bool(notes) == (n <= d)
     assert abs(frechet(stats[0], stats[1], stats[0], stats[1])) < 1e-6 * ref  # round-off of sqrt near 0
+
+
+def test_a_cache_that_cannot_be_written_is_a_note(tmp_path):
+    from davae_cli.metrics._util import write_npz_cache
+
+    notes: list = []
+    write_npz_cache(tmp_path / "ok" / "a.npz", "feature", notes, feats=np.ones((2, 3), np.float32))
+    assert notes == [] and np.load(tmp_path / "ok" / "a.npz")["feats"].shape == (2, 3)
+    (tmp_path / "file").write_text("x")  # a file where the cache folder should be
+    write_npz_cache(tmp_path / "file" / "b.npz", "class-probe", notes, w=np.zeros(1))
+    assert len(notes) == 1 and notes[0].startswith(f"could not write the class-probe cache {tmp_path / 'file'}")

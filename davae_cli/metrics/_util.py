@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
 from ..errors import first_line
 
 
 def _first_line(e: BaseException) -> str:
     return first_line(e, 160)
+
+
+def write_npz_cache(path: Path, what: str, notes: Optional[list], **arrays) -> None:
+    """Write `arrays` as one .npz atomically; a cache that cannot be written is a note, never an error."""
+    from ..latents import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        if notes is not None:
+            notes.append(f"could not write the {what} cache {path.parent}: {_first_line(e)}")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import DavaeError
-from ._util import _first_line
+from ._util import write_npz_cache
 
 PROBE_NOTE = ("class accuracy: a multinomial logistic regression (L2, on standardised features) fitted on the FID "
               "Inception's 2048-d pool features of a labelled training folder (a seeded subset per class); "
@@ -100,7 +100,6 @@ def cached_probe(feats: np.ndarray, labels: Sequence[int], classes: Sequence[str
     fit is deterministic, and several eval-fid runs against one training folder refit the same probe); None:
     no cache. The key is a hash of those inputs, so a changed folder or L2 is a new entry."""
     import hashlib
-    import io
 
     f = np.ascontiguousarray(feats, np.float32)
     y = np.asarray(labels, np.int64)
@@ -119,16 +118,8 @@ def cached_probe(feats: np.ndarray, labels: Sequence[int], classes: Sequence[str
             pass  # a damaged entry is refitted and replaced
     probe = fit_probe(f, y, classes, l2=l2)
     if path is not None:
-        from ..latents import atomic_write_bytes
-
-        buf = io.BytesIO()
-        np.savez(buf, mean=probe.mean, std=probe.std, weight=probe.weight, bias=probe.bias,
-                 meta=np.array(json.dumps(probe.describe())))
-        try:
-            atomic_write_bytes(path, buf.getvalue())
-        except OSError as e:
-            if notes is not None:
-                notes.append(f"could not write the class-probe cache {path.parent}: {_first_line(e)}")
+        write_npz_cache(path, "class-probe", notes, mean=probe.mean, std=probe.std, weight=probe.weight,
+                        bias=probe.bias, meta=np.array(json.dumps(probe.describe())))
     return probe
 
 

@@ -5,7 +5,6 @@ relative paths, sizes and mtimes of a folder's image files, the extractor's sha2
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,8 +16,7 @@ import torch
 
 from .. import data as D
 from ..errors import DavaeError
-from ..latents import atomic_write_bytes
-from ._util import _first_line
+from ._util import _first_line, write_npz_cache
 from .extractors import RESIZE, FeatureExtractor
 
 CACHE_VERSION = "davae-fid-features-1"
@@ -163,13 +161,7 @@ def folder_features(folder: str | Path, extractor: FeatureExtractor, mode: str, 
                           progress=progress, phase=role)
     fs.skipped = [(p, f"unreadable image: {why}") for p, why in src.skipped] + fs.skipped
     if path is not None:
-        buf = io.BytesIO()
-        np.savez(buf, feats=fs.feats, skipped=np.array(json.dumps(fs.skipped)))
-        try:
-            atomic_write_bytes(path, buf.getvalue())
-        except OSError as e:
-            if notes is not None:
-                notes.append(f"could not write the feature cache {path.parent}: {_first_line(e)}")
+        write_npz_cache(path, "feature", notes, feats=fs.feats, skipped=np.array(json.dumps(fs.skipped)))
     return _check_usable(fs, folder, role)
 
 
