@@ -11,6 +11,15 @@ from .errors import DavaeError, first_line
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D fp32 CPU tensor in channels-last memory, where oneDNN's convolutions run 1.3-1.9x faster (2-core EPYC:
+    TAESD3 encoder trunk at 224² 0.25 -> 0.16 s per image, FID Inception 0.078 -> 0.060 s); anything else as it
+    is. The same values to float rounding."""
+    if x.ndim == 4 and x.device.type == "cpu" and x.dtype == torch.float32:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def resolve_device(spec: Optional[str] = None, default=None) -> torch.device:
     """`spec` ("cuda", "cuda:1", "cpu", ...) checked to exist here; None: `default` if given (e.g. the
     accelerate process's device), else cuda when available, else cpu."""

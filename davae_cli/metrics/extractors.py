@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..devices import cpu_channels_last
 from ..errors import DavaeError
 from ._util import _first_line
 
@@ -77,9 +78,7 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, torch.float32)
-        if x.ndim == 4 and x.device.type == "cpu":  # oneDNN's channels-last convolutions: ~25 % faster on the CPU
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = self.fn(x)
+        y = self.fn(cpu_channels_last(x))
         if y.ndim == 4 and y.shape[2:] == (1, 1):
             y = y.flatten(1)
         if y.ndim != 2 or y.shape[0] != x.shape[0]:
