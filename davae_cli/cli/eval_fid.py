@@ -25,6 +25,9 @@ Examples:
   # upscaled images against their originals: FID/KID and, per same-named pair, PSNR/SSIM/LPIPS
   davae eval-fid up/ data/val/ --kid --paired --json
 
+  # the same LPIPS with the VGG16 trunk, its weights from a local file (an offline machine)
+  DAVAE_LPIPS_WEIGHTS=~/weights/vgg16-397923af.pth davae eval-fid up/ data/val/ --paired --lpips-net vgg
+
   # two decoders of the same latents: FID and how much high-frequency energy each keeps
   davae eval-fid decoded_a/ data/val/ --kid --sharpness
   davae eval-fid decoded_b/ data/val/ --kid --sharpness

@@ -452,7 +452,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
               "vae": {**vae.describe(), "path": str(vae_dir)}, "res": res, "granularity": g,
               "image_prep": (f"short side resized to {res} (PIL bicubic), " if res else "")
               + f"centre-cropped to a multiple of {g} px; metrics on 8-bit reconstructions",
-              **_lpips_record(lpips_model if lpips_reason is None else None, lpips_net)}
+              **_lpips_record(lpips_model, lpips_net)}  # None once LPIPS failed
     if lpips_reason is not None:
         result["lpips_reason"] = lpips_reason
     elif os.environ.get("DAVAE_LPIPS_RANDOM_BACKBONE") == "1":

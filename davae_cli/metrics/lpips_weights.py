@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import DavaeError
+from ..errors import DavaeError, first_line
 from ._util import package_file
 
 LPIPS_WEIGHTS_ENV = "DAVAE_LPIPS_WEIGHTS"
@@ -126,7 +126,7 @@ def load_backbone(path: str | Path, net: str) -> dict[str, torch.Tensor]:
     except DavaeError:
         raise
     except Exception as e:
-        raise DavaeError(f"cannot read LPIPS-{net} weights from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DavaeError(f"cannot read LPIPS-{net} weights from {path}: {first_line(e)}") from None
     want = [f"features.{i}.{k}" for i in CONV_INDICES[net] for k in ("weight", "bias")]
     missing = [k for k in want if k not in sd]
     if missing:
@@ -151,5 +151,4 @@ def load_into_lpips(model: nn.Module, features: dict[str, torch.Tensor], net: st
             if key is None or sd[key].shape != src.shape:
                 raise DavaeError(f"LPIPS-{net} layer features.{i}.{kind} does not fit the lpips package's trunk")
             update[key] = src
-    sd.update(update)
-    model.load_state_dict(sd)
+    model.load_state_dict(update, strict=False)  # every trunk key was found above; the rest stays as built
