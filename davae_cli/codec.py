@@ -249,7 +249,7 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
 
 # what a decoded PNG keeps of its latent's metadata: how it was made (generate, upscale, encode), not the identities
 _CARRIED = ("prompt", "negative_prompt", "class_id", "seed", "steps", "guidance", "guidance_interval", "sampler",
-            "shift", "res", "mode", "strength", "source")
+            "shift", "res", "mode", "strength", "source", "source_seed")
 
 
 def _png_with_meta(img: torch.Tensor, meta: dict, decoded: str) -> bytes:

@@ -244,6 +244,11 @@ class AdaptDiTConfig(FlowTrainingConfig):
     # standardises z_d - repeat(z_base, D/C), for DA-VAEs whose z_d is z_base plus a small correction
     # (`vae.detail_shortcut: base`, the tiny design), where the detail lies in that difference
     detail_view: Literal["raw", "residual"] = "raw"
+    # std of Gaussian noise added to the detail channels of each normalised training latent (standardised
+    # units: the detail channels have unit std per channel there) before it is noised along the flow path; the
+    # DiT then learns to generate a detail its decoder has to read through that noise. The official ImageNet
+    # code adds N(0, 1) to its (unstandardised) detail latents; 0 = off (the default, SPEC §3)
+    detail_noise: float = 0.0
 
 
 @dataclass
@@ -555,7 +560,8 @@ BOUNDS: list[tuple[str, tuple]] = [
     *[(f"{sec}.{k}", _NONNEG) for sec in _TRAINERS for k in ("steps", "cosine_loss", "max_images")],
     *[(f"{sec}.ema_decay", _FRAC) for sec in _TRAINERS],
     *[(k, _NONNEG) for k in ("train_vae.steps", "train_vae.max_images", "train_vae.max_val", "train_dit.max_minutes",
-                             "adapt_dit.detail_stats_latents", "vae.down_blocks", "vae.up_blocks", "dit.lora_rank",
+                             "adapt_dit.detail_stats_latents", "adapt_dit.detail_noise", "vae.down_blocks",
+                             "vae.up_blocks", "dit.lora_rank",
                              "loss.l1", "loss.lpips", "loss.kl", "loss.adv", "loss.align")],
     *[(k, _FRAC) for k in ("loss.detail_dropout", "train_vae.ema_decay", "dit.cond_dropout")],
     ("data.latent_shard_size", (_positive, "must be >= 1")),

@@ -38,6 +38,14 @@ def detail_weight(step: int, ramp_steps: int) -> float:
     return (1.0 - math.cos(math.pi * n / ramp_steps)) / 2.0
 
 
+def with_detail_noise(x0: torch.Tensor, base_channels: int, std: float,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """x0 with N(0, std²) added to its detail channels (those after the first `base_channels`); the base
+    channels are returned unchanged. x0 is not modified in place."""
+    noise = torch.randn(x0[:, base_channels:].shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return torch.cat([x0[:, :base_channels], x0[:, base_channels:] + std * noise], 1)
+
+
 LOSS_WEIGHTINGS = ("none", "snr_ratio", "min_snr")
 
 

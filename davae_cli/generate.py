@@ -107,6 +107,24 @@ def sample_batch(model: SamplingModel, s: GenerateSettings, cond_fn: CondFn, bat
     return images, lat, {"text_s": text_s, "sample_s": sample_s, "decode_s": decode_s}
 
 
+def native_base_space(model: SamplingModel) -> Optional[dict]:
+    """What a native model's latent is, recorded with its samples so that `upscale` can take them as base
+    channels: per channel, latent = (base VAE posterior mean - shift) * scale. A LightningDiT decodes with the
+    DA-VAE's base latent transform, a diffusers pipeline with its VAE's shift_factor and scaling_factor. None
+    for the DA-VAE model (its latent records the DA-VAE) and random weights."""
+    if model.name != "native":
+        return None
+    davae, vae = model.parts.get("davae"), model.parts.get("vae")
+    if davae is not None:
+        t = davae.transform
+        return {"shift": [float(v) for v in t.shift], "scale": [float(v) for v in t.scale]}
+    if vae is not None:
+        c = model.base_channels
+        return {"shift": [float(getattr(vae.config, "shift_factor", None) or 0.0)] * c,
+                "scale": [float(getattr(vae.config, "scaling_factor", None) or 1.0)] * c}
+    return None
+
+
 def run_generation(model: SamplingModel, s: GenerateSettings, cond_fn: CondFn, jobs: list[Job], *, rank: int = 0,
                    world: int = 1, device=None, dtype=torch.float32,
                    progress: Optional[Callable[[int, int], None]] = None) -> dict:
@@ -117,6 +135,7 @@ def run_generation(model: SamplingModel, s: GenerateSettings, cond_fn: CondFn, j
     mine = jobs[rank::world]
     todo = [j for j in mine if not (out_dir / f"{j.stem}.png").exists()]
     grid = [round(float(v), 8) for v in sigmas]
+    space = native_base_space(model)
     written, timings = [], {"text_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
     batches: list[dict] = []  # per batch: images, text_s, sample_s, decode_s (the first includes warm-up/compile)
     done = len(mine) - len(todo)
@@ -132,7 +151,8 @@ def run_generation(model: SamplingModel, s: GenerateSettings, cond_fn: CondFn, j
             meta = {"prompt": j.prompt, "negative_prompt": s.negative_prompt if j.prompt is not None else None,
                     "class_id": j.class_id, "seed": j.seed, "steps": s.steps, "guidance": s.guidance,
                     "guidance_interval": s.guidance_interval, "sampler": s.sampler,
-                    "shift": shift, "sigmas": grid, "res": s.res, "mode": model.name, **model.identity}
+                    "shift": shift, "sigmas": grid, "res": s.res, "mode": model.name, "base_transform": space,
+                    **model.identity}
             written.append(write_sample(out_dir, j.stem, img, z, meta, s.save_latents))
         done += len(batch)
         if progress:

@@ -19,6 +19,15 @@ For each input image (any size) and an output short side R:
 4. The DA-VAE decodes the latent at R.
 
 Noise: per image a CPU generator seeded with `seed + index`, base channels first (as `generate`).
+
+Latent inputs (`.safetensors`): instead of steps 1-2, the base channels come from the file as they are (no
+decode and re-encode): a base latent of C channels from `generate --native --save-latents` (mapped from the
+native model's recorded latent transform into the DA-VAE's z_base space; the identity when it is the
+DA-VAE's own, as for a LightningDiT), or a C+D latent of this DA-VAE (`encode`, `generate`, `upscale`:
+its first C channels, which the DiT's normalisation leaves as they are). The output is s x the latent's base
+resolution (h f x w f); the class or prompt is the file's own (`class_id` / `prompt` in its metadata) unless
+given, and the noise seed is the file's own `seed` unless `seed` is given, so the held base channels start
+from the very noise the source was generated from. The file's metadata is kept under `source_meta`.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from .config import Preset, check_sampling
 from .errors import DavaeError
 from .generate import RECIPE, Job, with_recipe
 from .images import decode_images, write_sample
+from .latents import load_latent
 from .models import load_adapted
 from .sampling import check_shift, guided_velocity, initial_noise, sample_latents, timed
 
@@ -58,7 +68,9 @@ class UpscaleSettings:
     guidance_interval: object = RECIPE
     sampler: Optional[str] = None
     shift: Optional[float] = None
-    seed: int = 0
+    # input k uses seed + k; None: 0 + k for images, a latent input's own recorded seed
+    seed: Optional[int] = None
+    from_latents: bool = False  # folders give their latent files (.safetensors), not their images
     batch_size: int = 1
     overwrite: bool = False
     save_latents: bool = False
@@ -98,19 +110,125 @@ def prepare_base_image(arr, size: tuple[int, int], resize: str = "antialias") ->
     return x[0]
 
 
-def _inputs(inputs: list[str]) -> D.ImageSource:
-    src = D.list_images(inputs, missing_ok=True)
-    if src.skipped:
-        path, why = src.skipped[0]
-        more = f" (and {len(src.skipped) - 1} more)" if len(src.skipped) > 1 else ""
+LATENT_SUFFIX = ".safetensors"
+
+
+@dataclass
+class Inputs:
+    """What to upscale: image items (paths, or bundled photos) and latent files, each with its kind."""
+
+    items: list
+    kinds: list  # "image" | "latent", per item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def name(self, i: int) -> str:
+        it = self.items[i]
+        return it[1] if isinstance(it, tuple) else Path(it).stem
+
+
+def _inputs(inputs: list[str], from_latents: bool = False,
+            on_message: Callable[[str], None] = lambda t: None) -> Inputs:
+    """The inputs, in the order given (folders recursive, sorted): a `.safetensors` file is a latent input,
+    any other file an image. A folder gives its images, or with `from_latents` its latent files; a folder
+    with latent files and no image gives its latents (a folder holding both gives its images, with a note)."""
+    items, kinds, skipped = [], [], []
+
+    def add(new: list, kind: str) -> None:
+        items.extend(new)
+        kinds.extend([kind] * len(new))
+
+    for inp in inputs:
+        p = Path(inp).expanduser()
+        if p.is_dir():
+            lat = sorted(str(f) for f in p.rglob(f"*{LATENT_SUFFIX}") if f.is_file())
+            if from_latents:
+                add(lat, "latent")
+                continue
+            src = D.list_images([p], missing_ok=True)
+            if not src.items and not src.skipped:
+                add(lat, "latent")
+                continue
+            skipped += src.skipped
+            add(src.items, "image")
+            if lat:
+                on_message(f"note: {inp} also holds {len(lat)} latent file(s); its images are upscaled "
+                           f"(--from-latents takes the latents instead)")
+        elif p.is_file() and p.suffix.lower() == LATENT_SUFFIX:
+            add([str(p)], "latent")
+        else:
+            src = D.list_images([inp], missing_ok=True)
+            skipped += src.skipped
+            add(src.items, "image")
+    if skipped:
+        path, why = skipped[0]
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
         raise DavaeError(f"{path}: {why if why == 'not found' else 'unreadable image: ' + why}{more}; nothing written")
-    if not len(src):
-        raise DavaeError(f"no images in {', '.join(map(str, inputs))}")
+    if not items:
+        what = "latent files (.safetensors)" if from_latents else "images or latent files"
+        raise DavaeError(f"no {what} in {', '.join(map(str, inputs))}")
+    src = Inputs(items, kinds)
     names = [src.name(i) for i in range(len(src))]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise DavaeError(f"two inputs would write the same output {sorted(dup)[0]}.png (same file stem)")
     return src
+
+
+def to_base_space(latent: torch.Tensor, recorded: Optional[dict], transform) -> torch.Tensor:
+    """A native model's base latent (C, h, w) -> the DA-VAE's z_base space (`transform`: its base latent
+    transform). `recorded`: the native model's own transform ({"shift", "scale"} per channel, latent = (mean -
+    shift) * scale; what `generate --native` records as `base_transform`); None or equal to `transform`: the
+    latent is already in that space and is returned as it is (bit for bit)."""
+    if recorded is None:
+        return latent
+    c = latent.shape[0]
+    try:
+        shift_n = torch.tensor([float(v) for v in recorded["shift"]], dtype=torch.float32)
+        scale_n = torch.tensor([float(v) for v in recorded["scale"]], dtype=torch.float32)
+    except (KeyError, TypeError, ValueError):
+        raise DavaeError('its base_transform metadata is not {"shift": [...], "scale": [...]}') from None
+    if shift_n.numel() != c or scale_n.numel() != c or not bool((scale_n != 0).all()):
+        raise DavaeError(f"its base_transform does not have {c} channels with non-zero scales")
+    shift = transform.shift.detach().float().cpu()
+    scale = transform.scale.detach().float().cpu()
+    if torch.equal(shift_n, shift) and torch.equal(scale_n, scale):
+        return latent
+    raw = latent / scale_n[:, None, None] + shift_n[:, None, None]  # the base VAE's posterior mean
+    return (raw - shift[:, None, None]) * scale[:, None, None]
+
+
+def read_base_latent(path: str, vae, dit_davae: Optional[dict] = None) -> tuple[torch.Tensor, dict]:
+    """(z_base (C, h, w) float32 in the DA-VAE's base space, which is the adapted DiT's: its normalisation
+    keeps the base channels as they are; the file's metadata) of a latent file: a native model's base latent
+    (C channels, `generate --native --save-latents`) or a latent of this DA-VAE (C + D channels; `dit_davae`:
+    the adapted DiT's `davae` facts, for DiT-space latents). DavaeError naming the file when it is neither."""
+    from .codec import check_latent_compatible
+
+    latent, meta = load_latent(Path(path))  # its own errors name the file
+    c, d = int(vae.config.base_channels), int(vae.config.detail_channels)
+    k = int(latent.shape[0])
+    if k == c + d:
+        why = check_latent_compatible(vae, latent, meta, dit_space_ok=True, dit_davae=dit_davae)
+        if why:
+            raise DavaeError(f"{path}: {why}")
+        return latent[:c].float(), meta
+    if k != c:
+        raise DavaeError(f"{path}: latent has {k} channels; upscale takes a base latent of C = {c} channels "
+                         f"(generate --native --save-latents) or a latent of this DA-VAE (C+D = {c + d})")
+    vae_hash, recorded = meta.get("base_vae_hash"), meta.get("base_transform")
+    if vae_hash is None and recorded is None:
+        raise DavaeError(f"{path}: no base VAE identity in its metadata (not written by `davae generate --native "
+                         f"--save-latents`)")
+    mine = vae.config.base_vae_hash
+    if vae_hash is not None and mine and vae_hash != mine:
+        raise DavaeError(f"{path}: made with another base VAE (hash {str(vae_hash)[:12]}) than this DA-VAE's "
+                         f"(hash {str(mine)[:12]})")
+    try:
+        return to_base_space(latent.float(), recorded, vae.transform), meta
+    except DavaeError as e:
+        raise DavaeError(f"{path}: {e}") from None
 
 
 def _check_settings(s: UpscaleSettings) -> None:
@@ -124,9 +242,11 @@ def _check_settings(s: UpscaleSettings) -> None:
         raise DavaeError("give either --class-id or --class-from-folders", param="class_id")
 
 
-def _jobs(model, s: UpscaleSettings, src) -> list[Job]:
+def _jobs(model, s: UpscaleSettings, src: Inputs, metas: Optional[dict] = None) -> list[Job]:
     """One job per input: the prompt for a text-to-image model; for a class model the class given, or each
-    input's folder (sorted folder names are the classes, as train-dit labels them), or the null class."""
+    input's folder (sorted folder names are the classes, as train-dit labels them), or the null class. A
+    latent input (`metas`: index -> its file's metadata) takes its own class or prompt unless one is given, and
+    its own seed unless `s.seed` is."""
     if model.conditioning == "class" and s.prompt is not None:
         raise DavaeError("this model is class-conditional: use --class-id, not --prompt", param="prompt")
     if model.conditioning == "prompt" and (s.class_id is not None or s.class_from_folders):
@@ -141,18 +261,39 @@ def _jobs(model, s: UpscaleSettings, src) -> list[Job]:
                              param="class_from_folders")
         labels = [folders.index(Path(str(it)).parent.name) for it in src.items]
     prompt = model.conditioning == "prompt"
-    return [Job(i, s.seed + i, (s.prompt or "") if prompt else None, None if prompt else labels[i])
+    prompts = [s.prompt or ""] * len(src)
+    seeds = [(s.seed or 0) + i for i in range(len(src))]
+    for i, meta in (metas or {}).items():
+        path = src.items[i]
+        if prompt and s.prompt is None:
+            if not isinstance(meta.get("prompt"), str):
+                raise DavaeError(f"{path}: no prompt in its metadata; pass --prompt")
+            prompts[i] = meta["prompt"]
+        elif not prompt and s.class_id is None and not s.class_from_folders:
+            labels[i] = _class_of(meta, path, int(model.facts["conditioning"]["num_classes"]))
+        if s.seed is None and isinstance(meta.get("seed"), int) and not isinstance(meta["seed"], bool):
+            seeds[i] = meta["seed"]
+    return [Job(i, seeds[i], prompts[i] if prompt else None, None if prompt else labels[i])
             for i in range(len(src))]
 
 
-def _upscale_batch(model, cond_fn, batch: list[Job], images: torch.Tensor, sigmas, s: UpscaleSettings, device,
+def _class_of(meta: dict, path, num_classes: int) -> int:
+    """A latent file's class (`class_id` in its metadata), checked against the model's classes."""
+    c = meta.get("class_id")
+    if c is None:
+        raise DavaeError(f"{path}: no class_id in its metadata; pass --class-id (or --class-from-folders)")
+    if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
+        raise DavaeError(f"{path}: its class_id {c!r} is not a class of this model (0..{num_classes - 1}); "
+                         f"pass --class-id")
+    return c
+
+
+def _upscale_batch(model, cond_fn, batch: list[Job], z_base: torch.Tensor, sigmas, s: UpscaleSettings, device,
                    dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """images (B, 3, H/s, W/s) in [-1, 1] at the base size -> (images (B, 3, H, W), final latents
-    (B, C+D, h, w), {encode_s, text_s, sample_s, decode_s}): the base channels held to the encoded input."""
-    vae, c, d = model.parts["davae"], model.base_channels, model.detail_channels
+    """z_base (B, C, h, w) float32 on `device` -> (images (B, 3, H, W), final latents (B, C+D, h, w),
+    {text_s, sample_s, decode_s}): the base channels held to z_base."""
+    c, d = model.base_channels, model.detail_channels
     clock = timed(device)
-    with torch.inference_mode():
-        z_base, encode_s = clock(lambda: vae.encode_base_image(images.to(device)).float())  # (B, C, h, w)
     (uncond, cond), text_s = clock(lambda: cond_fn(batch))
     side_h, side_w = z_base.shape[-2:]
     noise = torch.cat([initial_noise(j.seed, c, d, side_h, side_w) for j in batch]).to(device)  # (B, C+D, h, w)
@@ -162,60 +303,94 @@ def _upscale_batch(model, cond_fn, batch: list[Job], images: torch.Tensor, sigma
                                                  guidance_interval=s.guidance_interval, constrain=hold))
     with torch.inference_mode():
         out, decode_s = clock(lambda: decode_images(model, lat, s.tile))
-    return out, lat, {"encode_s": encode_s, "text_s": text_s, "sample_s": sample_s, "decode_s": decode_s}
+    return out, lat, {"text_s": text_s, "sample_s": sample_s, "decode_s": decode_s}
 
 
 def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: str, dit_dir: str,
             base_pipeline: Optional[str] = None, use_t5: bool = True,
             progress: Optional[Callable[[int, int], None]] = None,
             on_message: Callable[[str], None] = lambda t: None) -> dict:
-    """Upscale every image of `inputs` into `s.out_dir/<stem>.png`; returns what was written and the timings.
-    Existing outputs are kept (resumable) unless `s.overwrite`."""
+    """Upscale every image or latent file of `inputs` into `s.out_dir/<stem>.png`; returns what was written and
+    the timings. Existing outputs are kept (resumable) unless `s.overwrite`. Every input still to do is
+    checked (readable, its size, a latent's channels, base VAE and class) before anything is written."""
     from .devices import resolve_device, resolve_dtype
 
     _check_settings(s)
-    src = _inputs(inputs)
+    src = _inputs(inputs, s.from_latents, on_message)
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
     t0 = time.perf_counter()
     model, cond_fn = load_adapted(preset, vae_dir, dit_dir, base_pipeline=base_pipeline, use_t5=use_t5,
                                   negative_prompt=s.negative_prompt, device=device, dtype=dtype)
-    jobs = _jobs(model, s, src)
+    vae = model.parts["davae"]
+    dit_davae = model.facts.get("davae")
+    out_dir = Path(s.out_dir)
+    todo = [i for i in range(len(src)) if s.overwrite or not (out_dir / f"{src.name(i)}.png").exists()]
+    metas, shapes = {}, {}  # latent inputs to do: their metadata and latent (h, w)
+    for i in todo:
+        if src.kinds[i] == "latent":
+            z, metas[i] = read_base_latent(src.items[i], vae, dit_davae)
+            shapes[i] = tuple(z.shape[-2:])
+    jobs = _jobs(model, s, src, metas)
     s = with_recipe(s, model.recipe)  # a completed copy: the caller's settings stay as given
     check_shift(model, s.shift)
     res = s.res if s.res is not None else int(model.facts["resolution"])
-    vae = model.parts["davae"]
     scale, f = int(vae.config.scale), vae.config.downsample
+    p = model.patch_size
     shift = s.shift if s.shift is not None else model.shift
+    grid_side = dict(getattr(model.dit, "config", None) or {}).get("input_size")  # a DiT built for one grid
+
+    # group by kind and base size so that each batch is one tensor; image sizes come from the headers, images
+    # and latents are read per batch
+    groups: dict[tuple[str, tuple[int, int]], list[int]] = {}
+    for i in todo:
+        if src.kinds[i] == "latent":
+            h, w = shapes[i]
+            size = (h * f, w * f)  # the base image the latent stands for
+            if h % p or w % p:
+                raise DavaeError(f"{src.items[i]}: its {h}x{w} latent is not a whole number of DiT tokens "
+                                 f"({p}x{p} latent pixels each)")
+            if s.res is not None and min(size) * scale != s.res:
+                raise DavaeError(f"{s.res} does not fit {src.items[i]}: its {h}x{w} latent gives "
+                                 f"{size[1] * scale}x{size[0] * scale} (latents are not resized; leave --res out)",
+                                 param="res")
+        else:
+            size = base_size(*_image_size(src.items[i]), res, scale, f * p)
+        if grid_side is not None and (size[0] // f, size[1] // f) != (int(grid_side), int(grid_side)):
+            raise DavaeError(f"{src.items[i]}: the DiT reads a {grid_side}x{grid_side} latent grid "
+                             f"({int(grid_side) * f * scale}² output), this input gives {size[0] // f}x{size[1] // f}")
+        groups.setdefault((src.kinds[i], size), []).append(i)
     if s.compile:
         model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
         on_message("compiling the DiT on its first use: the first batch's time includes the compilation")
     load_s = time.perf_counter() - t0
 
-    out_dir = Path(s.out_dir)
-    todo = [i for i in range(len(src)) if s.overwrite or not (out_dir / f"{src.name(i)}.png").exists()]
-    # group by base size so that each batch is one tensor; sizes come from the headers, images are read per batch
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i in todo:
-        h, w = _image_size(src.items[i])
-        groups.setdefault(base_size(h, w, res, scale, f * model.patch_size), []).append(i)
     timings = {"encode_s": 0.0, "text_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
     written, sizes, done = [], set(), len(src) - len(todo)
+    clock = timed(device)
     if progress:
         progress(done, len(src))
-    for size, members in groups.items():
-        tokens = (size[0] // f // model.patch_size) * (size[1] // f // model.patch_size)  # the latent at R
+    for (kind, size), members in groups.items():
+        tokens = (size[0] // f // p) * (size[1] // f // p)  # the latent at R
         sigmas = model.backend.sigma_grid(s.steps, shift, model.scheduler_config, tokens)
         grid = [round(float(v), 8) for v in sigmas]
         sizes.add((size[0] * scale, size[1] * scale))
         for k in range(0, len(members), s.batch_size):
             idx = members[k : k + s.batch_size]
             batch = [jobs[i] for i in idx]
-            t_read = time.perf_counter()
-            x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size, vae.config.base_resize)
-                                  for i in idx])
-            timings["encode_s"] += time.perf_counter() - t_read  # reading and resizing count as encoding
-            images, lat, times = _upscale_batch(model, cond_fn, batch, x_base, sigmas, s, device, dtype)
+            if kind == "latent":  # the base channels as they are in the files: reading counts as encoding
+                z_base, encode_s = clock(lambda: torch.stack([read_base_latent(src.items[i], vae, dit_davae)[0]
+                                                              for i in idx]).to(device))
+            else:
+                t_read = time.perf_counter()
+                x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size, vae.config.base_resize)
+                                      for i in idx])
+                read_s = time.perf_counter() - t_read  # reading and resizing count as encoding
+                with torch.inference_mode():
+                    z_base, encode_s = clock(lambda: vae.encode_base_image(x_base.to(device)).float())  # (B, C, h, w)
+                encode_s += read_s
+            timings["encode_s"] += encode_s
+            images, lat, times = _upscale_batch(model, cond_fn, batch, z_base, sigmas, s, device, dtype)
             for key, v in times.items():
                 timings[key] += v
             for i, j, img, z in zip(idx, batch, images, lat):
@@ -225,6 +400,9 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
                         "guidance_interval": s.guidance_interval, "sampler": s.sampler, "shift": shift,
                         "sigmas": grid, "res": list(img.shape[-2:]), "base_size": list(size), "mode": "upscale",
                         **model.identity}
+                if kind == "latent":  # the source's own generation settings, kept beside upscale's
+                    src_meta = {key: v for key, v in metas[i].items() if key != "space"}
+                    meta.update(source_kind="latent", source_seed=src_meta.get("seed"), source_meta=src_meta)
                 written.append(write_sample(out_dir, src.name(i), img, z, meta, s.save_latents))
             done += len(idx)
             if progress:
@@ -233,6 +411,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
     per = (lambda sec: 1000.0 * sec / n) if n else (lambda sec: None)
     total_s = sum(timings.values())
     return {"written": written, "skipped_existing": len(src) - len(todo), "images": len(src),
+            "latent_inputs": sum(k == "latent" for k in src.kinds),
             "sizes": sorted(list(v) for v in sizes), "strength": s.strength, "steps": s.steps, "guidance": s.guidance,
             "guidance_interval": s.guidance_interval, "sampler": s.sampler, "shift": shift, "device": str(device),
             "dtype": str(dtype).replace("torch.", ""), "load_s": load_s, **timings,

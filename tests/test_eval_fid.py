@@ -418,6 +418,20 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
         vals.append(float(psnr(y, x)))
     assert bl["davae_detail_from_base"]["psnr"] == pytest.approx(sum(vals) / len(vals), abs=1e-3)
     assert bl["detail_gain_db"] == pytest.approx(r["psnr"] - bl["davae_detail_from_base"]["psnr"])
+    # (b") recomputed: z_d + N(0, (0.25 detail_std)²) drawn from one CPU stream seeded 0, image after image
+    gen, vals = torch.Generator().manual_seed(0), []
+    std = vae.detail_std[None, :, None, None]
+    for x, z in zip(xs, lats):
+        noise = torch.randn(z[:, c:].shape, generator=gen)
+        with torch.no_grad():
+            y = to_tensor(to_uint8(vae.decode(torch.cat([z[:, :c], z[:, c:] + 0.25 * std * noise], 1))[0]))[None]
+        vals.append(float(psnr(y, x)))
+    assert bl["noise_level"] == 0.25
+    assert bl["davae_detail_noise"]["psnr"] == pytest.approx(sum(vals) / len(vals), abs=1e-3)
+    pred_ = bl["davae_detail_from_base"]["psnr"]
+    assert bl["noise_keep"] is None or bl["noise_keep"] == pytest.approx(
+        (bl["davae_detail_noise"]["psnr"] - pred_) / (r["psnr"] - pred_))
+    assert bl["gain_over_bicubic_db"] == pytest.approx(r["psnr"] - a_)
     # sharpness of the originals (as prepared: 32 px, cropped to a multiple of 16) by hand; every row has one
     prepared = [to_uint8(x[0]) for x in xs]
     lap_ref = []
@@ -428,6 +442,7 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
     assert all(0 < row["sharpness"] < 4 for row in (rb, *[bl[k] for k in ("base_half_bicubic", "base_full")]))
     out = invoke(*args, "--baselines").stdout
     assert "(b') DA-VAE, z_d predicted from z_base" in out and "what z_d's own content adds" in out
+    assert '(b") DA-VAE, z_d + 0.25 std noise' in out and "of which the noise keeps" in out
     assert "(a) base at 1/s + bicubic" in out and "PSNR gap (a)->(c) closed by (b)" in out
     ds = r["detail_structure"]  # is the detail part generable (metrics.latent_stats), on the 8 latents
     assert ds["latents"] == 8 and 0 <= ds["detail_unexplained"]["variance_share"] <= 1

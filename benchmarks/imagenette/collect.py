@@ -3,6 +3,7 @@
   python collect.py upsample SRC DST          bicubic x2 of every PNG in SRC into DST (model (i))
   python collect.py results OUT --per-class N  OUT/results.json and OUT/grid.png from the stages' outputs
   python collect.py diagnose OUT               OUT/diag/diagnosis.json (after diagnose.sh's runs)
+  python collect.py detail OUT                 OUT/results.json of detail.sh (issue 37: ceilings, gates, same bases)
 """
 
 from __future__ import annotations
@@ -233,6 +234,30 @@ def _measurements(out: Path) -> dict:
     return res
 
 
+def machine() -> dict:
+    """The CPU model, cores, date and the repository's commit, for results.json."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "date": date.today().isoformat(), "commit": commit}
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def results(out: Path, per_class: int) -> None:
     res: dict = {"fid": {}, "kid": {}, "sharpness": {}, "tokens": {}, "ms_per_image": {}, "samples": {}}
     for key in KEYS:
@@ -271,24 +296,9 @@ def results(out: Path, per_class: int) -> None:
         "davae": {"psnr": ev.get("davae.psnr"), "ssim": ev.get("davae.ssim")},
         "full_base": {"psnr": ev.get("base_full.psnr"), "ssim": ev.get("base_full.ssim")},
         "gap_closed": ev.get("gap_closed"), "num_images": ev.get("num_images"), "split": "val (seeded subset)"}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    res["machine"] = {"cpu": cpu, "cores": os.cpu_count(), "date": date.today().isoformat(), "commit": commit}
+    res["machine"] = machine()
     res["grid"] = str(grid(out, per_class))
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", res)
     f, k = res["fid"], res["kid"]
     num = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for key in KEYS:
@@ -360,9 +370,15 @@ def main() -> None:
     r.add_argument("--per-class", type=int, required=True)
     dg = sub.add_parser("diagnose")
     dg.add_argument("out", type=Path)
+    dt = sub.add_parser("detail")
+    dt.add_argument("out", type=Path)
     a = ap.parse_args()
     if a.cmd == "upsample":
         upsample(a.src, a.dst)
+    elif a.cmd == "detail":
+        from detail_results import detail_results
+
+        detail_results(a.out)
     elif a.cmd == "diagnose":
         diagnose(a.out)
     else:

@@ -34,36 +34,9 @@
 # Data and weights: $IMAGENETTE (default ../shared/data/imagenette224 beside the repository) and $TAESD3
 # (default ../shared/weights/taesd3). Rerunning skips finished stages (their final/ or output exists) and
 # resumes interrupted ones.
-set -euo pipefail
-
-usage() { echo "usage: bash benchmarks/imagenette/run.sh OUT [--smoke] [--scale cpu|gpu] [--until STAGE] [--budget MINUTES]" >&2; exit 2; }
-[ $# -ge 1 ] || usage
-OUT=$1; shift
-case "$OUT" in -*) usage ;; esac
-SMOKE=0; SCALE=cpu; UNTIL=""; BUDGET_MIN=""; START_S=$(date +%s)
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --smoke) SMOKE=1 ;;
-    --scale) shift; [ $# -gt 0 ] || usage; SCALE=$1 ;;
-    --until) shift; [ $# -gt 0 ] || usage; UNTIL=$1 ;;
-    --budget) shift; [ $# -gt 0 ] || usage; BUDGET_MIN=$1 ;;
-    *) usage ;;
-  esac
-  shift
-done
-case "$SCALE" in cpu|gpu) ;; *) echo "error: --scale must be cpu or gpu, got $SCALE" >&2; exit 2 ;; esac
-case "$BUDGET_MIN" in ""|*[!0-9.]*|*.*.*|.) [ -z "$BUDGET_MIN" ] || { echo "error: --budget must be a number of minutes, got $BUDGET_MIN" >&2; exit 2; } ;; esac
-
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
-DATA=${IMAGENETTE:-$REPO/../shared/data/imagenette224}
-TAESD3=${TAESD3:-$REPO/../shared/weights/taesd3}
-for need in "$DATA/train" "$DATA/val" "$TAESD3"; do
-  [ -d "$need" ] || { echo "error: $need not found (set IMAGENETTE / TAESD3)" >&2; exit 1; }
-done
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-export DAVAE_CACHE_DIR="$OUT/cache"   # FID feature cache, inside the run
+SCRIPT=${BASH_SOURCE[0]}
+. "$(dirname "$SCRIPT")/stages.sh"
+parse_args "$@"
 P="--preset imagenette"
 
 # ------------------------------------------------------------------ sizes
@@ -78,19 +51,8 @@ if [ "$SCALE" = gpu ]; then
   N112_STEPS=6000; ADAPT_STEPS=3000
   DIT_SET=(--set train_dit.batch_size=256); GEN_BS=500
 fi
-TRAIN="$DATA/train"; VAL="$DATA/val"
 if [ "$SMOKE" = 1 ]; then
-  # symlinked subsets (2 train / 1 val image per class), never copies
-  mkdir -p "$OUT/data"
-  for split in train val; do
-    n=2; [ "$split" = val ] && n=1
-    for cls in "$DATA/$split"/*/; do
-      c=$(basename "$cls"); mkdir -p "$OUT/data/$split/$c"
-      files=("$cls"*)   # sorted by the glob
-      for f in "${files[@]:0:$n}"; do ln -sf "$f" "$OUT/data/$split/$c/$(basename "$f")"; done
-    done
-  done
-  TRAIN="$OUT/data/train"; VAL="$OUT/data/val"
+  smoke_subsets 2 1   # 2 train / 1 val image per class
   NPC=2; NPC_FULL=2; NVAL=1; GEN_BS=20; N112_STEPS=6; ADAPT_STEPS=4; PROBE_PER_CLASS=2
   VAE_SET=(--set train_vae.steps=6 --set train_vae.checkpoint_every=3 --set train_vae.stats_images=8 --set train_vae.max_val=4)
   DIT_SET=(--set train_dit.batch_size=8 --set train_dit.checkpoint_every=3 --set train_dit.log_every=2)
@@ -99,38 +61,7 @@ ADAPT_SET=("${DIT_SET[@]/train_dit/adapt_dit}")
 [ "$SMOKE" = 1 ] && ADAPT_SET+=(--set adapt_dit.checkpoint_every=2 --set adapt_dit.detail_ramp_steps=2)
 [ "$SMOKE" = 1 ] && SAMPLE=(--sampling-steps 4) || SAMPLE=()
 
-mkdir -p "$OUT/logs" "$OUT/times"
 finish() { python "$HERE/collect.py" results "$OUT" --per-class "$NPC" && echo "wrote $OUT/results.json and $OUT/grid.png"; }
-stop_here() {  # --until: collect what exists and stop after this stage
-  if [ -n "$UNTIL" ] && [ "$1" = "$UNTIL" ]; then echo "[--until $UNTIL] stopping"; finish || true; exit 0; fi
-}
-over_budget() {  # --budget: true once the minutes since this invocation started reach it
-  [ -n "$BUDGET_MIN" ] && python -c "import sys; sys.exit(0 if (float(sys.argv[2]) - float(sys.argv[1])) / 60 >= float(sys.argv[3]) else 1)" \
-    "$START_S" "$(date +%s)" "$BUDGET_MIN"
-}
-stage() {  # stage NAME DONE_PATH RUN_DIR cmd...: skip when DONE_PATH exists, --resume when RUN_DIR exists
-  local name=$1 done=$2 rundir=$3; shift 3
-  if [ -e "$done" ]; then echo "[$name] done ($done)"; stop_here "$name"; return 0; fi
-  if over_budget; then
-    echo "[--budget $BUDGET_MIN] $(date -u +%H:%M:%S) the budget is spent: stopping before $name (rerun to continue)"
-    finish || true; exit 0
-  fi
-  local extra=()
-  if [ -n "$rundir" ] && [ -f "$rundir/config.yaml" ]; then extra=(--resume); echo "[$name] resuming"; fi
-  echo "[$name] $(date -u +%H:%M:%S) $*"
-  local t0; t0=$(date +%s.%N)
-  "$@" "${extra[@]}" > "$OUT/logs/$name.json" 2> "$OUT/logs/$name.err" || {
-    echo "[$name] failed; see $OUT/logs/$name.err:" >&2; tail -n 5 "$OUT/logs/$name.err" >&2; exit 1; }
-  local t1; t1=$(date +%s.%N)
-  python -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$t0" "$t1" >> "$OUT/times/$name"
-  if [ -z "$rundir" ]; then touch "$done"; fi   # output stages: their marker
-  stop_here "$name"
-}
-fid() {  # fid KEY GEN_DIR REF_DIR [flags]: eval-fid into logs/fid_KEY.json, with the class probe on train/
-  local key=$1 gen=$2 ref=$3; shift 3
-  stage "fid_$key" "$OUT/logs/fid_$key.done" "" davae eval-fid "$gen" "$ref" --kid --mode clean --sharpness \
-    --class-probe "$TRAIN" --probe-per-class "$PROBE_PER_CLASS" "$@" --json
-}
 
 # ------------------------------------------------------------------ the models
 stage vae "$OUT/vae/final" "$OUT/vae" \
@@ -167,15 +98,7 @@ stage davae_base "$OUT/samples/davae_base/.done" "" \
 fid davae_base "$OUT/samples/davae_base" "$VAL"
 # a class-balanced val subset (symlinks) for the tokenizer and upscale measurements
 VALSUB="$OUT/data/valsub"
-if [ ! -e "$VALSUB/.done" ]; then
-  rm -rf "$VALSUB"
-  for cls in "$VAL"/*/; do
-    c=$(basename "$cls"); mkdir -p "$VALSUB/$c"
-    files=("$cls"*)
-    for f in "${files[@]:0:$NVAL}"; do ln -sf "$(readlink -f "$f")" "$VALSUB/$c/$(basename "$f")"; done
-  done
-  touch "$VALSUB/.done"
-fi
+class_subset "$VAL" "$VALSUB" "$NVAL"
 # upscale each val image from 112² (its class given), scored against the originals (FID/KID, paired PSNR/LPIPS)
 stage upscale "$OUT/samples/upscale/.done" "" \
   davae upscale "$VALSUB" $P --vae "$VAE" --dit "$OUT/adapt/final" --class-from-folders --res 224 \

@@ -14,7 +14,8 @@ from typing import Callable
 
 import typer
 
-from . import adapt_dit, bench, codec, common, convert, eval_fid, generate, presets, synth, train_dit, train_vae, upscale
+from . import (adapt_dit, bench, ceilings, codec, common, convert, eval_fid, generate, presets, synth, train_dit,
+               train_vae, upscale)
 
 app = typer.Typer(
     name="davae",
@@ -67,6 +68,7 @@ COMMANDS: list[tuple[str, Callable, str | None]] = [
     ("synth", synth.synth_cmd, synth.EXAMPLES),
     ("bench", bench.bench_cmd, bench.EXAMPLES),
     ("eval-fid", eval_fid.eval_fid_cmd, eval_fid.EXAMPLES),
+    ("ceilings", ceilings.ceilings_cmd, ceilings.EXAMPLES),
     ("convert", convert.convert_cmd, convert.EXAMPLES),
     ("presets", presets.presets_cmd, None),
 ]

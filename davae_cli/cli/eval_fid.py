@@ -97,13 +97,15 @@ def _human(r: dict) -> None:
             typer.echo(f"  {'':<34}   rFID     PSNR    SSIM   LPIPS  sharp{kid_h}")
             for name, row in (("(a) base at 1/s + bicubic", bl["base_half_bicubic"]), ("(b) DA-VAE", r),
                               ("(c) base at full res (s² tokens)", bl["base_full"]),
-                              ("(b') DA-VAE, z_d predicted from z_base", bl["davae_detail_from_base"])):
+                              ("(b') DA-VAE, z_d predicted from z_base", bl["davae_detail_from_base"]),
+                              (f"(b\") DA-VAE, z_d + {bl['noise_level']} std noise", bl["davae_detail_noise"])):
                 kid_v = f"  {_fmt(row.get('kid'), '.4f')}" if "kid" in r else ""
                 typer.echo(f"  {name:<34} {_fmt(row['rfid'], '7.2f')} {_fmt(row['psnr'], '8.3f')} "
                            f"{_fmt(row['ssim'], '7.4f')} {_fmt(row['lpips'], '7.4f')} {_fmt(row.get('sharpness'), '6.4f')}{kid_v}")
             gap = "n/a" if bl["gap_closed"] is None else f"{100 * bl['gap_closed']:.1f}%"
             typer.echo(f"  PSNR gap (a)->(c) closed by (b): {gap}; (b) - (b'), what z_d's own content adds: "
-                       f"{bl['detail_gain_db']:+.3f} dB")
+                       f"{bl['detail_gain_db']:+.3f} dB, of which the noise keeps "
+                       + ("n/a" if bl["noise_keep"] is None else f"{100 * bl['noise_keep']:.0f}%"))
         for line in structure_lines(r.get("detail_structure")):
             typer.echo(line)
         typer.echo(f"  DA-VAE     {r['vae']['path']} ({r['vae']['davae'][:19]})")

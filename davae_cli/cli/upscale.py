@@ -26,26 +26,36 @@ Examples:
 
   # let the model also refine the composition from sigma 0.3 down (0 keeps the input's base exactly)
   davae upscale photo.png --preset tiny --vae runs/tvae/final --dit runs/tdit/final --strength 0.3 --out up/
+
+  # the latents of a native 112² generation, their base channels as they are (no decode + re-encode):
+  # class and seed from each file, detail generated at 224²; then the same bases decoded two more ways
+  davae generate --preset imagenette --native --base-pipeline runs/native/final --vae runs/vae/final \\
+      --res 112 --class-id 0 --class-id 1 --num-images 8 --save-latents --out nat/
+  davae upscale nat/ --from-latents --preset imagenette --vae runs/vae/final --dit runs/adapt/final \\
+      --save-latents --out up/
+  davae decode up/ --vae runs/vae/final --dit runs/adapt/final --detail-from-base --out up-pred/
+  davae decode up/ --vae runs/vae/final --dit runs/adapt/final --base-only --out up-base/
 """
 
 
 def upscale_cmd(
-    inputs: list[str] = typer.Argument(..., help="Images or folders of images (recursive), any size."),
+    inputs: list[str] = typer.Argument(..., help="Images (any size), latent files (.safetensors: generate --native --save-latents, or C+D latents of this DA-VAE), or folders of them (recursive: their images; their latents when they hold no image, or with --from-latents)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <stem>.png per input (existing ones are kept and skipped: resumable)."),
     vae: Path = typer.Option(..., "--vae", help="DA-VAE folder (RUN/final of train-vae)."),
     dit: Path = typer.Option(..., "--dit", help="Adapted DiT folder (RUN/final of adapt-dit), adapted with that DA-VAE."),
     preset: str = PresetOpt,
-    res: Optional[int] = typer.Option(None, "--res", help="Output short side R (default: the adapted model's resolution); the input is resized to R/s, sides rounded down to whole tokens."),
+    from_latents: bool = typer.Option(False, "--from-latents", help="Folders give their latent files (.safetensors), not their images: for a generate --save-latents folder, which holds both."),
+    res: Optional[int] = typer.Option(None, "--res", help="Output short side R (default: the adapted model's resolution); an image is resized to R/s, sides rounded down to whole tokens. A latent is never resized: its output is s x its base resolution."),
     strength: float = typer.Option(0.0, "--strength", help="0 = the input's base channels kept exactly (only the detail channels are generated); > 0 = the base channels are also regenerated below sigma = STRENGTH (up to 1)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for every image (SD3/FLUX models; \"\" allowed, the default)."),
-    class_id: Optional[int] = typer.Option(None, "--class-id", help="Class for every image (class-conditional models; default: the null class, unconditional)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for every input (SD3/FLUX models; \"\" allowed, the default for images; a latent: its own recorded prompt)."),
+    class_id: Optional[int] = typer.Option(None, "--class-id", help="Class for every input (class-conditional models; default for images: the null class, unconditional; a latent: its own recorded class_id)."),
     class_from_folders: bool = typer.Option(False, "--class-from-folders", help="Class-conditional models: each image's class is its folder's index among the inputs' sorted folder names (as train-dit labels its data)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt (the unconditional branch; default: the recipe's sample.negative_prompt, usually empty)."),
     steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Sampling steps (default: the adapted model's recipe)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, 1 = off (default: the recipe's)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or heun (default: the recipe's)."),
     shift: Optional[float] = typer.Option(None, "--shift", help="Sampling timestep shift (default: the adapted model's)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image k uses seed + k."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first input; input k uses seed + k (default 0; a latent: its own recorded seed, so the held base starts from the noise it was generated from)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images of the same size sampled together."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write each final latent (DiT space) as <stem>.safetensors."),
@@ -59,18 +69,21 @@ def upscale_cmd(
     sets: Optional[list[str]] = SetOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Upscale images s x with an adapted DiT, for the token cost of the input's resolution.
+    """Upscale images (or generated base latents) s x with an adapted DiT, for the token cost of the input's resolution.
 
-    The input, resized to R/s, gives the base channels (exactly the DA-VAE's base channels of that image);
-    the adapted DiT generates the detail channels with the base channels held on their noised path at every
-    step; the DA-VAE decodes at R. PNGs carry the source, strength, seed, settings and model identities."""
+    An image, resized to R/s, gives the base channels (exactly the DA-VAE's base channels of that image); a
+    latent file gives them as they are (a native model's latent mapped into the DA-VAE's base space). The
+    adapted DiT generates the detail channels with the base channels held on their noised path at every step;
+    the DA-VAE decodes at R. PNGs carry the source, strength, seed, settings and model identities, and for a
+    latent its own metadata (source_meta; class_id and prompt taken from it)."""
     from ..upscale import UpscaleSettings, upscale
 
     p = resolve_preset(preset, sets)
     s = UpscaleSettings(out_dir=out, res=res, strength=strength, prompt=prompt, class_id=class_id,
                         class_from_folders=class_from_folders,
                         negative_prompt=negative_prompt, steps=steps, guidance=guidance, sampler=sampler, shift=shift,
-                        seed=seed, batch_size=batch_size, overwrite=overwrite, save_latents=save_latents, tile=tile,
+                        seed=seed, from_latents=from_latents, batch_size=batch_size, overwrite=overwrite,
+                        save_latents=save_latents, tile=tile,
                         device=device, dtype=dtype_name(dtype), compile=compile_, compile_mode=compile_mode)
     with lazy_progress("upscale") as progress:
         report = upscale(p, s, inputs, vae_dir=str(vae), dit_dir=str(dit), base_pipeline=base_pipeline,
@@ -80,7 +93,7 @@ def upscale_cmd(
         return
     n = len(report["written"])
     sizes = ", ".join(f"{w}x{h}" for h, w in report["sizes"]) or "-"
-    typer.echo(f"{n} image(s) upscaled into {out} ({report['skipped_existing']} already there), output {sizes}, "
+    typer.echo(f"{n} input(s) upscaled into {out} ({report['skipped_existing']} already there), output {sizes}, "
                f"strength {report['strength']}")
     if n:
         typer.echo(f"encode {report['encode_s']:.1f} s, text {report['text_s']:.1f} s, sampling {report['sample_s']:.1f} s, "

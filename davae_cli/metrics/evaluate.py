@@ -32,6 +32,7 @@ from .stats import _protocol_notes, check_stats_shape, is_stats_file, load_stats
 # default); the VAE's training loss keeps its own `loss.lpips_net` (VGG: the perceptual loss of LDM/taming)
 EVAL_LPIPS_NET = "alex"
 LPIPS_NETS = ("alex", "vgg")
+NOISE_LEVEL = 0.25  # --baselines: Gaussian noise on z_d of this many detail stds (is the detail robust to it?)
 STRUCTURE_LATENTS = 1024  # detail_structure is measured on the first this many latents (memory bound)
 
 
@@ -367,7 +368,9 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     f_orig: list = []
     # per output: the DA-VAE, and with `baselines` (a) the base at 1/s + bicubic, (c) the base at full res,
     # and the DA-VAE on z_base alone (z_d replaced by its linear prediction from z_base)
-    names = ("davae", "base_half_bicubic", "base_full", "davae_detail_from_base") if baselines else ("davae",)
+    names = (("davae", "base_half_bicubic", "base_full", "davae_detail_from_base", "davae_detail_noise") if baselines
+             else ("davae",))
+    noise_gen = torch.Generator(device="cpu").manual_seed(0)  # the detail noise of davae_detail_noise, one stream
     # the predictor's pre-pass keeps its latents (per group of images): the main pass reuses them, not encoding twice
     known: dict = {}
     predictor = _fit_detail_predictor(vae, ds, batch_size, num_workers, dev, progress, known) if baselines else None
@@ -396,7 +399,8 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
             outs = {"davae": lambda: vae.decode(latent),
                     "base_half_bicubic": lambda: vae.decode_baseline(z_base),
                     "base_full": lambda: vae.reconstruct_base_full(x),
-                    "davae_detail_from_base": lambda: vae.decode(predictor.predict(latent))}
+                    "davae_detail_from_base": lambda: vae.decode(predictor.predict(latent)),
+                    "davae_detail_noise": lambda: vae.decode(_detail_noised(vae, latent, NOISE_LEVEL, noise_gen))}
             for run in _same_shape_runs([_to_chw(resize(a)) for a in arrs]):
                 f_orig.append(extractor(torch.stack(run)).cpu().numpy())
             sharp_orig.append(sharpness(x).cpu())
@@ -459,19 +463,36 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
         notes.append("LPIPS uses a random backbone (DAVAE_LPIPS_RANDOM_BACKBONE=1): its value is not comparable")
     if baselines:
         a_, b_, c_ = per["base_half_bicubic"]["psnr"], per["davae"]["psnr"], per["base_full"]["psnr"]
+        pred_, noisy_ = per["davae_detail_from_base"]["psnr"], per["davae_detail_noise"]["psnr"]
         result["baselines"] = {"base_half_bicubic": per["base_half_bicubic"], "base_full": per["base_full"],
                                "davae_detail_from_base": per["davae_detail_from_base"],
+                               "davae_detail_noise": per["davae_detail_noise"],
                                "gap_closed": (b_ - a_) / (c_ - a_) if c_ - a_ > 0.1 else None,
-                               "detail_gain_db": b_ - per["davae_detail_from_base"]["psnr"],
+                               "detail_gain_db": b_ - pred_,
+                               "gain_over_bicubic_db": b_ - a_,
+                               "noise_level": NOISE_LEVEL,
+                               # the share of the detail's own PSNR gain that survives the noise
+                               "noise_keep": (noisy_ - pred_) / (b_ - pred_) if abs(b_ - pred_) > 1e-3 else None,
                                "note": f"base_half_bicubic: the base VAE on the 1/{vae.config.scale} image + torch "
                                        f"bicubic x{vae.config.scale} in float (the same tokens as the DA-VAE); "
                                        f"base_full: the base VAE at full resolution ({vae.config.scale ** 2}x the tokens); "
                                        f"davae_detail_from_base: the DA-VAE with z_d replaced by its least-squares "
                                        f"prediction from z_base (fitted on the first {STRUCTURE_LATENTS} latents): the "
-                                       f"decoder's own upsampling of z_base; detail_gain_db: what z_d's content adds"}
+                                       f"decoder's own upsampling of z_base; detail_gain_db: what z_d's content adds; "
+                                       f"davae_detail_noise: z_d + N(0, ({NOISE_LEVEL} x the detail channels' std)²) "
+                                       f"(seeded); noise_keep: its share of detail_gain_db"}
     result["skipped"] = [{"path": p, "reason": w} for p, w in skipped]
     result["notes"] = notes
     return result
+
+
+def _detail_noised(vae, latent: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    """latent with N(0, (level * detail_std)²) added to its detail channels (detail_std: the DA-VAE's measured
+    per-channel std of z_d); noise drawn on the CPU from `gen`, so the numbers do not depend on the device."""
+    c = vae.config.base_channels
+    noise = torch.randn(latent[:, c:].shape, generator=gen).to(latent.device, latent.dtype)
+    std = vae.detail_std.to(latent.device, latent.dtype)[None, :, None, None]
+    return torch.cat([latent[:, :c], latent[:, c:] + level * std * noise], 1)
 
 
 @torch.no_grad()

@@ -88,6 +88,7 @@ def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend
         "resolution": preset.adapt_dit.resolution, "granularity": vae.granularity,
         "detail_mean": detail_stats["mean"], "detail_std": detail_stats["std"],
         "detail_view": detail_stats.get("view", "raw"),
+        "detail_noise": preset.adapt_dit.detail_noise, "detail_ramp_steps": preset.adapt_dit.detail_ramp_steps,
         "detail_stats": {k: v for k, v in detail_stats.items() if k not in ("mean", "std", "view")},
         "base_normalisation": "as encoded by the DA-VAE (its base latent transform), unchanged",
         "davae": {"path": str(Path(vae_dir).resolve()), "identity": vae.identity,

@@ -47,12 +47,14 @@ def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, pres
     the trainer's settings (default `preset.adapt_dit`; `preset.train_dit` for a native model, whose latents
     have no detail channels, so w(n) does not apply)."""
     a = section or preset.adapt_dit
+    has_detail = x0.shape[1] > base_channels
+    if has_detail and getattr(a, "detail_noise", 0.0) > 0:  # drawn first, so the run's noise and sigmas stay paired
+        x0 = flow.with_detail_noise(x0, base_channels, a.detail_noise, gen)
     sigma = flow.sample_sigmas(x0.shape[0], mean=a.logit_mean, std=a.logit_std, shift=preset.dit.train_shift,
                                generator=gen, device=x0.device)
     eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     xt, target = flow.noisy(x0, eps, sigma)
     pred = backend.velocity(model, xt, sigma.to(x0.dtype), cond)
-    has_detail = x0.shape[1] > base_channels
     w = flow.detail_weight(step, a.detail_ramp_steps) if has_detail else 1.0  # only adapt-dit has detail channels
     k = flow.sample_loss_weight(sigma, target=a.loss_target, weighting=a.loss_weighting, gamma=a.loss_weight_gamma)
     loss = flow.flow_loss(pred, target, base_channels, w, k)

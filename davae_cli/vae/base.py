@@ -266,6 +266,19 @@ class LatentTransform(nn.Module):
         return z / self.scale[:, None, None] + self.shift[:, None, None]
 
 
+def configure_transform(transform: LatentTransform, vae: nn.Module, vcfg) -> None:
+    """Set `transform` as a DA-VAE on `vae` with the settings `vcfg` (a `config.VAEConfig`) uses it: per-channel
+    statistics (`base_latent_transform: stats`) or the VAE config's shift and scale (SD3)."""
+    if vcfg.base_latent_transform == "stats":
+        if not vcfg.base_latent_stats:
+            raise DavaeError("vae.base_latent_stats is required for a per-channel base latent transform")
+        transform.set_per_channel(*load_latent_stats(vcfg.base_latent_stats, vcfg.base_channels))
+    else:
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scale = getattr(vae.config, "scaling_factor", None) or 1.0
+        transform.set_affine(float(shift), float(scale))
+
+
 def load_latent_stats(path: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean/std from a `.pt` (LightningDiT's latents_stats.pt) or `.safetensors` file."""
     p = Path(path)

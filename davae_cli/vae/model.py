@@ -33,11 +33,11 @@ from .base import (
     base_decode,
     base_downsample_factor,
     base_encode_mean,
+    configure_transform,
     conv_layout,
     folder_hash,
     is_single_file,
     load_base_vae,
-    load_latent_stats,
     state_dict_hash,
     vae_from_config,
 )
@@ -202,13 +202,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         if model.decoder_trunk is not None:
             model.decoder_trunk.decoder.load_state_dict(vae.decoder.state_dict())
         with torch.no_grad():
-            if vcfg.base_latent_transform == "stats":
-                mean, std = load_latent_stats(vcfg.base_latent_stats, c)
-                model.transform.set_per_channel(mean, std)
-            else:
-                shift = getattr(vae.config, "shift_factor", None) or 0.0
-                scale = getattr(vae.config, "scaling_factor", None) or 1.0
-                model.transform.set_affine(float(shift), float(scale))
+            configure_transform(model.transform, vae, vcfg)
         model.attach_base(base)
         model.set_trainable()
         return model
