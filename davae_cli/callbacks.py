@@ -8,6 +8,10 @@ class Callbacks:
 
     def on_start(self, total_steps: int, start_step: int, info: dict) -> None: ...
 
+    def on_loop_start(self, step: int) -> None:
+        """The first step begins now, from `step` (after what `on_start` preceded: an evaluation or a probe
+        at the start): a step rate, and the ETA from it, counts from here."""
+
     def on_step(self, step: int, metrics: dict) -> None: ...
 
     def on_message(self, text: str) -> None: ...

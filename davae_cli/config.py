@@ -9,6 +9,7 @@ one-line message naming the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -412,7 +413,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+            close = difflib.get_close_matches(str(k), sorted(names), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown key '{prefix}{k}' ({hint}known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

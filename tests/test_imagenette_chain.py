@@ -71,6 +71,8 @@ def test_detail_smoke_chain_writes_every_key(tmp_path):
         with Image.open(pngs[-1]) as im:
             assert im.size == (224, 224) and im.text["davae:class_id"] == "9"
     assert res["machine"]["commit"] and res["total_minutes"] > 0
+    with Image.open(res["grid"]) as im:  # 5 rows (classes 0, 2, 4, 6, 8) x 4 columns
+        assert im.size == (4 * 228 + 4, 5 * 228 + 4)
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)  # a rerun skips every finished stage
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[vae] done" in again.stdout and "[fid_davae] done" in again.stdout and "resuming" not in again.stdout

@@ -67,3 +67,44 @@ def test_alignment_on_the_sample_and_base_reconstruction_target(tmp_path, kl_bas
         assert abs(parts["kl"] - kl_divergence(enc.mean, enc.logvar, "sum").item()) < 1e-4
     assert not torch.allclose(model.reconstruct_base_full(x), x, atol=0.05)  # the two targets differ
     assert not torch.allclose(model.transform.inverse(enc.z_base), enc.z_base)  # and so do the two spaces
+
+
+def test_adaptive_alignment_weight_in_the_training_step_by_hand(tmp_path, kl_base):
+    """align_mode adaptive: the step's alignment weight is 0.5 ||d L_rec / d W|| / (||d L_align / d W|| + 1e-4) on the
+    detail encoder's last conv W, recomputed here with autograd from the same forward pass (same noise)."""
+    model, p = build(tmp_path, kl_base, align_mode="adaptive", align=0.5, sample_posterior=True)
+    step = VAETrainStep(p, model, None, None)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    total, parts, _ = step.generator_losses(model, model, x, 0, torch.Generator().manual_seed(2))
+    out = model(x, sample=True, generator=torch.Generator().manual_seed(2))
+    rec = (out["x_hat"] - x).abs().mean()
+    al = ((project(out["mean"], 4) - out["z_base"]) ** 2).mean()
+    w = model.down.conv.weight
+    g_rec = torch.autograd.grad(rec, w, retain_graph=True)[0]
+    g_al = torch.autograd.grad(al, w)[0]
+    lam = 0.5 * g_rec.norm() / (g_al.norm() + 1e-4)
+    assert parts["align_weight"] > 0 and abs(parts["align_weight"] - float(lam)) <= 1e-6 * max(1.0, float(lam))
+    assert abs(parts["loss"] - float((rec + 1e-6 * parts["kl"] + lam * al).detach())) <= 1e-5
+    fixed, pf = build(tmp_path, kl_base, align_mode="fixed", align=0.5)
+    _, parts_f, _ = VAETrainStep(pf, fixed, None, None).generator_losses(fixed, fixed, x, 0, torch.Generator())
+    assert parts_f["align_weight"] == 0.5
+
+
+def test_zero_conv_shortcut_starts_at_zero_and_learns(tmp_path, kl_base):
+    """detail_shortcut zero_conv: a 1x1 conv from the pixel-unshuffled features (every sub-pixel phase, s²F
+    channels) to 2D channels, all zero at the start, so z_d is exactly the conv path's; its gradient is not zero."""
+    import torch.nn.functional as F
+
+    p = load_preset(str(write_preset(tmp_path / "z.yaml", kl_base, "official")))
+    base = load_base_vae(p.vae.base_vae, None, p.vae.base_channels)
+    model = DetailAlignedVAE.from_base(base, p.vae)
+    skip = model.down.skip
+    f = model.detail_trunk.out_channels
+    assert skip.in_channels == 4 * f and skip.out_channels == 2 * 12 and skip.kernel_size == (1, 1)
+    assert torch.count_nonzero(skip.weight) == 0 and torch.count_nonzero(skip.bias) == 0
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    enc = model.encode(x)
+    conv_only = F.pixel_unshuffle(model.down.conv(enc.features), 2).chunk(2, dim=1)[0]
+    torch.testing.assert_close(enc.mean, conv_only)
+    enc.mean.square().mean().backward()
+    assert skip.weight.grad is not None and skip.weight.grad.abs().sum() > 0

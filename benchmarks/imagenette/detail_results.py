@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from collect import _log, _minutes, machine, write_json
+from PIL import Image
+
+from collect import _atomic_png, _log, _minutes, machine, write_json
+
+GRID_COLUMNS = ("same_base_bicubic", "same_base_pred", "same_base_generated", "davae")
 
 # the tokenizer's gates (issue 37, item 3): key -> (what, test on (value, reference), threshold text)
 GATE_NOTES = {
@@ -91,9 +95,31 @@ def detail_results(out: Path) -> dict:
         if (out / "times").is_dir() else {}
     res["total_minutes"] = round(sum(v for v in res["stage_minutes"].values() if v), 1)
     res["machine"] = machine()
+    res["grid"] = str(grid(out))
     write_json(out / "results.json", res)
     _print(res)
     return res
+
+
+def grid(out: Path, rows: int = 5, side: int = 224, pad: int = 4) -> Path:
+    """Rows: the first sample of `rows` classes spread over the 10 (the same generated base in each row);
+    columns: base + bicubic | detail predicted from the base | generated detail (same bases) | (ii) free
+    generation with the same seed and class. Blank where a stage has not run."""
+    names = sorted(p.name for p in (out / "samples" / "same_base_generated").glob("*.png"))
+    per_class = max(1, len(names) // 10)
+    picks = [names[i] for i in range(0, len(names), max(per_class, len(names) // rows or 1))][:rows]
+    canvas = Image.new("RGB", (len(GRID_COLUMNS) * (side + pad) + pad, max(1, len(picks)) * (side + pad) + pad),
+                       (255, 255, 255))
+    for r, name in enumerate(picks):
+        for c, key in enumerate(GRID_COLUMNS):
+            path = out / "samples" / key / name
+            if path.is_file():
+                with Image.open(path) as im:
+                    canvas.paste(im.convert("RGB").resize((side, side), Image.BICUBIC),
+                                 (pad + c * (side + pad), pad + r * (side + pad)))
+    path = out / "grid.png"
+    _atomic_png(canvas, path)
+    return path
 
 
 def _same_base_passed(rows: dict):

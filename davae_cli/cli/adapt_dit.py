@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, VaeOpt, print_json, trainer_preset
+from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, VaeOpt, print_json, report_finished, trainer_preset
 
 EXAMPLES = """
 Examples:
@@ -16,7 +16,7 @@ Examples:
 
   davae adapt-dit --preset tiny --vae runs/tiny/final --out runs/tiny-dit0 --steps 0     # export the warm start only
 
-  davae adapt-dit --preset tiny --vae runs/tiny/final --data photos/ --out runs/tiny-dit --resume
+  davae adapt-dit --preset tiny --vae runs/tiny/final --data photos/ --out runs/tiny-dit --steps 50 --resume
 
   accelerate launch --num_processes 8 -m davae_cli adapt-dit --preset sd35m-1024 --vae runs/sd35/final \\
       --data /data/synthetic --out runs/sd35-dit --dit /models/stable-diffusion-3.5-medium
@@ -56,6 +56,8 @@ def adapt_dit_cmd(
                            callbacks=cb)
     finally:
         cb.on_end({})
+    if report_finished(result, "adapted DiT", json_out):
+        return
     m = result.metrics
     if json_out:
         print_json({"run_dir": result.run_dir, "final": result.final_dir, "steps": result.steps, **m})

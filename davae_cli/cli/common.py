@@ -88,6 +88,20 @@ def trainer_preset(preset: str, sets: Optional[list[str]], extra: list[str], sec
     return p
 
 
+def report_finished(result: Any, model: str, json_out: bool) -> bool:
+    """`--resume` of a run that had already finished (a trainer's `already_finished`): one line on stdout
+    naming its export (or the JSON object), and True; False for a run that trained."""
+    if not getattr(result, "already_finished", False):
+        return False
+    if json_out:
+        print_json({"run_dir": result.run_dir, "final": result.final_dir, "steps": result.steps,
+                    "already_finished": True})
+    else:
+        typer.echo(f"{result.run_dir} had already finished its {result.steps} steps: the {model} is in "
+                   f"{result.final_dir} (nothing to do; a larger --steps trains it longer)")
+    return True
+
+
 def _finite(obj: Any) -> Any:
     """NaN/inf -> null, so stdout is always valid JSON."""
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
@@ -182,6 +196,17 @@ class LineProgress:
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 
+    def reset(self, task_id: int, completed: float = 0, **fields) -> None:
+        """As rich's `Progress.reset`: the task's clock and rate start again now, at `completed` (no line)."""
+        import time
+
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        task.update(completed=completed, start=now, start_completed=completed, last=now)
+        task.pop("last_done", None)
+        if "info" in fields:
+            task["info"] = fields["info"]
+
     def update(self, task_id: int, *, completed: Optional[float] = None, total: Optional[float] = None,
                advance: Optional[float] = None, **fields) -> None:
         import time
@@ -206,8 +231,8 @@ class LineProgress:
 
         now = time.monotonic()
         done, total = task["completed"], task["total"]
-        # the rate since the previous line (a phase before the first step, e.g. an evaluation, does not
-        # distort it); over the whole task for the first line and when nothing moved since
+        # the rate since the previous line; over the whole task (since `reset`: the training bar restarts its
+        # clock at the first step, so an evaluation before it does not count) when nothing moved since
         since, at = task.get("last_done", task["start_completed"]), task["last"]
         elapsed = now - task["start"]
         if done > since and now > at:
@@ -264,6 +289,15 @@ class RichTrainCallbacks(Callbacks):
                   + (f"{info['train_shards']} training shard(s){held}, " if "train_shards" in info
                      else f"{info.get('train_images')} training images{held}, ")
                   + f"{info.get('trainable_params'):,} trainable parameters")
+
+    def on_loop_start(self, step: int) -> None:
+        """The steps begin: the rate (it/s) and the ETA count from here, not from `on_start` (an evaluation or
+        a probe at the start would otherwise count as training time)."""
+        import time
+
+        self._t0, self._start = time.time(), step
+        if self.task is not None:
+            self.progress.reset(self.task, completed=step)
 
     def on_step(self, step: int, metrics: dict) -> None:
         import time

@@ -29,18 +29,19 @@ Examples:
       --stats latents_stats.pt --out runs/official-davae
 
   # the official LightningDiT-XL trained on those latents (QK-norm, 128 channels): an adapted DiT folder
-  davae convert lightningdit lightningdit_xl_davae.pt --vae runs/official-davae --out runs/official-dit \
+  davae convert lightningdit lightningdit_xl_davae.pt --vae runs/official-davae --out runs/official-dit \\
       --preset imagenet-512-official
 
   # the official SD3 DA-VAE tokenizer (sd3/, da_mode diff, detail first) on the SD3.5 Medium VAE
   davae convert sd3-davae pytorch_model.bin --base-vae /models/sd35m --out runs/official-sd3-davae
 
   # the official SD3.5 Medium adaptation on it: the heads checkpoint + the LoRA folder of the same step
-  davae convert sd3-dit checkpoints/step_20000.pt --lora lora_weights/lora_step_20000 \
+  davae convert sd3-dit checkpoints/step_20000.pt --lora lora_weights/lora_step_20000 \\
       --vae runs/official-sd3-davae --dit /models/sd35m --out runs/official-sd3-dit
 
   davae encode photos/ --vae runs/official-davae --out latents/ --res 512
-  davae generate --vae runs/official-davae --dit runs/official-dit --class-id 207 --out samples/
+  davae generate --preset imagenet-512-official --vae runs/official-davae --dit runs/official-dit \\
+      --class-id 207 --out samples/
 """
 
 

@@ -76,8 +76,11 @@ def _print_skipped(r: dict) -> None:
         err.print(f"skipped {s['path']}: {s['reason']}", markup=False, soft_wrap=True)
     if len(items) > 20:
         err.print(f"... and {len(items) - 20} more skipped", markup=False)
+    from ..metrics.extractors import RecordNote
+
     for note in r.get("notes") or []:
-        err.print(f"note: {note}", markup=False, soft_wrap=True)
+        if not isinstance(note, RecordNote):  # those are for the JSON's record only
+            err.print(f"note: {note}", markup=False, soft_wrap=True)
 
 
 def _human(r: dict) -> None:

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, VaeOpt, fail, print_json, trainer_preset
+from .common import (JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, VaeOpt, fail, print_json, report_finished,
+                     trainer_preset)
 
 EXAMPLES = """
 Examples:
@@ -19,7 +20,7 @@ Examples:
       --out runs/native-224 --max-minutes 30     # the same wall-clock as another run
 
   davae train-dit --preset imagenette --vae runs/inette-vae/final --data imagenette224/train --res 112 \\
-      --out runs/native-112 --resume
+      --out runs/native-112 --steps 2000 --resume
 
   accelerate launch --num_processes 8 -m davae_cli train-dit --preset imagenette --vae runs/v/final \\
       --data /data/imagenet/train --res 256 --out runs/native-256
@@ -65,6 +66,8 @@ def train_dit_cmd(
         result = train_dit(p, vae, out, data=list(data), captions=captions, resume=resume, callbacks=cb)
     finally:
         cb.on_end({})
+    if report_finished(result, "native DiT", json_out):
+        return
     m = result.metrics
     if json_out:
         print_json({"run_dir": result.run_dir, "final": result.final_dir, "steps": result.steps, **m})

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, err, print_json, structure_lines, trainer_preset
+from .common import (JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, err, print_json, report_finished, structure_lines,
+                     trainer_preset)
 
 EXAMPLES = """
 Examples:
@@ -16,14 +17,15 @@ Examples:
 
   davae train-vae --preset tiny --base-vae random --data skimage --out runs/demo --steps 20
 
-  davae train-vae --preset tiny --data photos/ --out runs/tiny --resume          # continue after a stop
+  # continue runs/tiny after a stop: the flags of its start (a larger --steps trains it longer)
+  davae train-vae --preset tiny --base-vae ../shared/weights/taesd3 --data photos/ --out runs/tiny --resume
 
   accelerate launch --num_processes 8 -m davae_cli train-vae --preset sd35m-1024 --data /data/hq --out runs/sd35
 
   # fine-tune only the decoder of a trained DA-VAE (here with the GAN loss): the latent stays the same, so
   # DiTs adapted on runs/tiny/final decode with the result
-  davae train-vae --preset tiny --init runs/tiny/final --decoder-only --data photos/ --out runs/tiny-dec \
-      --set loss.adv=0.1 --set loss.disc_start=0
+  davae train-vae --preset tiny --base-vae ../shared/weights/taesd3 --init runs/tiny/final --decoder-only \\
+      --data photos/ --out runs/tiny-dec --set loss.adv=0.1 --set loss.disc_start=0
 """
 
 
@@ -61,6 +63,8 @@ def train_vae_cmd(
         result = train_vae(p, list(data or []), out, resume=resume, val_data=val_data, callbacks=cb)
     finally:
         cb.on_end({})
+    if report_finished(result, "DA-VAE", json_out):
+        return
     m = result.metrics
     if json_out:
         print_json({"run_dir": result.run_dir, "final": result.final_dir, "steps": result.steps,

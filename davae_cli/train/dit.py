@@ -29,7 +29,7 @@ from ..streams import Fields, is_stream, probe_shards
 from ..latents import LatentNormalizer
 from ..vae.model import DetailAlignedVAE
 from .flow_trainer import ClassConditioner, check_or_record_run, export_adapted, train_flow_model
-from .loop import Callbacks, RunLoop, open_run, unlock_run
+from .loop import Callbacks, RunFinished, RunLoop, open_run, unlock_run
 
 
 @dataclass
@@ -38,6 +38,7 @@ class AdaptDiTResult:
     final_dir: str
     steps: int
     metrics: dict
+    already_finished: bool = False  # `resume` of a finished run: nothing was done, `final_dir` is its export
 
 
 def build_adapted_dit(preset: Preset, vae: DetailAlignedVAE, dit_spec: Optional[str] = None, seed: int = 0):
@@ -169,7 +170,10 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         from .native import check_class_data
 
         check_class_data([str(d) for d in data], captions, latents_ok=True)
-    acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="adapt_dit", on_message=cb.on_message)
+    try:
+        acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="adapt_dit", on_message=cb.on_message)
+    except RunFinished as done:
+        return AdaptDiTResult(str(run_dir), str(done.final_dir), done.steps, {}, already_finished=True)
     a = preset.adapt_dit
     run_info = {"vae": str(vae_dir.resolve()), "dit": dit_spec, "data": [str(d) for d in data or []]}
     device = acc.device

@@ -30,6 +30,40 @@ def step_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder `step-N` (its name; the state file need not be read)."""
+    return int(Path(path).name.split("-")[1])
+
+
+class RunFinished(Exception):
+    """`open_run` on `--resume` of a run whose export (RUN/final) already holds the steps asked for: nothing is
+    left to do, so the trainer returns at once instead of loading its data and models."""
+
+    def __init__(self, run_dir: Path, steps: int):
+        self.run_dir, self.steps = Path(run_dir), int(steps)
+        self.final_dir = self.run_dir / "final"
+        super().__init__(f"{self.run_dir} has already finished its {self.steps} steps: the model is in "
+                         f"{self.final_dir} (a larger --steps trains it longer)")
+
+
+def exported_step(run_dir: Path) -> Optional[int]:
+    """The step of the run's export (the log's last `export` record) while RUN/final exists; None without one.
+    The record is written after the export is complete, so a kill during the export gives None."""
+    run_dir = Path(run_dir)
+    log = run_dir / "log.jsonl"
+    if not (run_dir / "final").is_dir() or not log.is_file():
+        return None
+    step = None
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(rec, dict) and rec.get("event") == "export":
+            step = rec.get("step")
+    return int(step) if isinstance(step, (int, float)) else None
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The checkpoint the `latest` pointer names (falls back to the highest step folder)."""
     ckdir = Path(run_dir) / CHECKPOINT_DIR
@@ -347,10 +381,11 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool, section: str = 
     """Create or reopen a run folder. Returns the preset to use and the checkpoint to resume from.
 
     Never overwrites a run: an existing run needs `--resume`; a resumed run must use the same preset
-    (only `<section>.steps` may change, to train longer). A folder left by a start that never reached its
-    first checkpoint (`abandoned_start`) holds no work: a new start, or `--resume`, begins afresh there with
-    the settings given now, so the command that failed succeeds once its input is fixed. `reader=True`
-    (the other processes of a launch, after the main one prepared the folder) only reads it.
+    (only `<section>.steps` may change, and not below the checkpoint's step: to train longer). A folder left by
+    a start that never reached its first checkpoint (`abandoned_start`) holds no work: a new start, or
+    `--resume`, begins afresh there with the settings given now, so the command that failed succeeds once its
+    input is fixed. `reader=True` (the other processes of a launch, after the main one prepared the folder)
+    only reads it.
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -373,7 +408,12 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool, section: str = 
         if diff:
             raise DavaeError(f": the run was made with different settings ({', '.join(diff[:4])}); "
                              f"resume with the same preset and --set values", param="resume")
-        getattr(saved, section).steps = getattr(preset, section).steps
+        steps = getattr(preset, section).steps
+        done = checkpoint_step(ckpt) if ckpt is not None else 0
+        if done > steps:  # the length only grows: fewer steps would export an earlier model under a later name
+            raise DavaeError(f"{steps} is fewer than the {done} steps {run_dir} has already trained; a resumed run "
+                             f"only trains longer (pass {done} or more)", param="steps")
+        getattr(saved, section).steps = steps
         if hasattr(getattr(preset, section), "max_minutes"):
             getattr(saved, section).max_minutes = getattr(preset, section).max_minutes
         return saved, ckpt
@@ -387,7 +427,8 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool, section: str = 
 
 def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_vae", on_message=lambda text: None):
     """(accelerator, preset, checkpoint): the main process creates or checks the run folder first, the
-    others then read what it wrote (no race on a fresh folder under `accelerate launch`)."""
+    others then read what it wrote (no race on a fresh folder under `accelerate launch`). Raises `RunFinished`
+    (the lock given back) on `resume` of a run whose checkpoint and export are both at the steps asked for."""
     acc = _make_accelerator(getattr(preset, section).seed)
     if acc.is_main_process:
         existed = Path(run_dir).exists()
@@ -404,6 +445,10 @@ def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_
     acc.wait_for_everyone()
     if not acc.is_main_process:
         preset, ckpt = prepare_run_dir(run_dir, preset, True, section, reader=True)
+    steps = getattr(preset, section).steps
+    if resume and ckpt is not None and checkpoint_step(ckpt) == steps and exported_step(run_dir) == steps:
+        unlock_run(run_dir)  # every process reads the same files, so all of them stop here
+        raise RunFinished(run_dir, steps)
     return acc, preset, ckpt
 
 
@@ -513,6 +558,7 @@ class RunLoop:
 
         t0, step = time.time(), self.start_step
         self._t0 = t0
+        self.cb.on_loop_start(step)
         with GracefulInterrupt() as interrupt:
             while step < self.total:
                 metrics = step_fn(step, next(batches), self.generator(step))

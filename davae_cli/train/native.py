@@ -30,7 +30,7 @@ from ..latents import NATIVE_FILE, LatentNormalizer, base_space
 from ..vae.base import base_encode_mean
 from ..vae.model import DetailAlignedVAE
 from .flow_trainer import ClassConditioner, check_or_record_run, export_adapted, train_flow_model
-from .loop import Callbacks, RunLoop, open_run, unlock_run
+from .loop import Callbacks, RunFinished, RunLoop, open_run, unlock_run
 
 
 @dataclass
@@ -39,6 +39,7 @@ class TrainDiTResult:
     final_dir: str
     steps: int
     metrics: dict
+    already_finished: bool = False  # `resume` of a finished run: nothing was done, `final_dir` is its export
 
 
 @dataclass
@@ -125,7 +126,10 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         raise DavaeError(f"train_dit.resolution {n.resolution}: the latent side {side} is not divisible by the "
                          f"patch size {backend.patch_size(model)}")
 
-    acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="train_dit", on_message=cb.on_message)
+    try:
+        acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="train_dit", on_message=cb.on_message)
+    except RunFinished as done:
+        return TrainDiTResult(str(run_dir), str(done.final_dir), done.steps, {}, already_finished=True)
     n, device = preset.train_dit, acc.device
     check_or_record_run(run_dir / "run.json", {"vae": str(vae_dir.resolve()), "dit": "random", "data": data,
                                                 "vae_identity": vae.identity}, acc.is_main_process)

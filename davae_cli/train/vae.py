@@ -27,7 +27,7 @@ from ..vae.base import load_base_vae
 from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm_ratio, hinge_d_loss,
                           kl_divergence)
 from ..vae.model import DetailAlignedVAE
-from .loop import (Callbacks, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
+from .loop import (Callbacks, RunFinished, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
                    training_state, unlock_run, write_folder)
 
 
@@ -38,6 +38,7 @@ class TrainVAEResult:
     steps: int
     metrics: dict
     skipped_images: int
+    already_finished: bool = False  # `resume` of a finished run: nothing was done, `final_dir` is its export
 
 
 class VAETrainStep:
@@ -407,17 +408,33 @@ def _evaluate_and_export(raw, evaluate, val_images, ema, trainable, train_source
     return final_eval
 
 
+def _open_listed(preset: Preset, data, val_data, run_dir: Path, resume: bool, streamed: bool, fields: Fields, cb):
+    """(accelerator, preset, checkpoint, streamed images, folder images): the run folder opened (`open_run`) and
+    the training data listed. A new run's data is listed (a stream's first record read) before its folder is
+    made; a resumed run's folder exists and is checked first, so a finished one (`RunFinished`) lists nothing."""
+
+    def listed(t):
+        return _list_training_data(t, data, val_data, streamed, fields) if t.steps and data else (None, None)
+
+    simages, images = listed(preset.train_vae) if not resume else (None, None)
+    acc, preset, ckpt_path = open_run(run_dir, preset, resume, on_message=cb.on_message)
+    if resume:
+        simages, images = listed(preset.train_vae)
+    return acc, preset, ckpt_path, simages, images
+
+
 def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: bool = False,
               val_data: Optional[list[str]] = None, callbacks: Optional[Callbacks] = None) -> TrainVAEResult:
     """Train (or, with `preset.train_vae.steps == 0`, just build and export) a DA-VAE. See the module doc."""
     cb = callbacks or Callbacks()
     run_dir = Path(run_dir)
-    t = preset.train_vae
     streamed = bool(data) and any(is_stream(d) for d in data)
     fields = Fields(preset.data.image_key, preset.data.caption_key, preset.data.label_key)
-    # the data is listed (a stream's first record read) before the run folder is made
-    simages, images = _list_training_data(t, data, val_data, streamed, fields) if t.steps and data else (None, None)
-    acc, preset, ckpt_path = open_run(run_dir, preset, resume, on_message=cb.on_message)
+    try:
+        acc, preset, ckpt_path, simages, images = _open_listed(preset, data, val_data, run_dir, resume, streamed,
+                                                               fields, cb)
+    except RunFinished as done:
+        return TrainVAEResult(str(run_dir), str(done.final_dir), done.steps, {}, 0, already_finished=True)
     t, lo = preset.train_vae, preset.loss
     device = acc.device
 

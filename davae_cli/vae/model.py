@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import DavaeError, first_line
 from .. import latents as L
 from .base import (
+    SUPPORTED_CLASSES,
     BaseVAE,
     LatentTransform,
     base_decode,
@@ -58,6 +59,27 @@ class DAEncoding:
     @property
     def z_detail(self) -> torch.Tensor:
         return self.latent[:, self.z_base.shape[1]:]
+
+
+def _check_davae_folder(path: Path, class_name: str) -> None:
+    """One line when `path` is not a DA-VAE folder: no config.json (a diffusers pipeline folder named as such),
+    or the config of another model, a base VAE above all (the folder a DA-VAE is built on, easily passed in its
+    place), instead of the loader's complaint about missing constructor arguments."""
+    import json
+
+    if not (path / "config.json").is_file():
+        pipeline = " but model_index.json: a diffusers pipeline folder" if (path / "model_index.json").is_file() else ""
+        raise DavaeError(f"{path} is not a DA-VAE folder (no config.json{pipeline})")
+    try:
+        found = json.loads((path / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable or odd: the loader below says why
+    if found in (None, class_name):
+        return
+    if found in SUPPORTED_CLASSES or str(found).startswith("Autoencoder"):
+        raise DavaeError(f"{path} is a base VAE ({found}), not a DA-VAE: pass the DA-VAE folder built on it "
+                         f"(RUN/final of `davae train-vae --base-vae {path}`)")
+    raise DavaeError(f"{path} holds a {found}, not a DA-VAE: pass a DA-VAE folder (RUN/final of `davae train-vae`)")
 
 
 class DetailAlignedVAE(ModelMixin, ConfigMixin):
@@ -214,8 +236,7 @@ class DetailAlignedVAE(ModelMixin, ConfigMixin):
         Raises `DavaeError` if the base VAE cannot be loaded or its content hash differs.
         """
         path = Path(pretrained_model_name_or_path)
-        if not (path / "config.json").is_file():
-            raise DavaeError(f"{path} is not a DA-VAE folder (no config.json)")
+        _check_davae_folder(path, cls.__name__)
         try:
             model = super().from_pretrained(str(path), low_cpu_mem_usage=False, **kwargs)
         except DavaeError:
