@@ -72,12 +72,7 @@ stage tokenizer "$OUT/logs/tokenizer.done" "" \
   davae eval-fid "$VALSUB" --reconstruct --vae "$VAE" --res 224 --baselines --kid --json
 
 # ------------------------------------------------------------------ the DiTs
-stage native_half "$OUT/native_half/final" "$OUT/native_half" \
-  davae train-dit $P --vae "$VAE" --data "$TRAIN" --res 112 --steps "$N112_STEPS" --out "$OUT/native_half" \
-  --set train_dit.latents_from=davae_base "${DIT_SET[@]}" --json
-stage adapt "$OUT/adapt/final" "$OUT/adapt" \
-  davae adapt-dit $P --vae "$VAE" --dit "$OUT/native_half/final" --data "$TRAIN" --steps "$ADAPT_STEPS" \
-  --out "$OUT/adapt" "${ADAPT_SET[@]}" --json
+train_dits   # native_half (112², on the DA-VAE's base channels), then adapt (224², the same 49 tokens)
 
 # ------------------------------------------------------------------ the same generated bases, three decodes
 CLASSES=(); for i in 0 1 2 3 4 5 6 7 8 9; do CLASSES+=(--class-id "$i"); done

@@ -58,6 +58,14 @@ class_subset() {  # class_subset SRC DST N: the first N images of each class of 
   done
   touch "$dst/.done"
 }
+train_dits() {  # the two DiT stages of both chains; needs P VAE TRAIN N112_STEPS ADAPT_STEPS DIT_SET ADAPT_SET
+  stage native_half "$OUT/native_half/final" "$OUT/native_half" \
+    davae train-dit $P --vae "$VAE" --data "$TRAIN" --res 112 --steps "$N112_STEPS" --out "$OUT/native_half" \
+    --set train_dit.latents_from=davae_base "${DIT_SET[@]}" --json
+  stage adapt "$OUT/adapt/final" "$OUT/adapt" \
+    davae adapt-dit $P --vae "$VAE" --dit "$OUT/native_half/final" --data "$TRAIN" --steps "$ADAPT_STEPS" \
+    --out "$OUT/adapt" "${ADAPT_SET[@]}" --json
+}
 stop_here() {  # --until: collect what exists and stop after this stage
   if [ -n "$UNTIL" ] && [ "$1" = "$UNTIL" ]; then echo "[--until $UNTIL] stopping"; finish || true; exit 0; fi
 }
