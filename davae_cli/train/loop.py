@@ -72,16 +72,45 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
         cand = ckdir / pointer.read_text().strip()
         if (cand / "state.pt").is_file():
             return cand
-    steps = sorted(p for p in ckdir.glob("step-*") if (p / "state.pt").is_file() and not p.name.endswith(".tmp"))
+    steps = sorted(p for p in ckdir.glob("step-*") if (p / "state.pt").is_file() and not _in_progress(p))
     return steps[-1] if steps else None
 
 
+def _aside(out_dir: Path) -> Path:
+    """Where `write_folder` puts the folder it replaces while the new one is renamed in."""
+    return out_dir.with_name(out_dir.name + ".old")
+
+
+def _in_progress(p: Path) -> bool:
+    """A folder of an unfinished write or swap (`write_folder`), never a result."""
+    return p.name.endswith((".tmp", ".old"))
+
+
+def finish_swap(out_dir: Path) -> bool:
+    """Finish what a killed `write_folder` left at `out_dir`; True when there was something to do. The swap's
+    order (new folder complete → old renamed aside → new renamed in → old removed) makes an aside `<out>.old`
+    mean the new `<out>.tmp` was already complete: with `<out>` missing, the new one is renamed in (the swap
+    completed, not rolled back); with `<out>` present, only the old one is left to remove. Every step is safe
+    to kill again. A `<out>.tmp` without an aside (a write that did not finish) is left to `clear_temporaries`."""
+    out_dir = Path(out_dir)
+    old, tmp = _aside(out_dir), out_dir.with_name(out_dir.name + ".tmp")
+    if not old.is_dir():
+        return False
+    if not out_dir.exists():
+        os.replace(tmp if tmp.is_dir() else old, out_dir)  # no new folder (removed by hand): the old one back
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
 def write_folder(out_dir: Path, write, what: str) -> None:
-    """Fill `out_dir` through `write(tmp)` into `<out_dir>.tmp`, then rename: the folder is complete or absent,
-    and a previous one stays until the new one is whole. A failed write (a full disk, a quota) removes the
-    temporary folder and ends in one line naming `what`."""
+    """Fill `out_dir` through `write(tmp)` into `<out_dir>.tmp`, then swap it in: the old folder renamed aside
+    to `<out_dir>.old`, the new one renamed in, the old one removed. `out_dir` is complete or absent at every
+    moment, and a previous one stays until the new one is whole; a kill between two steps is finished by
+    `finish_swap` (this function's next call, or `clear_temporaries` at a run's next start). A failed write (a
+    full disk, a quota) removes the temporary folder and ends in one line naming `what`."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
+    finish_swap(out_dir)  # an earlier swap here killed half-way: finished before its `.tmp` is reused
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -96,8 +125,9 @@ def write_folder(out_dir: Path, write, what: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, _aside(out_dir))
     os.replace(tmp, out_dir)
+    shutil.rmtree(_aside(out_dir), ignore_errors=True)
 
 
 class _WriteErrors:
@@ -141,7 +171,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
         atomic_write_bytes(ckdir / LATEST, final.name.encode())
     except OSError:
         pass  # the pointer is a hint: `latest_checkpoint` falls back to the highest step folder
-    done = sorted(p for p in ckdir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = sorted(p for p in ckdir.glob("step-*") if p.is_dir() and not _in_progress(p))
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -168,7 +198,7 @@ def intact_checkpoint(run_dir: Path, on_message=lambda text: None) -> Optional[P
     first = latest_checkpoint(run_dir)
     if first is None:
         return None
-    steps = sorted((p for p in ckdir.glob("step-*") if (p / "state.pt").is_file() and not p.name.endswith(".tmp")),
+    steps = sorted((p for p in ckdir.glob("step-*") if (p / "state.pt").is_file() and not _in_progress(p)),
                    reverse=True)
     for cand in [first] + [p for p in steps if p.name < first.name]:
         why = checkpoint_problem(cand)
@@ -342,8 +372,13 @@ def unlock_run(run_dir: Path) -> None:
 
 def clear_temporaries(run_dir: Path) -> int:
     """Remove what an interrupted write left in a run folder (`*.tmp` folders and `.*.tmp` files); the run's
-    lock is held, so nothing else is writing them. Returns how many were removed."""
+    lock is held, so nothing else is writing them. A folder replacement killed half-way (`<name>.old` aside)
+    is finished first (`finish_swap`): its complete new folder is kept. Returns how many were removed or
+    finished."""
     n = 0
+    for old in sorted(Path(run_dir).rglob("*.old"), reverse=True):
+        if old.is_dir():
+            n += finish_swap(old.with_name(old.name[:-len(".old")]))
     for p in sorted(Path(run_dir).rglob("*.tmp"), reverse=True):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -345,9 +345,6 @@ def _list_training_data(t, data: list[str], val_data, streamed: bool, fields: Fi
     """(streamed images, folder images): what trains, listed and checked before anything is written."""
     if not streamed:
         return None, training_images(data, val_data, t.num_val, t.seed, t.max_images, t.max_val)
-    if t.cache_base:
-        raise DavaeError("train_vae.cache_base keeps every image's base outputs in memory; it needs a folder "
-                         "of images, not streamed shards (--set train_vae.cache_base=false)")
     if t.max_images:
         raise DavaeError("train_vae.max_images picks a subset of a folder; with shards, pass fewer shards")
     return streamed_training_images(data, val_data, t.num_val, t.max_val, fields, t.seed), None
@@ -408,10 +405,22 @@ def _evaluate_and_export(raw, evaluate, val_images, ema, trainable, train_source
     return final_eval
 
 
+def _without_cache_for_streams(preset: Preset, streamed: bool, cb) -> Preset:
+    """`preset` with `train_vae.cache_base` turned off, with a note, when the data is streamed: the cache keeps
+    every image's base outputs in memory, which a stream cannot (the `tiny` presets cache by default; an explicit
+    `--set train_vae.cache_base=true` is turned off the same way)."""
+    if not (streamed and preset.train_vae.cache_base):
+        return preset
+    cb.on_message("train_vae.cache_base turned off: it keeps every image's base outputs in memory, which needs "
+                  "a folder of images, not streamed shards")
+    return replace(preset, train_vae=replace(preset.train_vae, cache_base=False))
+
+
 def _open_listed(preset: Preset, data, val_data, run_dir: Path, resume: bool, streamed: bool, fields: Fields, cb):
     """(accelerator, preset, checkpoint, streamed images, folder images): the run folder opened (`open_run`) and
     the training data listed. A new run's data is listed (a stream's first record read) before its folder is
     made; a resumed run's folder exists and is checked first, so a finished one (`RunFinished`) lists nothing."""
+    preset = _without_cache_for_streams(preset, streamed, cb)
 
     def listed(t):
         return _list_training_data(t, data, val_data, streamed, fields) if t.steps and data else (None, None)
