@@ -23,7 +23,7 @@ POINTS = HERE / "results" / "frontier.json"
 def chain_point(results: dict, name: str = "imagenette-detail") -> dict | None:
     """The tokenizer stage of a detail.sh run as a frontier point (None before that stage has run)."""
     tok = results.get("tokenizer") or {}
-    if tok.get("gap_closed") is None:
+    if tok.get("gap_closed") is None or tok.get("residual_share") is None:
         return None
     return {"name": name, "data": f"Imagenette val, {tok.get('num_images')} images at 224²",
             "gap_closed": tok["gap_closed"], "residual_share": tok["residual_share"],
@@ -36,7 +36,10 @@ def load_points(chain: Path | None) -> tuple[list[dict], dict]:
     data = json.loads(POINTS.read_text())
     points, reference = list(data["points"]), dict(data["reference"])
     if chain is not None:
-        p = chain_point(json.loads(chain.read_text()))
+        try:
+            p = chain_point(json.loads(chain.read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --chain {chain}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if p is not None:
             points = [q for q in points if q["name"] != p["name"]] + [p]
             ref = p.pop("reference") or {}

@@ -455,6 +455,8 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
     assert bl["noise_level"] == 0.25
     assert bl["davae_detail_noise"]["psnr"] == pytest.approx(sum(vals) / len(vals), abs=1e-3)
     pred_ = bl["davae_detail_from_base"]["psnr"]
+    gain = r["psnr"] - pred_
+    assert (bl["noise_keep"] is None) == (gain <= 1e-3 or int(vae.detail_stats_images) == 0)
     assert bl["noise_keep"] is None or bl["noise_keep"] == pytest.approx(
         (bl["davae_detail_noise"]["psnr"] - pred_) / (r["psnr"] - pred_))
     assert bl["gain_over_bicubic_db"] == pytest.approx(r["psnr"] - a_)

@@ -42,7 +42,7 @@ smoke_subsets() {  # smoke_subsets NTRAIN NVAL: symlinked subsets (the first N i
     for cls in "$DATA/$split"/*/; do
       c=$(basename "$cls"); mkdir -p "$OUT/data/$split/$c"
       files=("$cls"*)   # sorted by the glob
-      for f in "${files[@]:0:$n}"; do ln -sf "$f" "$OUT/data/$split/$c/$(basename "$f")"; done
+      for f in "${files[@]:0:$n}"; do [ -e "$f" ] || continue; ln -sf "$f" "$OUT/data/$split/$c/$(basename "$f")"; done
     done
   done
   TRAIN="$OUT/data/train"; VAL="$OUT/data/val"
@@ -54,7 +54,7 @@ class_subset() {  # class_subset SRC DST N: the first N images of each class of 
   for cls in "$src"/*/; do
     c=$(basename "$cls"); mkdir -p "$dst/$c"
     files=("$cls"*)
-    for f in "${files[@]:0:$n}"; do ln -sf "$(readlink -f "$f")" "$dst/$c/$(basename "$f")"; done
+    for f in "${files[@]:0:$n}"; do [ -e "$f" ] || continue; ln -sf "$(readlink -f "$f")" "$dst/$c/$(basename "$f")"; done
   done
   touch "$dst/.done"
 }

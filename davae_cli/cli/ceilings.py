@@ -69,5 +69,6 @@ def ceilings_cmd(
     typer.echo("(c) alignment floor of a linear head (MSE per element of z_base)")
     for k in ("trunk", "latent", "residual"):
         f = r["align_floor"][k]
-        typer.echo(f"  {k:<9} {f['features']:5d} features  {f['mse']:.4f}  (R² {f['r2']:.3f}; "
+        r2 = "n/a" if f["r2"] is None else f"{f['r2']:.3f}"
+        typer.echo(f"  {k:<9} {f['features']:5d} features  {f['mse']:.4f}  (R² {r2}; "
                    f"a constant head: {f['var_z_base']:.4f})")

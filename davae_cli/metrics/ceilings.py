@@ -151,7 +151,8 @@ def tokenizer_ceilings(items: list, base, vcfg, *, res: Optional[int] = None, ba
         "align_floor": {**{k: v.floor() for k, v in fits.items()},
                         "note": "least-squares MSE of z_base (per element) on the s x s unshuffled block of each "
                                 "feature source + a bias, per token: the least alignment loss of a linear head on it "
-                                "(an upper bound for heads with a 3x3 conv; at the start for a trainable trunk). "
+                                "(an upper bound for heads with a 3x3 conv; at the start for a trainable trunk), in the "
+                                "transformed z_base space (loss.align_target: transformed). "
                                 "trunk: the base encoder before its last conv on the full image; latent: its output; "
                                 "residual: the pixels of x - baseline"},
     }

@@ -457,6 +457,9 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
               "image_prep": (f"short side resized to {res} (PIL bicubic), " if res else "")
               + f"centre-cropped to a multiple of {g} px; metrics on 8-bit reconstructions",
               **_lpips_record(lpips_model, lpips_net)}  # None once LPIPS failed
+    if baselines and int(vae.detail_stats_images) == 0:
+        notes.append("this DA-VAE has no measured detail statistics (std 1 assumed): davae_detail_noise adds noise of "
+                     f"{NOISE_LEVEL} absolute, and noise_keep is not reported")
     if lpips_reason is not None:
         result["lpips_reason"] = lpips_reason
     elif os.environ.get("DAVAE_LPIPS_RANDOM_BACKBONE") == "1":
@@ -472,7 +475,8 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
                                "gain_over_bicubic_db": b_ - a_,
                                "noise_level": NOISE_LEVEL,
                                # the share of the detail's own PSNR gain that survives the noise
-                               "noise_keep": (noisy_ - pred_) / (b_ - pred_) if abs(b_ - pred_) > 1e-3 else None,
+                               "noise_keep": ((noisy_ - pred_) / (b_ - pred_) if b_ - pred_ > 1e-3
+                                              and int(vae.detail_stats_images) > 0 else None),
                                "note": f"base_half_bicubic: the base VAE on the 1/{vae.config.scale} image + torch "
                                        f"bicubic x{vae.config.scale} in float (the same tokens as the DA-VAE); "
                                        f"base_full: the base VAE at full resolution ({vae.config.scale ** 2}x the tokens); "
