@@ -48,7 +48,7 @@ def flow_step_loss(backend, model, x0: torch.Tensor, cond: dict, step: int, pres
     have no detail channels, so w(n) does not apply)."""
     a = section or preset.adapt_dit
     has_detail = x0.shape[1] > base_channels
-    if has_detail and getattr(a, "detail_noise", 0.0) > 0:  # drawn first, so the run's noise and sigmas stay paired
+    if has_detail and a.detail_noise > 0:  # only adapt-dit latents have detail channels; drawn before the sigmas
         x0 = flow.with_detail_noise(x0, base_channels, a.detail_noise, gen)
     sigma = flow.sample_sigmas(x0.shape[0], mean=a.logit_mean, std=a.logit_std, shift=preset.dit.train_shift,
                                generator=gen, device=x0.device)
