@@ -12,6 +12,8 @@ timed (the prompt embeddings are random tensors of the right shape); `text_encod
 text encoders too (those of the preset's family with random weights of their real architecture, on random
 token ids of the pipeline's lengths, prompt and negative prompt) and adds their time to end to end. The
 end-to-end FLOP ratio always counts everything: the steps, the text encoders and the decode.
+`run_bench_sweep` measures several resolutions in one call and `plot_bench` draws them (matplotlib, the `plot`
+extra): the measured speedups against resolution with the FLOP ratios as the ideal.
 """
 
 from __future__ import annotations
@@ -402,3 +404,86 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def run_bench_sweep(preset: Preset, s: BenchSettings, resolutions: list[int],
+                    progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """`run_bench` at each resolution in turn (repeats dropped); every one is checked before the first is
+    measured, so a bad last `--res` fails at once rather than after minutes."""
+    runs = [dataclasses.replace(s, res=r) for r in dict.fromkeys(resolutions)]
+    for one in runs:
+        check_settings(preset, one)
+    say = progress or (lambda text: None)
+    reports = []
+    for i, one in enumerate(runs):
+        prefix = f"{one.res}² ({i + 1}/{len(runs)}): " if len(runs) > 1 else ""
+        reports.append(run_bench(preset, one, progress=lambda text, p=prefix: say(p + text)))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next resolution's models start from a clean allocator
+    return reports
+
+
+def plot_bench(reports: list[dict], out, overwrite: bool = False, date: Optional[str] = None):
+    """A PNG of `run_bench` reports against resolution: left, the measured speedups (per step and end to end)
+    with the FLOP ratios as their ideal lines; right, the milliseconds behind them. The title names the preset,
+    the machine, the recipe and the date (`date`, default today). Written atomically; an existing `out` is
+    refused unless `overwrite`. Returns the path."""
+    import datetime
+    import math
+
+    from .plotting import new_figure, plain_log_ticks, png_bytes, write_output
+
+    rs = sorted(reports, key=lambda r: r["res"])
+    x = [r["res"] for r in rs]
+    fig = new_figure(11.5, 5.2)
+    ax, ax_ms = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    e2e = "end to end" + ("" if rs[0]["decode_included"] else " (no decode)")
+    for key, ideal, label, color, dy in (("speedup_step", "flop_ratio", "per DiT step", "#1f5fa8", 7),
+                                         ("speedup_end_to_end", "flop_ratio_end_to_end", e2e, "#c05a10", -14)):
+        y = [r[key] for r in rs]
+        ax.plot(x, y, "o-", color=color, lw=2, label=f"measured, {label}")
+        ax.plot(x, [r[ideal] for r in rs], "--", color=color, lw=1.2, alpha=0.8, label=f"FLOP ratio (ideal), {label}")
+        for xi, yi in zip(x, y):  # per step above its point, end to end below: the two never overlap
+            ax.annotate(f"{yi:.2f}x", (xi, yi), xytext=(0, dy), textcoords="offset points", ha="center",
+                        fontsize=8, color=color)
+    ax.axhline(1.0, color="#888888", lw=0.8, ls=":")
+    ax.set_ylabel("speedup: native time / DA-VAE time")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="upper left")
+    for side, marker, label in (("native", "o", "native"), ("davae", "s", "DA-VAE")):
+        ax_ms.plot(x, [r[side]["ms_per_step"] for r in rs], marker + "-", color="#1f5fa8",
+                   mfc="white" if side == "davae" else None, label=f"{label}, ms / step")
+        ax_ms.plot(x, [r[side]["ms_per_image"] for r in rs], marker + "-", color="#c05a10",
+                   mfc="white" if side == "davae" else None, label=f"{label}, ms / image ({e2e})")
+    ax_ms.set_yscale("log")
+    ms = [r[side][k] for r in rs for side in ("native", "davae") for k in ("ms_per_step", "ms_per_image")]
+    plain_log_ticks(ax_ms.yaxis, math.log10(max(ms) / min(ms)))
+    ax_ms.set_ylabel("milliseconds (median)")
+    ax_ms.legend(fontsize=8)
+    for a in (ax, ax_ms):
+        _resolution_axis(a, rs)
+    r0 = rs[0]
+    cfg = f"CFG on {r0['guided_steps']} of {r0['steps']} steps" if r0["cfg"] else f"{r0['steps']} steps, no CFG"
+    title = (f"DA-VAE speedup over native: {r0['preset']} on {r0['device']}, {r0['dtype']}, "
+             f"{date or datetime.date.today().isoformat()}\n{cfg}, batch {r0['batch_size']}, "
+             f"median of {r0['repeats']}, {r0['weights']} weights")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return write_output(out, png_bytes(fig, title=title), overwrite, param="plot")
+
+
+def _resolution_axis(ax, reports: list[dict]) -> None:
+    """Resolutions on a log2 axis, each tick naming its image tokens (native -> DA-VAE)."""
+    x = [r["res"] for r in reports]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{r['res']}²\n{r['native']['image_tokens']}->{r['davae']['image_tokens']} tok"
+                        for r in reports], fontsize=8)
+    ax.minorticks_off()
+    if len(x) == 1:
+        ax.set_xlim(x[0] / 1.5, x[0] * 1.5)
+    else:
+        ax.set_xlim(min(x) / 1.25, max(x) * 1.25)
+    ax.set_xlabel("image resolution (image tokens: native -> DA-VAE)")
+    ax.grid(alpha=0.3)

@@ -4,6 +4,7 @@ independent count, one-line errors, a tiny CPU run in seconds."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -149,3 +150,51 @@ def test_bench_uses_the_presets_sampling_recipe():
     assert r1["guided_steps"] == 0 and r1["steps"] == 4
     for side in ("native", "davae"):  # FLOPs are linear in the batch: the average step is (1 + guided/steps) x
         assert r[side]["tflops_per_step"] == pytest.approx(r1[side]["tflops_per_step"] * (1 + want / 4), rel=1e-9)
+
+
+def test_several_res_in_one_call_and_the_plot(tmp_path, monkeypatch):
+    """Two --res in one call: one report each under "results", and a PNG of both whose title (also the PNG's
+    Title text, readable without OCR) names the preset, the machine and today's date."""
+    import datetime
+
+    from PIL import Image
+
+    out = tmp_path / "speedup.png"
+    days = {datetime.date.today().isoformat()}
+    r = run_cli("bench", "--preset", "tiny-imagenet", "--res", "64", "--res", "128", "--steps", "1", "--repeats", "1",
+                "--warmup", "0", "--no-cfg", "--no-decode", "--plot", out, "--json")
+    days.add(datetime.date.today().isoformat())  # a run across midnight may carry either date
+    got = json.loads(r.stdout)
+    assert [x["res"] for x in got["results"]] == [64, 128] and got["plot"] == str(out)
+    assert [x["native"]["image_tokens"] for x in got["results"]] == [64, 256]
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 1000
+        im.load()
+        title = im.text["Title"]
+    assert "tiny-imagenet" in title and got["results"][0]["device"] in title and any(d in title for d in days)
+    # the file is there: a second call refuses before measuring anything, in one line
+    import davae_cli.bench as B
+
+    monkeypatch.setattr(B, "run_bench", lambda *a, **k: pytest.fail("measured before checking --plot"))
+    bad = run_cli("bench", "--preset", "tiny-imagenet", "--res", "64", "--plot", out, check=False)
+    assert bad.returncode == 1 and "exists" in bad.stderr and "--overwrite" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    bad = run_cli("bench", "--preset", "tiny-imagenet", "--res", "64", "--res", "100", check=False)  # all checked first
+    assert bad.returncode == 1 and "100" in bad.stderr and "multiple of" in bad.stderr
+
+
+def test_plot_needs_matplotlib_and_measurements(tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if the `plot` extra were not installed
+    import davae_cli.bench as B
+
+    monkeypatch.setattr(B, "run_bench", lambda *a, **k: pytest.fail("measured without a way to plot"))
+    bad = run_cli("bench", "--plot", tmp_path / "p.png", check=False)
+    assert bad.returncode == 1 and 'pip install "davae[plot]"' in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "p.png").exists()
+    bad = run_cli("bench", "--flops-only", "--plot", tmp_path / "p.png", check=False)
+    assert bad.returncode == 1 and "--flops-only" in bad.stderr
+    # the FLOP model of several resolutions needs neither
+    f = json.loads(run_cli("bench", "--flops-only", "--res", "128", "--res", "256", "--json").stdout)
+    assert [x["res"] for x in f["results"]] == [128, 256]
+    assert f["results"][1]["flop_ratio"] > f["results"][0]["flop_ratio"]  # attention grows faster than linear

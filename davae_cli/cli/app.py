@@ -14,8 +14,8 @@ from typing import Callable
 
 import typer
 
-from . import (adapt_dit, bench, ceilings, codec, common, convert, eval_fid, generate, presets, synth, train_dit,
-               train_vae, upscale)
+from . import (adapt_dit, bench, ceilings, codec, common, convert, eval_fid, generate, presets, report, synth,
+               train_dit, train_vae, upscale)
 
 app = typer.Typer(
     name="davae",
@@ -67,6 +67,7 @@ COMMANDS: list[tuple[str, Callable, str | None]] = [
     ("upscale", upscale.upscale_cmd, upscale.EXAMPLES),
     ("synth", synth.synth_cmd, synth.EXAMPLES),
     ("bench", bench.bench_cmd, bench.EXAMPLES),
+    ("report", report.report_cmd, report.EXAMPLES),
     ("eval-fid", eval_fid.eval_fid_cmd, eval_fid.EXAMPLES),
     ("ceilings", ceilings.ceilings_cmd, ceilings.EXAMPLES),
     ("convert", convert.convert_cmd, convert.EXAMPLES),
@@ -76,13 +77,27 @@ for _name, _fn, _examples in COMMANDS:
     app.command(_name, epilog=_examples)(_one_line_errors(_fn))
 
 
+def _close_process_group() -> None:
+    """Under `accelerate launch`, shut the process group down while the interpreter is still whole: left to the
+    interpreter's exit, gloo's worker threads can free their last tensors during finalization and abort a run
+    that succeeded (SIGABRT, "terminate called without an active exception"). Never imports torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     # keep library chatter (diffusers/transformers config notices, hub progress bars) off the user's terminal,
     # without importing either library here
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    app(prog_name="davae")
+    try:
+        app(prog_name="davae")
+    except SystemExit as done:
+        if done.code in (None, 0):  # after a failure another process may still be in a collective: no teardown
+            _close_process_group()
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

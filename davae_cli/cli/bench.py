@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, print_json,
+from .common import (DeviceOpt, Dtype, DtypeOpt, JsonOpt, PresetOpt, SetOpt, dtype_name, err, fail, print_json,
                      resolve_preset)
 
 EXAMPLES = """
@@ -22,6 +24,11 @@ Examples:
 
   davae bench --preset sd35m-1024 --res 1024 --batch-size 10 --text-encoders   # GPU: the paper's batch, with
                                                            # CLIP-L/CLIP-G/T5-XXL (random weights) timed too
+
+  davae bench --preset sd35m-1024 --res 512 --res 1024 --res 2048 --plot speedup.png   # several resolutions,
+                                                           # one plot (pip install "davae\\[plot]")
+
+  davae bench --res 128 --res 256 --steps 2 --plot tiny.png --overwrite   # CPU, under a minute; replaces tiny.png
 """
 
 
@@ -30,7 +37,7 @@ def _fmt(v, spec=".2f", none="n/a"):
 
 
 def bench_cmd(
-    res: Optional[int] = typer.Option(None, "--res", help="Target image resolution (default: the preset's adapt_dit.resolution)."),
+    res: Optional[list[int]] = typer.Option(None, "--res", help="Target image resolution (default: the preset's adapt_dit.resolution); repeat it to measure several in one call."),
     preset: str = PresetOpt,
     weights: str = typer.Option("random", "--weights", help="`random` (no download) or a local DiT folder / checkpoint."),
     steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Denoising (sampling) steps per image (default: the preset's sample.steps)."),
@@ -45,6 +52,8 @@ def bench_cmd(
     attention: str = typer.Option("default", "--attention", help="SDPA backend: default, flash, efficient, cudnn, math."),
     flops_only: bool = typer.Option(False, "--flops-only", help="Print the FLOP model only (per step, per image with text encoders and decode; the preset's architecture on the meta device: instant, no memory) and run nothing."),
     text_encoders: bool = typer.Option(False, "--text-encoders", help="Also time the text encoders (SD3: CLIP-L, CLIP-G, T5-XXL with random weights of their architecture; about 11 GB in bf16) and count them in end to end."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: speedup per step and end to end against resolution, the FLOP ratio as the ideal, the machine and date in the title (matplotlib: the `plot` extra)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --plot file."),
     device: Optional[str] = DeviceOpt,
     sets: Optional[list[str]] = SetOpt,
     json_out: bool = JsonOpt,
@@ -52,28 +61,67 @@ def bench_cmd(
     """Measure the DA-VAE speedup: native vs DA-VAE latent on the same DiT, side by side.
 
     The preset's sampling recipe (steps, guidance, interval, shift; --steps overrides); alternating runs,
-    medians, CUDA events on GPU; the analytic FLOP ratio is shown as the ideal."""
-    from ..bench import BenchSettings, flop_report, run_bench
+    medians, CUDA events on GPU; the analytic FLOP ratio is shown as the ideal. Several --res are measured one
+    after the other; --json then prints {"results": [...]} (one --res: the report itself)."""
+    from ..bench import BenchSettings, flop_report, plot_bench, run_bench_sweep
 
     p = resolve_preset(preset, sets)
-    s = BenchSettings(res=res or p.adapt_dit.resolution, steps=steps, batch_size=batch_size, repeats=repeats,
+    resolutions = list(dict.fromkeys(res or [p.adapt_dit.resolution]))
+    s = BenchSettings(res=resolutions[0], steps=steps, batch_size=batch_size, repeats=repeats,
                       warmup=warmup, dtype=dtype_name(dtype), compile=compile_, compile_mode=compile_mode, cfg=not no_cfg, decode=not no_decode,
                       attention=attention, weights=weights, device=device,
                       text_encoders=text_encoders)
     if flops_only:
-        r = flop_report(p, s)
-        if json_out:
-            print_json(r)
-        else:
-            _render_flops(r)
+        if plot is not None:
+            fail("--plot draws measured speedups: drop --flops-only (or --plot)")
+        _emit([flop_report(p, dataclasses.replace(s, res=r)) for r in resolutions], json_out, _render_flops)
         return
+    if plot is not None:  # before minutes of measuring: matplotlib is there and the file may be written
+        from ..plotting import check_output, require_matplotlib
+
+        require_matplotlib()
+        check_output(plot, overwrite, param="plot")
     if json_out:
-        r = run_bench(p, s)
-        print_json(r)
+        reports = run_bench_sweep(p, s, resolutions)
+    else:
+        with err.status("measuring") as status:
+            reports = run_bench_sweep(p, s, resolutions, progress=lambda text: status.update(text))
+    written = plot_bench(reports, plot, overwrite=overwrite) if plot is not None else None
+    _emit(reports, json_out, _render, plot=written)
+
+
+def _emit(reports: list[dict], json_out: bool, render, plot: Optional[Path] = None) -> None:
+    """One report as before (its JSON object, or its table); several: {"results": [...]}, or a table each and
+    a summary; then the plot's path."""
+    if json_out:
+        obj = reports[0] if len(reports) == 1 else {"results": reports}
+        print_json({**obj, "plot": str(plot)} if plot is not None else obj)
         return
-    with err.status("measuring") as status:
-        r = run_bench(p, s, progress=lambda text: status.update(text))
-    _render(r)
+    for r in reports:
+        render(r)
+    if len(reports) > 1:
+        _render_summary(reports)
+    if plot is not None:
+        typer.echo(f"plot: {plot}")
+
+
+def _render_summary(reports: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    measured = "speedup_step" in reports[0]
+    t = Table(title=f"{reports[0]['preset']}: " + ("speedups" if measured else "FLOP ratios") + " by resolution",
+              title_justify="left")
+    cols = (["speedup / step", "FLOP ratio / step", "speedup end to end", "FLOP ratio end to end"] if measured
+            else ["FLOP ratio / step", "FLOP ratio end to end"])
+    t.add_column("resolution")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for r in reports:
+        vals = ([r["speedup_step"], r["flop_ratio"], r["speedup_end_to_end"], r["flop_ratio_end_to_end"]]
+                if measured else [r["flop_ratio"], r["flop_ratio_end_to_end"]])
+        t.add_row(f"{r['res']}²", *(f"{v:.2f}x" for v in vals))
+    Console(highlight=False).print(t)
 
 
 def _render_flops(r: dict) -> None:

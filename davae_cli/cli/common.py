@@ -28,6 +28,9 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout an
 DeviceOpt = typer.Option(None, "--device", help="torch device: cuda, cuda:1, cpu (default: cuda if available, else cpu; "
                                                 "under accelerate launch, each process's own GPU).")
 VaeOpt = typer.Option(..., "--vae", help="A DA-VAE folder (RUN/final of `davae train-vae`).")
+ReportToOpt = typer.Option("none", "--report-to", help="Experiment trackers besides RUN/log.jsonl: tensorboard, wandb, "
+                                                      "trackio, all (the installed ones) or none; files in RUN/trackers/. "
+                                                      "Each is an extra: pip install \"davae\\[tensorboard]\".")
 
 
 class Dtype(str, Enum):
@@ -45,7 +48,9 @@ def dtype_name(dtype: Optional[Dtype]) -> Optional[str]:
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]Error:[/] {message}", markup=True, soft_wrap=True)
+    from rich.markup import escape  # the message is text: `pip install "davae[wandb]"` keeps its brackets
+
+    err.print(f"[bold red]Error:[/] {escape(message)}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -7,6 +7,7 @@
 - `fid`: the Fréchet and kernel (KID) distances
 - `lpips_weights`: LPIPS's ImageNet trunk from a local file (offline machines)
 - `evaluate`: the evaluations behind `davae eval-fid` (FID/KID, statistics files, tokenizer metrics)
+- `report`: the HTML run report behind `davae report` (plots of log.jsonl, samples, checkpoints, settings)
 """
 
 from .image import psnr, reconstruction_metrics, ssim
