@@ -21,7 +21,8 @@ POINTS = HERE / "results" / "frontier.json"
 
 
 def chain_point(results: dict, name: str = "imagenette-detail") -> dict | None:
-    """The tokenizer stage of a detail.sh run as a frontier point (None before that stage has run)."""
+    """The tokenizer stage of a detail.sh run as a frontier point (None before that stage has run), with the
+    same-base FIDs (generated detail | detail from base | base + bicubic) when that stage has run."""
     tok = results.get("tokenizer") or {}
     if tok.get("gap_closed") is None or tok.get("residual_share") is None:
         return None
@@ -29,7 +30,7 @@ def chain_point(results: dict, name: str = "imagenette-detail") -> dict | None:
             "gap_closed": tok["gap_closed"], "residual_share": tok["residual_share"],
             "neighbour_corr": tok["neighbour_corr"], "kurtosis": tok["kurtosis"],
             "detail_gain_db": tok.get("detail_gain_db"), "source": "detail.sh results.json, tokenizer stage",
-            "reference": tok.get("reference")}
+            "same_base_fid": (results.get("same_base") or {}).get("fid"), "reference": tok.get("reference")}
 
 
 def load_points(chain: Path | None) -> tuple[list[dict], dict]:
@@ -74,7 +75,11 @@ def plot(points: list[dict], reference: dict, out: Path) -> Path:
                    color="#2a7a2a" if met else "#3060a0", marker="o" if p["data"].startswith("Imagenette") else "s")
         nc = "n/a" if p.get("neighbour_corr") is None else f"{p['neighbour_corr']:.2f}"
         ku = "n/a" if p.get("kurtosis") is None else f"{p['kurtosis']:.1f}"
-        ax.annotate(f"{p['name']}\n(nc {nc}, kurt {ku})", (p["gap_closed"], p["residual_share"]),
+        sb = p.get("same_base_fid") or {}
+        gen = "" if sb.get("generated_detail") is None else (
+            f"\nsame bases, FID: generated detail {sb['generated_detail']:.0f} | from base "
+            f"{sb['detail_from_base']:.0f} | bicubic {sb['base_bicubic']:.0f}")
+        ax.annotate(f"{p['name']}\n(nc {nc}, kurt {ku}){gen}", (p["gap_closed"], p["residual_share"]),
                     xytext=tuple(p.get("label_offset", (6, 4))), textcoords="offset points", fontsize=7)
     ax.set_xlim(-0.03, 1.05)
     ax.set_ylim(-0.03, max(0.9, max(p["residual_share"] for p in points) + 0.08))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["train-vae", "encode", "decode", "train-dit", "adapt-dit", "generate", "bench", "eval-fid", "presets"]
+COMMANDS = ["train-vae", "encode", "decode", "train-dit", "adapt-dit", "generate", "bench", "report", "eval-fid", "presets"]
 
 PROBE = """
 import sys
