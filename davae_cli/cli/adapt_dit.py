@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, VaeOpt, print_json, report_finished, trainer_preset
+from .common import (JsonOpt, PresetOpt, ReportToOpt, RichTrainCallbacks, SetOpt, VaeOpt, print_json, report_finished,
+                     trainer_preset)
 
 EXAMPLES = """
 Examples:
@@ -17,6 +18,8 @@ Examples:
   davae adapt-dit --preset tiny --vae runs/tiny/final --out runs/tiny-dit0 --steps 0     # export the warm start only
 
   davae adapt-dit --preset tiny --vae runs/tiny/final --data photos/ --out runs/tiny-dit --steps 50 --resume
+
+  davae adapt-dit --preset tiny --vae runs/tiny/final --data photos/ --out runs/tiny-dit --report-to wandb
 
   accelerate launch --num_processes 8 -m davae_cli adapt-dit --preset sd35m-1024 --vae runs/sd35/final \\
       --data /data/synthetic --out runs/sd35-dit --dit /models/stable-diffusion-3.5-medium
@@ -37,6 +40,7 @@ def adapt_dit_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (0 exports the warm-started model)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     sets: Optional[list[str]] = SetOpt,
+    report_to: str = ReportToOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Warm-start a pretrained DiT on DA-VAE latents (zero-init extension, rectified flow, LoRA for SD3).
@@ -53,7 +57,7 @@ def adapt_dit_cmd(
     cb = RichTrainCallbacks("adapt-dit")
     try:
         result = adapt_dit(p, vae, out, data=list(data or []), dit=dit, captions=captions, resume=resume,
-                           callbacks=cb)
+                           callbacks=cb, report_to=report_to)
     finally:
         cb.on_end({})
     if report_finished(result, "adapted DiT", json_out):

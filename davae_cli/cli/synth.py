@@ -13,7 +13,7 @@ EXAMPLES = """
 Examples:
 
   davae synth --preset flux-2048 --base-pipeline /models/FLUX.1-dev --prompts t2i-prompts.parquet \\
-      --res 1024 --shard-size 1000 --batch-size 8 --out /data/synth/       # resumable: a rerun skips finished shards
+      --res 1024 --shard-size 1000 --batch-size 8 --out /data/synth/       # resumable: a rerun continues where it stopped
 
   accelerate launch --num_processes 8 -m davae_cli synth --preset sd35m-1024 \\
       --base-pipeline /models/stable-diffusion-3.5-large --prompts prompts.jsonl --res 1024 --out /data/synth/
@@ -34,7 +34,7 @@ def synth_cmd(
     steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Sampling steps (default: the preset's sample.steps)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the preset's)."),
     seed: int = typer.Option(0, "--seed", help="Prompt i is rendered from seed SEED + i."),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Images per shard (a shard is the unit of resumption)."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Images per shard (written as it is made: a kill loses at most the batch in flight)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images sampled together."),
     image_format: str = typer.Option("png", "--format", help="png (lossless), jpg or webp."),
     quality: int = typer.Option(95, "--quality", help="JPEG/WebP quality."),
@@ -50,8 +50,10 @@ def synth_cmd(
     """Render a prompt list with a native text-to-image pipeline into WebDataset shards (the paper's synthetic data).
 
     Each sample: the image, its prompt (.txt) and the generation metadata (.json: seed, model, steps, guidance).
-    Deterministic per prompt index, resumable per shard, split across processes by accelerate launch;
-    train-vae, adapt-dit and train-dit read OUT directly with --data OUT."""
+    Deterministic per prompt index; each batch is appended to its shard as it is made and a shard appears
+    (renamed into place) when whole, so a rerun continues after the last whole batch; synth.json records the
+    prompt list's and the settings' sha256 and another list or other settings are refused. Split across
+    processes by accelerate launch; train-vae, adapt-dit and train-dit read OUT directly with --data OUT."""
     from ..synth import SynthSettings, read_prompt_list, synth
 
     p = resolve_preset(preset, sets)
@@ -66,5 +68,6 @@ def synth_cmd(
         print_json(report)
         return
     rate = f", {report['images_per_s']:.3f} images/s" if report["images_per_s"] else ""
+    kept = f", {report['images_resumed']} kept from interrupted shards" if report["images_resumed"] else ""
     typer.echo(f"{report['images']} image(s) in {report['shards_written']} new shard(s) of {report['shards']} in {out} "
-               f"({report['shards_skipped']} already there), {report['res']}², {report['steps']} steps{rate}")
+               f"({report['shards_skipped']} already there{kept}), {report['res']}², {report['steps']} steps{rate}")

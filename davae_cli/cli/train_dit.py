@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import (JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, VaeOpt, fail, print_json, report_finished,
-                     trainer_preset)
+from .common import (JsonOpt, PresetOpt, ReportToOpt, RichTrainCallbacks, SetOpt, VaeOpt, fail, print_json,
+                     report_finished, trainer_preset)
 
 EXAMPLES = """
 Examples:
@@ -38,6 +38,7 @@ def train_dit_cmd(
     captions: Optional[str] = typer.Option(None, "--captions", help="JSONL with {\"image\": ..., \"label\": N} per line."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     sets: Optional[list[str]] = SetOpt,
+    report_to: str = ReportToOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Train a native class-conditional DiT (LightningDiT) from scratch on the base VAE's latents.
@@ -63,7 +64,8 @@ def train_dit_cmd(
 
     cb = RichTrainCallbacks("train-dit")
     try:
-        result = train_dit(p, vae, out, data=list(data), captions=captions, resume=resume, callbacks=cb)
+        result = train_dit(p, vae, out, data=list(data), captions=captions, resume=resume, callbacks=cb,
+                           report_to=report_to)
     finally:
         cb.on_end({})
     if report_finished(result, "native DiT", json_out):

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import (JsonOpt, PresetOpt, RichTrainCallbacks, SetOpt, err, print_json, report_finished, structure_lines,
-                     trainer_preset)
+from .common import (JsonOpt, PresetOpt, ReportToOpt, RichTrainCallbacks, SetOpt, err, print_json, report_finished,
+                     structure_lines, trainer_preset)
 
 EXAMPLES = """
 Examples:
@@ -16,6 +16,10 @@ Examples:
   davae train-vae --preset tiny --base-vae ../shared/weights/taesd3 --data photos/ --out runs/tiny
 
   davae train-vae --preset tiny --base-vae random --data skimage --out runs/demo --steps 20
+
+  # the losses, lr, grad norm, steps/s, held-out metrics and reconstructions in TensorBoard too
+  davae train-vae --preset tiny --base-vae random --data skimage --out runs/demo --report-to tensorboard
+  tensorboard --logdir runs/demo/trackers
 
   # continue runs/tiny after a stop: the flags of its start (a larger --steps trains it longer)
   davae train-vae --preset tiny --base-vae ../shared/weights/taesd3 --data photos/ --out runs/tiny --resume
@@ -40,6 +44,7 @@ def train_vae_cmd(
     init: Optional[Path] = typer.Option(None, "--init", help="Start from the weights of this DA-VAE folder (the preset must describe its architecture) instead of a fresh build."),
     decoder_only: bool = typer.Option(False, "--decoder-only", help="With --init: keep the detail encoder and its statistics frozen, so the latent space (and DiTs adapted on it) stays valid; only the decoder trains."),
     sets: Optional[list[str]] = SetOpt,
+    report_to: str = ReportToOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Train a DA-VAE on a base VAE: losses of the paper, EMA, atomic checkpoints, exact --resume.
@@ -60,7 +65,8 @@ def train_vae_cmd(
 
     cb = RichTrainCallbacks("train-vae")
     try:
-        result = train_vae(p, list(data or []), out, resume=resume, val_data=val_data, callbacks=cb)
+        result = train_vae(p, list(data or []), out, resume=resume, val_data=val_data, callbacks=cb,
+                           report_to=report_to)
     finally:
         cb.on_end({})
     if report_finished(result, "DA-VAE", json_out):

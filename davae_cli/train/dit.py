@@ -30,6 +30,7 @@ from ..latents import LatentNormalizer
 from ..vae.model import DetailAlignedVAE
 from .flow_trainer import ClassConditioner, check_or_record_run, export_adapted, train_flow_model
 from .loop import Callbacks, RunFinished, RunLoop, open_run, unlock_run
+from .trackers import tracker_names
 
 
 @dataclass
@@ -151,9 +152,10 @@ def _conditioning(preset: Preset, backend, records, run_dir: Path, acc, cb):
 
 def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data: Optional[list[str]] = None,
               dit: Optional[str] = None, captions: Optional[str] = None, resume: bool = False,
-              callbacks: Optional[Callbacks] = None) -> AdaptDiTResult:
-    """Adapt the preset's DiT (or `dit`) to the DA-VAE in `vae_dir`; see the module doc."""
-    cb = callbacks or Callbacks()
+              callbacks: Optional[Callbacks] = None, report_to: Optional[str] = None) -> AdaptDiTResult:
+    """Adapt the preset's DiT (or `dit`) to the DA-VAE in `vae_dir`; see the module doc. `report_to`: experiment
+    trackers besides log.jsonl (train/trackers.py), checked first."""
+    cb, trackers = callbacks or Callbacks(), tracker_names(report_to)
     run_dir = Path(run_dir)
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").is_file():
@@ -171,7 +173,8 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
 
         check_class_data([str(d) for d in data], captions, latents_ok=True)
     try:
-        acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="adapt_dit", on_message=cb.on_message)
+        acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="adapt_dit", on_message=cb.on_message,
+                                          trackers=tuple(trackers))
     except RunFinished as done:
         return AdaptDiTResult(str(run_dir), str(done.final_dir), done.steps, {}, already_finished=True)
     a = preset.adapt_dit
@@ -221,7 +224,7 @@ def adapt_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     total, metrics, _ = train_flow_model(acc=acc, preset=preset, section=a, backend=backend, model=model,
                                          latents=latents, normalize=normalize, conditioner=conditioner, keys=keys,
                                          base_channels=c, run_dir=run_dir, ckpt_path=ckpt_path, resume=resume, cb=cb,
-                                         info={}, export=export)
+                                         info={}, export=export, job="adapt-dit")
     cb.on_end(metrics)
     unlock_run(run_dir)
     return AdaptDiTResult(str(run_dir), str(final_dir), total, metrics)

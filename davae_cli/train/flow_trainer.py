@@ -186,12 +186,12 @@ class ProbeLoss:
 def train_flow_model(*, acc, preset: Preset, section, backend, model, latents, normalize, conditioner, keys: list,
                      base_channels: int, run_dir: Path, ckpt_path: Optional[Path], resume: bool, cb: Callbacks,
                      info: dict, export: Callable[[object, int, RunLoop], dict],
-                     time_limit_s: Optional[float] = None) -> tuple[int, dict, RunLoop]:
+                     time_limit_s: Optional[float] = None, job: str = "adapt-dit") -> tuple[int, dict, RunLoop]:
     """The loop both DiT trainers run: optimiser and EMA, resume (trainable weights, state, training time), the
     step-indexed latent loader, `RunLoop`, the probe loss at the start and the end (raw and EMA weights), then
     `export(raw model with the EMA weights, final step, loop) -> fields for the log's export record`.
-    `section`: the trainer's settings (`preset.adapt_dit` or `preset.train_dit`). Returns (final step, metrics,
-    loop)."""
+    `section`: the trainer's settings (`preset.adapt_dit` or `preset.train_dit`); `job`: the command, for the
+    trackers, which are closed after the export record. Returns (final step, metrics, loop)."""
     device = acc.device
     named, params, opt, sched, ema = optimisation(backend, model, section, device)
     start_step, spent = 0, 0.0
@@ -212,7 +212,7 @@ def train_flow_model(*, acc, preset: Preset, section, backend, model, latents, n
                    state_fn=lambda at: training_state(at, ema, opt, sched, preset,
                                                       trainable={n: p.detach().cpu() for n, p in named},
                                                       train_seconds=loop.train_seconds()),
-                   callbacks=cb, time_limit_s=time_limit_s, spent_s=spent)
+                   callbacks=cb, time_limit_s=time_limit_s, spent_s=spent, config=preset.to_dict(), job=job)
     probe = ProbeLoss(backend, raw, dataset, normalize, conditioner, keys, base_channels, section.seed, acc)
     loop.start({"device": str(device), "world_size": world, "train_images": len(latents.records), "val_images": 0,
                 "trainable_params": sum(p.numel() for p in params), "start_step": start_step,
@@ -231,6 +231,7 @@ def train_flow_model(*, acc, preset: Preset, section, backend, model, latents, n
     metrics["probe_loss_end_ema"] = probe()
     logged = export(raw, final_step, loop)
     loop.write({"step": final_step, "event": "export", **logged, **metrics, "skipped_steps": step_fn.skipped})
+    loop.trackers.finish()
     ema.restore(params)
     metrics.update(skipped_steps=step_fn.skipped, last=loop.last, elapsed_s=round(loop.elapsed_s, 1))
     return final_step, metrics, loop

@@ -20,6 +20,7 @@ from ..callbacks import Callbacks  # noqa: F401  (re-exported for the trainers)
 from ..config import Preset, preset_from_dict
 from ..errors import DavaeError, first_line
 from ..latents import atomic_write_bytes
+from .trackers import TRACKER_DIR, Trackers, accelerator_options
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -319,55 +320,8 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-LOCK_FILE = ".lock"
-_HELD: dict[str, int] = {}  # run folders this process holds the lock of -> the lock file's descriptor
-
-
-def lock_run(run_dir: Path) -> None:
-    """Hold `run_dir/.lock` (an exclusive `flock`) for as long as this process trains there. A second process
-    is refused in one line naming the holder (pid, host, start, command, written into the file). The kernel
-    drops the lock when its process dies, SIGKILL included, so a killed run never leaves it stuck. On a
-    filesystem without `flock`, the run goes on unlocked."""
-    import fcntl
-    import socket
-    import sys
-    import time
-
-    run_dir = Path(run_dir)
-    key = str(run_dir.resolve())
-    if key in _HELD:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = json.loads(os.read(fd, 4096).decode() or "{}")
-        except (OSError, ValueError):
-            holder = {}
-        os.close(fd)
-        who = (f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} "
-               f"({holder.get('command')})") if holder else "another process"
-        raise DavaeError(f"{run_dir} is in use by {who}; wait for it to end or stop it") from None
-    except OSError:
-        os.close(fd)
-        return  # no flock here (some network filesystems): unlocked
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(["davae", *sys.argv[1:]])[:200]}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-    _HELD[key] = fd
-
-
-def unlock_run(run_dir: Path) -> None:
-    """Give back the lock `lock_run` took (the trainers call it when they end)."""
-    import fcntl
-
-    fd = _HELD.pop(str(Path(run_dir).resolve()), None)
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+# the run-folder lock lives in lock.py (flock, or a lock file where the filesystem has none)
+from .lock import _HELD, LOCK_FILE, lock_run, unlock_run  # noqa: E402,F401  (re-exported)
 
 
 def clear_temporaries(run_dir: Path) -> int:
@@ -389,7 +343,7 @@ def clear_temporaries(run_dir: Path) -> int:
 
 
 # what a start writes before its first checkpoint; a folder holding only these never trained
-_START_FILES = {"config.yaml", "log.jsonl", "samples", CHECKPOINT_DIR, LOCK_FILE}
+_START_FILES = {"config.yaml", "log.jsonl", "samples", CHECKPOINT_DIR, LOCK_FILE, TRACKER_DIR}
 
 
 def abandoned_start(run_dir: Path) -> bool:
@@ -460,14 +414,16 @@ def prepare_run_dir(run_dir: Path, preset: Preset, resume: bool, section: str = 
     return preset, None
 
 
-def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_vae", on_message=lambda text: None):
+def open_run(run_dir: Path, preset: Preset, resume: bool, section: str = "train_vae", on_message=lambda text: None,
+             trackers: tuple = ()):
     """(accelerator, preset, checkpoint): the main process creates or checks the run folder first, the
     others then read what it wrote (no race on a fresh folder under `accelerate launch`). Raises `RunFinished`
-    (the lock given back) on `resume` of a run whose checkpoint and export are both at the steps asked for."""
-    acc = _make_accelerator(getattr(preset, section).seed)
+    (the lock given back) on `resume` of a run whose checkpoint and export are both at the steps asked for.
+    `trackers`: the accelerator reports to these (`trackers.tracker_names`); `RunLoop.start` starts them."""
+    acc = _make_accelerator(getattr(preset, section).seed, accelerator_options(list(trackers), Path(run_dir)))
     if acc.is_main_process:
         existed = Path(run_dir).exists()
-        lock_run(run_dir)
+        lock_run(run_dir, on_message)
         try:
             if existed and clear_temporaries(run_dir):
                 on_message(f"removed the temporary files an interrupted write left in {run_dir}")
@@ -494,12 +450,12 @@ def any_process(acc, flag: bool) -> bool:
     return bool(acc.reduce(torch.tensor([int(flag)], device=acc.device), "sum").item() > 0)
 
 
-def _make_accelerator(seed: int):
+def _make_accelerator(seed: int, options: Optional[dict] = None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    acc = Accelerator(mixed_precision=os.environ.get("DAVAE_MIXED_PRECISION", mp))
+    acc = Accelerator(mixed_precision=os.environ.get("DAVAE_MIXED_PRECISION", mp), **(options or {}))
     set_seed(seed)
     return acc
 
@@ -528,17 +484,19 @@ class RunLoop:
 
     `state_fn(step) -> dict` builds what a checkpoint holds (`training_state(...)` plus the trainer's own);
     it runs on the main process only; `data_state()` (streamed data), on every process, gives the process's
-    position, stored as the list `data_positions` (by process index); `train_seconds()` gives the training time so far (across resumes) for
-    it to store.
-
-    `time_limit_s`: stop early, with a checkpoint, once the training time (the main process's clock, counted
-    from `spent_s` already spent before a resume) reaches it; `run` then returns the step reached."""
+    position, stored as the list `data_positions` (by process index); `train_seconds()` gives the training time
+    so far (across resumes) for it to store. `time_limit_s`: stop early, with a checkpoint, once the training time (the main process's clock, counted
+    from `spent_s` already spent before a resume) reaches it; `run` then returns the step reached. `trackers`
+    (`open_run(trackers=...)`): `start` starts them with `config` (the preset's dict) as hyperparameters, `write`
+    logs every record to them too, and the trainer closes them (`trackers.finish()`) after its last record."""
 
     def __init__(self, acc, run_dir: Path, *, total: int, start_step: int, resumed: bool, seed: int,
                  log_every: int, checkpoint_every: int, keep_checkpoints: int, state_fn, callbacks: Callbacks,
-                 time_limit_s: Optional[float] = None, spent_s: float = 0.0, data_state=None):
+                 time_limit_s: Optional[float] = None, spent_s: float = 0.0, data_state=None,
+                 config: Optional[dict] = None, job: str = "train"):
         self.acc, self.run_dir = acc, Path(run_dir)
-        self.total, self.start_step, self.seed = total, start_step, seed
+        self.total, self.start_step, self.seed, self.resumed = total, start_step, seed, resumed
+        self.trackers, self.config, self.job = Trackers(acc, run_dir), config or {}, job
         self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
         self.state_fn, self.cb = state_fn, callbacks
         self.data_state = data_state
@@ -561,11 +519,15 @@ class RunLoop:
         return self.spent_s + ((self._t_end if self._t_end is not None else time.time()) - self._t0)
 
     def write(self, record: dict) -> None:
-        """One log record, written by the main process."""
+        """One log record, written by the main process (to log.jsonl and the trackers)."""
         if self.log is not None:
             self.log.write(record)
+            self.trackers.log(record)
 
     def start(self, info: dict) -> None:
+        where = self.trackers.start(self.config, self.job, self.start_step, self.resumed)
+        if where:
+            self.cb.on_message(where)
         self.write({"step": self.start_step, "event": "start", **info})
         self.cb.on_start(self.total, self.start_step, info)
 
@@ -588,11 +550,19 @@ class RunLoop:
             save_checkpoint(self.run_dir, step, state, self.keep)
 
     def run(self, step_fn, batches, after_step=None) -> int:
-        """Run from `start_step` to `total`; returns the last step."""
+        """Run from `start_step` to `total`; returns the last step. A stop (Ctrl-C, an error) closes the trackers."""
+        try:
+            return self._run(step_fn, batches, after_step)
+        except BaseException:
+            self.trackers.finish()
+            raise
+
+    def _run(self, step_fn, batches, after_step) -> int:
         import time
 
         t0, step = time.time(), self.start_step
         self._t0 = t0
+        logged = (step, t0)  # the last train record's (step, time): steps/s between two records
         self.cb.on_loop_start(step)
         with GracefulInterrupt() as interrupt:
             while step < self.total:
@@ -600,7 +570,11 @@ class RunLoop:
                 step += 1
                 self.last = metrics
                 if step % self.log_every == 0 or step == self.total:
-                    self.write({"step": step, "event": "train", "elapsed_s": round(time.time() - t0, 2), **metrics})
+                    now = time.time()
+                    rate = (step - logged[0]) / max(now - logged[1], 1e-6)
+                    self.write({"step": step, "event": "train", "elapsed_s": round(now - t0, 2),
+                                "steps_per_s": round(rate, 4), **metrics})
+                    logged = (step, now)
                 self.cb.on_step(step, metrics)
                 if after_step is not None:
                     after_step(step)

@@ -31,6 +31,7 @@ from ..vae.base import base_encode_mean
 from ..vae.model import DetailAlignedVAE
 from .flow_trainer import ClassConditioner, check_or_record_run, export_adapted, train_flow_model
 from .loop import Callbacks, RunFinished, RunLoop, open_run, unlock_run
+from .trackers import tracker_names
 
 
 @dataclass
@@ -93,14 +94,11 @@ def check_class_data(inputs: list[str], captions: Optional[str], latents_ok: boo
     attach_conditions(srcs, inputs, "class", captions)
 
 
-def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data: list[str],
-              captions: Optional[str] = None, resume: bool = False,
-              callbacks: Optional[Callbacks] = None) -> TrainDiTResult:
-    """Train the preset's class-conditional DiT (`dit.arch`, random init) on base latents of `data`; see the module doc."""
+def _checked_model(preset: Preset, vae_dir: Path, data: list[str], captions: Optional[str], resume: bool):
+    """(backend, DA-VAE, random model, latent side): the family, the DA-VAE, the data (of a new run) and the
+    model's grid checked before the run folder is made, so a bad one writes nothing."""
     from ..dit.backend import family_labels, get_backend
 
-    cb = callbacks or Callbacks()
-    run_dir, vae_dir = Path(run_dir), Path(vae_dir)
     backend = get_backend(preset)
     if backend.conditioning != "class":
         raise DavaeError(f"train-dit trains class-conditional models ({', '.join(family_labels('class'))}) from "
@@ -109,15 +107,13 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         raise DavaeError(f"{vae_dir}: not a DA-VAE folder (no config.json; made by `davae train-vae`)", param="vae")
     if not data:
         raise DavaeError("is required (image folders with one sub-folder per class)", param="data")
-    data = [str(d) for d in data]
     if not resume and any(is_stream(d) for d in data):
         probe_shards(data, Fields(preset.data.image_key, preset.data.caption_key, preset.data.label_key), "class")
     elif not resume:
         check_class_data(data, captions)
-    vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).eval()  # before the run folder: a bad one writes nothing
+    vae = DetailAlignedVAE.from_pretrained(str(vae_dir)).eval()
     n = preset.train_dit
-    f = int(vae.config.downsample)
-    side = n.resolution // f
+    side = n.resolution // int(vae.config.downsample)
     model = backend.load("random", seed=n.seed, latent_side=side)
     if backend.channels(model) != vae.config.base_channels:
         raise DavaeError(f"dit.arch reads {backend.channels(model)} channels; the DA-VAE's base VAE has "
@@ -125,9 +121,21 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
     if side % backend.patch_size(model):
         raise DavaeError(f"train_dit.resolution {n.resolution}: the latent side {side} is not divisible by the "
                          f"patch size {backend.patch_size(model)}")
+    return backend, vae, model, side
 
+
+def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data: list[str],
+              captions: Optional[str] = None, resume: bool = False,
+              callbacks: Optional[Callbacks] = None, report_to: Optional[str] = None) -> TrainDiTResult:
+    """Train the preset's class-conditional DiT (`dit.arch`, random init) on base latents of `data`; see the module
+    doc. `report_to`: experiment trackers besides log.jsonl (train/trackers.py), checked first."""
+    cb, trackers = callbacks or Callbacks(), tracker_names(report_to)
+    run_dir, vae_dir = Path(run_dir), Path(vae_dir)
+    data = [str(d) for d in data or []]
+    backend, vae, model, side = _checked_model(preset, vae_dir, data, captions, resume)
     try:
-        acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="train_dit", on_message=cb.on_message)
+        acc, preset, ckpt_path = open_run(run_dir, preset, resume, section="train_dit", on_message=cb.on_message,
+                                          trackers=tuple(trackers))
     except RunFinished as done:
         return TrainDiTResult(str(run_dir), str(done.final_dir), done.steps, {}, already_finished=True)
     n, device = preset.train_dit, acc.device
@@ -172,7 +180,7 @@ def train_dit(preset: Preset, vae_dir: str | Path, run_dir: str | Path, *, data:
         acc=acc, preset=preset, section=n, backend=backend, model=model, latents=latents, normalize=normalize,
         conditioner=ClassConditioner(preset.dit.num_classes, device), keys=keys, base_channels=c, run_dir=run_dir,
         ckpt_path=ckpt_path, resume=resume, cb=cb, info=info, export=export,
-        time_limit_s=n.max_minutes * 60 if n.max_minutes else None)
+        time_limit_s=n.max_minutes * 60 if n.max_minutes else None, job="train-dit")
     metrics.update(train_seconds=round(loop.train_seconds(), 1), steps=final_step,
                    stopped_by_time_limit=loop.out_of_time)
     cb.on_end(metrics)

@@ -2,7 +2,8 @@
 
 One process or many (launch with `accelerate launch -m davae_cli train-vae ...`). The run folder
 holds `config.yaml` (the resolved preset), `checkpoints/` (atomic, last K, `latest` pointer),
-`log.jsonl`, `samples/` (image grids) and, at the end, `final/` (the exported DA-VAE, EMA weights).
+`log.jsonl`, `samples/` (image grids), `trackers/` (with `report_to`: train/trackers.py) and, at the end,
+`final/` (the exported DA-VAE, EMA weights).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm
 from ..vae.model import DetailAlignedVAE
 from .loop import (Callbacks, RunFinished, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
                    training_state, unlock_run, write_folder)
+from .trackers import tracker_names
 
 
 @dataclass
@@ -215,8 +217,9 @@ def measure_detail_stats(model: DetailAlignedVAE, source, num_images: int, size:
     return mean.float().cpu(), std.float().cpu(), num_images
 
 
-def _save_grid(path: Path, rows: list[torch.Tensor]) -> None:
-    """Rows of (input | base at 1/s + bicubic | DA-VAE), written atomically as PNG."""
+def _save_grid(path: Path, rows: list[torch.Tensor]):
+    """Rows of (input | base at 1/s + bicubic | DA-VAE), written atomically as PNG; returns the grid as an
+    (H, W, 3) uint8 array."""
     import io
 
     from torchvision.utils import make_grid
@@ -228,6 +231,7 @@ def _save_grid(path: Path, rows: list[torch.Tensor]) -> None:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+    return arr
 
 
 def export_davae(model: DetailAlignedVAE, out_dir: Path) -> None:
@@ -279,13 +283,14 @@ class VAEOptimStep:
 
 class HeldOutEvaluator:
     """`evaluate(step)`: the EMA weights on the held-out crops (`evaluate_held_out`), a sample grid
-    (input | baseline | DA-VAE) in `samples/`, and an `eval` log record; {} without held-out images."""
+    (input | baseline | DA-VAE) in `samples/` and, as `eval/reconstructions`, to the trackers (`loop`'s), and
+    an `eval` log record; {} without held-out images."""
 
     def __init__(self, model: DetailAlignedVAE, val_images, ema, trainable, lpips_model, batch_size: int,
-                 samples_dir: Path, is_main: bool, write):
+                 samples_dir: Path, is_main: bool, loop: RunLoop):
         self.model, self.val, self.ema, self.trainable = model, val_images, ema, trainable
-        self.lpips, self.batch_size, self.samples_dir, self.is_main, self.write = \
-            lpips_model, batch_size, Path(samples_dir), is_main, write
+        self.lpips, self.batch_size, self.samples_dir, self.is_main, self.loop = \
+            lpips_model, batch_size, Path(samples_dir), is_main, loop
 
     def __call__(self, step: int) -> dict:
         if self.val is None:
@@ -301,12 +306,13 @@ class HeldOutEvaluator:
             enc = raw.encode(x)
             rows = [[x[i].cpu(), raw.decode_baseline(enc.z_base[i : i + 1])[0].cpu(),
                      raw.decode(enc.latent[i : i + 1])[0].clamp(-1, 1).cpu()] for i in range(n)]
-            if self.is_main:
-                _save_grid(self.samples_dir / f"step-{step:07d}.png", rows)
+            if self.is_main:  # the image first: the eval record's log flushes TensorBoard's writer
+                grid = _save_grid(self.samples_dir / f"step-{step:07d}.png", rows)
+                self.loop.trackers.log_image("eval/reconstructions", grid, step)
         finally:
             self.ema.restore(self.trainable)
             raw.train()
-        self.write({"step": step, "event": "eval", **res})
+        self.loop.write({"step": step, "event": "eval", **res})
         return res
 
 
@@ -416,37 +422,28 @@ def _without_cache_for_streams(preset: Preset, streamed: bool, cb) -> Preset:
     return replace(preset, train_vae=replace(preset.train_vae, cache_base=False))
 
 
-def _open_listed(preset: Preset, data, val_data, run_dir: Path, resume: bool, streamed: bool, fields: Fields, cb):
-    """(accelerator, preset, checkpoint, streamed images, folder images): the run folder opened (`open_run`) and
-    the training data listed. A new run's data is listed (a stream's first record read) before its folder is
-    made; a resumed run's folder exists and is checked first, so a finished one (`RunFinished`) lists nothing."""
+def _open_listed(preset: Preset, data, val_data, run_dir: Path, resume: bool, streamed: bool, fields: Fields, cb,
+                 trackers: list):
+    """(accelerator, preset, checkpoint, streamed images, folder images): the run folder opened (`open_run`, the
+    accelerator reporting to `trackers`) and the training data listed. A new run's data is listed (a stream's
+    first record read) before its folder is made; a resumed run's folder exists and is checked first, so a
+    finished one (`RunFinished`) lists nothing."""
     preset = _without_cache_for_streams(preset, streamed, cb)
 
     def listed(t):
         return _list_training_data(t, data, val_data, streamed, fields) if t.steps and data else (None, None)
 
     simages, images = listed(preset.train_vae) if not resume else (None, None)
-    acc, preset, ckpt_path = open_run(run_dir, preset, resume, on_message=cb.on_message)
+    acc, preset, ckpt_path = open_run(run_dir, preset, resume, on_message=cb.on_message, trackers=tuple(trackers))
     if resume:
         simages, images = listed(preset.train_vae)
     return acc, preset, ckpt_path, simages, images
 
 
-def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: bool = False,
-              val_data: Optional[list[str]] = None, callbacks: Optional[Callbacks] = None) -> TrainVAEResult:
-    """Train (or, with `preset.train_vae.steps == 0`, just build and export) a DA-VAE. See the module doc."""
-    cb = callbacks or Callbacks()
-    run_dir = Path(run_dir)
-    streamed = bool(data) and any(is_stream(d) for d in data)
-    fields = Fields(preset.data.image_key, preset.data.caption_key, preset.data.label_key)
-    try:
-        acc, preset, ckpt_path, simages, images = _open_listed(preset, data, val_data, run_dir, resume, streamed,
-                                                               fields, cb)
-    except RunFinished as done:
-        return TrainVAEResult(str(run_dir), str(done.final_dir), done.steps, {}, 0, already_finished=True)
-    t, lo = preset.train_vae, preset.loss
-    device = acc.device
-
+def _build_model(preset: Preset, ckpt_path: Optional[Path], device, cb) -> DetailAlignedVAE:
+    """The DA-VAE the preset describes, on its base VAE, on `device`: a new run starts from the weights of
+    `train_vae.init_from` when set; a decoder-only fine-tune freezes the encoder."""
+    t = preset.train_vae
     base = load_base_vae(preset.vae.base_vae, preset.vae.base_vae_subfolder, preset.vae.base_channels,
                          arch=preset.vae.base_vae_arch)
     model = DetailAlignedVAE.from_base(base, preset.vae).to(device)
@@ -454,6 +451,49 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
         _load_init(model, t.init_from, base, cb, decoder_only=not t.train_encoder)
     if not t.train_encoder:
         model.set_trainable(encoder=False)
+    return model
+
+
+def _prepared(acc, model, opt, disc, opt_d):
+    """accelerate's `prepare` of the model and its optimiser, and of the discriminator and its optimiser when
+    there is one (the scheduler is not prepared: accelerate would step it once per process per call)."""
+    if disc is None:
+        return (*acc.prepare(model, opt), None, None)
+    return acc.prepare(model, opt, disc, opt_d)
+
+
+def _evaluate_every(evaluate, every: int, total: int, cb):
+    """RunLoop's `after_step`: a held-out evaluation every `every` steps (the last step's is the final one)."""
+
+    def after_step(step: int) -> None:
+        if step % every == 0 and step != total:
+            res = evaluate(step)
+            if res:
+                cb.on_message(f"step {step}: held-out PSNR {res['davae.psnr']:.2f} dB "
+                              f"(baseline {res['base_half_bicubic.psnr']:.2f}, full-res base {res['base_full.psnr']:.2f})")
+
+    return after_step
+
+
+def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: bool = False,
+              val_data: Optional[list[str]] = None, callbacks: Optional[Callbacks] = None,
+              report_to: Optional[str] = None) -> TrainVAEResult:
+    """Train (or, with `preset.train_vae.steps == 0`, just build and export) a DA-VAE. See the module doc.
+    `report_to`: experiment trackers besides log.jsonl ("tensorboard", "wandb", "trackio", "all"; None or
+    "none": none), checked before anything is loaded or written (train/trackers.py)."""
+    cb = callbacks or Callbacks()
+    trackers = tracker_names(report_to)
+    run_dir = Path(run_dir)
+    streamed = bool(data) and any(is_stream(d) for d in data)
+    fields = Fields(preset.data.image_key, preset.data.caption_key, preset.data.label_key)
+    try:
+        acc, preset, ckpt_path, simages, images = _open_listed(preset, data, val_data, run_dir, resume, streamed,
+                                                               fields, cb, trackers)
+    except RunFinished as done:
+        return TrainVAEResult(str(run_dir), str(done.final_dir), done.steps, {}, 0, already_finished=True)
+    t, lo = preset.train_vae, preset.loss
+    device = acc.device
+    model = _build_model(preset, ckpt_path, device, cb)
     final_dir = run_dir / "final"
     if t.steps == 0:
         return _export_untrained(model, t, data, streamed, fields, acc, run_dir, cb)
@@ -472,16 +512,9 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
     if ckpt_path is None and resume:
         cb.on_message("no checkpoint yet: starting from step 0")
     ema.to(device)
-    if disc is not None:
-        model, opt, disc, opt_d = acc.prepare(model, opt, disc, opt_d)
-    else:
-        model, opt = acc.prepare(model, opt)
-    # the scheduler is not prepared: accelerate would step it once per process per call
+    model, opt, disc, opt_d = _prepared(acc, model, opt, disc, opt_d)
     raw: DetailAlignedVAE = acc.unwrap_model(model)
 
-    crop = t.crop_size or t.resolution
-    total = t.steps
-    world = acc.num_processes
     if streamed:
         train_source = simages
     dataset, loader, val_images = _training_loader(preset, raw, simages if streamed else images,
@@ -495,36 +528,28 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
             state.update(disc=acc.unwrap_model(disc).state_dict(), opt_d=opt_d.state_dict())
         return state
 
-    loop = RunLoop(acc, run_dir, total=total, start_step=start_step, resumed=ckpt_path is not None, seed=t.seed,
+    loop = RunLoop(acc, run_dir, total=t.steps, start_step=start_step, resumed=ckpt_path is not None, seed=t.seed,
                    log_every=t.log_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-                   state_fn=state_fn, callbacks=cb, data_state=loader.state if streamed else None)
-
+                   state_fn=state_fn, callbacks=cb, data_state=loader.state if streamed else None,
+                   config=preset.to_dict(), job="train-vae")
     evaluate = HeldOutEvaluator(raw, val_images, ema, trainable, lpips_model, t.batch_size, run_dir / "samples",
-                                acc.is_main_process, loop.write)
-
-    def after_step(step: int) -> None:
-        if step % t.eval_every == 0 and step != total:
-            res = evaluate(step)
-            if res:
-                cb.on_message(f"step {step}: held-out PSNR {res['davae.psnr']:.2f} dB "
-                              f"(baseline {res['base_half_bicubic.psnr']:.2f}, full-res base {res['base_full.psnr']:.2f})")
-
-    info = {"device": str(device), "world_size": world,
-            **({"train_shards": len(simages.shards)} if streamed else {"train_images": len(train_source)}),
-            "val_images": 0 if val_images is None else int(val_images.shape[0]), "crop": crop,
-            "trainable_params": sum(p.numel() for p in trainable), "start_step": start_step}
-    loop.start(info)
+                                acc.is_main_process, loop)
+    loop.start({"device": str(device), "world_size": acc.num_processes,
+                **({"train_shards": len(simages.shards)} if streamed else {"train_images": len(train_source)}),
+                "val_images": 0 if val_images is None else int(val_images.shape[0]), "crop": t.crop_size or t.resolution,
+                "trainable_params": sum(p.numel() for p in trainable), "start_step": start_step})
     if start_step == 0 and val_images is not None:
         cb.on_message(f"evaluating the start on {int(val_images.shape[0])} held-out image(s)")
         evaluate(0)
     raw.train()
-    loop.run(VAEOptimStep(stepper, acc, model, opt, sched, ema, trainable, opt_d, t), iter(loader), after_step)
+    loop.run(VAEOptimStep(stepper, acc, model, opt, sched, ema, trainable, opt_d, t), iter(loader),
+             _evaluate_every(evaluate, t.eval_every, t.steps, cb))
 
     final_eval = _evaluate_and_export(raw, evaluate, val_images, ema, trainable, train_source, t, acc, loop,
                                       final_dir, cb)
+    loop.trackers.finish()
     skipped = (0 if streamed else len(source.skipped)) + dataset.read_failures
-    summary = {"steps": total, "final": str(final_dir), "eval": final_eval, "last": loop.last,
-               "skipped_images": skipped, "elapsed_s": round(loop.elapsed_s, 1)}
-    cb.on_end(summary)
+    cb.on_end({"steps": t.steps, "final": str(final_dir), "eval": final_eval, "last": loop.last,
+               "skipped_images": skipped, "elapsed_s": round(loop.elapsed_s, 1)})
     unlock_run(run_dir)
-    return TrainVAEResult(str(run_dir), str(final_dir), total, final_eval, skipped)
+    return TrainVAEResult(str(run_dir), str(final_dir), t.steps, final_eval, skipped)
