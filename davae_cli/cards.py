@@ -179,6 +179,12 @@ def model_card(folder: Path, *, kind: str, run_dir: Optional[Path] = None, base_
     return fm + "\n" + "\n".join(lines) + "\n"
 
 
+def card_run_dir(out_dir: Path) -> Optional[Path]:
+    """The run folder a trainer's export `RUN/final` belongs to (None when `out_dir` is not inside one)."""
+    run = Path(out_dir).parent
+    return run if (run / "config.yaml").is_file() else None
+
+
 def write_model_card(into: Path, folder: Optional[Path] = None, **kw) -> Path:
     """Write `model_card(folder, ...)` to `into/README.md` (temp file + rename). `into` is where the export is
     being written (an exporter's temporary folder), `folder` the path it will have (default: `into`)."""

@@ -78,3 +78,26 @@ def test_write_model_card_names_the_final_folder(tmp_path):
 def test_run_summary_of_a_missing_run_is_empty(tmp_path):
     s = run_summary(tmp_path / "nothing")
     assert s["steps"] is None and s["eval"] is None and s["config"] == {}
+
+
+def test_every_export_carries_its_card(tmp_path, davae_dir):
+    """train-vae's and adapt-dit's exports (here the --steps 0 ones) hold a README.md in the hub's format that
+    names the folder as it is after the swap, and an export trained by nothing claims no metric."""
+    from conftest import run_cli
+
+    card = (davae_dir / "README.md").read_text()
+    fm = front_matter(card)
+    assert fm["library_name"] == "davae" and "da-vae" in fm["tags"]
+    assert str(davae_dir) in card and ".tmp" not in card and "no held-out evaluation" in card
+    from davae_cli.config import load_preset
+    from davae_cli.train.dit import adapt_dit
+    from davae_cli.train.vae import train_vae
+
+    tiny = ["vae.base_vae=random", "vae.base_vae_subfolder=null", "adapt_dit.resolution=64",
+            "dit.max_sequence_length=8", "train_vae.steps=0", "adapt_dit.steps=0"]
+    train_vae(load_preset("tiny", tiny), [], tmp_path / "v")
+    adapt_dit(load_preset("tiny", tiny), tmp_path / "v" / "final", tmp_path / "a")
+    text = (tmp_path / "a" / "final" / "README.md").read_text()
+    assert front_matter(text)["library_name"] == "davae"
+    assert "DAVAEPipeline.from_pretrained" in text and 'prompt="a lighthouse at dusk"' in text
+    assert str(tmp_path / "a" / "final") in text

@@ -175,7 +175,7 @@ def convert_imagenet_davae(ckpt: str | Path, base_vae: str | Path, stats: str | 
     if detail_stats is not None:
         model.set_detail_stats(detail_stats[0], detail_stats[1], 0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_davae(model, out)
+    export_davae(model, out, trained=False)
     return {"out": str(out), "weights": n + len(blocks), "base_vae": str(base_vae), "stats": str(stats),
             "detail_stats": "from the statistics file" if detail_stats is not None else "not set (measure them)",
             "base_resize": "plain", "decoder_base_space": "raw", "checkpoint_prefix": head}
@@ -214,7 +214,7 @@ def convert_lightningdit(ckpt: str | Path, vae_dir: str | Path, out: str | Path,
     facts = sampling_facts(preset, vae, vae_dir, backend, model, str(ckpt), 0, detail_stats=stats)
     facts["converted_from"] = {"checkpoint": str(ckpt.resolve()), "code": "caixin98/DA-VAE lightningdit/train.py"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_adapted(backend, model, facts, out)
+    export_adapted(backend, model, facts, out, trained=False)
     return {"out": str(out), "parameters": sum(p.numel() for p in model.parameters()), "channels": c + d,
             "use_qknorm": bool(preset.dit.arch.get("use_qknorm", False)), "vae": str(vae_dir),
             "sample_shift": facts["sample_shift"], "sampling": facts["sampling"]}
@@ -298,7 +298,7 @@ def convert_sd3_davae(ckpt: str | Path, base_vae: str | Path, out: str | Path, p
     if unused:
         raise DavaeError(f"{src}: weight {head}{unused[0]} has no place in the davae model")
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_davae(model, out)
+    export_davae(model, out, trained=False)
     return {"out": str(out), "weights": n, "base_vae": spec, "teacher_checked": bool(teacher),
             "detail_stats": "0 / 1: the official SD3 code feeds its DiT the raw detail channels",
             "base_resize": "plain_clamp", "up_input_order": "detail_first", "checkpoint_prefix": head}
@@ -419,7 +419,7 @@ def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, ou
     facts["converted_from"] = {"heads": str(heads.resolve()), "lora": str(f.resolve()), "lora_alpha": alpha,
                                "code": "caixin98/DA-VAE sd3/omini/train_sd3_davae"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_adapted(backend, model, facts, out)
+    export_adapted(backend, model, facts, out, trained=False)
     return {"out": str(out), "lora_rank": rank, "lora_alpha": alpha, "lora_targets": len(targets),
             "base_transformer": str(spec), "vae": str(vae_dir), "sample_shift": facts["sample_shift"]}
 

@@ -20,11 +20,21 @@ from ..latents import atomic_write_bytes
 from .loop import Callbacks, RunLoop, load_checkpoint, lr_lambda, restore_training_state, training_state, write_folder
 
 
-def export_adapted(backend, model, facts: dict, out_dir: Path, facts_file: str = FACTS_FILE) -> None:
-    """Write into a temporary folder, then rename: `out_dir` is complete or absent."""
+def export_adapted(backend, model, facts: dict, out_dir: Path, facts_file: str = FACTS_FILE, *,
+                   trained: bool = True) -> None:
+    """Write into a temporary folder with the model card (README.md, from the run folder above `out_dir` when
+    `trained`; a converter passes `trained=False`), then rename: `out_dir` is complete or absent."""
+    from ..cards import card_run_dir, write_model_card
+
+    native = facts_file != FACTS_FILE
+    cond = "class" if native else (facts.get("conditioning") or {}).get("type", "prompt")
+
     def write(tmp: Path) -> None:
         backend.export(model, tmp)
         atomic_write_bytes(tmp / facts_file, json.dumps(facts, indent=2).encode())
+        write_model_card(tmp, folder=out_dir, kind="native-dit" if native else "adapted-dit",
+                         base_model=None if native else facts.get("dit_source"), conditioning=cond,
+                         run_dir=card_run_dir(out_dir) if trained else None)
 
     write_folder(out_dir, write, "the adapted DiT")
 

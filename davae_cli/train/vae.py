@@ -234,9 +234,17 @@ def _save_grid(path: Path, rows: list[torch.Tensor]):
     return arr
 
 
-def export_davae(model: DetailAlignedVAE, out_dir: Path) -> None:
-    """`save_pretrained` into a temporary folder, then rename: `out_dir` is complete or absent."""
-    write_folder(out_dir, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True), "the DA-VAE")
+def export_davae(model: DetailAlignedVAE, out_dir: Path, *, trained: bool = True) -> None:
+    """`save_pretrained` into a temporary folder with its model card (README.md, from the run folder above
+    `out_dir` when `trained`; a converter passes `trained=False`), then rename: `out_dir` is complete or absent."""
+    from ..cards import card_run_dir, write_model_card
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        write_model_card(tmp, folder=out_dir, kind="davae", base_model=model.config.base_vae_source,
+                         run_dir=card_run_dir(out_dir) if trained else None)
+
+    write_folder(out_dir, write, "the DA-VAE")
 
 
 class VAEOptimStep:
