@@ -176,6 +176,29 @@ def timing_report(report: dict, n: int) -> dict:
             "images_per_s_steady": n_rest / rest_s if n_rest and rest_s > 0 else None}
 
 
+def check_res(res: Optional[int], dit_dir: Optional[str]) -> None:
+    """Refuse, before any model is loaded, a --res the adapted DiT in `dit_dir` cannot take: not a whole number of
+    tokens (its facts' s * f * p pixels), naming the nearest sizes it can. Any such size works for every backend
+    (LightningDiT computes its position tables for the grid it is given). Nothing to check without a --res or
+    readable facts (the loader then says what is wrong)."""
+    import json
+
+    from .dit.backend import FACTS_FILE
+
+    if res is None or not dit_dir:
+        return
+    try:
+        facts = json.loads((Path(dit_dir) / FACTS_FILE).read_text())
+        unit = int(facts["granularity"]) * int(facts["patch_size"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    if res <= 0 or res % unit:
+        below, above = (res // unit) * unit, (res // unit + 1) * unit
+        near = f"{below} or {above}" if below > 0 else f"{above}"
+        raise DavaeError(f"{res}: must be a positive multiple of {unit} for this model (pixels per token), e.g. "
+                         f"{near}", param="res")
+
+
 def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = None, dit_dir: Optional[str] = None,
              base_pipeline: Optional[str] = None, native: bool = False, use_t5: bool = True,
              random_weights: bool = False, progress: Optional[Callable[[int, int], None]] = None,
@@ -193,6 +216,8 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
             raise DavaeError("must be at least 1", param=name)
     check_sampling(s.steps, s.shift, None if isinstance(s.guidance_interval, str) else s.guidance_interval, s.sampler)
     jobs = make_jobs(s)
+    if not (native or random_weights):
+        check_res(s.res, dit_dir)
     t0 = time.perf_counter()
     model, cond_fn, s = load_model(preset, s, vae_dir=vae_dir, dit_dir=dit_dir, base_pipeline=base_pipeline,
                                    native=native, use_t5=use_t5, random_weights=random_weights, device=device,

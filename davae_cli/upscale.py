@@ -288,6 +288,71 @@ def _class_of(meta: dict, path, num_classes: int) -> int:
     return c
 
 
+@dataclass
+class Geometry:
+    """The sizes an adapted pair can make: the DA-VAE's scale s and base downsampling f, the DiT's patch p (a
+    token is f * p base-image pixels, s * f * p output pixels), and the resolution it was adapted at."""
+
+    scale: int
+    downsample: int
+    patch: int
+    resolution: int
+
+
+def read_geometry(vae_dir: str, dit_dir: str) -> Optional[Geometry]:
+    """The pair's `Geometry` from its two folders' JSON files, no model loaded (the DA-VAE's config.json, the
+    adapted DiT's facts); None when either is missing or unreadable (loading the pair then says why)."""
+    import json
+
+    from .dit.backend import FACTS_FILE
+
+    try:
+        vae = json.loads((Path(vae_dir) / "config.json").read_text())
+        facts = json.loads((Path(dit_dir) / FACTS_FILE).read_text())
+        return Geometry(int(vae["scale"]), int(vae["downsample"]), int(facts["patch_size"]), int(facts["resolution"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def plan_sizes(src: Inputs, todo: list[int], res_given: Optional[int], g: Geometry, latent_shapes: dict,
+               on_message: Callable[[str], None] = lambda t: None) -> tuple[int, dict]:
+    """(the output short side R, {(kind, base size): [input indices]}) for the inputs to do: an image's base size
+    from its header (`base_size`, whole tokens), a latent's from its (h, w) in `latent_shapes` (index -> shape;
+    latents are not resized). Sizes no model can take are refused in one line, before any model is loaded; a
+    --res that is not a whole number of tokens is rounded down, with a note saying to what."""
+    res = res_given if res_given is not None else g.resolution
+    scale, f, p = g.scale, g.downsample, g.patch
+    unit = f * p  # base-image pixels per token side
+    if res <= 0:
+        raise DavaeError(f"{res}: must be positive", param="res")
+    if any(k == "image" for k in src.kinds) and res_given is not None:
+        got = (res // scale // unit) * unit * scale
+        if got != res and got > 0:
+            on_message(f"note: --res {res} is not a whole number of DiT tokens ({unit * scale} px each at the "
+                       f"output): images are upscaled to a short side of {got}")
+    groups: dict[tuple[str, tuple[int, int]], list[int]] = {}
+    for i in todo:
+        if src.kinds[i] == "latent":
+            h, w = latent_shapes[i]
+            size = (h * f, w * f)  # the base image the latent stands for
+            if h % p or w % p:
+                raise DavaeError(f"{src.items[i]}: its {h}x{w} latent is not a whole number of DiT tokens "
+                                 f"({p}x{p} latent pixels each)")
+            if res_given is not None and min(size) * scale != res_given:
+                raise DavaeError(f"{res_given} does not fit {src.items[i]}: its {h}x{w} latent gives "
+                                 f"{size[1] * scale}x{size[0] * scale} (latents are not resized; leave --res out)",
+                                 param="res")
+        else:
+            size = base_size(*_image_size(src.items[i]), res, scale, unit)
+        groups.setdefault((src.kinds[i], size), []).append(i)
+    return res, groups
+
+
+def _latent_shapes(src: Inputs, todo: list[int]) -> dict:
+    """index -> (h, w) of each latent input to do (its own errors name the file)."""
+    return {i: tuple(load_latent(Path(src.items[i]))[0].shape[-2:]) for i in todo if src.kinds[i] == "latent"}
+
+
 def _upscale_batch(model, cond_fn, batch: list[Job], z_base: torch.Tensor, sigmas, s: UpscaleSettings, device,
                    dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """z_base (B, C, h, w) float32 on `device` -> (images (B, 3, H, W), final latents (B, C+D, h, w),
@@ -306,6 +371,28 @@ def _upscale_batch(model, cond_fn, batch: list[Job], z_base: torch.Tensor, sigma
     return out, lat, {"text_s": text_s, "sample_s": sample_s, "decode_s": decode_s}
 
 
+def _base_latents(src: Inputs, idx: list[int], kind: str, size: tuple[int, int], vae, dit_davae, device):
+    """(z_base (B, C, h, w) float32 on `device`, seconds) of the inputs `idx`: a latent file's base channels as
+    they are, an image's base image (`size`) encoded; reading and resizing count as encoding."""
+    clock = timed(device)
+    if kind == "latent":
+        return clock(lambda: torch.stack([read_base_latent(src.items[i], vae, dit_davae)[0] for i in idx]).to(device))
+    t_read = time.perf_counter()
+    x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size, vae.config.base_resize) for i in idx])
+    read_s = time.perf_counter() - t_read
+    with torch.inference_mode():
+        z_base, encode_s = clock(lambda: vae.encode_base_image(x_base.to(device)).float())
+    return z_base, encode_s + read_s
+
+
+def _source_meta(meta: Optional[dict]) -> dict:
+    """A latent input's own generation settings (its file's metadata), kept beside upscale's; {} for an image."""
+    if meta is None:
+        return {}
+    src_meta = {key: v for key, v in meta.items() if key != "space"}
+    return {"source_kind": "latent", "source_seed": src_meta.get("seed"), "source_meta": src_meta}
+
+
 def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: str, dit_dir: str,
             base_pipeline: Optional[str] = None, use_t5: bool = True,
             progress: Optional[Callable[[int, int], None]] = None,
@@ -317,6 +404,11 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
 
     _check_settings(s)
     src = _inputs(inputs, s.from_latents, on_message)
+    out_dir = Path(s.out_dir)
+    todo = [i for i in range(len(src)) if s.overwrite or not (out_dir / f"{src.name(i)}.png").exists()]
+    geo = read_geometry(vae_dir, dit_dir)
+    if geo is not None:  # sizes checked from the folders' JSON files, before any model is loaded
+        _, groups = plan_sizes(src, todo, s.res, geo, _latent_shapes(src, todo), on_message)
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
     t0 = time.perf_counter()
@@ -324,42 +416,18 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
                                   negative_prompt=s.negative_prompt, device=device, dtype=dtype)
     vae = model.parts["davae"]
     dit_davae = model.facts.get("davae")
-    out_dir = Path(s.out_dir)
-    todo = [i for i in range(len(src)) if s.overwrite or not (out_dir / f"{src.name(i)}.png").exists()]
-    metas, shapes = {}, {}  # latent inputs to do: their metadata and latent (h, w)
+    metas = {}  # latent inputs to do: their metadata (and their base VAE, channels and class checked)
     for i in todo:
         if src.kinds[i] == "latent":
-            z, metas[i] = read_base_latent(src.items[i], vae, dit_davae)
-            shapes[i] = tuple(z.shape[-2:])
+            metas[i] = read_base_latent(src.items[i], vae, dit_davae)[1]
+    if geo is None:  # the folders' files were not plain JSON, but the loader took them: the loaded pair's sizes
+        geo = Geometry(int(vae.config.scale), int(vae.config.downsample), model.patch_size,
+                       int(model.facts["resolution"]))
+        _, groups = plan_sizes(src, todo, s.res, geo, _latent_shapes(src, todo), on_message)
     jobs = _jobs(model, s, src, metas)
     s = with_recipe(s, model.recipe)  # a completed copy: the caller's settings stay as given
     check_shift(model, s.shift)
-    res = s.res if s.res is not None else int(model.facts["resolution"])
-    scale, f = int(vae.config.scale), vae.config.downsample
-    p = model.patch_size
     shift = s.shift if s.shift is not None else model.shift
-    grid_side = dict(getattr(model.dit, "config", None) or {}).get("input_size")  # a DiT built for one grid
-
-    # group by kind and base size so that each batch is one tensor; image sizes come from the headers, images
-    # and latents are read per batch
-    groups: dict[tuple[str, tuple[int, int]], list[int]] = {}
-    for i in todo:
-        if src.kinds[i] == "latent":
-            h, w = shapes[i]
-            size = (h * f, w * f)  # the base image the latent stands for
-            if h % p or w % p:
-                raise DavaeError(f"{src.items[i]}: its {h}x{w} latent is not a whole number of DiT tokens "
-                                 f"({p}x{p} latent pixels each)")
-            if s.res is not None and min(size) * scale != s.res:
-                raise DavaeError(f"{s.res} does not fit {src.items[i]}: its {h}x{w} latent gives "
-                                 f"{size[1] * scale}x{size[0] * scale} (latents are not resized; leave --res out)",
-                                 param="res")
-        else:
-            size = base_size(*_image_size(src.items[i]), res, scale, f * p)
-        if grid_side is not None and (size[0] // f, size[1] // f) != (int(grid_side), int(grid_side)):
-            raise DavaeError(f"{src.items[i]}: the DiT reads a {grid_side}x{grid_side} latent grid "
-                             f"({int(grid_side) * f * scale}² output), this input gives {size[0] // f}x{size[1] // f}")
-        groups.setdefault((src.kinds[i], size), []).append(i)
     if s.compile:
         model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
         on_message("compiling the DiT on its first use: the first batch's time includes the compilation")
@@ -367,28 +435,17 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
 
     timings = {"encode_s": 0.0, "text_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
     written, sizes, done = [], set(), len(src) - len(todo)
-    clock = timed(device)
     if progress:
         progress(done, len(src))
     for (kind, size), members in groups.items():
-        tokens = (size[0] // f // p) * (size[1] // f // p)  # the latent at R
-        sigmas = model.backend.sigma_grid(s.steps, shift, model.scheduler_config, tokens)
+        unit = geo.downsample * geo.patch
+        sigmas = model.backend.sigma_grid(s.steps, shift, model.scheduler_config, (size[0] // unit) * (size[1] // unit))
         grid = [round(float(v), 8) for v in sigmas]
-        sizes.add((size[0] * scale, size[1] * scale))
+        sizes.add((size[0] * geo.scale, size[1] * geo.scale))
         for k in range(0, len(members), s.batch_size):
             idx = members[k : k + s.batch_size]
             batch = [jobs[i] for i in idx]
-            if kind == "latent":  # the base channels as they are in the files: reading counts as encoding
-                z_base, encode_s = clock(lambda: torch.stack([read_base_latent(src.items[i], vae, dit_davae)[0]
-                                                              for i in idx]).to(device))
-            else:
-                t_read = time.perf_counter()
-                x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size, vae.config.base_resize)
-                                      for i in idx])
-                read_s = time.perf_counter() - t_read  # reading and resizing count as encoding
-                with torch.inference_mode():
-                    z_base, encode_s = clock(lambda: vae.encode_base_image(x_base.to(device)).float())  # (B, C, h, w)
-                encode_s += read_s
+            z_base, encode_s = _base_latents(src, idx, kind, size, vae, dit_davae, device)  # (B, C, h, w)
             timings["encode_s"] += encode_s
             images, lat, times = _upscale_batch(model, cond_fn, batch, z_base, sigmas, s, device, dtype)
             for key, v in times.items():
@@ -399,10 +456,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
                         "class_id": j.class_id, "seed": j.seed, "steps": s.steps, "guidance": s.guidance,
                         "guidance_interval": s.guidance_interval, "sampler": s.sampler, "shift": shift,
                         "sigmas": grid, "res": list(img.shape[-2:]), "base_size": list(size), "mode": "upscale",
-                        **model.identity}
-                if kind == "latent":  # the source's own generation settings, kept beside upscale's
-                    src_meta = {key: v for key, v in metas[i].items() if key != "space"}
-                    meta.update(source_kind="latent", source_seed=src_meta.get("seed"), source_meta=src_meta)
+                        **model.identity, **_source_meta(metas.get(i))}
                 written.append(write_sample(out_dir, src.name(i), img, z, meta, s.save_latents))
             done += len(idx)
             if progress:

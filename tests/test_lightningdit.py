@@ -140,8 +140,10 @@ def test_learn_sigma_and_wrong_inputs_raise():
     with pytest.raises(DavaeError):
         build_lightningdit("huge/3")
     m = tiny()
-    with pytest.raises(DavaeError, match="expected x of shape"):
-        m(torch.randn(1, C, 16, 16), torch.rand(1), torch.tensor([0]))
+    with pytest.raises(DavaeError, match="expected x of shape"):  # another channel count
+        m(torch.randn(1, C + 1, 8, 8), torch.rand(1), torch.tensor([0]))
+    with pytest.raises(DavaeError, match="multiples of the patch size 2"):  # 9 is not a whole number of patches
+        tiny(patch_size=2)(torch.randn(1, C, 8, 9), torch.rand(1), torch.tensor([0]))
 
 
 def test_shift_time():

@@ -39,7 +39,7 @@ def generate_cmd(
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Prompt (repeatable)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="File of prompts: .txt one per line, .jsonl (field prompt, caption or text) or .parquet (column prompt, caption or text), as `davae synth` reads."),
     class_id: Optional[list[int]] = typer.Option(None, "--class-id", help="Class id for class-conditional models (repeatable)."),
-    res: Optional[int] = typer.Option(None, "--res", help="Image resolution (default: the adapted model's)."),
+    res: Optional[int] = typer.Option(None, "--res", help="Image resolution (default: the adapted model's): any multiple of the model's pixels per token (s*f*p), not only the one it was trained at."),
     steps: Optional[int] = typer.Option(None, "--sampling-steps", "--steps", help="Sampling steps (default: the recipe's; see below)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, 1 = off (default: the recipe's)."),
     guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="Apply CFG only for sigma in LO,HI, e.g. 0,0.8, or 'all' (default: the recipe's)."),

@@ -45,7 +45,7 @@ def upscale_cmd(
     dit: Path = typer.Option(..., "--dit", help="Adapted DiT folder (RUN/final of adapt-dit), adapted with that DA-VAE."),
     preset: str = PresetOpt,
     from_latents: bool = typer.Option(False, "--from-latents", help="Folders give their latent files (.safetensors), not their images: for a generate --save-latents folder, which holds both."),
-    res: Optional[int] = typer.Option(None, "--res", help="Output short side R (default: the adapted model's resolution); an image is resized to R/s, sides rounded down to whole tokens. A latent is never resized: its output is s x its base resolution."),
+    res: Optional[int] = typer.Option(None, "--res", help="Output short side R (default: the adapted model's resolution; any other works on every backend); an image of any shape is resized to R/s, sides rounded down to whole tokens (a note says so when R itself is rounded). A latent is never resized: its output is s x its base resolution."),
     strength: float = typer.Option(0.0, "--strength", help="0 = the input's base channels kept exactly (only the detail channels are generated); > 0 = the base channels are also regenerated below sigma = STRENGTH (up to 1)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for every input (SD3/FLUX models; \"\" allowed, the default for images; a latent: its own recorded prompt)."),
     class_id: Optional[int] = typer.Option(None, "--class-id", help="Class for every input (class-conditional models; default for images: the null class, unconditional; a latent: its own recorded class_id)."),

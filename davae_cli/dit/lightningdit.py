@@ -5,6 +5,7 @@ Written from the published architecture; parameter and buffer names follow the p
 
     x_embedder.proj.{weight,bias}                    Conv2d(C, hidden, k=p, s=p)
     pos_embed                                        (1, T, hidden) fixed 2D sin-cos table (a frozen parameter)
+                                                     of the trained grid; other grids compute theirs
     t_embedder.mlp.{0,2}.{weight,bias}               sinusoidal(256) -> Linear -> SiLU -> Linear
     y_embedder.embedding_table.weight                (num_classes + 1, hidden): the last row is the null class
     feat_rope.freqs_{cos,sin}                        (T, head_dim) 2D RoPE tables (persistent buffers), use_rope
@@ -84,17 +85,23 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 # positional tables
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """(grid * grid, dim) fixed 2D sin-cos embedding; token k = row * grid + col. The first dim / 2
-    features encode the column, the last dim / 2 the row; each half is [sin(pos w), cos(pos w)] with
-    w_i = 10000^(-i / (dim / 4)). Computed in float64, returned in float32."""
+def _hw(grid: int | tuple[int, int]) -> tuple[int, int]:
+    """A token grid given as its side (square) or as (rows, columns)."""
+    return (int(grid), int(grid)) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+
+
+def sincos_pos_embed_2d(dim: int, grid: int | tuple[int, int]) -> torch.Tensor:
+    """(rows * cols, dim) fixed 2D sin-cos embedding of a token grid (`grid`: its side, or (rows, cols)); token
+    k = row * cols + col. The first dim / 2 features encode the column, the last dim / 2 the row; each half is
+    [sin(pos w), cos(pos w)] with w_i = 10000^(-i / (dim / 4)) (the official `get_2d_sincos_pos_embed`, whose
+    meshgrid puts the column first). Computed in float64, returned in float32."""
     if dim % 4:
         raise DavaeError(f"LightningDiT: hidden_size {dim} must be a multiple of 4 for the 2D sin-cos embedding")
+    gh, gw = _hw(grid)
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    pos = torch.arange(grid, dtype=torch.float64)
-    rows = pos.repeat_interleave(grid)  # row of token k
-    cols = pos.repeat(grid)  # column of token k
+    rows = torch.arange(gh, dtype=torch.float64).repeat_interleave(gw)  # row of token k
+    cols = torch.arange(gw, dtype=torch.float64).repeat(gh)  # column of token k
 
     def one_axis(p: torch.Tensor) -> torch.Tensor:
         ang = p[:, None] * omega[None, :]
@@ -103,36 +110,78 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()
 
 
-def rope_tables_2d(head_dim: int, grid: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grid * grid, head_dim) cos / sin tables of the 2D rotary embedding (EVA-02 style, as in LightningDiT):
-    the first head_dim / 2 features rotate with the token's row, the last head_dim / 2 with its column;
-    rotation pairs are adjacent features (2i, 2i + 1), frequency theta^(-2i / (head_dim / 2))."""
+def rope_tables_2d(head_dim: int, grid: int | tuple[int, int],
+                   theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows * cols, head_dim) cos / sin tables of the 2D rotary embedding (EVA-02 style, as in LightningDiT) of
+    a token grid (`grid`: its side, or (rows, cols)): the first head_dim / 2 features rotate with the token's
+    row, the last head_dim / 2 with its column; rotation pairs are adjacent features (2i, 2i + 1), frequency
+    theta^(-2i / (head_dim / 2)). Positions are the token's row and column (0, 1, 2, ...), so a larger or
+    non-square grid continues the trained one (its tables are, up to float rounding, a block of the larger's)."""
     half = head_dim // 2
     if head_dim % 4:
         raise DavaeError(f"LightningDiT: head dim {head_dim} must be a multiple of 4 for 2D RoPE")
+    gh, gw = _hw(grid)
     inv_freq = 1.0 / theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)  # (half / 2,)
-    pos = torch.arange(grid) / grid * grid  # the official position formula (pt_seq_len = ft_seq_len)
-    ang = (pos[:, None] * inv_freq[None, :]).repeat_interleave(2, dim=-1)  # (grid, half), pairs share a freq
-    rows = ang[:, None, :].expand(grid, grid, half)
-    cols = ang[None, :, :].expand(grid, grid, half)
-    table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
+
+    def axis(n: int) -> torch.Tensor:  # (n, half), pairs share a frequency
+        pos = torch.arange(n) / n * n  # the official position formula (pt_seq_len = ft_seq_len = n)
+        return (pos[:, None] * inv_freq[None, :]).repeat_interleave(2, dim=-1)
+
+    rows = axis(gh)[:, None, :].expand(gh, gw, half)
+    cols = axis(gw)[None, :, :].expand(gh, gw, half)
+    table = torch.cat([rows, cols], dim=-1).reshape(gh * gw, head_dim)
     return table.cos(), table.sin()
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, heads, T, head_dim) rotated by the (T, head_dim) tables: pairs (a, b) -> (a cos - b sin, b cos + a sin)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (a, b) -> (-b, a)
+    return x * cos + rotated * sin
+
+
 class RotaryEmbedding2D(nn.Module):
-    """Applies the 2D RoPE to (N, heads, T, head_dim). The tables are persistent buffers because the
-    released checkpoints store them (`feat_rope.freqs_cos`, `feat_rope.freqs_sin`)."""
+    """The 2D RoPE tables of the trained grid, as persistent buffers because the released checkpoints store them
+    (`feat_rope.freqs_cos`, `feat_rope.freqs_sin`); other grids get theirs from `LightningDiT.position_tables`."""
 
     def __init__(self, head_dim: int, grid: int):
         super().__init__()
+        self.head_dim = head_dim
         cos, sin = rope_tables_2d(head_dim, grid)
         self.register_buffer("freqs_cos", cos)
         self.register_buffer("freqs_sin", sin)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pairs = x.unflatten(-1, (-1, 2))
-        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (a, b) -> (-b, a)
-        return x * self.freqs_cos + rotated * self.freqs_sin
+    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (N, heads, T, head_dim) rotated with `tables` (cos, sin), or with the trained grid's."""
+        cos, sin = (self.freqs_cos, self.freqs_sin) if tables is None else tables
+        return apply_rope(x, cos, sin)
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, head_dim)
+
+
+def check_position_tables(hidden_size: int, head_dim: int, grid: int, tables: dict[str, torch.Tensor],
+                          source: str) -> None:
+    """One line when a stored fixed table (`pos_embed`, `feat_rope.freqs_cos` / `_sin`, as found in `tables`) is
+    not the one the formulas give for the trained `grid` x `grid`: the model computes the tables of every other
+    grid from those formulas, so a stored table they do not reproduce (another convention, a trained position
+    embedding) would put the trained grid and the others in different position spaces. The tolerance allows the
+    rounding of the stored dtype (and of float64 sin/cos in numpy vs torch)."""
+    want = {"pos_embed": sincos_pos_embed_2d(hidden_size, grid)[None]}
+    if "feat_rope.freqs_cos" in tables or "feat_rope.freqs_sin" in tables:
+        want["feat_rope.freqs_cos"], want["feat_rope.freqs_sin"] = rope_tables_2d(head_dim, grid)
+    for name, ref in want.items():
+        stored = tables.get(name)
+        if stored is None or stored.is_meta:
+            continue
+        tol = max(1e-5, 2 * torch.finfo(stored.dtype).eps) if stored.is_floating_point() else 0.0
+        err = float("inf")
+        if stored.numel() == ref.numel():
+            err = (stored.detach().float().cpu().reshape(ref.shape) - ref).abs().max().item()
+        if not err <= tol:
+            raise DavaeError(f"LightningDiT weights from {source}: {name} is not the fixed table of a {grid}x{grid} "
+                             f"token grid (largest difference {err:.3g}): a learned or differently laid-out table, "
+                             f"which the tables davae computes for other image sizes would not continue")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,13 +301,13 @@ class Attention(nn.Module):
             self.k_norm = nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding2D | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         n, t, d = x.shape
         # q, k, v: (N, heads, T, head_dim)
         q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = rope(q), rope(k)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
@@ -310,7 +359,7 @@ class LightningDiTBlock(nn.Module):
             self.mlp = GeluMlp(hidden_size, mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (4 if wo_shift else 6) * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RotaryEmbedding2D | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         mod = self.adaLN_modulation(c)
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
@@ -366,9 +415,12 @@ class FinalLayer(nn.Module):
 class LightningDiT(ModelMixin, ConfigMixin):
     """Class-conditional LightningDiT as a diffusers model (`save_pretrained` / `from_pretrained`).
 
-    `forward(x, t, y)`: x (N, in_channels, input_size, input_size); t (N,) in LightningDiT's convention
-    (t = 0 noise, t = 1 data, see the module docstring); y (N,) class ids, `num_classes` = the null class.
-    Returns the velocity (N, in_channels, input_size, input_size).
+    `forward(x, t, y)`: x (N, in_channels, H, W); t (N,) in LightningDiT's convention (t = 0 noise, t = 1 data,
+    see the module docstring); y (N,) class ids, `num_classes` = the null class. Returns the velocity
+    (N, in_channels, H, W). `input_size` is the trained grid (H = W = input_size): the fixed position tables of
+    that grid are the stored ones (`pos_embed`, `feat_rope`), checked on load to be what the formulas give;
+    any other H x W (multiples of the patch size, square or not) gets its tables computed from the same
+    formulas (`position_tables`).
 
     `detail_channels` is bookkeeping for DA-VAE: how many of the `in_channels` (the last ones) were added
     by `extend_lightningdit` (0 for a pretrained model). It does not change the architecture or the
@@ -418,6 +470,7 @@ class LightningDiT(ModelMixin, ConfigMixin):
         # a frozen parameter, not a buffer: the released checkpoints store it as `pos_embed`
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(hidden_size, self.grid)[None], requires_grad=False)
         self.feat_rope = RotaryEmbedding2D(hidden_size // num_heads, self.grid) if use_rope else None
+        self._tables: dict = {}  # (rows, cols, device, dtype) -> (pos, rope) of grids other than the trained one
         self.blocks = nn.ModuleList([
             LightningDiTBlock(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
             for _ in range(depth)
@@ -449,35 +502,80 @@ class LightningDiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, T, p * p * c) -> (N, c, h p, w p); token features in (p, q, c) order, c fastest."""
-        n, c, p, g = x.shape[0], self.out_channels, self.patch_size, self.grid
-        x = x.reshape(n, g, g, p, p, c)
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' `from_pretrained`, then the stored position tables checked (`check_position_tables`)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        model.check_position_tables(str(args[0]) if args else "a diffusers folder")
+        return loaded
+
+    def check_position_tables(self, source: str, tables: dict[str, torch.Tensor] | None = None) -> None:
+        """DavaeError (one line) when `tables` (default: this model's own) hold a `pos_embed` or RoPE table that
+        is not the formulas' for the trained grid (see `check_position_tables`)."""
+        own = {"pos_embed": self.pos_embed}
+        if self.feat_rope is not None:
+            own.update({"feat_rope.freqs_cos": self.feat_rope.freqs_cos, "feat_rope.freqs_sin": self.feat_rope.freqs_sin})
+        check_position_tables(int(self.config.hidden_size), int(self.config.hidden_size) // int(self.config.num_heads),
+                              self.grid, own if tables is None else {k: v for k, v in tables.items() if k in own}, source)
+
+    def position_tables(self, rows: int, cols: int, device) -> tuple[torch.Tensor, Rope | None]:
+        """(pos (1, rows * cols, d), RoPE (cos, sin) or None) of a rows x cols token grid: the stored tables for the
+        trained grid (bit for bit what the released checkpoints hold), else computed from the same formulas in
+        this model's dtype, once per grid and device."""
+        if (rows, cols) == (self.grid, self.grid):
+            rope = None if self.feat_rope is None else (self.feat_rope.freqs_cos, self.feat_rope.freqs_sin)
+            return self.pos_embed, rope
+        key = (rows, cols, str(device), self.pos_embed.dtype)
+        if key not in self._tables:
+            if len(self._tables) >= 8:  # many sizes in one process (a folder of odd images): keep memory bounded
+                self._tables.clear()
+            self._tables[key] = self._computed_tables(rows, cols, device)
+        return self._tables[key]
+
+    @torch.compiler.disable  # plain table building, outside any compiled graph (which takes its result as input)
+    def _computed_tables(self, rows: int, cols: int, device) -> tuple[torch.Tensor, Rope | None]:
+        dtype = self.pos_embed.dtype
+        with torch.inference_mode(False):  # ordinary tensors even when first asked inside sampling's inference mode
+            pos = sincos_pos_embed_2d(int(self.config.hidden_size), (rows, cols))[None].to(device=device, dtype=dtype)
+            rope = None
+            if self.feat_rope is not None:
+                cos, sin = rope_tables_2d(self.feat_rope.head_dim, (rows, cols))
+                rope = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
+        return pos, rope
+
+    def unpatchify(self, x: torch.Tensor, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+        """(N, T, p * p * c) -> (N, c, rows p, cols p) (default: the trained grid); token features in (p, q, c)
+        order, c fastest."""
+        n, c, p = x.shape[0], self.out_channels, self.patch_size
+        gh, gw = rows or self.grid, cols or self.grid
+        x = x.reshape(n, gh, gw, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(n, c, g * p, g * p)
+        return x.reshape(n, c, gh * p, gw * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        size = self.config.input_size
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != size or x.shape[3] != size:
-            raise DavaeError(f"LightningDiT: expected x of shape (N, {self.in_channels}, {size}, {size}), "
-                             f"got {tuple(x.shape)}")
-        n = x.shape[0]
+        p = self.patch_size
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p or 0 in x.shape[2:]:
+            raise DavaeError(f"LightningDiT: expected x of shape (N, {self.in_channels}, H, W) with H and W positive "
+                             f"multiples of the patch size {p}, got {tuple(x.shape)}")
+        n, rows, cols = x.shape[0], x.shape[2] // p, x.shape[3] // p
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(n) if t.ndim == 0 else t
         y = torch.as_tensor(y, device=x.device)
         y = y.expand(n) if y.ndim == 0 else y
+        pos, rope = self.position_tables(rows, cols, x.device)
 
         # x (N, C[+D], H, W); T = (H / p) * (W / p) tokens of width d = hidden_size
-        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, d)
+        h = self.x_embedder(x) + pos.to(x.dtype)  # (N, T, d)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, d)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(block, h, c, self.feat_rope, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, h, c, rope, use_reentrant=False)
             else:
-                h = block(h, c, self.feat_rope)  # (N, T, d)
+                h = block(h, c, rope)  # (N, T, d)
         h = self.final_layer(h, c)  # (N, T, p * p * out_channels)
-        return self.unpatchify(h)  # (N, out_channels, H, W)
+        return self.unpatchify(h, rows, cols)  # (N, out_channels, H, W)
 
 
 def build_lightningdit(size: str, **overrides) -> LightningDiT:
@@ -591,7 +689,8 @@ def load_lightningdit_weights(model: LightningDiT, path: str | Path, prefer_ema:
     dict with 'ema' / 'model' / ... like the released `lightningdit-xl-imagenet256-800ep.pt`; 'ema' is used
     when `prefer_ema`), a `.safetensors` file, or a diffusers folder (`save_pretrained` output).
     `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes are stripped. Any missing, unexpected or
-    shape-mismatched key raises DavaeError with a one-line message. `.pt` files are read with
+    shape-mismatched key, and a stored position table that is not the formulas' (`check_position_tables`),
+    raises DavaeError with a one-line message before anything is loaded. `.pt` files are read with
     `weights_only=True`; `trust_pickle=True` allows a full unpickle for files that need it."""
     p = Path(path).expanduser()
     if not p.exists():
@@ -611,6 +710,7 @@ def load_lightningdit_weights(model: LightningDiT, path: str | Path, prefer_ema:
     msg = _mismatch_message(model, sd, f"{p.name} [{what}]")
     if msg:
         raise DavaeError(msg)
+    model.check_position_tables(f"{p.name} [{what}]", sd)  # before loading: nothing half-loaded
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -786,7 +886,8 @@ class LightningDiTBackend(Backend):
         return lightningdit_flops(config, image_tokens, batch)
 
     def native_model(self, spec, *, res, vae_dir, shift, recipe, device, dtype, on_message=lambda t: None):
-        """The pretrained LightningDiT (checkpoint, folder or `random` from the preset) at the base resolution;
+        """The pretrained LightningDiT (checkpoint, folder or `random` from the preset), built for its base
+        resolution's grid and run at `res` (any multiple of f * p: other grids compute their position tables);
         decodes with the base VAE of the DA-VAE in `vae_dir` (its latent transform inverted)."""
         from ..latents import check_native_space, read_native_facts
         from ..sampling import SamplingModel
@@ -798,12 +899,9 @@ class LightningDiTBackend(Backend):
         if not vae_dir or res is None:
             raise DavaeError("with a LightningDiT preset needs --vae (for its base VAE) and --res", param="native")
         f = p.vae.downsample
-        dit = place_frozen(self.load(spec, seed=p.adapt_dit.seed, latent_side=res // f), device, dtype)
+        # built for its base resolution's grid (the checkpoint's); other sizes compute their position tables
+        dit = place_frozen(self.load(spec, seed=p.adapt_dit.seed), device, dtype)
         davae = DetailAlignedVAE.from_pretrained(str(vae_dir)).to(device).eval()
-        side = res // f
-        if int(dit.config.input_size) != side or res % f:
-            raise DavaeError(f"{res}: the native DiT was built for {int(dit.config.input_size) * f}² "
-                             f"({dit.config.input_size}x{dit.config.input_size} latents)", param="res")
         if Path(spec).is_dir():
             check_native_space(read_native_facts(spec), davae, f"the native DiT {spec}")
 
