@@ -23,7 +23,8 @@ _LAZY = {
     "DetailAlignedVAE": ".vae.model",
     "BenchSettings": ".bench", "run_bench": ".bench", "run_bench_sweep": ".bench", "plot_bench": ".bench",
     "write_report": ".metrics.report", "model_card": ".cards", "write_model_card": ".cards",
-    "GenerateSettings": ".generate", "generate": ".generate",
+    "GenerateSettings": ".pipeline", "generate": ".generate",
+    "DAVAEPipeline": ".pipeline", "DAVAEPipelineOutput": ".pipeline",
     "adapt_dit": ".train.dit", "build_adapted_dit": ".train.dit",
     "train_vae": ".train.vae",
 }

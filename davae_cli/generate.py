@@ -10,9 +10,7 @@ process, resumable (an existing PNG is skipped), and the timings.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,109 +18,11 @@ import torch
 
 from .config import Preset, check_sampling
 from .errors import DavaeError
-from .images import decode_images, grid_path, write_grid, write_sample
-from .models import CondFn, load_adapted, load_native, load_random
-from .sampling import SamplingModel, guided_velocity, initial_noise, sample_latents, sampling_grid, timed
-
-
-RECIPE = "recipe"  # GenerateSettings.guidance_interval: take the recipe's (None means CFG on every step)
-
-
-@dataclass
-class GenerateSettings:
-    out_dir: Path
-    prompts: list[str] = field(default_factory=list)
-    class_ids: list[int] = field(default_factory=list)
-    res: Optional[int] = None  # default: the adapted model's resolution
-    # None (and RECIPE for the interval): the model's sampling recipe (see the module doc)
-    steps: Optional[int] = None
-    guidance: Optional[float] = None
-    guidance_interval: object = RECIPE  # (lo, hi) sigma range where CFG applies, None = every step
-    negative_prompt: Optional[str] = None  # None: the recipe's (usually "")
-    seed: int = 0
-    num_images: int = 1  # per prompt / class
-    batch_size: int = 1
-    sampler: Optional[str] = None
-    shift: Optional[float] = None
-    save_latents: bool = False
-    grid: bool = False
-    tile: Optional[int] = None  # latent tile side for decoding; None = automatic, 0 = never tile
-    device: Optional[str] = None
-    dtype: Optional[str] = None
-    compile: bool = False  # torch.compile the DiT (static shapes; compiled once per batch shape, then reused)
-    compile_mode: str = "default"  # "reduce-overhead" adds CUDA graphs
-
-
-@dataclass
-class Job:
-    index: int
-    seed: int
-    prompt: Optional[str] = None
-    class_id: Optional[int] = None
-
-    @property
-    def stem(self) -> str:
-        return f"{self.index:06d}"
-
-
-def with_recipe(s, recipe: dict, **more):
-    """A copy of the settings `s` (generate's or upscale's) with what was left unset taken from the recipe
-    (steps, guidance, guidance_interval, sampler, negative prompt) and `more` set."""
-    gi = s.guidance_interval
-    if isinstance(gi, str) and gi == RECIPE:
-        gi = recipe.get("guidance_interval")
-        gi = tuple(float(v) for v in gi) if gi else None
-    return dataclasses.replace(
-        s, steps=int(recipe["steps"]) if s.steps is None else s.steps,
-        guidance=float(recipe["guidance"]) if s.guidance is None else s.guidance, guidance_interval=gi,
-        sampler=recipe.get("sampler", "euler") if s.sampler is None else s.sampler,
-        negative_prompt=(recipe.get("negative_prompt") or "") if s.negative_prompt is None else s.negative_prompt,
-        **more)
-
-
-def make_jobs(s: GenerateSettings) -> list[Job]:
-    conds: list[tuple[Optional[str], Optional[int]]] = [(p, None) for p in s.prompts] + [(None, c) for c in s.class_ids]
-    if not conds:
-        raise DavaeError("nothing to generate: give --prompt, --prompts FILE or --class-id")
-    jobs = []
-    for i, (p, c) in enumerate(conds):
-        for k in range(s.num_images):
-            jobs.append(Job(i * s.num_images + k, s.seed + k, p, c))
-    return jobs
-
-
-def sample_batch(model: SamplingModel, s: GenerateSettings, cond_fn: CondFn, batch: list[Job], sigmas, side: int, *,
-                 device=None, dtype=torch.float32, tile: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Sample and decode one batch of jobs: (images (B, 3, H, W) in [-1, 1], final latents (B, C+D, h, w),
-    {text_s, sample_s, decode_s})."""
-    clock = timed(device)
-    noise = torch.cat([initial_noise(j.seed, model.base_channels, model.detail_channels, side) for j in batch])
-    noise = noise.to(device=device)  # (B, C+D, h, w) float32: the ODE state stays float32, the model runs in `dtype`
-    (uncond, cond), text_s = clock(lambda: cond_fn(batch))
-    velocity = guided_velocity(model, s.guidance, uncond, cond, len(batch), device, dtype)
-    lat, sample_s = clock(lambda: sample_latents(velocity, noise, sigmas, sampler=s.sampler,
-                                                 guidance_interval=s.guidance_interval))
-    with torch.inference_mode():
-        images, decode_s = clock(lambda: decode_images(model, lat, tile))
-    return images, lat, {"text_s": text_s, "sample_s": sample_s, "decode_s": decode_s}
-
-
-def native_base_space(model: SamplingModel) -> Optional[dict]:
-    """What a native model's latent is, recorded with its samples so that `upscale` can take them as base
-    channels: per channel, latent = (base VAE posterior mean - shift) * scale. A LightningDiT decodes with the
-    DA-VAE's base latent transform, a diffusers pipeline with its VAE's shift_factor and scaling_factor. None
-    for the DA-VAE model (its latent records the DA-VAE) and random weights."""
-    if model.name != "native":
-        return None
-    davae, vae = model.parts.get("davae"), model.parts.get("vae")
-    if davae is not None:
-        t = davae.transform
-        return {"shift": [float(v) for v in t.shift], "scale": [float(v) for v in t.scale]}
-    if vae is not None:
-        c = model.base_channels
-        return {"shift": [float(getattr(vae.config, "shift_factor", None) or 0.0)] * c,
-                "scale": [float(getattr(vae.config, "scaling_factor", None) or 1.0)] * c}
-    return None
+from .images import grid_path, write_grid, write_sample
+from .models import CondFn
+from .pipeline import (RECIPE, GenerateSettings, Job, load_model, make_jobs, native_base_space,  # noqa: F401
+                       sample_batch)
+from .sampling import SamplingModel, sampling_grid
 
 
 def run_generation(model: SamplingModel, s: GenerateSettings, cond_fn: CondFn, jobs: list[Job], *, rank: int = 0,
@@ -205,10 +105,11 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
              on_message: Callable[[str], None] = lambda t: None) -> dict:
     """Generate `s`'s jobs into `s.out_dir`; returns what was written and the timings."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from .devices import resolve_device, resolve_dtype
 
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # a CPU launch: every process its share
     device = resolve_device(s.device, default=state.device)
     dtype = resolve_dtype(s.dtype, device)
     for name in ("num_images", "batch_size"):
@@ -247,33 +148,3 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
                   s_per_image=(report["sample_s"] + report["decode_s"]) / n if n else None,
                   tokens=(s.res // model.granularity // model.patch_size) ** 2)
     return report
-
-
-def load_model(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = None, dit_dir: Optional[str] = None,
-               base_pipeline: Optional[str] = None, native: bool = False, use_t5: bool = True,
-               random_weights: bool = False, device, dtype,
-               on_message: Callable[[str], None] = lambda t: None) -> tuple[SamplingModel, CondFn, GenerateSettings]:
-    """(model, cond_fn, settings) for `s`: an adapted DiT with its DA-VAE, the native model, or random weights
-    (then `torch.compile`d with `s.compile`); the settings returned are `s` completed from the model's recipe
-    and resolution (`s` itself is not changed)."""
-    negative = s.negative_prompt if s.negative_prompt is not None else preset.sample.negative_prompt
-    res = s.res
-    if random_weights:
-        for name, given in (("vae", vae_dir), ("dit", dit_dir), ("base_pipeline", base_pipeline)):
-            if given:
-                raise DavaeError("cannot be combined with --random-weights (which builds every model itself)", param=name)
-        model, cond_fn = load_random(preset, native=native, use_t5=use_t5, negative=negative, device=device, dtype=dtype)
-        res = res if res is not None else preset.adapt_dit.resolution
-    elif native:
-        model, cond_fn = load_native(preset, spec=base_pipeline or preset.dit.pretrained, vae_dir=vae_dir, res=res,
-                                     shift=s.shift, use_t5=use_t5, negative=negative, device=device, dtype=dtype,
-                                     on_message=on_message)
-    else:
-        model, cond_fn = load_adapted(preset, vae_dir, dit_dir, base_pipeline=base_pipeline, use_t5=use_t5,
-                                      negative_prompt=s.negative_prompt, device=device, dtype=dtype)
-        res = res if res is not None else int(model.facts["resolution"])
-    s = with_recipe(s, model.recipe, res=res)  # --shift with a dynamic-shift scheduler: refused by sampling_grid
-    if s.compile:
-        model.dit = torch.compile(model.dit, mode=s.compile_mode, dynamic=False)
-        on_message("compiling the DiT on its first use: the first batch's time includes the compilation")
-    return model, cond_fn, s

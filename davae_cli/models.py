@@ -66,14 +66,14 @@ def class_conditioner(num_classes: int, device) -> CondFn:
 
 
 # ------------------------------------------------------------------------------------------------- loaders
-def load_davae_model(vae_dir: Path, dit_dir: Path, device, dtype) -> SamplingModel:
+def load_davae_model(vae_dir: Path, dit_dir: Path, device, dtype, base_vae: Optional[str] = None) -> SamplingModel:
     """The adapted DiT in `dit_dir` on the latent of the DA-VAE in `vae_dir` (checked to be the one it was
     adapted for); decodes with the DA-VAE."""
     from .dit.loader import check_fits_cpu, params_of_config
     from .vae.model import DetailAlignedVAE
 
     facts = read_facts(dit_dir)
-    vae = DetailAlignedVAE.from_pretrained(str(vae_dir))
+    vae = DetailAlignedVAE.from_pretrained(str(vae_dir), base_vae=base_vae)
     c, d = vae.config.base_channels, vae.config.detail_channels
     if (c, d) != (facts["base_channels"], facts["detail_channels"]):
         raise DavaeError(f"the DA-VAE ({vae_dir}) has C+D = {c}+{d} but the DiT ({dit_dir}) was adapted to "
@@ -107,7 +107,8 @@ def load_davae_model(vae_dir: Path, dit_dir: Path, device, dtype) -> SamplingMod
 
 
 def load_adapted(preset: Preset, vae_dir: Optional[str], dit_dir: Optional[str], *, base_pipeline: Optional[str],
-                 use_t5: bool, negative_prompt: Optional[str], device, dtype) -> tuple[SamplingModel, CondFn]:
+                 use_t5: bool, negative_prompt: Optional[str], device, dtype,
+                 base_vae: Optional[str] = None) -> tuple[SamplingModel, CondFn]:
     """(the adapted DiT with its DA-VAE, its conditioner): prompts through the text encoders it was adapted
     with (or `base_pipeline`'s), or class labels with the null class."""
     for name, given in (("vae", vae_dir), ("dit", dit_dir)):
@@ -116,7 +117,7 @@ def load_adapted(preset: Preset, vae_dir: Optional[str], dit_dir: Optional[str],
                              param=name)
     if not (Path(dit_dir) / "config.json").is_file():
         raise DavaeError(f"{dit_dir}: not an adapted DiT folder (RUN/final of `davae adapt-dit`)", param="dit")
-    model = load_davae_model(Path(vae_dir), Path(dit_dir), device, dtype)
+    model = load_davae_model(Path(vae_dir), Path(dit_dir), device, dtype, base_vae)
     if model.recipe is None:  # adapted before the recipe was stored: the preset's
         model.recipe = recipe_of(preset)
     cond = model.facts["conditioning"]

@@ -57,7 +57,12 @@ class SamplingModel:
 def initial_noise(seed: int, base_channels: int, detail_channels: int, side: int,
                   width: Optional[int] = None) -> torch.Tensor:
     """(1, C + D, side, width or side) float32 on the CPU: base channels first, as the native pipeline draws them."""
-    g = torch.Generator("cpu").manual_seed(int(seed))
+    return noise_from(torch.Generator("cpu").manual_seed(int(seed)), base_channels, detail_channels, side, width)
+
+
+def noise_from(g: torch.Generator, base_channels: int, detail_channels: int, side: int,
+               width: Optional[int] = None) -> torch.Tensor:
+    """`initial_noise` drawn from the CPU generator `g` (advancing it): base channels first, then the detail."""
     w = side if width is None else width
     base = torch.randn((1, base_channels, side, w), generator=g)  # (1, C, h, w)
     if detail_channels == 0:

@@ -34,7 +34,7 @@ import torch
 from .config import Preset, check_sampling
 from .errors import DavaeError, first_line
 from .dit.backend import get_backend
-from .generate import GenerateSettings, Job, load_model, sample_batch
+from .pipeline import GenerateSettings, Job, load_model, sample_batch
 from .sampling import sampling_grid
 from .latents import atomic_write_bytes
 from .train.lock import lock_run, unlock_run

@@ -40,15 +40,13 @@ from typing import Callable, Optional
 import torch
 
 from . import data as D
-from . import flow
-from . import latents as L
 from .config import Preset, check_sampling
 from .errors import DavaeError
-from .generate import RECIPE, Job, with_recipe
-from .images import decode_images, write_sample
+from .pipeline import RECIPE, Job, base_size, prepare_base_image, upscale_batch, with_recipe  # noqa: F401
+from .images import write_sample
 from .latents import load_latent
 from .models import load_adapted
-from .sampling import check_shift, guided_velocity, initial_noise, sample_latents, timed
+from .sampling import check_shift, timed
 
 
 @dataclass
@@ -79,35 +77,6 @@ class UpscaleSettings:
     dtype: Optional[str] = None
     compile: bool = False
     compile_mode: str = "default"
-
-
-def base_size(h: int, w: int, res: int, scale: int, unit: int) -> tuple[int, int]:
-    """The base image's (height, width) for an input of h x w and an output short side `res`: the short side
-    res / s, the long side in proportion, each rounded down to a multiple of `unit` (= f * p)."""
-    short = res // scale
-    if short < unit:
-        raise DavaeError(f"{res} gives a base image of {short} px, smaller than one DiT token ({unit} px at 1/{scale})",
-                         param="res")
-    k = short / min(h, w)
-    bh, bw = (short, round(w * k)) if h <= w else (round(h * k), short)
-    return (bh // unit) * unit, (bw // unit) * unit
-
-
-def prepare_base_image(arr, size: tuple[int, int], resize: str = "antialias") -> torch.Tensor:
-    """(H, W, 3) uint8 -> the base image (3, bh, bw) in [-1, 1]: resized in float with bicubic as the DA-VAE's
-    `downsample` does (`resize`: its `vae.base_resize`) to cover `size`, then centre-cropped; an input already
-    of `size` is not resampled."""
-    x = D.to_tensor(arr)[None]  # (1, 3, H, W)
-    h, w = x.shape[-2:]
-    bh, bw = size
-    if (h, w) != (bh, bw):
-        k = max(bh / h, bw / w)
-        nh, nw = max(bh, round(h * k)), max(bw, round(w * k))
-        if (nh, nw) != (h, w):
-            x = L.bicubic(x, resize, size=(nh, nw))
-        y0, x0 = (x.shape[-2] - bh) // 2, (x.shape[-1] - bw) // 2
-        x = x[:, :, y0 : y0 + bh, x0 : x0 + bw]
-    return x[0]
 
 
 LATENT_SUFFIX = ".safetensors"
@@ -353,24 +322,6 @@ def _latent_shapes(src: Inputs, todo: list[int]) -> dict:
     return {i: tuple(load_latent(Path(src.items[i]))[0].shape[-2:]) for i in todo if src.kinds[i] == "latent"}
 
 
-def _upscale_batch(model, cond_fn, batch: list[Job], z_base: torch.Tensor, sigmas, s: UpscaleSettings, device,
-                   dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """z_base (B, C, h, w) float32 on `device` -> (images (B, 3, H, W), final latents (B, C+D, h, w),
-    {text_s, sample_s, decode_s}): the base channels held to z_base."""
-    c, d = model.base_channels, model.detail_channels
-    clock = timed(device)
-    (uncond, cond), text_s = clock(lambda: cond_fn(batch))
-    side_h, side_w = z_base.shape[-2:]
-    noise = torch.cat([initial_noise(j.seed, c, d, side_h, side_w) for j in batch]).to(device)  # (B, C+D, h, w)
-    velocity = guided_velocity(model, s.guidance, uncond, cond, len(batch), device, dtype)
-    hold = flow.hold_channels(z_base, noise[:, :c], c, until=s.strength)
-    lat, sample_s = clock(lambda: sample_latents(velocity, noise, sigmas, sampler=s.sampler,
-                                                 guidance_interval=s.guidance_interval, constrain=hold))
-    with torch.inference_mode():
-        out, decode_s = clock(lambda: decode_images(model, lat, s.tile))
-    return out, lat, {"text_s": text_s, "sample_s": sample_s, "decode_s": decode_s}
-
-
 def _base_latents(src: Inputs, idx: list[int], kind: str, size: tuple[int, int], vae, dit_davae, device):
     """(z_base (B, C, h, w) float32 on `device`, seconds) of the inputs `idx`: a latent file's base channels as
     they are, an image's base image (`size`) encoded; reading and resizing count as encoding."""
@@ -447,7 +398,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
             batch = [jobs[i] for i in idx]
             z_base, encode_s = _base_latents(src, idx, kind, size, vae, dit_davae, device)  # (B, C, h, w)
             timings["encode_s"] += encode_s
-            images, lat, times = _upscale_batch(model, cond_fn, batch, z_base, sigmas, s, device, dtype)
+            images, lat, times = upscale_batch(model, cond_fn, batch, z_base, sigmas, s, device, dtype)
             for key, v in times.items():
                 timings[key] += v
             for i, j, img, z in zip(idx, batch, images, lat):

@@ -6,6 +6,7 @@ channels' statistics; `train_dit` (train/native.py) a random LightningDiT on bas
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -28,6 +29,10 @@ def export_adapted(backend, model, facts: dict, out_dir: Path, facts_file: str =
 
     native = facts_file != FACTS_FILE
     cond = "class" if native else (facts.get("conditioning") or {}).get("type", "prompt")
+    if isinstance(facts.get("davae"), dict) and facts["davae"].get("path"):
+        # where the DA-VAE is seen from this folder: found again when both folders move together
+        facts = {**facts, "davae": {**facts["davae"], "relative_path": os.path.relpath(
+            Path(facts["davae"]["path"]).resolve(), Path(out_dir).resolve())}}
 
     def write(tmp: Path) -> None:
         backend.export(model, tmp)
