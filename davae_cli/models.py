@@ -66,6 +66,33 @@ def class_conditioner(num_classes: int, device) -> CondFn:
 
 
 # ------------------------------------------------------------------------------------------------- loaders
+def find_davae(dit_dir: Path) -> Path:
+    """The DA-VAE folder an adapted DiT folder was adapted with: seen from the DiT folder (both moved together),
+    where it was, or a DA-VAE folder beside it whose content hash is the recorded one."""
+    from .dit.backend import FACTS_FILE
+    from .vae.model import DetailAlignedVAE
+
+    try:
+        rec = json.loads((dit_dir / FACTS_FILE).read_text())["davae"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DavaeError(f"{dit_dir}: not an adapted DiT folder (no {FACTS_FILE} naming its DA-VAE); pass vae=") from None
+    tried = []
+    for cand in ([dit_dir / rec["relative_path"]] if rec.get("relative_path") else []) + [Path(rec.get("path", ""))]:
+        tried.append(str(cand))
+        if (cand / "config.json").is_file():
+            return cand.resolve()
+    for cand in sorted({*dit_dir.resolve().parent.parent.glob("*/final"), *dit_dir.resolve().parent.glob("*")}):
+        try:
+            if json.loads((cand / "config.json").read_text()).get("_class_name") != "DetailAlignedVAE":
+                continue
+            if DetailAlignedVAE.from_pretrained(str(cand)).is_recorded(rec):
+                return cand
+        except (OSError, ValueError, DavaeError):
+            continue
+    raise DavaeError(f"{dit_dir}: its DA-VAE ({rec.get('identity', '?')[:16]}) is not at {' nor '.join(tried)} nor "
+                     f"beside it; pass vae=")
+
+
 def load_davae_model(vae_dir: Path, dit_dir: Path, device, dtype, base_vae: Optional[str] = None) -> SamplingModel:
     """The adapted DiT in `dit_dir` on the latent of the DA-VAE in `vae_dir` (checked to be the one it was
     adapted for); decodes with the DA-VAE."""
@@ -111,10 +138,10 @@ def load_adapted(preset: Preset, vae_dir: Optional[str], dit_dir: Optional[str],
                  base_vae: Optional[str] = None) -> tuple[SamplingModel, CondFn]:
     """(the adapted DiT with its DA-VAE, its conditioner): prompts through the text encoders it was adapted
     with (or `base_pipeline`'s), or class labels with the null class."""
-    for name, given in (("vae", vae_dir), ("dit", dit_dir)):
-        if not given:
-            raise DavaeError("is required (the adapted model and its DA-VAE; or --native for the base model)",
-                             param=name)
+    if not dit_dir:
+        raise DavaeError("is required (the adapted model; or --native for the base model)", param="dit")
+    if not vae_dir:  # the DA-VAE it was adapted with, where the DiT folder says it is
+        vae_dir = str(find_davae(Path(dit_dir)))
     if not (Path(dit_dir) / "config.json").is_file():
         raise DavaeError(f"{dit_dir}: not an adapted DiT folder (RUN/final of `davae adapt-dit`)", param="dit")
     model = load_davae_model(Path(vae_dir), Path(dit_dir), device, dtype, base_vae)

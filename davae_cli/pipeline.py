@@ -30,7 +30,7 @@ from . import latents as L
 from .config import Preset
 from .errors import DavaeError
 from .images import decode_images
-from .models import CondFn, load_adapted, load_native, load_random
+from .models import CondFn, find_davae, load_adapted, load_native, load_random  # noqa: F401
 from .sampling import SamplingModel, guided_velocity, initial_noise, noise_from, sample_latents, timed
 
 
@@ -237,33 +237,6 @@ class DAVAEPipelineOutput:
 
     images: object
     latents: torch.Tensor
-
-
-def find_davae(dit_dir: Path) -> Path:
-    """The DA-VAE folder an adapted DiT folder was adapted with: seen from the DiT folder (both moved together),
-    where it was, or a DA-VAE folder beside it whose content hash is the recorded one."""
-    from .dit.backend import FACTS_FILE
-    from .vae.model import DetailAlignedVAE
-
-    try:
-        rec = json.loads((dit_dir / FACTS_FILE).read_text())["davae"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DavaeError(f"{dit_dir}: not an adapted DiT folder (no {FACTS_FILE} naming its DA-VAE); pass vae=") from None
-    tried = []
-    for cand in ([dit_dir / rec["relative_path"]] if rec.get("relative_path") else []) + [Path(rec.get("path", ""))]:
-        tried.append(str(cand))
-        if (cand / "config.json").is_file():
-            return cand.resolve()
-    for cand in sorted({*dit_dir.resolve().parent.parent.glob("*/final"), *dit_dir.resolve().parent.glob("*")}):
-        try:
-            if json.loads((cand / "config.json").read_text()).get("_class_name") != "DetailAlignedVAE":
-                continue
-            if DetailAlignedVAE.from_pretrained(str(cand)).is_recorded(rec):
-                return cand
-        except (OSError, ValueError, DavaeError):
-            continue
-    raise DavaeError(f"{dit_dir}: its DA-VAE ({rec.get('identity', '?')[:16]}) is not at {' nor '.join(tried)} nor "
-                     f"beside it; pass vae=")
 
 
 def _facts(path: Path) -> dict:

@@ -158,3 +158,12 @@ def test_native_lightningdit_is_generate_native(lightning, tmp_path):
     assert np.array_equal(np.asarray(out.images[0]), _pixels(tmp_path / "n" / "000000.png"))
     with pytest.raises(DavaeError, match="adapted model"):
         p.upscale(out.images[0])
+
+
+def test_generate_finds_the_davae_without_vae(lightning, tmp_path):
+    """`davae generate --dit X` without --vae (what the model card shows): the DA-VAE the folder records."""
+    vae, dit = lightning
+    common = ["--preset", "tiny-imagenet", "--class-id", "1", "--steps", "2"]
+    run_cli("generate", *common, "--dit", dit, "--out", tmp_path / "a")
+    run_cli("generate", *common, "--dit", dit, "--vae", vae, "--out", tmp_path / "b")
+    assert np.array_equal(_pixels(tmp_path / "a" / "000000.png"), _pixels(tmp_path / "b" / "000000.png"))
