@@ -9,6 +9,7 @@ holds `config.yaml` (the resolved preset), `checkpoints/` (atomic, last K, `late
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -88,9 +89,45 @@ class VAETrainStep:
 
 
 @torch.no_grad()
-def _base_cache(model: DetailAlignedVAE, source: ImageSource, cb: Callbacks) -> list:
+def base_cache_key(model: DetailAlignedVAE, source: ImageSource) -> str:
+    """What the frozen base's outputs of `source` depend on, hashed: the base VAE (content hash), the DA-VAE's
+    base-side settings (scale, downsampling, resize, latent transform and its values), and every image (path,
+    size, modification time)."""
+    import hashlib
+    import json
+
+    keys = ("base_vae_hash", "base_channels", "downsample", "scale", "base_resize", "latent_transform")
+    parts = {"config": {k: model.config.get(k) for k in keys},
+             "transform": [t.tolist() for t in model.transform.state_dict().values()],
+             "images": [[str(it), *((os.stat(it).st_size, os.stat(it).st_mtime_ns) if isinstance(it, (str, Path))
+                                    and os.path.exists(it) else ())] for it in source.items]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _base_cache(model: DetailAlignedVAE, source: ImageSource, cb: Callbacks, cache_dir: Optional[Path] = None) -> list:
     """(x, baseline, z_base) per training image, each image centre-cropped to a multiple of s*f: the frozen
-    base runs once per image instead of once per step. Held on the CPU (float32)."""
+    base runs once per image instead of once per step. Held on the CPU (float32), and kept in `cache_dir`
+    (RUN/cache/base-<key>.pt, key = `base_cache_key`) so that a resume reads it instead of recomputing it."""
+    path = Path(cache_dir) / f"base-{base_cache_key(model, source)[:24]}.pt" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            out = torch.load(path, weights_only=True)
+            cb.on_message(f"read the frozen base's outputs for {len(out)} training images from {path}")
+            return out
+        except Exception as e:  # noqa: BLE001 - a damaged cache file is recomputed
+            cb.on_message(f"recomputing the base cache: {path} is unreadable ({first_line(e, 100)})")
+    out = _compute_base_cache(model, source, cb)
+    if path is not None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+    return out
+
+
+def _compute_base_cache(model: DetailAlignedVAE, source: ImageSource, cb: Callbacks) -> list:
     from ..data import fit_to_multiple, read_image, to_tensor
 
     device = next(model.parameters()).device
@@ -382,7 +419,7 @@ def _export_untrained(model, t, data, streamed: bool, fields: Fields, acc, run_d
 
 
 def _training_loader(preset: Preset, raw, images, train_source, streamed: bool, fields: Fields, acc,
-                     start_step: int, positions, ckpt_path, cb):
+                     start_step: int, positions, ckpt_path, cb, cache_dir: Optional[Path] = None):
     """(dataset, loader, held-out images) of this process: streamed shards from the saved position, or the
     folder's exact step-indexed crops (with the frozen base's outputs cached when `train_vae.cache_base`)."""
     t = preset.train_vae
@@ -396,7 +433,7 @@ def _training_loader(preset: Preset, raw, images, train_source, streamed: bool, 
         return stream, loader, center_crops(images.val, t.resolution)[0] if len(images.val) else None
     data_ = vae_training_data(images, crop=crop, resolution=t.resolution, seed=t.seed,
                               length=(t.steps * world + world) * t.batch_size, granularity=raw.granularity,
-                              base_cache=_base_cache(raw, train_source, cb) if t.cache_base else None)
+                              base_cache=_base_cache(raw, train_source, cb, cache_dir) if t.cache_base else None)
     return data_.dataset, data_.loader(start_step, t.steps, t.batch_size, rank, world, t.num_workers), data_.val_images
 
 
@@ -527,7 +564,7 @@ def train_vae(preset: Preset, data: list[str], run_dir: str | Path, *, resume: b
         train_source = simages
     dataset, loader, val_images = _training_loader(preset, raw, simages if streamed else images,
                                                    None if streamed else train_source, streamed, fields, acc,
-                                                   start_step, positions, ckpt_path, cb)
+                                                   start_step, positions, ckpt_path, cb, cache_dir=run_dir / "cache")
     stepper = VAETrainStep(preset, raw, lpips_model, disc)
 
     def state_fn(at: int) -> dict:
