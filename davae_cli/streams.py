@@ -8,20 +8,27 @@ URLs (`https://`, `s3://`, ... through fsspec) work alike, and no tar or parquet
 (`shards/train-{000000..000099}.tar`), a folder holding `.tar` or `.parquet` files, or a folder written
 by `datasets.Dataset.save_to_disk` (its `.arrow` files). Anything else is a folder of image files (`data.py`).
 
-The order (exact and resumable, whatever the number of processes):
-- epoch e visits the shards (sorted by name) in a permutation seeded by (seed, e); process r of W takes the
-  shards at positions r, r + W, r + 2W, ... of it, so the processes read disjoint shards and every sample
-  is seen once per epoch (each process then starts its own next epoch);
-- a shard's samples are read into memory as encoded bytes and visited in a permutation seeded by
-  (seed, e, shard) (`shuffle_within_shard`; keep shards to a few hundred MB);
-- the n-th sample a process takes gets the crop of global counter n * W + r, seeded as in `data.py`.
-A folder of N images is this rule with N one-image shards, so one-image shards train exactly as the folder.
-The position (epoch, shard, sample, count) rides with every batch and is stored per process in each
-checkpoint, so `--resume` after a kill continues bit for bit (with the same number of processes).
+The order: one global sequence, dealt to the processes (exact and resumable; the folder loader's rule):
+- epoch e visits the shards (sorted by name) in a permutation seeded by (seed, e), each shard's samples (held-out
+  keys dropped) in a permutation seeded by (seed, e, shard) (`shuffle_within_shard`; a shard's samples are read
+  into memory as encoded bytes, so keep shards to a few hundred MB); the epochs, one after another, are the
+  global sequence, whose n-th sample is global sample n;
+- the sequence is dealt in blocks of `batch_size` consecutive samples, round robin: process r of W takes the
+  blocks r, r + W, r + 2W, ..., so training step s reads global samples s*W*B .. (s+1)*W*B - 1 and every sample
+  is read once per epoch by exactly one process, whatever the number and sizes of the shards (one shard for
+  eight processes works), with all processes in step. Every process reads every shard's bytes (shards are not
+  split by size beforehand, so no index of them is needed, remote or local) and decodes only its own samples;
+- global sample n is cropped with the generator seeded as in `data.py` (seed, n); an image that cannot be
+  decoded is counted and its place taken by the next decodable sample after it in the sequence.
+A folder of N images is this rule with N one-image shards, so one-image shards train exactly as the folder,
+with any number of processes. The position (epoch, shard, sample, counter) rides with every batch and is stored
+per process in each checkpoint, so `--resume` after a kill continues bit for bit (with the same number of
+processes and batch size).
 """
 
 from __future__ import annotations
 
+import atexit
 import glob
 import io
 import json
@@ -44,6 +51,7 @@ CAPTION_KEYS = ("txt", "caption", "prompt", "text")
 LABEL_KEYS = ("cls", "label", "class")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+PREFETCH_THREAD = "davae-stream-prefetch"
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -215,40 +223,63 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _try_decode(data: bytes) -> Optional[np.ndarray]:
+    """`decode_image`, or None for bytes that are not a readable image (counted and replaced by the caller)."""
+    try:
+        return decode_image(data)
+    except Exception:  # noqa: BLE001 - any decoder failure is an unreadable image
+        return None
+
+
 @dataclass(frozen=True)
 class Position:
-    """Where a process is in its stream: epoch, index into its shards of that epoch, samples of that shard
-    already taken, and samples taken in all (the crop counter)."""
+    """Where a process stands in the global sequence: the epoch, the index into that epoch's shard order, the
+    samples of that shard passed (every process's), and the global number of the next sample."""
 
     epoch: int = 0
     shard: int = 0
     sample: int = 0
-    taken: int = 0
+    counter: int = 0
 
 
 def _prefetch(gen: Iterator, depth: int) -> Iterator:
-    """Run a generator in a background thread, `depth` items ahead; exceptions surface in the consumer."""
+    """Run a generator in a background thread, `depth` items ahead; exceptions surface in the consumer.
+
+    The thread is stopped and joined when the consumer is closed, and at the latest at interpreter exit (an
+    `atexit` hook, which runs while the interpreter is whole): a daemon thread still reading a shard when the
+    interpreter finalizes is torn down inside `datasets`/pyarrow's C++ and aborts a run that succeeded
+    (SIGABRT, "terminate called without an active exception")."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
             for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
+            put(e)
+        finally:
+            gen.close()  # in this thread, so a thread pool inside `gen` is shut down here
 
-    t = threading.Thread(target=work, daemon=True)
+    def halt():
+        stop.set()
+        t.join(timeout=120)
+
+    t = threading.Thread(target=work, name=PREFETCH_THREAD, daemon=True)
     t.start()
+    atexit.register(halt)
     try:
         while True:
             item = q.get()
@@ -258,32 +289,29 @@ def _prefetch(gen: Iterator, depth: int) -> Iterator:
                 raise item
             yield item
     finally:
-        stop.set()
+        atexit.unregister(halt)
+        halt()
 
 
 class ShardStream:
     """Training crops from shards, in the order of the module doc, for process `rank` of `world`.
 
     `batches(batch_size, position)` yields (crops (B, 3, crop, crop), position after the batch).
-    `exclude`: sample keys left out of training (the held-out images). Unreadable images are skipped and
-    counted in `read_failures` (they take no crop counter, as in the folder loader)."""
+    `exclude`: sample keys left out of training (the held-out images). Images that cannot be decoded are
+    counted in `read_failures` and replaced by the next decodable sample of the sequence."""
 
     def __init__(self, shards: list[Shard], *, crop: int, seed: int, rank: int = 0, world: int = 1,
                  fields: Fields = Fields(), shuffle_within_shard: bool = True, num_workers: int = 0,
                  exclude: frozenset = frozenset()):
         if not shards:
             raise DavaeError("no training shards", param="data")
-        if len(shards) < world:
-            raise DavaeError(f"{len(shards)} shard(s) for {world} processes: each process reads whole shards, so "
-                             f"split the data into at least {world} shards", param="data")
         self.shards, self.crop, self.seed, self.rank, self.world = shards, crop, seed, rank, world
         self.fields, self.shuffle, self.num_workers, self.exclude = fields, shuffle_within_shard, num_workers, exclude
         self.read_failures = 0
 
-    def shards_of(self, epoch: int) -> list[int]:
-        """This process's shard indices for `epoch`, in visiting order."""
-        perm = np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.shards))
-        return [int(i) for i in perm[self.rank :: self.world]]
+    def epoch_shards(self, epoch: int) -> list[int]:
+        """The shard indices in the order epoch `epoch` visits them (the same on every process)."""
+        return [int(i) for i in np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.shards))]
 
     def shard_order(self, index: int, epoch: int) -> list[Sample]:
         """A shard's samples (held-out keys dropped) in the order epoch `epoch` visits them."""
@@ -294,60 +322,72 @@ class ShardStream:
             recs = [recs[int(i)] for i in perm]
         return recs
 
-    def records(self, start: Position) -> Iterator[tuple[Sample, Position]]:
-        """(sample, position after it), forever, from `start` (`taken` is left to the consumer)."""
-        epoch, k, i = start.epoch, start.shard, start.sample
+    def records(self, start: Position) -> Iterator[tuple[Sample, int, Position]]:
+        """(sample, its global number, position after it): the global sequence of every process, forever,
+        from `start`. One-line error when an epoch holds no samples."""
+        epoch, k, i, n = start.epoch, start.shard, start.sample, start.counter
         while True:
-            mine = self.shards_of(epoch)
+            order = self.epoch_shards(epoch)
             whole, seen = k == 0 and i == 0, 0
-            while k < len(mine):
-                recs = self.shard_order(mine[k], epoch)
+            while k < len(order):
+                recs = self.shard_order(order[k], epoch)
                 for j in range(i, len(recs)):
                     seen += 1
-                    yield recs[j], Position(epoch, k, j + 1, 0)
+                    n += 1
+                    yield recs[j], n - 1, Position(epoch, k, j + 1, n)
                 k, i = k + 1, 0
             if whole and not seen:
-                names = ", ".join(self.shards[m].url for m in mine[:3])
-                raise DavaeError(f"no samples in the shards of process {self.rank} ({names})", param="data")
+                names = ", ".join(self.shards[m].url for m in order[:3])
+                raise DavaeError(f"no samples in the shards ({names}{', ...' if len(order) > 3 else ''})",
+                                 param="data")
             epoch, k, i = epoch + 1, 0, 0
 
-    def _decoded(self, start: Position) -> Iterator[tuple[Optional[np.ndarray], Position]]:
-        def decode(data: bytes):
-            try:
-                return decode_image(data)
-            except Exception:  # noqa: BLE001 - counted and skipped by the consumer
-                return None
+    def owned(self, start: Position, block: int) -> Iterator[tuple[Sample, int, Position]]:
+        """`records` of this process alone: the blocks of `block` consecutive global samples dealt to it."""
+        for s, n, pos in self.records(start):
+            if (n // block) % self.world == self.rank:
+                yield s, n, pos
 
-        recs = self.records(start)
+    def _decoded(self, start: Position, block: int) -> Iterator[tuple[Optional[np.ndarray], int, Position]]:
+        recs = self.owned(start, block)
         if self.num_workers <= 0:
-            for s, pos in recs:
-                yield decode(s.image), pos
+            for s, n, pos in recs:
+                yield _try_decode(s.image), n, pos
             return
         pending: list = []
         with ThreadPoolExecutor(self.num_workers) as pool:  # PIL decodes with the GIL released
-            for s, pos in recs:
-                pending.append((pool.submit(decode, s.image), pos))
+            for s, n, pos in recs:
+                pending.append((pool.submit(_try_decode, s.image), n, pos))
                 if len(pending) >= 4 * self.num_workers:
-                    fut, p = pending.pop(0)
-                    yield fut.result(), p
-            for fut, p in pending:
-                yield fut.result(), p
+                    fut, m, p = pending.pop(0)
+                    yield fut.result(), m, p
+            for fut, m, p in pending:
+                yield fut.result(), m, p
+
+    def substitute(self, after: Position) -> np.ndarray:
+        """The first decodable image after `after` in the global sequence: what takes an unreadable sample's
+        place (whichever process that image belongs to). One line when a whole epoch cannot be decoded."""
+        for s, _, pos in self.records(after):
+            arr = _try_decode(s.image)
+            if arr is not None:
+                return arr
+            if pos.epoch > after.epoch + 1:
+                raise DavaeError("none of the training images can be decoded", param="data")
+        raise AssertionError("unreachable: records() is endless")
 
     def batches(self, batch_size: int, start: Position = Position()) -> Iterator[tuple[torch.Tensor, Position]]:
         """(crops (B, 3, crop, crop) in [-1, 1], the position after the batch), forever."""
-        taken = start.taken
         batch: list[np.ndarray] = []
-        for arr, pos in _prefetch(self._decoded(start), 4 * batch_size):
+        for arr, n, pos in _prefetch(self._decoded(start, batch_size), 4 * batch_size):
             if arr is None:
                 self.read_failures += 1
-                continue
-            rng = np.random.default_rng([self.seed, taken * self.world + self.rank, 11])
+                arr = self.substitute(pos)
+            rng = np.random.default_rng([self.seed, n, 11])
             batch.append(D.random_crop(arr, self.crop, rng))  # uint8 numpy: no torch work per sample
-            taken += 1
             if len(batch) == batch_size:
                 # one conversion per batch, element for element `data.to_tensor`'s
                 x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
-                yield x, Position(pos.epoch, pos.shard, pos.sample, taken)
+                yield x, pos
                 batch = []
 
 
@@ -460,4 +500,10 @@ def resume_position(positions: Optional[list], ckpt_path, rank: int, world: int)
     if len(positions) != world:
         raise DavaeError(f": the run read its shards with {len(positions)} process(es); resume it with the same "
                          f"number (each process continues its own place in the stream), not {world}", param="resume")
-    return Position(**positions[rank])
+    pos = dict(positions[rank])
+    if "taken" in pos:  # written before the global order: one process read the same sequence, several did not
+        if world > 1:
+            raise DavaeError(f": checkpoint {Path(ckpt_path).name} was written when each process read its own "
+                             f"shards (before davae's global stream order); restart the run", param="resume")
+        pos["counter"] = pos.pop("taken")
+    return Position(**pos)

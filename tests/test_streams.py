@@ -1,5 +1,6 @@
-"""Streamed training data (WebDataset shards, parquet): the order rule, exact resume (one and two processes),
-shards against the same images in a folder, and one-line errors for bad streams."""
+"""Streamed training data (WebDataset shards, parquet): the global order rule (every sample once per epoch, in one
+and two real processes), exact resume (one and two processes), shards against the same images in a folder, and
+one-line errors for bad streams."""
 
 import io
 import json
@@ -11,11 +12,12 @@ import pytest
 import torch
 
 from davae_cli import DavaeError, load_preset
-from davae_cli.data import list_images
+from davae_cli.data import StepCropDataset, StepSampler, list_images
 from davae_cli.streams import (Fields, Position, ShardStream, expand_braces, is_stream, list_shards, read_shard,
                                resume_position)
 from davae_cli.train.loop import latest_checkpoint
 from conftest import run_cli, write_preset
+from stream_worker import color_shards, sample_ids
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 # the shipped two-CPU-process config (torchrun + gloo), as the README tells users to run it: launch2()
@@ -87,38 +89,118 @@ def test_records_carry_image_bytes_caption_and_label(shards):
     assert recs[0].image == Path(shards["items"][0]).read_bytes() and recs[0].caption.startswith("a photo of")
 
 
-def test_each_process_sees_every_sample_once_per_epoch_and_positions_resume(shards):
-    """Two processes over three shards: disjoint, and together every sample once per epoch (first epoch of
-    each); a stream restarted at a stored position continues with the same samples."""
-    all_keys = sorted(Path(f).stem for f in shards["items"])
+def _global_ids(root: Path, world: int, batch: int, steps: int, **kw) -> tuple[list[int], list[ShardStream]]:
+    """The sample ids of `steps` training steps of `world` processes (in this process), in the global order:
+    by step, then process, then place in the batch."""
+    sh = list_shards([str(root)])
+    streams = [ShardStream(sh, crop=4, seed=5, rank=r, world=world, **kw) for r in range(world)]
+    per = []
+    for s in streams:
+        it = s.batches(batch)
+        per.append([sample_ids(next(it)[0]) for _ in range(steps)])
+    return [i for step in range(steps) for r in range(world) for i in per[r][step]], streams
+
+
+def _epochs(ids: list[int], n: int) -> list[list[int]]:
+    """The whole epochs of a global sequence of sample ids over `n` samples."""
+    return [ids[e * n:(e + 1) * n] for e in range(len(ids) // n)]
+
+
+def test_every_sample_once_per_epoch_whatever_the_shard_sizes(tmp_path):
+    """However many shards of whatever sizes (fewer shards than processes too), the processes' batches, taken
+    step by step, read every sample exactly once per epoch, in a new order each epoch."""
+    for k, (sizes, world, batch) in enumerate([([5, 3, 1], 2, 2), ([4, 1, 2, 6], 3, 3), ([2, 2], 2, 3),
+                                               ([3], 2, 1), ([1, 1], 3, 2)]):
+        n = sum(sizes)
+        ids, _ = _global_ids(color_shards(tmp_path / f"c{k}", sizes), world, batch, -(-3 * n // (world * batch)))
+        epochs = _epochs(ids, n)
+        assert len(epochs) == 3 and all(sorted(e) == list(range(n)) for e in epochs), (sizes, world, batch, ids)
+        assert n < 4 or len({tuple(e) for e in epochs}) > 1, (sizes, ids)  # shuffled anew per epoch
+
+
+def test_one_image_shards_give_the_folders_crops_with_two_processes(shards, images_dir):
+    """The folder loader's rule (step s, process r: global samples (s*W + r)*B ...) is the stream's: the same
+    crops, process by process, from one-image shards as from the folder."""
+    folder = StepCropDataset(list_images([images_dir]), crop=16, seed=3, length=1000)
+    for rank in range(2):
+        stream = ShardStream(list_shards([str(shards["one"])]), crop=16, seed=3, rank=rank, world=2).batches(3)
+        want = [folder[n] for n in StepSampler(0, 6, 3, rank, 2)]
+        got = [x for _ in range(6) for x in next(stream)[0]]
+        assert len(got) == len(want) == 18 and all(torch.equal(a, b) for a, b in zip(got, want)), rank
+
+
+def test_positions_resume_each_process_mid_shard(shards):
+    """A stream restarted at a stored position (inside a shard, inside an epoch) continues with the same crops
+    and positions, for each of two processes."""
     sh = list_shards([str(shards["multi"])])
-    seen = []
     for rank in range(2):
         s = ShardStream(sh, crop=16, seed=3, rank=rank, world=2)
-        mine = [k for k in s.shards_of(0)]
-        seen += [r.key for m in mine for r in s.shard_order(m, 0)]
-        # epochs cycle: the first len(epoch-0) records are epoch 0 and differ in order from epoch 1's
-        recs = s.records(Position())
-        first = [next(recs) for _ in range(12)]
-        again = s.records(first[4][1])  # resume after the fifth record
-        assert [r.key for r, _ in first[5:]] == [next(again)[0].key for _ in range(7)]
-    assert sorted(seen) == all_keys  # disjoint and complete
-    # the crops themselves: batches from a stored position equal the rest of an uninterrupted stream
-    s = ShardStream(sh, crop=16, seed=3, rank=1, world=2)
-    it = s.batches(2)
-    full = [next(it) for _ in range(5)]
-    rest = s.batches(2, full[1][1])
-    for x, pos in full[2:]:
-        y, pos2 = next(rest)
-        assert torch.equal(x, y) and pos == pos2
+        it = s.batches(2)
+        full = [next(it) for _ in range(7)]
+        # after step s, process r has passed global samples up to (s*W + r + 1)*B: all processes in step
+        assert [p.counter for _, p in full] == [(step * 2 + rank + 1) * 2 for step in range(7)]
+        inside = [i for i, (_, p) in enumerate(full[:5])
+                  if 0 < p.sample < len(s.shard_order(s.epoch_shards(p.epoch)[p.shard], p.epoch))]
+        rest = s.batches(2, full[inside[0]][1])
+        for x, pos in full[inside[0] + 1:]:
+            y, pos2 = next(rest)
+            assert torch.equal(x, y) and pos == pos2
+
+
+def test_an_unreadable_image_is_replaced_by_the_next_sample_and_processes_stay_in_step(tmp_path):
+    """Sample 1 holds no image: its place is taken by the next decodable sample (2, unshuffled), counted once per
+    epoch by the process that met it; the other process and the epochs are untouched. A stream without one
+    decodable image is one line."""
+    root = color_shards(tmp_path / "c", [3, 1], broken=(1,))
+    ids, streams = _global_ids(root, 2, 1, 8, shuffle_within_shard=False)
+    assert [sorted(e) for e in _epochs(ids, 4)] == [[0, 2, 2, 3]] * 4, ids
+    assert sum(s.read_failures for s in streams) == 4
+    with pytest.raises(DavaeError, match="none of the training images can be decoded"):
+        next(ShardStream(list_shards([str(color_shards(tmp_path / "bad", [2], broken=(0, 1)))]), crop=4,
+                         seed=0).batches(1))
+
+
+_LEFT_AT_EXIT = """
+import atexit, sys, threading
+import datasets  # noqa: F401 - threads of its own, if any, are not the stream's
+from davae_cli.streams import ShardStream, list_shards
+before = set(threading.enumerate())
+atexit.register(lambda: print("left:", [t.name for t in threading.enumerate()
+                                       if t not in before and t.is_alive() and t.name != "tqdm_monitor"]))
+it = ShardStream(list_shards([sys.argv[1]]), crop=4, seed=0).batches(1)
+next(it)  # and exit, the stream still open and its thread reading ahead
+"""
+
+
+def test_no_stream_thread_outlives_its_stream_or_the_interpreter(tmp_path):
+    """A stream's read-ahead thread is joined when the stream is closed, and before the interpreter finalizes
+    when it never was (a thread torn down by finalization inside datasets/pyarrow's C++ aborts the process:
+    SIGABRT after a run that succeeded)."""
+    import subprocess
+    import sys
+    import threading
+
+    root = color_shards(tmp_path / "c", [40, 40])
+    before = set(threading.enumerate())
+    it = ShardStream(list_shards([str(root)]), crop=4, seed=0).batches(1)
+    next(it)
+    it.close()
+    assert [t.name for t in threading.enumerate() if t not in before and t.name != "tqdm_monitor"] == []
+    res = subprocess.run([sys.executable, "-c", _LEFT_AT_EXIT, str(root)], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "left: []", (res.stdout, res.stderr[-2000:])
 
 
 def test_resume_position_needs_the_same_number_of_processes(tmp_path):
     assert resume_position(None, None, 0, 2) == Position()
     with pytest.raises(DavaeError, match="with 2 process"):
-        resume_position([{"epoch": 0, "shard": 0, "sample": 0, "taken": 0}] * 2, tmp_path, 0, 1)
+        resume_position([{"epoch": 0, "shard": 0, "sample": 0, "counter": 0}] * 2, tmp_path, 0, 1)
     with pytest.raises(DavaeError, match="image folder"):
         resume_position(None, tmp_path / "step-1", 0, 1)
+    # positions of a checkpoint written before the global order: one process read the same sequence, two did not
+    old = {"epoch": 1, "shard": 2, "sample": 3, "taken": 9}
+    assert resume_position([old], tmp_path / "step-1", 0, 1) == Position(1, 2, 3, 9)
+    with pytest.raises(DavaeError, match="restart the run"):
+        resume_position([old, old], tmp_path / "step-1", 1, 2)
 
 
 def _model_state(run: Path) -> dict:
@@ -140,7 +222,7 @@ def test_one_image_shards_train_exactly_as_the_folder(tmp_path, shards, images_d
     train_vae(preset, [str(images_dir)], tmp_path / "folder")
     train_vae(preset, [str(shards["one"])], tmp_path / "shards")
     _assert_same_weights(tmp_path / "folder", tmp_path / "shards")
-    assert _model_state(tmp_path / "shards")["data_positions"] == [{"epoch": 0, "shard": 7, "sample": 1, "taken": 8}]
+    assert _model_state(tmp_path / "shards")["data_positions"] == [{"epoch": 0, "shard": 7, "sample": 1, "counter": 8}]
 
 
 def test_kill_mid_shard_and_resume_gives_identical_weights(tmp_path, shards, tae_base):
@@ -156,15 +238,28 @@ def test_kill_mid_shard_and_resume_gives_identical_weights(tmp_path, shards, tae
     assert _model_state(tmp_path / "full")["data_positions"] == _model_state(tmp_path / "cut")["data_positions"]
 
 
-def _launch2(*args, env=None, check=True):
+def _launch2(*args, env=None, check=True, script=None):
+    """`davae ARGS` (or `python SCRIPT ARGS`) in two CPU processes under `accelerate launch`."""
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, *launch2(), *map(str, args)], capture_output=True, text=True,
+    cmd = launch2() if script is None else [*launch2()[:-2], str(script)]
+    res = subprocess.run([sys.executable, *cmd, *map(str, args)], capture_output=True, text=True,
                          env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})})
     if check and res.returncode != 0:
         raise AssertionError(res.stderr[-3000:])
     return res
+
+
+def test_two_launched_processes_read_every_sample_once_per_epoch(tmp_path):
+    """Shards of 5, 3 and 1 samples read by two processes of a real `accelerate launch` (gloo): the 36 crops of
+    9 steps of 2 + 2 are 4 epochs, each of them every sample exactly once."""
+    root = color_shards(tmp_path / "c", [5, 3, 1])
+    _launch2(root, tmp_path, "--steps", 9, "--batch", 2, script=Path(__file__).with_name("stream_worker.py"))
+    runs = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in runs] == [2, 2]
+    ids = [i for step in range(9) for r in range(2) for i in runs[r]["ids"][step]]
+    assert [sorted(e) for e in _epochs(ids, 9)] == [list(range(9))] * 4, ids
 
 
 def test_two_processes_kill_and_resume_give_identical_weights(tmp_path, shards, tae_base):
@@ -181,6 +276,28 @@ def test_two_processes_kill_and_resume_give_identical_weights(tmp_path, shards, 
     assert one.returncode == 1 and "with 2 process(es)" in one.stderr and "Traceback" not in one.stderr
     _launch2(*common, "--out", tmp_path / "cut", "--resume")
     _assert_same_weights(tmp_path / "full", tmp_path / "cut")
+
+
+def test_davae_shuts_the_process_group_down_after_a_command_that_succeeded(tmp_path, monkeypatch):
+    """`davae`'s main() destroys the process group after a command that succeeded (left to interpreter exit,
+    gloo's threads can abort the finished process), and keeps it after one that failed (another process may
+    still be inside a collective)."""
+    import sys
+
+    import torch.distributed as dist
+
+    from davae_cli.cli.app import main
+
+    try:
+        for k, (argv, ok) in enumerate([(["presets"], True), (["presets", "--no-such-option"], False)]):
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'pg{k}'}", rank=0, world_size=1)
+            monkeypatch.setattr(sys, "argv", ["davae", *argv])
+            with pytest.raises(SystemExit) as done:
+                main()
+            assert (done.value.code in (0, None)) == ok and dist.is_initialized() != ok, argv
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_bad_streams_are_one_line_and_write_nothing(tmp_path, shards, tae_base, images_dir):
