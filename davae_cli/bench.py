@@ -32,7 +32,7 @@ from . import flops as F
 from . import flow
 from .config import Preset
 from .devices import DTYPES, resolve_device, resolve_dtype
-from .dit.backend import get_backend
+from .dit.backend import get_backend, latent_channels_native, token_patch
 from .errors import DavaeError
 from .sampling import sample_latents
 
@@ -61,7 +61,7 @@ class BenchSettings:
 
 def check_settings(preset: Preset, s: BenchSettings) -> None:
     g = preset.granularity
-    p = preset.token_patch
+    p = token_patch(preset)
     if s.res <= 0 or s.res % (g * p):
         note = get_backend(preset).token_note or "p: latent pixels per token side"
         raise DavaeError(f"{s.res}: must be a positive multiple of s*f*p = {g}*{p} = {g * p} for this preset ({note})",
@@ -80,8 +80,8 @@ def check_settings(preset: Preset, s: BenchSettings) -> None:
 
 def plan(preset: Preset, res: int) -> dict:
     """Latent shapes and image-token counts of both configurations at `res`, without building anything."""
-    c = preset.latent_channels_native
-    p = preset.token_patch
+    c = latent_channels_native(preset)
+    p = token_patch(preset)
     d = preset.vae.detail_channels
     f, g = preset.vae.downsample, preset.granularity
     out = {}

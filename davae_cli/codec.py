@@ -173,28 +173,10 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
     what the decoder makes of the base channels alone, so the difference to a plain decode is what the
     detail channels' own content is worth."""
     check_decode_mode(base_only, detail_from_base)
-    normalizer, facts = None, None
-    if dit_dir is not None:
-        from .dit.backend import read_facts
-        from .latents import LatentNormalizer
-
-        facts = read_facts(Path(dit_dir))
-        if not vae.is_recorded(facts["davae"]):
-            raise DavaeError(f"{dit_dir} was adapted for another DA-VAE ({facts['davae']['identity'][:16]}), not "
-                             f"{vae.identity[:16]}", param="dit")
-        normalizer = LatentNormalizer.from_facts(facts)
-
+    normalizer, facts = _dit_normalizer(vae, dit_dir) if dit_dir is not None else (None, None)
     progress = progress or (lambda n: None)
-    files: list[Path] = []
     report = BatchReport()
-    for inp in inputs:
-        p = Path(inp)
-        if not p.exists():
-            report.failed.append((str(inp), "not found"))
-        elif p.is_dir():
-            files += sorted(p.rglob("*.safetensors"))
-        else:
-            files.append(p)
+    files = _latent_files(inputs, report)
     out_dir = Path(out_dir)  # created with the first file written
     if on_total:
         on_total(len(files))
@@ -245,6 +227,32 @@ def decode_latents(vae: DetailAlignedVAE, inputs: Iterable[str], out_dir: str | 
         finally:
             progress(1)
     return report
+
+
+def _dit_normalizer(vae: DetailAlignedVAE, dit_dir: str | Path):
+    """(the latent normalisation of the adapted DiT at `dit_dir`, its facts); it must be adapted for `vae`."""
+    from .dit.backend import read_facts
+    from .latents import LatentNormalizer
+
+    facts = read_facts(Path(dit_dir))
+    if not vae.is_recorded(facts["davae"]):
+        raise DavaeError(f"{dit_dir} was adapted for another DA-VAE ({facts['davae']['identity'][:16]}), not "
+                         f"{vae.identity[:16]}", param="dit")
+    return LatentNormalizer.from_facts(facts), facts
+
+
+def _latent_files(inputs: Iterable[str], report: BatchReport) -> list[Path]:
+    """The latent files named by `inputs` (folders searched recursively); a missing one goes to `report.failed`."""
+    files: list[Path] = []
+    for inp in inputs:
+        p = Path(inp)
+        if not p.exists():
+            report.failed.append((str(inp), "not found"))
+        elif p.is_dir():
+            files += sorted(p.rglob("*.safetensors"))
+        else:
+            files.append(p)
+    return files
 
 
 # what a decoded PNG keeps of its latent's metadata: how it was made (generate, upscale, encode), not the identities

@@ -327,22 +327,6 @@ class Preset:
         """Pixels per latent pixel side of the DA-VAE latent: s * f."""
         return self.vae.scale * self.vae.downsample
 
-    @property
-    def token_patch(self) -> int:
-        """Latent pixels per DiT token side (the family reads it from `dit.arch`: a patch size, a packing)."""
-        from .dit.backend import backend_class
-
-        return backend_class(self.dit.backend).config_token_side(dict(self.dit.arch))
-
-    @property
-    def latent_channels_native(self) -> int:
-        """C as the DiT reads it (the family reads it from `dit.arch`; the base VAE's C when not given)."""
-        from .dit.backend import backend_class
-
-        if self.dit.arch.get("in_channels") is None:
-            return self.vae.base_channels
-        return backend_class(self.dit.backend).config_channels(dict(self.dit.arch))
-
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
 

@@ -171,16 +171,7 @@ def prepare_latent_dataset(vae, inputs: list[str], cache_dir: Path, *, resolutio
         raise DavaeError("mixes images and latent files; pass one kind", param="data")
     if lat_files:
         conds = attach_conditions([str(f) for f in lat_files], inputs, conditioning, captions)
-        recs = []
-        for f, (prompt, label) in zip(lat_files, conds):
-            lat, meta = load_latent(f)
-            why = check_latent_compatible(vae, lat, meta)
-            if why:
-                raise DavaeError(f"{f}: {why}")
-            if tuple(lat.shape[1:]) != (h, h):
-                raise DavaeError(f"{f}: latent is {lat.shape[2]}x{lat.shape[1]}, adapt_dit.resolution {resolution} "
-                                 f"needs {h}x{h} (encode with --res {resolution})")
-            recs.append(LatentRecord(str(f), str(f), prompt, label))
+        recs = [_checked_record(vae, f, prompt, label, h, resolution) for f, (prompt, label) in zip(lat_files, conds)]
     else:
         if not len(images):
             raise DavaeError(f"no images or latent files in {', '.join(inputs)}")
@@ -191,30 +182,48 @@ def prepare_latent_dataset(vae, inputs: list[str], cache_dir: Path, *, resolutio
         recs = [LatentRecord(str(out / f"{i:07d}.safetensors"), s, p, lab)
                 for i, (s, (p, lab)) in enumerate(zip(srcs, conds))]
         mine = [i for i in range(rank, len(recs), world) if not Path(recs[i].latent).is_file()]
-        ident = vae.describe()
-        done = 0
-        device = next(vae.parameters()).device
-        for k in range(0, len(mine), batch_size):
-            chunk = mine[k : k + batch_size]
-            arrs = []
-            for i in chunk:
-                arr = D.read_image(images.items[i])
-                arr = D.center_crop(D.resize_short_side(arr, resolution), resolution, resolution)
-                arrs.append(D.to_tensor(arr))
-            with torch.no_grad():
-                lat = vae.encode(torch.stack(arrs).to(device)).latent.float().cpu()
-            for j, i in enumerate(chunk):
-                meta = {**ident, "source": recs[i].source}
-                save_latent(Path(recs[i].latent), lat[j], meta)
-            done += len(chunk)
-            if progress:
-                progress(done, len(mine))
+        _encode_images(vae, images, recs, mine, resolution, batch_size, progress)
     barrier()
     if rank == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(index, "".join(json.dumps(asdict(r)) + "\n" for r in recs).encode())
     barrier()
     return recs
+
+
+def _checked_record(vae, f: Path, prompt, label, h: int, resolution: int) -> LatentRecord:
+    """The record of an existing latent file, after checking it decodes with `vae` at `resolution` (h x h)."""
+    lat, meta = load_latent(f)
+    why = check_latent_compatible(vae, lat, meta)
+    if why:
+        raise DavaeError(f"{f}: {why}")
+    if tuple(lat.shape[1:]) != (h, h):
+        raise DavaeError(f"{f}: latent is {lat.shape[2]}x{lat.shape[1]}, adapt_dit.resolution {resolution} "
+                         f"needs {h}x{h} (encode with --res {resolution})")
+    return LatentRecord(str(f), str(f), prompt, label)
+
+
+def _encode_images(vae, images, recs: list[LatentRecord], mine: list[int], resolution: int, batch_size: int,
+                   progress: Optional[Callable[[int, int], None]]) -> None:
+    """Encode the images of `recs[i]` for i in `mine` (this process's share) into their latent files."""
+    ident = vae.describe()
+    done = 0
+    device = next(vae.parameters()).device
+    for k in range(0, len(mine), batch_size):
+        chunk = mine[k : k + batch_size]
+        arrs = []
+        for i in chunk:
+            arr = D.read_image(images.items[i])
+            arr = D.center_crop(D.resize_short_side(arr, resolution), resolution, resolution)
+            arrs.append(D.to_tensor(arr))
+        with torch.no_grad():
+            lat = vae.encode(torch.stack(arrs).to(device)).latent.float().cpu()
+        for j, i in enumerate(chunk):
+            meta = {**ident, "source": recs[i].source}
+            save_latent(Path(recs[i].latent), lat[j], meta)
+        done += len(chunk)
+        if progress:
+            progress(done, len(mine))
 
 
 def encode_shards(vae, inputs: list[str], out: Path, *, resolution: int, conditioning: str, batch_size: int,

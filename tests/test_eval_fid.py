@@ -476,8 +476,8 @@ def test_reconstruct_reports_tokenizer_metrics(monkeypatch, tmp_path, folders, e
     assert ds["latents"] == 8 and 0 <= ds["detail_unexplained"]["variance_share"] <= 1
     assert {"std", "neighbour_corr", "kurtosis"} <= set(ds["base"]) == set(ds["detail"])
     # without LPIPS weights: null, and the human output says why
-    from davae_cli.vae import losses
-    from davae_cli.vae.losses import build_lpips
+    from davae_cli.metrics import lpips_weights as losses
+    from davae_cli.metrics.lpips_weights import build_lpips
 
     def no_weights(*a, **k):
         raise DavaeError("LPIPS needs the torchvision vgg ImageNet weights, which could not be downloaded")

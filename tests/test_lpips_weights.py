@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from davae_cli.cli.app import app
 from davae_cli.errors import DavaeError
 from davae_cli.metrics import lpips_weights as LW
-from davae_cli.vae.losses import build_lpips
+from davae_cli.metrics.lpips_weights import build_lpips
 
 # the ReLU after each convolution LPIPS reads (torchvision `features` indices)
 TAPS = {"alex": (1, 4, 7, 9, 11), "vgg": (3, 8, 15, 22, 29)}

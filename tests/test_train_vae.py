@@ -10,7 +10,8 @@ import torch
 from davae_cli import ConfigError, DavaeError, DetailAlignedVAE, load_base_vae, load_preset
 from davae_cli.train.loop import latest_checkpoint
 from davae_cli.train.vae import train_vae
-from davae_cli.vae.losses import align_loss, build_lpips, grad_norm_ratio, hinge_d_loss, kl_divergence
+from davae_cli.metrics.lpips_weights import build_lpips
+from davae_cli.vae.losses import align_loss, grad_norm_ratio, hinge_d_loss, kl_divergence
 from conftest import run_cli, write_preset
 
 

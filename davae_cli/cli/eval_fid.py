@@ -201,26 +201,8 @@ def eval_fid_cmd(
     --save-stats stores a folder's statistics; --reconstruct gives rFID, PSNR, SSIM and LPIPS of a DA-VAE.
     Inception Score is reported as null: these extractors expose no logits.
     """
-    if gen is None:
-        fail("give a GEN folder (see `davae eval-fid --help`)")
-    if not reconstruct and (vae is not None or res is not None or base_vae is not None or baselines):
-        fail("--vae, --res, --base-vae and --baselines only apply with --reconstruct")
-    if reconstruct and vae is None:
-        fail("--reconstruct needs --vae DAVAE_DIR")
-    if reconstruct and (ref is not None or ref_stats is not None or save_stats is not None):
-        fail("--reconstruct takes one folder (the reference images) and no REF, --ref-stats or --save-stats")
-    if with_sharpness and save_stats is not None:
-        fail("--sharpness scores GEN (and REF) images; not with --save-stats")
-    if (class_probe is not None or probe_per_class is not None) and (reconstruct or save_stats is not None):
-        fail("--class-probe scores GEN (and REF) images; not with --reconstruct or --save-stats")
-    if split is not None and (reconstruct or save_stats is not None):
-        fail("--split scores parts of GEN against a reference; not with --reconstruct or --save-stats")
-    if probe_per_class is not None and class_probe is None:
-        fail("--probe-per-class needs --class-probe TRAIN_DIR")
-    if paired and (reconstruct or save_stats is not None or ref is None):
-        fail("--paired compares GEN with a REF folder (same file names); not with --reconstruct or --save-stats")
-    if save_stats is not None and (ref is not None or ref_stats is not None):
-        fail("--save-stats takes one folder (GEN) and no REF or --ref-stats")
+    _check_options(gen, ref, ref_stats, save_stats, reconstruct, vae, res, base_vae, baselines, with_sharpness,
+                   class_probe, probe_per_class, split, paired)
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
 
@@ -245,12 +227,41 @@ def eval_fid_cmd(
             result = F.evaluate_fid(gen, ref, ref_stats=ref_stats, with_kid=with_kid, use_cache=not no_cache,
                                     paired=paired, with_sharpness=with_sharpness, class_probe=class_probe,
                                     probe_per_class=probe_per_class, split=split, lpips_net=lpips_net, **common)
+    _report(result, json_out, save_stats is not None)
+
+
+def _check_options(gen, ref, ref_stats, save_stats, reconstruct, vae, res, base_vae, baselines, with_sharpness,
+                   class_probe, probe_per_class, split, paired) -> None:
+    """The options that do not go together, each refused in one line before anything is loaded."""
+    if gen is None:
+        fail("give a GEN folder (see `davae eval-fid --help`)")
+    if not reconstruct and (vae is not None or res is not None or base_vae is not None or baselines):
+        fail("--vae, --res, --base-vae and --baselines only apply with --reconstruct")
+    if reconstruct and vae is None:
+        fail("--reconstruct needs --vae DAVAE_DIR")
+    if reconstruct and (ref is not None or ref_stats is not None or save_stats is not None):
+        fail("--reconstruct takes one folder (the reference images) and no REF, --ref-stats or --save-stats")
+    if with_sharpness and save_stats is not None:
+        fail("--sharpness scores GEN (and REF) images; not with --save-stats")
+    if (class_probe is not None or probe_per_class is not None) and (reconstruct or save_stats is not None):
+        fail("--class-probe scores GEN (and REF) images; not with --reconstruct or --save-stats")
+    if split is not None and (reconstruct or save_stats is not None):
+        fail("--split scores parts of GEN against a reference; not with --reconstruct or --save-stats")
+    if probe_per_class is not None and class_probe is None:
+        fail("--probe-per-class needs --class-probe TRAIN_DIR")
+    if paired and (reconstruct or save_stats is not None or ref is None):
+        fail("--paired compares GEN with a REF folder (same file names); not with --reconstruct or --save-stats")
+    if save_stats is not None and (ref is not None or ref_stats is not None):
+        fail("--save-stats takes one folder (GEN) and no REF or --ref-stats")
+
+
+def _report(result: dict, json_out: bool, saved: bool) -> None:
     if json_out:
         print_json(result)
         _print_skipped(result)
         return
     _print_skipped(result)
-    if save_stats is not None:
+    if saved:
         _human_saved(result)
     else:
         _human(result)

@@ -34,13 +34,13 @@ import torch
 from torch import nn
 
 from ..errors import DavaeError
+from ..exports import FACTS_FILE  # noqa: F401  (the sampling facts beside an adapted model)
 from .registry import REGISTRY, backend_names
 
 if TYPE_CHECKING:
     from ..config import Preset
     from ..sampling import SamplingModel
 
-FACTS_FILE = "davae_dit.json"  # the sampling facts written beside an adapted model
 
 
 def place_frozen(module: nn.Module, device, dtype) -> nn.Module:
@@ -279,6 +279,18 @@ def family_labels(conditioning: str) -> list[str]:
 
 def get_backend(preset: "Preset") -> Backend:
     return backend_class(preset.dit.backend)(preset)
+
+
+def token_patch(preset: "Preset") -> int:
+    """Latent pixels per DiT token side of the preset's family (read from `dit.arch`: a patch size, a packing)."""
+    return backend_class(preset.dit.backend).config_token_side(dict(preset.dit.arch))
+
+
+def latent_channels_native(preset: "Preset") -> int:
+    """C as the preset's DiT reads it (the family reads it from `dit.arch`; the base VAE's C when not given)."""
+    if preset.dit.arch.get("in_channels") is None:
+        return preset.vae.base_channels
+    return backend_class(preset.dit.backend).config_channels(dict(preset.dit.arch))
 
 
 def read_facts(folder: Path) -> dict:

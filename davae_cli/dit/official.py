@@ -114,7 +114,7 @@ def convert_imagenet_davae(ckpt: str | Path, base_vae: str | Path, stats: str | 
                            preset: Preset, *, allow_pickle: bool = False) -> dict:
     """Convert an official ImageNet DA-VAE checkpoint (see the module doc) into a davae DA-VAE folder at `out`
     (written atomically). `preset` gives the architecture (`imagenet-512`: VA-VAE f16d32, D = 96)."""
-    from ..train.vae import export_davae
+    from ..exports import export_davae
     from ..vae.base import load_base_vae
     from ..vae.ldm import convert_ldm_vae_state
     from ..vae.model import DetailAlignedVAE
@@ -192,7 +192,7 @@ def convert_lightningdit(ckpt: str | Path, vae_dir: str | Path, out: str | Path,
     normalisation. `preset` gives the architecture and the sampling recipe (`imagenet-512-official`)."""
     from .backend import get_backend
     from .lightningdit import load_lightningdit_weights
-    from ..train.dit import export_adapted, sampling_facts
+    from ..exports import export_adapted, sampling_facts
     from ..vae.model import DetailAlignedVAE
 
     ckpt, vae_dir, out = Path(ckpt), Path(vae_dir), Path(out)
@@ -238,7 +238,7 @@ def convert_sd3_davae(ckpt: str | Path, base_vae: str | Path, out: str | Path, p
     (the official base image: bicubic without antialiasing, clamped), so it computes what the official model
     computes, while its latent stays base first. The official code does not normalise the detail channels
     for its DiT (its statistics file is never found), so the folder's detail statistics stay 0 / 1."""
-    from ..train.vae import export_davae
+    from ..exports import export_davae
     from ..vae.base import load_base_vae
     from ..vae.model import DetailAlignedVAE
 
@@ -332,12 +332,9 @@ def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, ou
     base-first layers (input conv: [base | detail] columns, biases summed; output rows (p, q, c) with the base
     channels first in each patch position). `vae_dir`: the converted official SD3 DA-VAE. The LoRA's alpha comes
     from the file's metadata, else `lora_alpha`, else its rank (the official recipe: alpha = rank = 256)."""
-    import json
-
     from .backend import get_backend
-    from .diffusers_family import merged_copy
     from .sd3 import extend_sd3
-    from ..train.dit import export_adapted, sampling_facts
+    from ..exports import export_adapted, sampling_facts
     from ..vae.model import DetailAlignedVAE
 
     heads, lora, vae_dir, out = Path(heads), Path(lora), Path(vae_dir), Path(out)
@@ -359,6 +356,27 @@ def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, ou
     model = backend.load(spec)
     if int(model.config.in_channels) != c:
         raise DavaeError(f"the transformer {spec} reads {model.config.in_channels} channels, the DA-VAE has C = {c}")
+    model, f, rank, alpha, targets = _merge_sd3_lora(model, lora, lora_alpha, spec)
+    extend_sd3(model, d)
+    _copy_sd3_heads(model, hs, names, heads, c, d)
+    stats = {"mean": [0.0] * d, "std": [1.0] * d, "view": "raw",
+             "source": "none: the official SD3 code feeds its DiT the raw detail channels"}
+    facts = sampling_facts(preset, vae, vae_dir, backend, model, str(spec), 0, detail_stats=stats)
+    facts["converted_from"] = {"heads": str(heads.resolve()), "lora": str(f.resolve()), "lora_alpha": alpha,
+                               "code": "caixin98/DA-VAE sd3/omini/train_sd3_davae"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_adapted(backend, model, facts, out, trained=False)
+    return {"out": str(out), "lora_rank": rank, "lora_alpha": alpha, "lora_targets": len(targets),
+            "base_transformer": str(spec), "vae": str(vae_dir), "sample_shift": facts["sample_shift"]}
+
+
+def _merge_sd3_lora(model, lora: Path, lora_alpha: Optional[float], spec: str):
+    """`model` with the official peft LoRA (`lora_step_N/`) loaded and merged; returns (merged model, the LoRA file,
+    rank, alpha, target modules). alpha: the file's metadata, else `lora_alpha`, else the rank."""
+    import json
+
+    from .diffusers_family import merged_copy
+
     f, lsd = _read_lora(lora)
     rank = next(v.shape[0] for k, v in lsd.items() if ".lora_A." in k)
     from peft import LoraConfig, set_peft_model_state_dict
@@ -390,7 +408,12 @@ def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, ou
     if missing_lora:
         raise DavaeError(f"{f}: {len(missing_lora)} LoRA weights are missing (first: {missing_lora[0]})")
     model = merged_copy(model)
-    extend_sd3(model, d)
+    return model, f, rank, alpha, targets
+
+
+def _copy_sd3_heads(model, hs: dict, names: dict, heads: Path, c: int, d: int) -> None:
+    """The official branch heads (`hs`: base and extra conv / linear) into the widened, base-first layers of the
+    extended `model`: input conv [base | detail] columns with biases summed, output rows (p, q, c) base first."""
     p = int(model.config.patch_size)
     conv, head = model.pos_embed.proj, model.proj_out
     want = {f"{names['conv_b']}.weight": (conv.weight.shape[0], c, p, p), f"{names['conv_e']}.weight": (conv.weight.shape[0], d, p, p),
@@ -413,15 +436,6 @@ def convert_sd3_dit(heads: str | Path, lora: str | Path, vae_dir: str | Path, ou
     unused = [k for k in hs if k not in known and not k.endswith("pos_embed")]
     if unused:
         raise DavaeError(f"{heads}: weight {unused[0]} has no place in the davae model")
-    stats = {"mean": [0.0] * d, "std": [1.0] * d, "view": "raw",
-             "source": "none: the official SD3 code feeds its DiT the raw detail channels"}
-    facts = sampling_facts(preset, vae, vae_dir, backend, model, str(spec), 0, detail_stats=stats)
-    facts["converted_from"] = {"heads": str(heads.resolve()), "lora": str(f.resolve()), "lora_alpha": alpha,
-                               "code": "caixin98/DA-VAE sd3/omini/train_sd3_davae"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    export_adapted(backend, model, facts, out, trained=False)
-    return {"out": str(out), "lora_rank": rank, "lora_alpha": alpha, "lora_targets": len(targets),
-            "base_transformer": str(spec), "vae": str(vae_dir), "sample_shift": facts["sample_shift"]}
 
 
 # ------------------------------------------------------------------------------------- the conversion table

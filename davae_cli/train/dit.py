@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from ..config import Preset
 from ..dit.backend import get_backend
 from ..errors import DavaeError
+from ..exports import sampling_facts  # noqa: F401  (re-exported)
 from ..latent_data import training_latents
 from ..streams import Fields, is_stream, probe_shards
 from ..latents import LatentNormalizer
@@ -62,43 +63,6 @@ def build_adapted_dit(preset: Preset, vae: DetailAlignedVAE, dit_spec: Optional[
                          f"the DiT's patch size {p}")
     backend.extend(model, d)
     return backend, model
-
-
-def sampling_facts(preset: Preset, vae: DetailAlignedVAE, vae_dir: Path, backend, model, dit_spec: str,
-                   steps: int, detail_stats: Optional[dict] = None) -> dict:
-    """What sampling needs, written beside the adapted model (`davae_dit.json`): both timestep shifts, the
-    sampling recipe, SD3's scheduler configuration, and the detail channels' statistics (`detail_stats`:
-    measured on the DiT's training latents; None: the DA-VAE's own, from its training crops)."""
-    d, smp = preset.dit, preset.sample
-    cond: dict[str, Any]
-    if backend.conditioning == "prompt":
-        cond = {"type": "prompt", "text_encoders": d.text_encoders, "max_sequence_length": d.max_sequence_length,
-                "use_t5": d.use_t5}
-    else:
-        cond = {"type": "class", "num_classes": d.num_classes}
-    if detail_stats is None:
-        detail_stats = {"mean": [float(v) for v in vae.detail_mean], "std": [float(v) for v in vae.detail_std],
-                        "source": "davae"}
-    facts = {
-        "format": "davae-dit", "version": 2, "backend": backend.name, "preset": preset.name,
-        "train_shift": d.train_shift, "sample_shift": smp.shift,
-        "sampling": {"steps": smp.steps, "guidance": smp.guidance,
-                     "guidance_interval": list(smp.guidance_interval) if smp.guidance_interval else None,
-                     "sampler": smp.sampler, "negative_prompt": smp.negative_prompt},
-        "base_channels": vae.config.base_channels,
-        "detail_channels": vae.config.detail_channels, "patch_size": backend.patch_size(model),
-        "resolution": preset.adapt_dit.resolution, "granularity": vae.granularity,
-        "detail_mean": detail_stats["mean"], "detail_std": detail_stats["std"],
-        "detail_view": detail_stats.get("view", "raw"),
-        "detail_noise": preset.adapt_dit.detail_noise, "detail_ramp_steps": preset.adapt_dit.detail_ramp_steps,
-        "detail_stats": {k: v for k, v in detail_stats.items() if k not in ("mean", "std", "view")},
-        "base_normalisation": "as encoded by the DA-VAE (its base latent transform), unchanged",
-        "davae": {"path": str(Path(vae_dir).resolve()), "identity": vae.identity,
-                  "latent_identity": vae.latent_identity, "base_vae_hash": vae.config.base_vae_hash},
-        "dit_source": dit_spec, "steps": steps, "conditioning": cond,
-    }
-    facts.update(backend.sampling_facts(model, dit_spec))
-    return facts
 
 
 class PromptConditioner:

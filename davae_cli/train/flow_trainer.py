@@ -6,7 +6,6 @@ channels' statistics; `train_dit` (train/native.py) a random LightningDiT on bas
 from __future__ import annotations
 
 import json
-import os
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,34 +14,10 @@ import torch
 
 from .. import flow
 from ..config import Preset
-from ..dit.backend import FACTS_FILE
 from ..errors import DavaeError
+from ..exports import export_adapted  # noqa: F401  (re-exported)
 from ..latents import atomic_write_bytes
-from .loop import Callbacks, RunLoop, load_checkpoint, lr_lambda, restore_training_state, training_state, write_folder
-
-
-def export_adapted(backend, model, facts: dict, out_dir: Path, facts_file: str = FACTS_FILE, *,
-                   trained: bool = True) -> None:
-    """Write into a temporary folder with the model card (README.md, from the run folder above `out_dir` when
-    `trained`; a converter passes `trained=False`), then rename: `out_dir` is complete or absent."""
-    from ..cards import card_run_dir, write_model_card
-
-    native = facts_file != FACTS_FILE
-    cond = "class" if native else (facts.get("conditioning") or {}).get("type", "prompt")
-    if isinstance(facts.get("davae"), dict) and facts["davae"].get("path"):
-        # where the DA-VAE is seen from this folder: found again when both folders move together
-        facts = {**facts, "davae": {**facts["davae"], "relative_path": os.path.relpath(
-            Path(facts["davae"]["path"]).resolve(), Path(out_dir).resolve())}}
-
-    def write(tmp: Path) -> None:
-        backend.export(model, tmp)
-        atomic_write_bytes(tmp / facts_file, json.dumps(facts, indent=2).encode())
-        write_model_card(tmp, folder=out_dir, kind="native-dit" if native else "adapted-dit",
-                         base_model=None if native else facts.get("dit_source"), conditioning=cond,
-                         run_dir=card_run_dir(out_dir) if trained else None)
-
-    write_folder(out_dir, write, "the adapted DiT")
-
+from .loop import Callbacks, RunLoop, load_checkpoint, lr_lambda, restore_training_state, training_state
 
 
 class ClassConditioner:

@@ -19,6 +19,7 @@ import torch
 from ..callbacks import Callbacks  # noqa: F401  (re-exported for the trainers)
 from ..config import Preset, preset_from_dict
 from ..errors import DavaeError, first_line
+from ..exports import finish_swap, write_folder  # noqa: F401  (re-exported)
 from ..latents import atomic_write_bytes
 from .trackers import TRACKER_DIR, Trackers, accelerator_options
 
@@ -77,58 +78,9 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
-def _aside(out_dir: Path) -> Path:
-    """Where `write_folder` puts the folder it replaces while the new one is renamed in."""
-    return out_dir.with_name(out_dir.name + ".old")
-
-
 def _in_progress(p: Path) -> bool:
     """A folder of an unfinished write or swap (`write_folder`), never a result."""
     return p.name.endswith((".tmp", ".old"))
-
-
-def finish_swap(out_dir: Path) -> bool:
-    """Finish what a killed `write_folder` left at `out_dir`; True when there was something to do. The swap's
-    order (new folder complete → old renamed aside → new renamed in → old removed) makes an aside `<out>.old`
-    mean the new `<out>.tmp` was already complete: with `<out>` missing, the new one is renamed in (the swap
-    completed, not rolled back); with `<out>` present, only the old one is left to remove. Every step is safe
-    to kill again. A `<out>.tmp` without an aside (a write that did not finish) is left to `clear_temporaries`."""
-    out_dir = Path(out_dir)
-    old, tmp = _aside(out_dir), out_dir.with_name(out_dir.name + ".tmp")
-    if not old.is_dir():
-        return False
-    if not out_dir.exists():
-        os.replace(tmp if tmp.is_dir() else old, out_dir)  # no new folder (removed by hand): the old one back
-    shutil.rmtree(old, ignore_errors=True)
-    return True
-
-
-def write_folder(out_dir: Path, write, what: str) -> None:
-    """Fill `out_dir` through `write(tmp)` into `<out_dir>.tmp`, then swap it in: the old folder renamed aside
-    to `<out_dir>.old`, the new one renamed in, the old one removed. `out_dir` is complete or absent at every
-    moment, and a previous one stays until the new one is whole; a kill between two steps is finished by
-    `finish_swap` (this function's next call, or `clear_temporaries` at a run's next start). A failed write (a
-    full disk, a quota) removes the temporary folder and ends in one line naming `what`."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    finish_swap(out_dir)  # an earlier swap here killed half-way: finished before its `.tmp` is reused
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir(parents=True)
-        write(tmp)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DavaeError(f"could not write {what} to {out_dir.parent} ({e.strerror or first_line(e, 80)}); "
-                         f"nothing of it was kept — free space and run again (--resume continues from the last "
-                         f"checkpoint)") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        os.replace(out_dir, _aside(out_dir))
-    os.replace(tmp, out_dir)
-    shutil.rmtree(_aside(out_dir), ignore_errors=True)
 
 
 class _WriteErrors:

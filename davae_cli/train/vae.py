@@ -22,15 +22,16 @@ from .. import latents as L
 from ..config import Preset
 from ..data import ImageSource, StepCropDataset, center_crops, list_images, training_images, vae_training_data
 from ..errors import DavaeError, first_line
+from ..exports import export_davae  # noqa: F401  (re-exported: callers of train.vae keep working)
 from ..latents import atomic_write_bytes
 from ..metrics import reconstruction_metrics
 from ..streams import Fields, ShardStream, StreamBatches, is_stream, resume_position, streamed_training_images
 from ..vae.base import load_base_vae
-from ..vae.losses import (PatchDiscriminator, align_loss, build_lpips, grad_norm_ratio, hinge_d_loss,
-                          kl_divergence)
+from ..metrics.lpips_weights import build_lpips
+from ..vae.losses import PatchDiscriminator, align_loss, grad_norm_ratio, hinge_d_loss, kl_divergence
 from ..vae.model import DetailAlignedVAE
 from .loop import (Callbacks, RunFinished, RunLoop, load_checkpoint, lr_lambda, open_run, restore_training_state,
-                   training_state, unlock_run, write_folder)
+                   training_state, unlock_run)
 from .trackers import tracker_names
 
 
@@ -269,19 +270,6 @@ def _save_grid(path: Path, rows: list[torch.Tensor]):
     Image.fromarray(arr).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return arr
-
-
-def export_davae(model: DetailAlignedVAE, out_dir: Path, *, trained: bool = True) -> None:
-    """`save_pretrained` into a temporary folder with its model card (README.md, from the run folder above
-    `out_dir` when `trained`; a converter passes `trained=False`), then rename: `out_dir` is complete or absent."""
-    from ..cards import card_run_dir, write_model_card
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        write_model_card(tmp, folder=out_dir, kind="davae", base_model=model.config.base_vae_source,
-                         run_dir=card_run_dir(out_dir) if trained else None)
-
-    write_folder(out_dir, write, "the DA-VAE")
 
 
 class VAEOptimStep:

