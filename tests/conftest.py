@@ -170,6 +170,15 @@ def davae_dir(tmp_path_factory, kl_base) -> Path:
     return d / "run" / "final"
 
 
+@pytest.fixture(scope="session")
+def lightning(tmp_path_factory):
+    """(DA-VAE folder, step-0 adapted DiT folder) of the tiny LightningDiT preset (`tiny-imagenet`)."""
+    d = tmp_path_factory.mktemp("ldit")
+    run_cli("train-vae", "--preset", "tiny-imagenet", "--out", d / "vae", "--steps", "0")
+    run_cli("adapt-dit", "--preset", "tiny-imagenet", "--vae", d / "vae" / "final", "--out", d / "dit", "--steps", "0")
+    return d / "vae" / "final", d / "dit" / "final"
+
+
 # the longest test first: with `-n auto --dist worksteal` the first worker starts on it at once and the others
 # take the rest (stealing from its queue when theirs is empty), instead of it starting last and leaving the
 # other workers idle for minutes (`loadfile` hands out the files with the most tests first)

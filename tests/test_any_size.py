@@ -10,13 +10,12 @@ import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import run_cli
-from davae_cli.data import to_tensor
+from test_upscale import _photo
 from davae_cli.errors import DavaeError
 from davae_cli.latents import load_latent
 from davae_cli.vae.model import DetailAlignedVAE
@@ -25,15 +24,6 @@ from test_flux import flux_pipe  # noqa: F401 - fixture: the tiny FLUX.1 pipelin
 from test_generate import adapted, pipe  # noqa: F401 - fixtures: the tiny SD3 pipeline and its step-0 adaptation
 
 WIDE = (64, 96)  # (height, width) of the issue's non-square input: 96 wide, 64 high
-
-
-def _photo(path, h, w, seed=0):
-    """A smooth random colour field (h x w), saved as PNG; returns the uint8 array."""
-    rng = np.random.default_rng(seed)
-    arr = np.asarray(Image.fromarray(rng.integers(0, 255, size=(5, 6, 3)).astype(np.uint8)).resize((w, h), Image.BICUBIC))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-    return arr
 
 
 def _random_ldit(seed=0, **kw):
@@ -157,14 +147,6 @@ def _save(path, sd):
 
 
 # ------------------------------------------------------------------------------------------------ upscale, per backend
-@pytest.fixture(scope="module")
-def lightning(tmp_path_factory):
-    d = tmp_path_factory.mktemp("anyldit")
-    run_cli("train-vae", "--preset", "tiny-imagenet", "--out", d / "vae", "--steps", "0")
-    run_cli("adapt-dit", "--preset", "tiny-imagenet", "--vae", d / "vae" / "final", "--out", d / "dit", "--steps", "0")
-    return d / "vae" / "final", d / "dit" / "final"
-
-
 @pytest.fixture(scope="module")
 def flux_adapted(flux_pipe, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("anyflux")

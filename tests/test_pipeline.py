@@ -20,14 +20,6 @@ from davae_cli.errors import DavaeError
 
 
 @pytest.fixture(scope="module")
-def lightning(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pipeldit")
-    run_cli("train-vae", "--preset", "tiny-imagenet", "--out", d / "vae", "--steps", "0")
-    run_cli("adapt-dit", "--preset", "tiny-imagenet", "--vae", d / "vae" / "final", "--out", d / "dit", "--steps", "0")
-    return d / "vae" / "final", d / "dit" / "final"
-
-
-@pytest.fixture(scope="module")
 def flux_pair(flux_pipe, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("pipeflux")
     run_cli("train-vae", "--preset", "tiny-flux", "--base-vae", flux_pipe / "vae", "--out", d / "vae", "--steps", "0")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -147,14 +146,6 @@ def test_upscale_flux(flux_pipe, tmp_path):  # noqa: F811
 
 
 # ------------------------------------------------------------------------------------------------ LightningDiT
-@pytest.fixture(scope="module")
-def lightning(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ldit")
-    run_cli("train-vae", "--preset", "tiny-imagenet", "--out", d / "vae", "--steps", "0")
-    run_cli("adapt-dit", "--preset", "tiny-imagenet", "--vae", d / "vae" / "final", "--out", d / "dit", "--steps", "0")
-    return d / "vae" / "final", d / "dit" / "final"
-
-
 def test_upscale_lightningdit(lightning, tmp_path):
     vae, dit = lightning
     a = _photo(tmp_path / "in" / "a.png", 64, 64)
