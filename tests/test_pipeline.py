@@ -86,12 +86,14 @@ def test_sd3_generate_and_upscale(adapted, tmp_path):  # noqa: F811
     _same_as_upscale(p, adapted, "tiny", tmp_path, ["--prompt", "a red cube"], {"prompt": "a red cube"})
 
 
-def test_flux_generate(flux_pair, tmp_path):
-    _same_as_generate(flux_pair, "tiny-flux", tmp_path, "--prompt", "a red cube", {"prompt": "a red cube"})
+def test_flux_generate_and_upscale(flux_pair, tmp_path):
+    p = _same_as_generate(flux_pair, "tiny-flux", tmp_path, "--prompt", "a red cube", {"prompt": "a red cube"})
+    _same_as_upscale(p, flux_pair, "tiny-flux", tmp_path, ["--prompt", "a red cube"], {"prompt": "a red cube"})
 
 
-def test_zimage_generate(zimage_pair, tmp_path):
-    _same_as_generate(zimage_pair, "tiny-zimage", tmp_path, "--prompt", "a red cube", {"prompt": "a red cube"})
+def test_zimage_generate_and_upscale(zimage_pair, tmp_path):
+    p = _same_as_generate(zimage_pair, "tiny-zimage", tmp_path, "--prompt", "a red cube", {"prompt": "a red cube"})
+    _same_as_upscale(p, zimage_pair, "tiny-zimage", tmp_path, ["--prompt", "a red cube"], {"prompt": "a red cube"})
 
 
 def test_finds_its_davae_when_both_folders_move(lightning, tmp_path):
