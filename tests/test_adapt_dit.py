@@ -177,6 +177,15 @@ def _losses(run):
             if r.get("event") == "train"]
 
 
+def _events(run, event):
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("event") == event]
+
+
+def _trainable(ckpt):
+    """The trainable weights a checkpoint folder holds."""
+    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["trainable"]
+
+
 def test_short_run_lowers_loss_and_resume_is_exact(tiny_vae, captioned, tmp_path):
     from safetensors.torch import load_file
 
@@ -185,10 +194,23 @@ def test_short_run_lowers_loss_and_resume_is_exact(tiny_vae, captioned, tmp_path
     full = run_cli(*args, "--out", tmp_path / "full", subprocess_=True)  # a process, like the killed run below
     m = json.loads(full.stdout)
     assert m["probe_loss_end"] < m["probe_loss_start"]
-    killed = run_cli(*args, "--out", tmp_path / "cut", check=False, env={"DAVAE_KILL_AFTER_STEP": "3"})
-    assert killed.returncode != 0 and not (tmp_path / "cut" / "final").exists()
-    run_cli(*args, "--out", tmp_path / "cut", "--resume")
-    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+    cut = tmp_path / "cut"
+    killed = run_cli(*args, "--out", cut, check=False, env={"DAVAE_KILL_AFTER_STEP": "3"})
+    assert killed.returncode != 0 and not (cut / "final").exists()
+    # the kill came right after step 3's checkpoint: it is there, `latest` names it, no later step ran, and it
+    # holds the uninterrupted run's weights of step 3
+    ck = cut / "checkpoints" / "step-0000003"
+    assert (cut / "checkpoints" / "latest").read_text().strip() == ck.name
+    assert sorted(p.name for p in (cut / "checkpoints").glob("step-*")) == [ck.name]
+    assert _losses(cut) == _losses(tmp_path / "full")[:3]
+    at_kill = _trainable(ck)
+    ref = _trainable(tmp_path / "full" / "checkpoints" / ck.name)
+    assert at_kill.keys() == ref.keys() and all(torch.equal(at_kill[k], ref[k]) for k in ref)
+    run_cli(*args, "--out", cut, "--resume")
+    # the resume began at that checkpoint (a restart from 0 would log start at step 0 and redo steps 1-3) ...
+    assert [(r["step"], r["start_step"]) for r in _events(cut, "start")] == [(0, 0), (3, 3)]
+    # ... and continued from its weights and optimiser state: the steps after it are the uninterrupted run's
+    assert _losses(cut) == _losses(tmp_path / "full")
     a = load_file(tmp_path / "full" / "final" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "cut" / "final" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -175,4 +175,6 @@ def test_train_vae_on_the_checkpoint_file_and_reload(vavae_file, tmp_path):
     run_cli("train-vae", "--preset", preset, "--out", tmp_path / "run", "--steps", "0")
     vae = DetailAlignedVAE.from_pretrained(str(tmp_path / "run" / "final"))
     assert vae.config.base_vae_hash == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    assert all(torch.equal(a, b) for a, b in zip(vae.base.vae.state_dict().values(), ref.state_dict().values()))
+    got, want = vae.base.vae.state_dict(), ref.state_dict()
+    assert set(got) == set(want)  # by name: every weight of the file's VAE, none missing or extra
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -207,8 +207,8 @@ def _sd3_folder(tmp_path):
 def test_adapted_flux_warm_start_is_fluxpipeline_at_half_resolution(flux_pipe, tmp_path):
     """adapt-dit on FLUX: the step-0 export is a plain FluxTransformer2DModel folder with 4(C+D) channels, and
     generate with it at R gives, on the base channels, exactly FluxPipeline's latent at R/2 (same seed, same
-    token count hence the same dynamic shift, the guidance embedding); two LoRA training steps run and the
-    checkpointed run resumes."""
+    token count hence the same dynamic shift, the guidance embedding); two LoRA training steps run, and the run
+    killed after step 1's checkpoint resumes from it with --resume to the uninterrupted run's losses and weights."""
     import json
 
     from diffusers import FluxTransformer2DModel
@@ -242,13 +242,36 @@ def test_adapted_flux_warm_start_is_fluxpipeline_at_half_resolution(flux_pipe, t
     for i in range(3):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"picture {i}")
-    rep = json.loads(run_cli("adapt-dit", "--preset", "tiny-flux", "--vae", tmp_path / "vae" / "final", "--dit",
-                             flux_pipe, "--text-encoders", flux_pipe, "--data", data, "--out", tmp_path / "t",
-                             "--steps", "2", *common, "--set", "adapt_dit.batch_size=2", "--json").stdout)
+    train = ["adapt-dit", "--preset", "tiny-flux", "--vae", tmp_path / "vae" / "final", "--dit", flux_pipe,
+             "--text-encoders", flux_pipe, "--data", data, "--steps", "2", *common, "--set", "adapt_dit.batch_size=2",
+             "--set", "adapt_dit.checkpoint_every=1", "--set", "adapt_dit.log_every=1", "--json"]
+    rep = json.loads(run_cli(*train, "--out", tmp_path / "t").stdout)
     assert rep["steps"] == 2
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()
-              if '"loss"' in line]
-    assert len(losses) >= 1 and all(math.isfinite(v) for v in losses)
+    losses = _train_losses(tmp_path / "t")
+    assert [s for s, _ in losses] == [1, 2] and all(math.isfinite(v) for _, v in losses)
     trained = FluxTransformer2DModel.from_pretrained(tmp_path / "t" / "final")
     step0 = FluxTransformer2DModel.from_pretrained(final)
     assert not torch.equal(trained.x_embedder.weight, step0.x_embedder.weight)  # the extended embedder trained
+    # the same run killed right after step 1's checkpoint, then --resume: it continues from that checkpoint
+    cut = tmp_path / "cut"
+    killed = run_cli(*train, "--out", cut, check=False, env={"DAVAE_KILL_AFTER_STEP": "1"})
+    assert killed.returncode != 0 and not (cut / "final").exists()
+    assert (cut / "checkpoints" / "latest").read_text().strip() == "step-0000001"
+    assert _train_losses(cut) == losses[:1]  # step 1 done, step 2 not
+    rep = json.loads(run_cli(*train, "--out", cut, "--resume").stdout)
+    assert rep["steps"] == 2
+    starts = [(r["step"], r["start_step"]) for r in map(json.loads, (cut / "log.jsonl").read_text().splitlines())
+              if r.get("event") == "start"]
+    assert starts == [(0, 0), (1, 1)]  # resumed at step 1, not restarted
+    assert _train_losses(cut) == losses  # step 2 from step 1's weights and optimiser state: the uninterrupted run's
+    resumed = FluxTransformer2DModel.from_pretrained(cut / "final")
+    a, b = trained.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _train_losses(run):
+    """(step, loss) of a training run's log."""
+    import json
+
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+            if r.get("event") == "train"]

@@ -154,14 +154,46 @@ def test_warm_start_end_to_end_matches_the_pipeline_at_half_res(adapted, pipe, t
         assert meta["mode"] == "davae" and meta["shift"] == PIPE_SHIFT
 
 
-def test_generate_uses_the_stored_recipe(adapted, tmp_path):
-    """Without flags, the adapted model's stored recipe (the tiny preset's sample section) is used."""
-    vae, dit = adapted
+# recipe A, stored at adaptation (--set sample.*); every field differs from the tiny preset's sample section (B)
+RECIPE_A = {"steps": 3, "guidance": 1.5, "guidance_interval": [0.1, 0.9], "sampler": "heun", "negative_prompt": "blurry"}
+FLAGS_A = ["--steps", "3", "--guidance", "1.5", "--guidance-interval", "0.1,0.9", "--sampler", "heun",
+           "--negative-prompt", "blurry"]
+
+
+def test_generate_uses_the_stored_recipe(adapted, pipe, tmp_path):
+    """Without sampling flags, generate samples with the recipe stored with the adapted model (A: adapted with
+    --set sample.*), not the sample section of the preset it is given (B: the tiny preset's): the report and the
+    PNG metadata say A, and the image is the one explicit A flags give (so A is what the sampler ran), not B's."""
+    from PIL import Image
+
+    vae, _ = adapted
+    smp = load_preset("tiny").sample  # B
+    b = {"steps": smp.steps, "guidance": smp.guidance, "guidance_interval": smp.guidance_interval,
+         "sampler": smp.sampler, "negative_prompt": smp.negative_prompt}
+    assert all(RECIPE_A[k] != b[k] for k in RECIPE_A)  # every field tells A from B
+    sets = sum((["--set", f"sample.{k}={json.dumps(v)}"] for k, v in RECIPE_A.items()), [])
+    run_cli("adapt-dit", "--preset", "tiny", "--vae", vae, "--dit", pipe, "--text-encoders", pipe, "--out",
+            tmp_path / "dit", "--steps", "0", "--set", "dit.max_sequence_length=8", "--set", f"adapt_dit.resolution={R}",
+            "--set", f"sample.shift={PIPE_SHIFT}", *sets)
+    stored = json.loads((tmp_path / "dit" / "final" / "davae_dit.json").read_text())["sampling"]
+    assert stored == RECIPE_A
+    dit = tmp_path / "dit" / "final"
+    common = ("--prompt", "a red cube", "--seed", "2")
     rep = json.loads(run_cli("generate", "--preset", "tiny", "--vae", vae, "--dit", dit, "--out", tmp_path / "o",
-                             "--set", "dit.max_sequence_length=8", "--prompt", "x", "--json").stdout)
-    smp = load_preset("tiny").sample
-    assert (rep["steps"], rep["guidance"], rep["sampler"]) == (smp.steps, smp.guidance, smp.sampler)
-    assert len(rep["sigmas"]) == smp.steps + 1
+                             "--set", "dit.max_sequence_length=8", *common, "--json").stdout)
+    assert (rep["steps"], rep["guidance"], rep["sampler"]) == (3, 1.5, "heun")
+    assert list(rep["guidance_interval"]) == [0.1, 0.9] and len(rep["sigmas"]) == 3 + 1
+    meta = json.loads(Image.open(tmp_path / "o" / "000000.png").text["parameters"])
+    assert {k: meta[k] for k in RECIPE_A} == RECIPE_A
+    flags_b = ["--steps", str(smp.steps), "--guidance", str(smp.guidance), "--sampler", smp.sampler,
+               "--guidance-interval", "all", "--negative-prompt", smp.negative_prompt]
+    run_cli("generate", "--preset", "tiny", "--vae", vae, "--dit", dit, "--out", tmp_path / "a",
+            "--set", "dit.max_sequence_length=8", *common, *FLAGS_A)
+    run_cli("generate", "--preset", "tiny", "--vae", vae, "--dit", dit, "--out", tmp_path / "b",
+            "--set", "dit.max_sequence_length=8", *common, *flags_b)
+    png = {k: (tmp_path / k / "000000.png") for k in ("o", "a", "b")}
+    pixels = {k: Image.open(p).tobytes() for k, p in png.items()}
+    assert pixels["o"] == pixels["a"] and pixels["o"] != pixels["b"]
 
 
 def test_mismatched_pair_is_refused(adapted, tmp_path):

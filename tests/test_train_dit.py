@@ -52,6 +52,15 @@ def _losses(run):
             if r.get("event") == "train"]
 
 
+def _events(run, event):
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("event") == event]
+
+
+def _trainable(ckpt):
+    """The trainable weights a checkpoint folder holds."""
+    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["trainable"]
+
+
 def test_native_latents_are_the_davae_base_channels(vae):
     """The native model at R/2 sees exactly what the DA-VAE's base channels hold at R (the warm start's premise)."""
     from davae_cli.train.native import BaseLatentEncoder
@@ -95,10 +104,22 @@ def test_train_resume_and_the_export_loads_everywhere(vae, classes, tmp_path):
 
     full = json.loads(_train(vae, classes, tmp_path / "full", *SETS).stdout)
     assert full["steps"] == 6 and full["probe_loss_end"] < full["probe_loss_start"]
-    killed = _train(vae, classes, tmp_path / "cut", *SETS, check=False, env={"DAVAE_KILL_AFTER_STEP": "5"})
-    assert killed.returncode != 0 and not (tmp_path / "cut" / "final").exists()
-    _train(vae, classes, tmp_path / "cut", *SETS, "--resume")
-    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full") and len(_losses(tmp_path / "full")) == 6
+    cut = tmp_path / "cut"
+    killed = _train(vae, classes, cut, *SETS, check=False, env={"DAVAE_KILL_AFTER_STEP": "5"})
+    assert killed.returncode != 0 and not (cut / "final").exists()
+    # the kill came right after step 5's checkpoint: it is there, `latest` names it, no later step ran, and it
+    # holds the uninterrupted run's weights of step 5
+    ck = cut / "checkpoints" / "step-0000005"
+    assert (cut / "checkpoints" / "latest").read_text().strip() == ck.name
+    assert sorted(p.name for p in (cut / "checkpoints").glob("step-*")) == [ck.name]
+    assert _losses(cut) == _losses(tmp_path / "full")[:5]
+    at_kill, ref = _trainable(ck), _trainable(tmp_path / "full" / "checkpoints" / ck.name)
+    assert at_kill.keys() == ref.keys() and all(torch.equal(at_kill[k], ref[k]) for k in ref)
+    _train(vae, classes, cut, *SETS, "--resume")
+    # the resume began at that checkpoint (a restart from 0 would log start at step 0 and redo steps 1-5) ...
+    assert [(r["step"], r["start_step"]) for r in _events(cut, "start")] == [(0, 0), (5, 5)]
+    # ... and continued from its weights and optimiser state: the step after it is the uninterrupted run's
+    assert _losses(cut) == _losses(tmp_path / "full") and len(_losses(tmp_path / "full")) == 6
     final = tmp_path / "full" / "final"
     a = load_file(final / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "cut" / "final" / "diffusion_pytorch_model.safetensors")
@@ -130,11 +151,16 @@ def test_train_resume_and_the_export_loads_everywhere(vae, classes, tmp_path):
 
     with Image.open(tmp_path / "g" / "000000.png") as im:
         assert im.size == (64, 64)
-    # ... and refuses another resolution in one line
+    # ... and at another resolution (LightningDiT computes its position tables for the grid it is given)
     r = run_cli("generate", "--preset", "tiny-imagenet", "--native", "--base-pipeline", final, "--vae", vae,
-                "--res", "128", "--class-id", "1", "--out", tmp_path / "g2", check=False)
-    assert r.returncode == 1 and "built for 64²" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "g2").exists()
+                "--res", "96", "--class-id", "1", "--sampling-steps", "2", "--out", tmp_path / "g2", "--json")
+    assert json.loads(r.stdout)["tokens"] == 144
+    with Image.open(tmp_path / "g2" / "000000.png") as im:
+        assert im.size == (96, 96)
+    # a size that is no whole number of tokens is one line
+    r = run_cli("generate", "--preset", "tiny-imagenet", "--native", "--base-pipeline", final, "--vae", vae,
+                "--res", "100", "--class-id", "1", "--out", tmp_path / "g3", check=False)
+    assert r.returncode == 1 and "multiple of" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_time_budget_stops_exports_and_resumes(vae, classes, tmp_path):

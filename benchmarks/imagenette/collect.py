@@ -70,10 +70,75 @@ def _json_lines(path: Path) -> dict:
 
 
 def _minutes(out: Path, stage: str) -> float | None:
+    """A stage's wall time in minutes: the sum of OUT/times/STAGE, one line per completed invocation of the stage's
+    command as stages.sh timed it (process start, model loading, data, training or sampling, export: everything);
+    None when the stage never completed."""
     f = out / "times" / stage
     if not f.is_file():
         return None
     return round(sum(float(v) for v in f.read_text().split()) / 60.0, 2)
+
+
+def _loop_seconds(run: Path) -> float | None:
+    """A trainer's loop time in seconds from RUN/log.jsonl, on the clock of the DiTs' `train_seconds`: each
+    invocation (a `start` record) adds the `elapsed_s` of its last `train` record (the loop's clock since that
+    invocation's loop began). A resume drops the records after its checkpoint, so work redone after a kill is
+    counted once; a killed invocation counts to its last logged step (train_vae.log_every), not to its checkpoint.
+    None without a train record."""
+    log = run / "log.jsonl"
+    if not log.is_file():
+        return None
+    total, last, seen = 0.0, None, False
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("event") == "start":
+            total, last = total + (last or 0.0), None
+        elif rec.get("event") == "train" and isinstance(rec.get("elapsed_s"), (int, float)):
+            last, seen = float(rec["elapsed_s"]), True
+    return total + (last or 0.0) if seen else None
+
+
+TRAINERS = ("vae", "native_half", "adapt", "native_full")  # the training stages, by their run folder's name
+TIME_KINDS = {
+    "train_minutes": "each trainer's loop time (the optimisation loop only, summed over resumes; no process start, "
+                     "data caching, start/final evaluation or export): the DiTs' davae_native.json/davae_dit.json "
+                     "train_seconds, the DA-VAE's from its log.jsonl (its loop holds its periodic evaluations); "
+                     "None until the stage's final/ exists",
+    "stage_minutes": "each stage's wall time (OUT/times/STAGE: the whole command, every completed invocation)",
+    "total_minutes": "the sum of stage_minutes (wall time)",
+}
+
+
+def train_minutes(out: Path) -> dict:
+    """{trainer: its loop time in minutes, or None} (TIME_KINDS["train_minutes"]): one kind of time for all four,
+    never a stage's wall time."""
+    def facts(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    res: dict = {}
+    for name in TRAINERS:
+        final = out / name / "final"
+        if name == "vae":
+            sec = _loop_seconds(out / name) if final.is_dir() else None
+        else:
+            f = facts(final / ("davae_dit.json" if name == "adapt" else "davae_native.json"))
+            sec = f.get("train_seconds")
+        res[name] = round(sec / 60, 2) if sec is not None else None
+    return res
+
+
+def stage_times(out: Path) -> dict:
+    """stage_minutes (each stage's wall time), total_minutes (their sum) and time_kinds (what each time key
+    holds)."""
+    times = out / "times"
+    stages = {p.name: _minutes(out, p.name) for p in sorted(times.iterdir()) if p.is_file()} if times.is_dir() else {}
+    return {"stage_minutes": stages, "total_minutes": round(sum(v for v in stages.values() if v), 1),
+            "time_kinds": TIME_KINDS}
 
 
 def _last_eval(run: Path) -> dict:
@@ -283,13 +348,10 @@ def results(out: Path, per_class: int) -> None:
     native = facts(out / "native_half" / "final" / "davae_native.json")
     adapt = facts(out / "adapt" / "final" / "davae_dit.json")
     full = facts(out / "native_full" / "final" / "davae_native.json")
-    mins = lambda f: round(f["train_seconds"] / 60, 2) if f else None  # noqa: E731
-    res["train_minutes"] = {"vae": _minutes(out, "vae"), "native_half": mins(native), "adapt": mins(adapt),
-                            "native_full": mins(full)}
+    res["train_minutes"] = train_minutes(out)  # loop time only; the stages' wall time is stage_minutes
     res["train_steps"] = {"native_half": native.get("steps"), "adapt": adapt.get("steps"), "native_full": full.get("steps")}
     res.update(_measurements(out))
-    res["stage_minutes"] = {p.name: _minutes(out, p.name) for p in sorted((out / "times").iterdir())}
-    res["total_minutes"] = round(sum(v for v in res["stage_minutes"].values() if v), 1)
+    res.update(stage_times(out))  # stage_minutes, total_minutes: wall time only
     ev = _last_eval(out / "vae")
     res["tokenizer"] = {
         "half_bicubic": {"psnr": ev.get("base_half_bicubic.psnr"), "ssim": ev.get("base_half_bicubic.ssim")},
