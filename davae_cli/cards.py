@@ -18,6 +18,8 @@ from typing import Optional
 
 import yaml
 
+from .jsonl import read_jsonl
+
 CARD_FILE = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name; a path (absolute, ./, several parts) is not one
 
@@ -60,20 +62,6 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _read_log(path: Path) -> list[dict]:
-    events = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return events
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line of a killed run
-    return events
-
-
 def run_summary(run_dir: Optional[Path]) -> dict:
     """What a run folder recorded about its training: preset, settings, data, steps, training time, the last
     held-out evaluation (or None)."""
@@ -84,7 +72,7 @@ def run_summary(run_dir: Optional[Path]) -> dict:
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         config = {}
-    events = _read_log(run_dir / "log.jsonl")
+    events = read_jsonl(run_dir / "log.jsonl")[0]
     trains = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
     start = next((e for e in events if e.get("event") == "start"), {})

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import DavaeError
+from ..jsonl import read_jsonl
 
 NOT_CURVES = {"step", "event", "elapsed_s"}  # numbers in a train record that are not a curve over steps
 MAX_SAMPLE_SIDE = 2048  # a larger sample grid is shown downscaled (the page stays a few MB)
@@ -49,22 +50,8 @@ class ReportResult:
 
 def read_log(path: Path) -> RunLog:
     """Every JSON object line of `path` (none when it is absent); a torn or foreign line is counted, not fatal."""
-    log = RunLog()
-    if not path.is_file():
-        return log
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            log.bad_lines += 1
-            continue
-        if isinstance(rec, dict):
-            log.records.append(rec)
-        else:
-            log.bad_lines += 1
-    return log
+    records, bad = read_jsonl(path)
+    return RunLog(records=records, bad_lines=bad)
 
 
 def _flat(rec: dict, prefix: str = "") -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 from ..callbacks import Callbacks  # noqa: F401  (re-exported for the trainers)
 from ..config import Preset, preset_from_dict
 from ..errors import DavaeError, first_line
+from ..jsonl import read_jsonl
 from ..exports import finish_swap, write_folder  # noqa: F401  (re-exported)
 from ..latents import atomic_write_bytes
 from .trackers import TRACKER_DIR, Trackers, accelerator_options
@@ -56,12 +57,8 @@ def exported_step(run_dir: Path) -> Optional[int]:
     if not (run_dir / "final").is_dir() or not log.is_file():
         return None
     step = None
-    for line in log.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if isinstance(rec, dict) and rec.get("event") == "export":
+    for rec in read_jsonl(log)[0]:  # a line cut short by a kill is skipped
+        if rec.get("event") == "export":
             step = rec.get("step")
     return int(step) if isinstance(step, (int, float)) else None
 
