@@ -66,7 +66,9 @@ def _png_bytes(img: torch.Tensor, meta: dict) -> bytes:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    from .data import to_uint8
+
+    arr = to_uint8(img)
     info = PngInfo()
     for k, v in meta.items():
         info.add_text(f"davae:{k}", v if isinstance(v, str) else json.dumps(v))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 
 from . import data as D
@@ -253,10 +254,9 @@ def _facts(path: Path) -> dict:
 
 def _to_images(x: torch.Tensor, output_type: str):
     """(B, 3, H, W) in [-1, 1] -> what `output_type` asks for, quantised exactly as the commands' PNGs."""
-    u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()  # (B, 3, H, W) uint8
+    arr = np.stack([D.to_uint8(img) for img in x])  # (B, H, W, 3) uint8, as the PNGs are written
     if output_type == "pt":
-        return u8.float() / 255
-    arr = u8.permute(0, 2, 3, 1).contiguous().numpy()  # (B, H, W, 3)
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255
     if output_type == "np":
         return arr
     if output_type == "pil":
@@ -396,8 +396,6 @@ class DAVAEPipeline:
         """Each image (PIL, an (H, W, 3) uint8 array, or a list of them) to short side `res` (default: the model's
         resolution): its base image encoded and held (to sigma = `strength`), the detail generated, as `davae
         upscale` does; image i with `generator[i]` or seed `seed + i`."""
-        import numpy as np
-
         from .sampling import check_shift
 
         if self.native:

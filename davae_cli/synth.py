@@ -111,7 +111,9 @@ def _encode(img: torch.Tensor, fmt: str, quality: int) -> bytes:
     import numpy as np
     from PIL import Image
 
-    arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    from .data import to_uint8
+
+    arr = to_uint8(img)
     buf = io.BytesIO()
     kw = {"quality": quality} if fmt in ("jpg", "webp") else {}
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format=FORMATS[fmt], **kw)
