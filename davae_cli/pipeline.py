@@ -100,6 +100,33 @@ def job_noise(batch: list[Job], c: int, d: int, h: int, w: int) -> torch.Tensor:
                       for j in batch])
 
 
+def with_generators(jobs: list[Job], generator) -> list[Job]:
+    """`jobs` drawing their noise from `generator` (one per job; a single one for a single job), as diffusers takes
+    them; each job's seed becomes its generator's initial seed. None: the jobs as they are."""
+    if generator is None:
+        return jobs
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    if len(gens) != len(jobs):
+        raise DavaeError(f"{len(gens)} generators for {len(jobs)} images: give one per image", param="generator")
+    return [dataclasses.replace(j, seed=g.initial_seed(), generator=g) for j, g in zip(jobs, gens)]
+
+
+def encode_base_images(vae, arrays: list, size: tuple[int, int], device) -> torch.Tensor:
+    """(H, W, 3) uint8 images -> z_base (B, C, h, w) float32 on `device`: each resized and cropped to the base
+    size (`prepare_base_image`, the DA-VAE's own downsampling), then encoded by the frozen base VAE."""
+    x_base = torch.stack([prepare_base_image(a, size, vae.config.base_resize) for a in arrays]).to(device)
+    with torch.inference_mode():
+        return vae.encode_base_image(x_base).float()
+
+
+def upscale_sigmas(model: SamplingModel, steps: int, shift: Optional[float], size: tuple[int, int],
+                   unit: int) -> torch.Tensor:
+    """The sigma grid for a base image of `size` (`unit` base pixels per token side): the family's grid at that
+    token count, with `shift` or the model's."""
+    return model.backend.sigma_grid(steps, shift if shift is not None else model.shift, model.scheduler_config,
+                                    (size[0] // unit) * (size[1] // unit))
+
+
 def make_jobs(s: GenerateSettings) -> list[Job]:
     conds: list[tuple[Optional[str], Optional[int]]] = [(p, None) for p in s.prompts] + [(None, c) for c in s.class_ids]
     if not conds:
@@ -325,14 +352,8 @@ class DAVAEPipeline:
 
     # ------------------------------------------------------------------------------------------- jobs
     def _jobs(self, n: int, prompts: list, classes: list, generator, seed: int) -> list[Job]:
-        conds = [(p, None) for p in prompts] + [(None, c) for c in classes]
-        jobs = [Job(i * n + k, seed + k, p, c) for i, (p, c) in enumerate(conds) for k in range(n)]
-        if generator is None:
-            return jobs
-        gens = generator if isinstance(generator, (list, tuple)) else [generator]
-        if len(gens) != len(jobs):
-            raise DavaeError(f"{len(gens)} generators for {len(jobs)} images: give one per image", param="generator")
-        return [dataclasses.replace(j, seed=g.initial_seed(), generator=g) for j, g in zip(jobs, gens)]
+        s = dataclasses.replace(self._settings, prompts=prompts, class_ids=classes, num_images=n, seed=seed)
+        return with_generators(make_jobs(s), generator)
 
     def _conditions(self, prompt, class_labels) -> tuple[list, list]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
@@ -410,11 +431,7 @@ class DAVAEPipeline:
         if len(conds) != n or len(labels) != n:
             raise DavaeError(f"{n} images: give one prompt/label, or one per image")
         jobs = [Job(i, seed + i, conds[i], labels[i]) for i in range(n)]
-        if generator is not None:
-            gens = generator if isinstance(generator, (list, tuple)) else [generator]
-            if len(gens) != n:
-                raise DavaeError(f"{len(gens)} generators for {n} images: give one per image", param="generator")
-            jobs = [dataclasses.replace(j, seed=g.initial_seed(), generator=g) for j, g in zip(jobs, gens)]
+        jobs = with_generators(jobs, generator)
         s = self._sampler(steps=num_inference_steps, guidance=guidance_scale, sampler=sampler, shift=shift, tile=tile,
                           guidance_interval=guidance_interval)
         s = _WithStrength(s, float(strength))
@@ -426,11 +443,8 @@ class DAVAEPipeline:
         for j, img in zip(jobs, images):
             arr = np.asarray(img.convert("RGB")) if hasattr(img, "convert") else np.asarray(img)
             size = base_size(arr.shape[0], arr.shape[1], res, scale, unit)
-            x_base = prepare_base_image(arr, size, vae.config.base_resize)[None].to(self.device)
-            with torch.inference_mode():
-                z_base = vae.encode_base_image(x_base).float()
-            sigmas = self.model.backend.sigma_grid(s.steps, s.shift if s.shift is not None else self.model.shift,
-                                                   self.model.scheduler_config, (size[0] // unit) * (size[1] // unit))
+            z_base = encode_base_images(vae, [arr], size, self.device)
+            sigmas = upscale_sigmas(self.model, s.steps, s.shift, size, unit)
             out, lat, _ = upscale_batch(self.model, self._cond, [j], z_base, sigmas, s, self.device, self.dtype)
             outs.append(out.cpu())
             lats.append(lat.cpu())

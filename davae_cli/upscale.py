@@ -42,7 +42,8 @@ import torch
 from . import data as D
 from .config import Preset, check_sampling
 from .errors import DavaeError
-from .pipeline import RECIPE, Job, base_size, prepare_base_image, upscale_batch, with_recipe  # noqa: F401
+from .pipeline import (RECIPE, Job, base_size, encode_base_images, prepare_base_image,  # noqa: F401
+                       upscale_batch, upscale_sigmas, with_recipe)
 from .images import write_sample
 from .latents import load_latent
 from .models import load_adapted
@@ -329,10 +330,9 @@ def _base_latents(src: Inputs, idx: list[int], kind: str, size: tuple[int, int],
     if kind == "latent":
         return clock(lambda: torch.stack([read_base_latent(src.items[i], vae, dit_davae)[0] for i in idx]).to(device))
     t_read = time.perf_counter()
-    x_base = torch.stack([prepare_base_image(D.read_image(src.items[i]), size, vae.config.base_resize) for i in idx])
+    arrays = [D.read_image(src.items[i]) for i in idx]
     read_s = time.perf_counter() - t_read
-    with torch.inference_mode():
-        z_base, encode_s = clock(lambda: vae.encode_base_image(x_base.to(device)).float())
+    z_base, encode_s = clock(lambda: encode_base_images(vae, arrays, size, device))
     return z_base, encode_s + read_s
 
 
@@ -390,7 +390,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
         progress(done, len(src))
     for (kind, size), members in groups.items():
         unit = geo.downsample * geo.patch
-        sigmas = model.backend.sigma_grid(s.steps, shift, model.scheduler_config, (size[0] // unit) * (size[1] // unit))
+        sigmas = upscale_sigmas(model, s.steps, shift, size, unit)
         grid = [round(float(v), 8) for v in sigmas]
         sizes.add((size[0] * geo.scale, size[1] * geo.scale))
         for k in range(0, len(members), s.batch_size):
