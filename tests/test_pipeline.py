@@ -11,21 +11,13 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
+from test_any_size import flux_adapted  # noqa: F401 - fixture: the step-0 adaptation of the tiny FLUX.1 pipeline
 from test_flux import flux_pipe  # noqa: F401 - fixture: the tiny FLUX.1 pipeline
 from test_generate import adapted, pipe  # noqa: F401 - fixtures: the tiny SD3 pipeline and its step-0 adaptation
 from test_zimage import zimage_pipe  # noqa: F401 - fixture: the tiny Z-Image pipeline
 
 from davae_cli import DAVAEPipeline
 from davae_cli.errors import DavaeError
-
-
-@pytest.fixture(scope="module")
-def flux_pair(flux_pipe, tmp_path_factory):  # noqa: F811
-    d = tmp_path_factory.mktemp("pipeflux")
-    run_cli("train-vae", "--preset", "tiny-flux", "--base-vae", flux_pipe / "vae", "--out", d / "vae", "--steps", "0")
-    run_cli("adapt-dit", "--preset", "tiny-flux", "--vae", d / "vae" / "final", "--dit", flux_pipe,
-            "--text-encoders", flux_pipe, "--out", d / "dit", "--steps", "0", "--set", "adapt_dit.resolution=64")
-    return d / "vae" / "final", d / "dit" / "final"
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +78,9 @@ def test_sd3_generate_and_upscale(adapted, tmp_path):  # noqa: F811
     _same_as_upscale(p, adapted, "tiny", tmp_path, ["--prompt", "a red cube"], {"prompt": "a red cube"})
 
 
-def test_flux_generate_and_upscale(flux_pair, tmp_path):
-    p = _same_as_generate(flux_pair, "tiny-flux", tmp_path, "--prompt", "a red cube", {"prompt": "a red cube"})
-    _same_as_upscale(p, flux_pair, "tiny-flux", tmp_path, ["--prompt", "a red cube"], {"prompt": "a red cube"})
+def test_flux_generate_and_upscale(flux_adapted, tmp_path):  # noqa: F811
+    p = _same_as_generate(flux_adapted, "tiny-flux", tmp_path, "--prompt", "a red cube", {"prompt": "a red cube"})
+    _same_as_upscale(p, flux_adapted, "tiny-flux", tmp_path, ["--prompt", "a red cube"], {"prompt": "a red cube"})
 
 
 def test_zimage_generate_and_upscale(zimage_pair, tmp_path):
