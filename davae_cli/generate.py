@@ -81,16 +81,14 @@ def check_res(res: Optional[int], dit_dir: Optional[str]) -> None:
     tokens (its facts' s * f * p pixels), naming the nearest sizes it can. Any such size works for every backend
     (LightningDiT computes its position tables for the grid it is given). Nothing to check without a --res or
     readable facts (the loader then says what is wrong)."""
-    import json
-
-    from .dit.backend import FACTS_FILE
+    from .dit.backend import read_facts
 
     if res is None or not dit_dir:
         return
     try:
-        facts = json.loads((Path(dit_dir) / FACTS_FILE).read_text())
+        facts = read_facts(Path(dit_dir))
         unit = int(facts["granularity"]) * int(facts["patch_size"])
-    except (OSError, ValueError, TypeError, KeyError):
+    except (DavaeError, OSError, ValueError, TypeError, KeyError):
         return
     if res <= 0 or res % unit:
         below, above = (res // unit) * unit, (res // unit + 1) * unit

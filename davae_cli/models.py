@@ -73,8 +73,8 @@ def find_davae(dit_dir: Path) -> Path:
     from .vae.model import DetailAlignedVAE
 
     try:
-        rec = json.loads((dit_dir / FACTS_FILE).read_text())["davae"]
-    except (OSError, ValueError, KeyError, TypeError):
+        rec = read_facts(dit_dir)["davae"]
+    except (DavaeError, OSError, ValueError, KeyError, TypeError):
         raise DavaeError(f"{dit_dir}: not an adapted DiT folder (no {FACTS_FILE} naming its DA-VAE); pass vae=") from None
     tried = []
     for cand in ([dit_dir / rec["relative_path"]] if rec.get("relative_path") else []) + [Path(rec.get("path", ""))]:

@@ -274,13 +274,13 @@ def read_geometry(vae_dir: str, dit_dir: str) -> Optional[Geometry]:
     adapted DiT's facts); None when either is missing or unreadable (loading the pair then says why)."""
     import json
 
-    from .dit.backend import FACTS_FILE
+    from .dit.backend import read_facts
 
     try:
         vae = json.loads((Path(vae_dir) / "config.json").read_text())
-        facts = json.loads((Path(dit_dir) / FACTS_FILE).read_text())
+        facts = read_facts(Path(dit_dir))
         return Geometry(int(vae["scale"]), int(vae["downsample"]), int(facts["patch_size"]), int(facts["resolution"]))
-    except (OSError, ValueError, TypeError, KeyError):
+    except (DavaeError, OSError, ValueError, TypeError, KeyError):
         return None
 
 
