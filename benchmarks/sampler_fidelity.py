@@ -31,7 +31,8 @@ def main() -> None:
     from davae_cli.config import load_preset
     from davae_cli.dit.sd3 import SD3Backend, sd3_velocity
     from davae_cli.sampling import initial_noise
-    from davae_cli.dit.text import PromptEncoder, build_tiny_sd3_text_components
+    from davae_cli.dit.text import PromptEncoder
+    from davae_cli.dit.text_random import build_tiny_sd3_text_components
 
     torch.manual_seed(0)
     comps = build_tiny_sd3_text_components()

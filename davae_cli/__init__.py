@@ -17,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ConfigError": ".config", "Preset": ".config", "available_presets": ".config", "load_preset": ".config",
+    "ConfigError": ".config", "Preset": ".config_schema", "available_presets": ".config", "load_preset": ".config",
     "DavaeError": ".errors",
     "load_base_vae": ".vae.base",
     "DetailAlignedVAE": ".vae.model",

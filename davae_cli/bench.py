@@ -30,7 +30,7 @@ import torch
 
 from . import flops as F
 from . import flow
-from .config import Preset
+from .config_schema import Preset
 from .devices import DTYPES, resolve_device, resolve_dtype
 from .dit.backend import get_backend, latent_channels_native, token_patch
 from .errors import DavaeError

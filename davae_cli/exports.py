@@ -14,7 +14,7 @@ from .errors import DavaeError, first_line
 from .latents import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .config import Preset
+    from .config_schema import Preset
     from .vae.model import DetailAlignedVAE
 
 FACTS_FILE = "davae_dit.json"  # the sampling facts written beside an adapted model

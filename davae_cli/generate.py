@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import Preset, check_sampling
+from .config import check_sampling
+from .config_schema import Preset
 from .errors import DavaeError
 from .images import grid_path, write_grid, write_sample
 from .models import CondFn
@@ -77,11 +78,12 @@ def timing_report(report: dict, n: int) -> dict:
 
 
 def check_res(res: Optional[int], dit_dir: Optional[str]) -> None:
-    """Refuse, before any model is loaded, a --res the adapted DiT in `dit_dir` cannot take: not a whole number of
-    tokens (its facts' s * f * p pixels), naming the nearest sizes it can. Any such size works for every backend
-    (LightningDiT computes its position tables for the grid it is given). Nothing to check without a --res or
-    readable facts (the loader then says what is wrong)."""
-    from .dit.backend import read_facts
+    """Refuse, before any model is loaded, a --res the adapted DiT in `dit_dir` cannot take: larger than its
+    family's table of positions reaches (`Backend.max_token_grid`: SD3's pos_embed_max_size, Z-Image's RoPE
+    axes), naming the largest size it can make; or not a whole number of tokens (its facts' s * f * p pixels),
+    naming the nearest sizes it can. Read from the folder's facts and config.json alone. Nothing to check
+    without a --res or readable facts (the loader then says what is wrong)."""
+    from .dit.backend import read_facts, read_max_token_grid
 
     if res is None or not dit_dir:
         return
@@ -90,11 +92,48 @@ def check_res(res: Optional[int], dit_dir: Optional[str]) -> None:
         unit = int(facts["granularity"]) * int(facts["patch_size"])
     except (DavaeError, OSError, ValueError, TypeError, KeyError):
         return
+    check_token_limit(res, unit, read_max_token_grid(Path(dit_dir)))
     if res <= 0 or res % unit:
         below, above = (res // unit) * unit, (res // unit + 1) * unit
         near = f"{below} or {above}" if below > 0 else f"{above}"
         raise DavaeError(f"{res}: must be a positive multiple of {unit} for this model (pixels per token), e.g. "
                          f"{near}", param="res")
+
+
+def check_token_limit(res: int, unit: int, limit: Optional[tuple[int, str]]) -> None:
+    """One line when a square `res` (`unit` pixels a token side) has more tokens a side than `limit` allows
+    ((tokens, phrase) of `dit.backend.read_max_token_grid`; None: no limit)."""
+    if limit is not None and res > limit[0] * unit:
+        side, phrase = limit
+        raise DavaeError(f"{res}: {phrase}; the largest size it can make is {side * unit} ({side} tokens of "
+                         f"{unit} px)", param="res")
+
+
+def check_native_res(backend: str, res: Optional[int], spec: Optional[str]) -> None:
+    """`generate --native` from a local pipeline folder: a --res beyond its transformer's table of positions,
+    refused before loading (its transformer/ and vae/ config.json read). A hub id, a single file or a folder
+    without those files is not checked here (the forward then says it)."""
+    import json
+
+    from .dit.backend import backend_class
+
+    if res is None or not spec or not Path(spec).is_dir():
+        return
+    try:
+        cls = backend_class(backend)
+        config = json.loads((Path(spec) / "transformer" / "config.json").read_text())
+        vae = json.loads((Path(spec) / "vae" / "config.json").read_text())
+        side = cls.max_token_grid(config)
+        if side is None:
+            return
+        if vae.get("_class_name") == "AutoencoderTiny":
+            f = int(vae["upsampling_scaling_factor"]) ** (len(vae["encoder_block_out_channels"]) - 1)
+        else:
+            f = 2 ** (len(vae["block_out_channels"]) - 1)
+        unit = f * cls.config_token_side(config)
+    except (DavaeError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return
+    check_token_limit(res, unit, (side, cls.grid_limit_phrase(side)))
 
 
 def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = None, dit_dir: Optional[str] = None,
@@ -115,7 +154,9 @@ def generate(preset: Preset, s: GenerateSettings, *, vae_dir: Optional[str] = No
             raise DavaeError("must be at least 1", param=name)
     check_sampling(s.steps, s.shift, None if isinstance(s.guidance_interval, str) else s.guidance_interval, s.sampler)
     jobs = make_jobs(s)
-    if not (native or random_weights):
+    if native and not random_weights:
+        check_native_res(preset.dit.backend, s.res, base_pipeline or preset.dit.pretrained)
+    elif not (native or random_weights):
         check_res(s.res, dit_dir)
     t0 = time.perf_counter()
     model, cond_fn, s = load_model(preset, s, vae_dir=vae_dir, dit_dir=dit_dir, base_pipeline=base_pipeline,

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import Preset
+from .config_schema import Preset
 from .dit.backend import backend_class, get_backend, place_frozen, read_facts
 from .errors import DavaeError
 from .latents import LatentNormalizer

@@ -28,11 +28,12 @@ import torch
 from . import data as D
 from . import flow
 from . import latents as L
-from .config import Preset
+from .config_schema import Preset
 from .errors import DavaeError
 from .images import decode_images
 from .models import CondFn, find_davae, load_adapted, load_native, load_random  # noqa: F401
-from .sampling import SamplingModel, guided_velocity, initial_noise, noise_from, sample_latents, timed
+from .sampling import (SamplingModel, check_token_grid, guided_velocity, initial_noise, noise_from, sample_latents,
+                       timed)
 
 
 RECIPE = "recipe"  # GenerateSettings.guidance_interval: take the recipe's (None means CFG on every step)
@@ -123,6 +124,7 @@ def upscale_sigmas(model: SamplingModel, steps: int, shift: Optional[float], siz
                    unit: int) -> torch.Tensor:
     """The sigma grid for a base image of `size` (`unit` base pixels per token side): the family's grid at that
     token count, with `shift` or the model's."""
+    check_token_grid(model, size[0] // unit, size[1] // unit)
     return model.backend.sigma_grid(steps, shift if shift is not None else model.shift, model.scheduler_config,
                                     (size[0] // unit) * (size[1] // unit))
 

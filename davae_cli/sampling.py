@@ -112,9 +112,21 @@ def sampling_grid(model: SamplingModel, res: Optional[int], steps: int,
         raise DavaeError(f"{res}: must be a positive multiple of {g} for this model (pixels per token)", param="res")
     check_shift(model, shift)
     side = res // model.granularity
+    check_token_grid(model, side // model.patch_size, side // model.patch_size)
     shift = shift if shift is not None else model.shift
     tokens = (side // model.patch_size) ** 2
     return side, shift, model.backend.sigma_grid(steps, shift, model.scheduler_config, tokens)
+
+
+def check_token_grid(model: SamplingModel, rows: int, cols: int) -> None:
+    """One line when a loaded model cannot read a rows x cols token grid: more tokens a side than its table of
+    positions reaches (`Backend.max_token_grid`: SD3's pos_embed_max_size, Z-Image's RoPE axes), where the
+    forward would fail deep inside the family's code. The CLI checks the same from the folders before loading."""
+    side = model.backend.max_token_grid(dict(getattr(model.dit, "config", None) or {}))
+    if side is not None and max(rows, cols) > side:
+        unit = model.granularity * model.patch_size
+        raise DavaeError(f"{cols * unit}x{rows * unit} ({cols}x{rows} tokens, width x height): "
+                         f"{model.backend.grid_limit_phrase(side)}; the largest square it can make is {side * unit}")
 
 
 def sample_latents(velocity: flow.Velocity, noise: torch.Tensor, sigmas: torch.Tensor, *, sampler: str = "euler",

@@ -31,7 +31,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import Preset, check_sampling
+from .config import check_sampling
+from .config_schema import Preset
 from .errors import DavaeError, first_line
 from .dit.backend import get_backend
 from .pipeline import GenerateSettings, Job, load_model, sample_batch

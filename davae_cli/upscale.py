@@ -40,7 +40,8 @@ from typing import Callable, Optional
 import torch
 
 from . import data as D
-from .config import Preset, check_sampling
+from .config import check_sampling
+from .config_schema import Preset
 from .errors import DavaeError
 from .pipeline import (RECIPE, Job, base_size, encode_base_images, prepare_base_image,  # noqa: F401
                        upscale_batch, upscale_sigmas, with_recipe)
@@ -267,40 +268,61 @@ class Geometry:
     downsample: int
     patch: int
     resolution: int
+    max_tokens: Optional[int] = None  # the most tokens a side the DiT's positions reach (None: any grid)
+    limit_note: str = ""  # how messages name that limit
 
 
 def read_geometry(vae_dir: str, dit_dir: str) -> Optional[Geometry]:
     """The pair's `Geometry` from its two folders' JSON files, no model loaded (the DA-VAE's config.json, the
-    adapted DiT's facts); None when either is missing or unreadable (loading the pair then says why)."""
+    adapted DiT's facts and config.json); None when either is missing or unreadable (loading the pair then says
+    why)."""
     import json
 
-    from .dit.backend import read_facts
+    from .dit.backend import read_facts, read_max_token_grid
 
     try:
         vae = json.loads((Path(vae_dir) / "config.json").read_text())
         facts = read_facts(Path(dit_dir))
-        return Geometry(int(vae["scale"]), int(vae["downsample"]), int(facts["patch_size"]), int(facts["resolution"]))
+        limit = read_max_token_grid(Path(dit_dir)) or (None, "")
+        return Geometry(int(vae["scale"]), int(vae["downsample"]), int(facts["patch_size"]), int(facts["resolution"]),
+                        *limit)
     except (DavaeError, OSError, ValueError, TypeError, KeyError):
         return None
+
+
+def loaded_geometry(model, vae) -> Geometry:
+    """The loaded pair's `Geometry` (when its folders' files were not plain JSON but the loader took them)."""
+    side = model.backend.max_token_grid(dict(getattr(model.dit, "config", None) or {}))
+    return Geometry(int(vae.config.scale), int(vae.config.downsample), model.patch_size, int(model.facts["resolution"]),
+                    side, "" if side is None else model.backend.grid_limit_phrase(side))
+
+
+def largest_res(h: int, w: int, g: Geometry) -> int:
+    """The largest output short side (a whole number of tokens) at which an h x w input's token grid fits
+    `g.max_tokens` on its long side; 0 when none does (an input longer than max_tokens : 1)."""
+    unit = g.downsample * g.patch
+    for t in range(int(g.max_tokens), 0, -1):  # tokens on the short side
+        res = t * unit * g.scale
+        if max(base_size(h, w, res, g.scale, unit)) <= g.max_tokens * unit:
+            return res
+    return 0
 
 
 def plan_sizes(src: Inputs, todo: list[int], res_given: Optional[int], g: Geometry, latent_shapes: dict,
                on_message: Callable[[str], None] = lambda t: None) -> tuple[int, dict]:
     """(the output short side R, {(kind, base size): [input indices]}) for the inputs to do: an image's base size
     from its header (`base_size`, whole tokens), a latent's from its (h, w) in `latent_shapes` (index -> shape;
-    latents are not resized). Sizes no model can take are refused in one line, before any model is loaded; a
-    --res that is not a whole number of tokens is rounded down, with a note saying to what."""
+    latents are not resized). Sizes no model can take are refused in one line, before any model is loaded: less
+    than a token, or a token grid whose long side passes what the DiT's positions reach (`g.max_tokens`; the
+    message names the largest --res every input fits at); a --res that is not a whole number of tokens is rounded
+    down, with a note saying to what."""
     res = res_given if res_given is not None else g.resolution
     scale, f, p = g.scale, g.downsample, g.patch
     unit = f * p  # base-image pixels per token side
     if res <= 0:
         raise DavaeError(f"{res}: must be positive", param="res")
-    if any(k == "image" for k in src.kinds) and res_given is not None:
-        got = (res // scale // unit) * unit * scale
-        if got != res and got > 0:
-            on_message(f"note: --res {res} is not a whole number of DiT tokens ({unit * scale} px each at the "
-                       f"output): images are upscaled to a short side of {got}")
     groups: dict[tuple[str, tuple[int, int]], list[int]] = {}
+    too_big: list[tuple[int, tuple[int, int]]] = []  # images whose grid passes g.max_tokens: (index, (h, w))
     for i in todo:
         if src.kinds[i] == "latent":
             h, w = latent_shapes[i]
@@ -308,14 +330,44 @@ def plan_sizes(src: Inputs, todo: list[int], res_given: Optional[int], g: Geomet
             if h % p or w % p:
                 raise DavaeError(f"{src.items[i]}: its {h}x{w} latent is not a whole number of DiT tokens "
                                  f"({p}x{p} latent pixels each)")
+            if g.max_tokens is not None and max(h, w) // p > g.max_tokens:
+                raise DavaeError(f"{src.items[i]}: its {h}x{w} latent is {h // p}x{w // p} DiT tokens; {g.limit_note} "
+                                 f"(latents are not resized: upscale its image with a --res instead)")
             if res_given is not None and min(size) * scale != res_given:
                 raise DavaeError(f"{res_given} does not fit {src.items[i]}: its {h}x{w} latent gives "
                                  f"{size[1] * scale}x{size[0] * scale} (latents are not resized; leave --res out)",
                                  param="res")
         else:
-            size = base_size(*_image_size(src.items[i]), res, scale, unit)
+            hw = _image_size(src.items[i])
+            size = base_size(*hw, res, scale, unit)
+            if g.max_tokens is not None and max(size) > g.max_tokens * unit:
+                too_big.append((i, hw))
         groups.setdefault((src.kinds[i], size), []).append(i)
+    if too_big:
+        _refuse_grid(src, too_big, res, res_given, g, groups)
+    if any(k == "image" for k in src.kinds) and res_given is not None:
+        got = (res // scale // unit) * unit * scale
+        if got != res and got > 0:
+            on_message(f"note: --res {res} is not a whole number of DiT tokens ({unit * scale} px each at the "
+                       f"output): images are upscaled to a short side of {got}")
     return res, groups
+
+
+def _refuse_grid(src: Inputs, too_big: list, res: int, res_given: Optional[int], g: Geometry, groups: dict) -> None:
+    """One line for the images whose token grid at `res` passes `g.max_tokens`: the first of them, its output
+    size and grid, the limit, and the largest --res at which every input fits (the smallest of theirs: the others
+    fit at `res` already)."""
+    unit = g.downsample * g.patch
+    i, _ = too_big[0]
+    size = next(sz for (kind, sz), members in groups.items() if i in members)
+    more = f" (and {len(too_big) - 1} more input(s))" if len(too_big) > 1 else ""
+    best = min(largest_res(h, w, g) for _, (h, w) in too_big)
+    at = f"--res {res}" if res_given is not None else f"the model's resolution {res} (no --res given)"
+    fix = (f"the largest --res every input fits at is {best}" if best else
+           "no --res fits an input whose sides are that unequal; crop it")
+    raise DavaeError(f"{src.items[i] if not isinstance(src.items[i], tuple) else src.name(i)}{more}: at {at} the "
+                     f"output would be {size[1] * g.scale}x{size[0] * g.scale}, {size[1] // unit}x{size[0] // unit} "
+                     f"DiT tokens; {g.limit_note}; {fix}")
 
 
 def _latent_shapes(src: Inputs, todo: list[int]) -> dict:
@@ -372,8 +424,7 @@ def upscale(preset: Preset, s: UpscaleSettings, inputs: list[str], *, vae_dir: s
         if src.kinds[i] == "latent":
             metas[i] = read_base_latent(src.items[i], vae, dit_davae)[1]
     if geo is None:  # the folders' files were not plain JSON, but the loader took them: the loaded pair's sizes
-        geo = Geometry(int(vae.config.scale), int(vae.config.downsample), model.patch_size,
-                       int(model.facts["resolution"]))
+        geo = loaded_geometry(model, vae)
         _, groups = plan_sizes(src, todo, s.res, geo, _latent_shapes(src, todo), on_message)
     jobs = _jobs(model, s, src, metas)
     s = with_recipe(s, model.recipe)  # a completed copy: the caller's settings stay as given

@@ -179,14 +179,32 @@ def lightning(tmp_path_factory):
     return d / "vae" / "final", d / "dit" / "final"
 
 
-# the longest test first: with `-n auto --dist worksteal` the first worker starts on it at once and the others
-# take the rest (stealing from its queue when theirs is empty), instead of it starting last and leaving the
-# other workers idle for minutes (`loadfile` hands out the files with the most tests first)
-_FIRST = ("test_imagenette_chain.py",)
+# the longest tests first, each on its own worker: `--dist worksteal` deals the collection to the N workers in N
+# contiguous chunks, in order, so a file of _LONG placed at the start of chunk j is the first thing worker j runs
+# (with fewer workers than files, the rest start chunk 0). Left where they are, two long tests can fall into one
+# worker's chunk, or start last, and the run waits minutes for them while the other workers are idle.
+_LONG = ("test_imagenette_chain.py", "test_help_examples.py")  # ~4 min each on this 2-core machine
+
+
+def long_first(items: list, workers: int) -> list:
+    """`items` with each _LONG file's tests at the start of a different worker's chunk (see above)."""
+    groups = [[it for it in items if Path(str(it.fspath)).name == name] for name in _LONG]
+    groups = [g for g in groups if g]
+    rest = [it for it in items if Path(str(it.fspath)).name not in _LONG]
+    own, shared = groups[:workers], groups[workers:]
+    out = [it for g in shared for it in g] + rest
+    starts, start = [], 0  # where each worker's chunk begins, as worksteal deals them
+    for i in range(workers):
+        starts.append(start)
+        start += (len(items) - start) // (workers - i)
+    for j, g in enumerate(own):
+        out[starts[j]:starts[j]] = g
+    return out
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: 0 if Path(str(item.fspath)).name in _FIRST else 1)
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    items[:] = long_first(items, max(1, workers))
 
 
 def torchscript_file(module: "torch.nn.Module", path: Path) -> Path:

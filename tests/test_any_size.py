@@ -41,7 +41,7 @@ def _random_ldit(seed=0, **kw):
 
 # ------------------------------------------------------------------------------------------------ the tables
 def test_tables_of_any_grid_follow_the_formulas_and_continue_the_trained_ones():
-    from davae_cli.dit.lightningdit import rope_tables_2d, sincos_pos_embed_2d
+    from davae_cli.dit.lightningdit_layers import rope_tables_2d, sincos_pos_embed_2d
 
     m = _random_ldit(input_size=4)  # hidden 64, head dim 16, trained on 4x4 tokens
     pos, rope = m.position_tables(4, 4, "cpu")
@@ -119,7 +119,8 @@ def test_another_grid_equals_the_model_built_for_it():
 
 
 def test_stored_tables_are_checked_on_load(tmp_path):
-    from davae_cli.dit.lightningdit import LightningDiT, load_lightningdit_weights
+    from davae_cli.dit.lightningdit import LightningDiT
+    from davae_cli.dit.lightningdit_weights import load_lightningdit_weights
 
     src = _random_ldit(seed=1)
     sd = src.state_dict()

@@ -95,6 +95,41 @@ def test_lightningdit_bench_runs():
     assert any("single repeat" in w for w in out["warnings"])
 
 
+def test_lightningdit_bench_loads_one_trunk_for_both_grids(monkeypatch):
+    """LightningDiT computes the position tables of any grid, so bench loads it once and the DA-VAE side is a
+    view with widened heads; each side computes what a model built for its grid (extended, for DA-VAE) does."""
+    import davae_cli.bench as B
+    from davae_cli.dit.backend import get_backend
+    from davae_cli.dit.lightningdit import LightningDiTBackend, extend_lightningdit
+
+    real, loads = LightningDiTBackend.load, []
+
+    def spy(self, *args, **kw):
+        loads.append(kw)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(LightningDiTBackend, "load", spy)
+    p = load_preset("tiny-imagenet")
+    r = B.run_bench(p, B.BenchSettings(res=128, steps=1, repeats=1, warmup=0, decode=False, cfg=False))
+    assert len(loads) == 1 and r["native"]["image_tokens"] == 4 * r["davae"]["image_tokens"] == 256
+
+    backend, loads[:] = get_backend(p), []
+    models = backend.bench_models("random", 0, "cpu", torch.float32, 128)
+    native, davae = models["native"], models["davae"]
+    assert len(loads) == 1 and davae.blocks is native.blocks and davae.pos_embed is native.pos_embed
+    c, d = p.vae.base_channels, p.vae.detail_channels
+    assert native.in_channels == c and davae.in_channels == davae.out_channels == c + d
+    g = torch.Generator().manual_seed(0)
+    for model, built, side in ((native, real(backend, "random", seed=0, latent_side=16), 16),
+                               (davae, extend_lightningdit(real(backend, "random", seed=0, latent_side=8), d), 8)):
+        x = torch.randn(2, model.in_channels, side, side, generator=g)
+        t, y = torch.rand(2, generator=g), torch.tensor([1, 10])
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, t, y), built.eval()(x, t, y), rtol=0, atol=1e-6)
+    # the view left the loaded model alone (p = 1)
+    assert native.x_embedder.proj.in_channels == native.final_layer.linear.out_features == c
+
+
 def test_human_table_and_errors():
     r = run_cli("bench", "--steps", "2", "--repeats", "1", "--warmup", "0", "--no-decode")
     assert "image tokens" in r.stdout and "ideal" in r.stdout and "sd35m-1024" in r.stdout  # says what to run next

@@ -108,7 +108,7 @@ def flux_pipe(tmp_path_factory):
 
     from davae_cli.config import load_preset
     from davae_cli.dit.flux import FLUX1_SCHEDULER_CONFIG
-    from davae_cli.dit.text import build_tiny_flux_text_components
+    from davae_cli.dit.text_random import build_tiny_flux_text_components
 
     d = tmp_path_factory.mktemp("fluxpipe")
     torch.manual_seed(0)

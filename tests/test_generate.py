@@ -24,7 +24,7 @@ def pipe(tmp_path_factory):
     """A tiny SD3 pipeline folder: transformer/, vae/ (KL, C = 16, shift/scale), text encoders, tokenizers."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    from davae_cli.dit.text import save_tiny_sd3_text_components
+    from davae_cli.dit.text_random import save_tiny_sd3_text_components
 
     d = tmp_path_factory.mktemp("pipe")
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ from davae_cli.dit.lightningdit import (
     LightningDiT,
     build_lightningdit,
     extend_lightningdit,
-    load_lightningdit_weights,
     shift_time,
 )
+from davae_cli.dit.lightningdit_weights import load_lightningdit_weights
 
 C = 4  # the tiny preset's latent channels
 

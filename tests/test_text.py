@@ -9,10 +9,9 @@ from davae_cli.errors import DavaeError
 from davae_cli.dit.text import (
     PromptCache,
     PromptEncoder,
-    build_tiny_sd3_text_components,
-    save_tiny_sd3_text_components,
     spec_identity,
 )
+from davae_cli.dit.text_random import build_tiny_sd3_text_components, save_tiny_sd3_text_components
 
 MSL = 16  # T5 max_sequence_length: small keeps the tests fast
 PROMPTS = ["a red cube on a table", "", "A photo of a dog!"]

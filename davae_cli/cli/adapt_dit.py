@@ -19,7 +19,7 @@ Examples:
 
   davae adapt-dit --preset tiny --vae runs/tiny/final --data photos/ --out runs/tiny-dit --steps 50 --resume
 
-  davae adapt-dit --preset tiny --vae runs/tiny/final --data photos/ --out runs/tiny-dit --report-to wandb
+  davae adapt-dit --preset tiny --vae runs/tiny/final --data photos/ --out runs/tiny-dit-wandb --report-to wandb
 
   accelerate launch --num_processes 8 -m davae_cli adapt-dit --preset sd35m-1024 --vae runs/sd35/final \\
       --data /data/synthetic --out runs/sd35-dit --dit /models/stable-diffusion-3.5-medium

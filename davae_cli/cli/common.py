@@ -15,7 +15,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from ..callbacks import Callbacks
-from ..config import ConfigError, Preset, load_preset
+from ..config import ConfigError, load_preset
+from ..config_schema import Preset
 from ..errors import DavaeError, first_line
 
 # soft wrap: a long message is one line in a log file (where rich would otherwise break it at 80 columns)

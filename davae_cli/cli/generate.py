@@ -23,7 +23,7 @@ Examples:
       --num-images 4 --grid --save-latents --out out/
 
   davae generate --preset sd35m-1024 --random-weights --prompt "x" --res 1024 --num-images 20 --batch-size 10 \\
-      --compile --json --out /tmp/speed        # speed only: random SD3.5 Medium weights (add --native for the baseline)
+      --compile --json --out speed/        # speed only: random SD3.5 Medium weights (add --native for the baseline)
 
   accelerate launch --num_processes 8 -m davae_cli generate --preset imagenet-512 --vae runs/in512/final \\
       --dit runs/in512-dit/final --class-id 207 --class-id 360 --num-images 25 --out samples/   # resumable

@@ -20,7 +20,7 @@ Examples:
 
   davae adapt-dit --preset sd35m-1024 --vae runs/sd35/final --data /data/synth/ --out runs/sd35-dit   # reads the shards
 
-  davae synth --preset tiny --random-weights --prompts prompts.txt --res 64 --shard-size 4 --out /tmp/synth   # CPU smoke run
+  davae synth --preset tiny --random-weights --prompts prompts.txt --res 64 --shard-size 4 --out synth-tiny/   # CPU smoke run
 """
 
 

@@ -18,8 +18,8 @@ Examples:
   davae train-vae --preset tiny --base-vae random --data skimage --out runs/demo --steps 20
 
   # the losses, lr, grad norm, steps/s, held-out metrics and reconstructions in TensorBoard too
-  davae train-vae --preset tiny --base-vae random --data skimage --out runs/demo --report-to tensorboard
-  tensorboard --logdir runs/demo/trackers
+  davae train-vae --preset tiny --base-vae random --data skimage --out runs/demo-tb --report-to tensorboard
+  tensorboard --logdir runs/demo-tb/trackers
 
   # continue runs/tiny after a stop: the flags of its start (a larger --steps trains it longer)
   davae train-vae --preset tiny --base-vae ../shared/weights/taesd3 --data photos/ --out runs/tiny --resume

@@ -22,19 +22,19 @@ Examples:
       --save-latents --json --out up/
 
   # one class for every image
-  davae upscale tench/ --preset imagenette --vae runs/vae/final --dit runs/adapt/final --class-id 0 --out up/
+  davae upscale tench/ --preset imagenette --vae runs/vae/final --dit runs/adapt/final --class-id 0 --out up-tench/
 
   # let the model also refine the composition from sigma 0.3 down (0 keeps the input's base exactly)
-  davae upscale photo.png --preset tiny --vae runs/tvae/final --dit runs/tdit/final --strength 0.3 --out up/
+  davae upscale photo.png --preset tiny --vae runs/tvae/final --dit runs/tdit/final --strength 0.3 --out up-photo/
 
   # the latents of a native 112² generation, their base channels as they are (no decode + re-encode):
   # class and seed from each file, detail generated at 224²; then the same bases decoded two more ways
   davae generate --preset imagenette --native --base-pipeline runs/native/final --vae runs/vae/final \\
       --res 112 --class-id 0 --class-id 1 --num-images 8 --save-latents --out nat/
   davae upscale nat/ --from-latents --preset imagenette --vae runs/vae/final --dit runs/adapt/final \\
-      --save-latents --out up/
-  davae decode up/ --vae runs/vae/final --dit runs/adapt/final --detail-from-base --out up-pred/
-  davae decode up/ --vae runs/vae/final --dit runs/adapt/final --base-only --out up-base/
+      --save-latents --out up-nat/
+  davae decode up-nat/ --vae runs/vae/final --dit runs/adapt/final --detail-from-base --out up-nat-pred/
+  davae decode up-nat/ --vae runs/vae/final --dit runs/adapt/final --base-only --out up-nat-base/
 """
 
 

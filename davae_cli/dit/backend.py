@@ -6,7 +6,8 @@ Each family implements it in its own module under `dit/` (`sd3.SD3Backend`, `flu
 
 What a backend answers:
 - architecture from a config dict, no model built: `config_channels` (C the DiT reads), `config_token_side`
-  (latent pixels per token side), `model_class`;
+  (latent pixels per token side), `max_token_grid` (the most tokens a side its table of positions covers; None:
+  any grid), `model_class`;
 - loading: `load` (hub id, folder, file, "random", tiny), `load_adapted` (an exported folder), `extend` (the
   zero-init channel extension), `heads` (the input/output layers of a configuration, for bench's shared trunk);
 - the forward: `velocity(model, x, sigma, cond)` always returns eps - x0 in the sigma convention of
@@ -38,7 +39,7 @@ from ..exports import FACTS_FILE  # noqa: F401  (the sampling facts beside an ad
 from .registry import REGISTRY, backend_names
 
 if TYPE_CHECKING:
-    from ..config import Preset
+    from ..config_schema import Preset
     from ..sampling import SamplingModel
 
 
@@ -105,6 +106,30 @@ class Backend:
     def config_token_side(cls, config: dict) -> int:
         """Latent pixels per token side."""
         return int(config.get("patch_size", 1) or 1)
+
+    @classmethod
+    def max_token_grid(cls, config: dict) -> Optional[int]:
+        """The most tokens a side of the token grid the DiT with this config can read (a table of positions of
+        that size), or None when any grid works (positions computed for the grid given). Read from the config
+        alone: `read_max_token_grid` asks it of an adapted folder before any weight is loaded."""
+        return None
+
+    grid_limit_key: str = ""  # the config key `max_token_grid` reads, for messages
+
+    @classmethod
+    def grid_limit_phrase(cls, side: int) -> str:
+        """How messages name the family's grid limit of `side` tokens."""
+        key = f" ({cls.grid_limit_key})" if cls.grid_limit_key else ""
+        return f"this {cls.label or cls.name} transformer's positions reach {side} tokens a side{key}"
+
+    @classmethod
+    def config_value(cls, config: dict, key: str):
+        """`config[key]`, or when the file leaves it out the model class's default (what loading it would use)."""
+        if key in config:
+            return config[key]
+        import inspect
+
+        return inspect.signature(cls.model_class().__init__).parameters[key].default
 
     @classmethod
     def widen_config(cls, config: dict, channels: int) -> dict:
@@ -291,6 +316,18 @@ def latent_channels_native(preset: "Preset") -> int:
     if preset.dit.arch.get("in_channels") is None:
         return preset.vae.base_channels
     return backend_class(preset.dit.backend).config_channels(dict(preset.dit.arch))
+
+
+def read_max_token_grid(folder: Path) -> Optional[tuple[int, str]]:
+    """(the most tokens a side the adapted DiT in `folder` can read, "this <family> transformer's positions reach
+    N tokens a side (<config key>)" for messages) from its facts and its transformer's config.json, no weights
+    loaded; None when its family has no such limit or the files are not readable (the loader then says why)."""
+    try:
+        cls = backend_class(str(read_facts(Path(folder))["backend"]))
+        side = cls.max_token_grid(json.loads((Path(folder) / "config.json").read_text()))
+    except (DavaeError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None
+    return None if side is None else (side, cls.grid_limit_phrase(side))
 
 
 def read_facts(folder: Path) -> dict:

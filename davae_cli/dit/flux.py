@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import DavaeError
 from .diffusers_family import DiffusersBackend
-from .text import ClipT5Text
+from .text_random import ClipT5Text
 from ..flops import flop_result, mm
 
 PACK = 2  # FluxPipeline packs 2x2 latent cells into one token
@@ -232,7 +232,8 @@ def flux_flops(config: dict, image_tokens: int, text_tokens: int, batch: int = 1
 class FluxBackend(ClipT5Text, DiffusersBackend):
     """FLUX.1: a token is a 2x2 cell of the latent (in_channels = 4C), one forward per step (FLUX.1-dev takes
     the guidance scale as an input, FLUX.1-schnell none), FluxPipeline's dynamic-shift grid, CLIP-L + T5-XXL
-    prompts (`text.FluxPromptEncoder`)."""
+    prompts (`text.FluxPromptEncoder`). No `max_token_grid`: its RoPE (`FluxPosEmbed`) is computed from the
+    token positions of each grid, so any grid has positions."""
 
     name = "flux"
     label = "FLUX.1"
@@ -289,7 +290,8 @@ class FluxBackend(ClipT5Text, DiffusersBackend):
 
     def random_prompt_encoder(self, *, use_t5, device, dtype):
         """FLUX.1's CLIP-L and T5-XXL with random weights (the tiny pair for a tiny-random preset)."""
-        from .text import TINY_SPEC, FluxPromptEncoder, build_sd3_text_encoders, build_tiny_flux_text_components
+        from .text import FluxPromptEncoder
+        from .text_random import TINY_SPEC, build_sd3_text_encoders, build_tiny_flux_text_components
 
         a = self.preset.dit.arch
         comps = build_tiny_flux_text_components(int(a.get("joint_attention_dim", 32)), int(a.get("pooled_projection_dim", 16)))

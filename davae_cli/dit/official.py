@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Preset
+from ..config_schema import Preset
 from ..errors import DavaeError, first_line
 from ..vae.ldm import fit_tensor, ldm_key_to_diffusers
 
@@ -191,7 +191,7 @@ def convert_lightningdit(ckpt: str | Path, vae_dir: str | Path, out: str | Path,
     file, so the converted DA-VAE's base transform and detail statistics are exactly the DiT's input
     normalisation. `preset` gives the architecture and the sampling recipe (`imagenet-512-official`)."""
     from .backend import get_backend
-    from .lightningdit import load_lightningdit_weights
+    from .lightningdit_weights import load_lightningdit_weights
     from ..exports import export_adapted, sampling_facts
     from ..vae.model import DetailAlignedVAE
 

@@ -15,7 +15,7 @@ import torch
 from ..errors import DavaeError
 from ..flops import flop_result, mm
 from .diffusers_family import DiffusersBackend
-from .text import ClipT5Text
+from .text_random import ClipT5Text
 from .extend import extend_output_head, extend_patch_embed
 
 
@@ -194,6 +194,15 @@ class SD3Backend(ClipT5Text, DiffusersBackend):
     hub_hint = (", or for the gated stabilityai models accept the licence on the hub and run "
                 "`huggingface-cli login`")
     velocity = staticmethod(sd3_velocity)
+    grid_limit_key = "pos_embed_max_size"
+
+    @classmethod
+    def max_token_grid(cls, config: dict) -> Optional[int]:
+        """`pos_embed_max_size`: the side of the stored sin-cos table, from which diffusers' `PatchEmbed` crops
+        the centre for each grid (a larger grid is a ValueError in the forward); None (a table computed for
+        each grid) when the config sets none."""
+        side = cls.config_value(config, "pos_embed_max_size")
+        return None if side is None else int(side)
 
     def extend(self, model, detail_channels: int):
         return extend_sd3(model, detail_channels)
@@ -223,7 +232,8 @@ class SD3Backend(ClipT5Text, DiffusersBackend):
     def random_prompt_encoder(self, *, use_t5, device, dtype):
         """CLIP-L, CLIP-G and T5-XXL of their real architectures with random weights (the tiny set for a
         tiny-random preset) behind local tokenizers."""
-        from .text import PromptEncoder, build_sd3_text_encoders, build_tiny_sd3_text_components
+        from .text import PromptEncoder
+        from .text_random import build_sd3_text_encoders, build_tiny_sd3_text_components
 
         comps = build_tiny_sd3_text_components()
         if self._text_arch() != "tiny":

@@ -30,7 +30,8 @@ from torch import nn
 from ..errors import DavaeError, first_line
 from .diffusers_family import DiffusersBackend
 from .extend import extend_output_head, output_row_index
-from .text import TINY_SPEC, PromptEncoder, spec_identity
+from .text import PromptEncoder, spec_identity
+from .text_random import TINY_SPEC
 
 SEQ_MULTI_OF = 32  # transformer_z_image.SEQ_MULTI_OF: both token sequences are padded to a multiple of 32
 
@@ -330,11 +331,20 @@ class ZImageBackend(DiffusersBackend):
     default_scheduler = ZIMAGE_SCHEDULER_CONFIG
     default_scheduler_name = "Z-Image-Turbo's scheduler_config"
     velocity = staticmethod(zimage_velocity)
+    grid_limit_key = "axes_lens"
 
     @classmethod
     def config_token_side(cls, config: dict) -> int:
         sizes = config.get("all_patch_size") or (2,)
         return int(sizes[0])
+
+    @classmethod
+    def max_token_grid(cls, config: dict) -> Optional[int]:
+        """The RoPE table's rows and columns (`axes_lens[1]`, `axes_lens[2]`; the first axis holds the caption):
+        image token (i, j) reads row i of the one and column j of the other, so a grid may have at most that
+        many tokens a side (the smaller of the two; they are equal in Z-Image's configs)."""
+        lens = cls.config_value(config, "axes_lens")
+        return min(int(lens[1]), int(lens[2]))
 
     @classmethod
     def widen_config(cls, config: dict, channels: int) -> dict:

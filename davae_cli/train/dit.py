@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Preset
+from ..config_schema import Preset
 from ..dit.backend import get_backend
 from ..errors import DavaeError
 from ..exports import sampling_facts  # noqa: F401  (re-exported)

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import flow
-from ..config import Preset
+from ..config_schema import Preset
 from ..errors import DavaeError
 from ..exports import export_adapted  # noqa: F401  (re-exported)
 from ..latents import atomic_write_bytes

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..callbacks import Callbacks  # noqa: F401  (re-exported for the trainers)
-from ..config import Preset, preset_from_dict
+from ..config import preset_from_dict
+from ..config_schema import Preset
 from ..errors import DavaeError, first_line
 from ..jsonl import read_jsonl
 from ..exports import finish_swap, write_folder  # noqa: F401  (re-exported)

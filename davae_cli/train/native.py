@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import Preset
+from ..config_schema import Preset
 from ..streams import Fields, is_stream, probe_shards
 from ..errors import DavaeError
 from ..latent_data import TrainingLatents, _latent_files, prepare_latent_dataset

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import latents as L
-from ..config import Preset
+from ..config_schema import Preset
 from ..data import ImageSource, StepCropDataset, center_crops, list_images, training_images, vae_training_data
 from ..errors import DavaeError, first_line
 from ..exports import export_davae  # noqa: F401  (re-exported: callers of train.vae keep working)
