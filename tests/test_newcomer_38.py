@@ -3,7 +3,6 @@
 import io
 import json
 import re
-import shlex
 import time
 from types import SimpleNamespace
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli, write_preset
+from test_help_examples import example_commands
 from davae_cli.errors import DavaeError
 
 run = run_cli
@@ -91,24 +91,8 @@ def test_every_trainer_shares_the_steps_rule_and_the_finished_check(tmp_path, se
 
 # ------------------------------------------------------------------ --help examples run as printed
 def _example_commands(text: str) -> list[list[str]]:
-    """The commands of a help text's examples, as argv after `davae` (or `-m davae_cli`): continued lines
-    joined, comments, environment assignments and shell redirections cut off."""
-    out = []
-    for line in re.sub(r"\\\n\s*", " ", text).splitlines():
-        try:
-            tokens = shlex.split(line, comments=True)
-        except ValueError:
-            continue
-        for stop in (">", "|", "||", "&&"):
-            if stop in tokens:
-                tokens = tokens[: tokens.index(stop)]
-        while tokens and re.match(r"^[A-Z_]+=", tokens[0]):
-            tokens.pop(0)
-        if tokens[:1] == ["davae"]:
-            out.append(tokens[1:])
-        elif "davae_cli" in tokens:
-            out.append(tokens[tokens.index("davae_cli") + 1:])
-    return out
+    """The argv of a help text's examples (the reader of tests/test_help_examples.py, without the environment)."""
+    return [argv for argv, _ in example_commands(text)]
 
 
 def _examples():
