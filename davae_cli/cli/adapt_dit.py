@@ -13,6 +13,7 @@ from .common import (JsonOpt, PresetOpt, ReportToOpt, RichTrainCallbacks, SetOpt
 EXAMPLES = """
 Examples:
 
+  # photos/: images with a caption each (photo1.txt beside photo1.jpg, or a captions.jsonl)
   davae adapt-dit --preset tiny --vae runs/tiny/final --data photos/ --out runs/tiny-dit --steps 50
 
   davae adapt-dit --preset tiny --vae runs/tiny/final --out runs/tiny-dit0 --steps 0     # export the warm start only
