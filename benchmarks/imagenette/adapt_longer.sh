@@ -3,16 +3,19 @@
 # (constant lr and the ramp long done, so the resume equals a 3000-step run), then the detail of the same 2,000
 # generated bases generated again and scored as detail.sh's same_base stage (eval-fid with the class probe, 2 halves).
 # Usage: bash benchmarks/imagenette/adapt_longer.sh [OUT (~/davae-runs/adapt3000)] [CHAIN (~/davae-runs/chain37)]
+#   STEPS=N (default 3000): the adaptation's total steps; FROM=RUN (default CHAIN/adapt): the adapt run folder copied
+#   and resumed (e.g. an earlier OUT/adapt, to go on from its steps). Rerun, it resumes the adaptation and the upscale.
 set -euo pipefail
 # (run inside the venv davae is installed in)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 R=${1:-$HOME/davae-runs/adapt3000}; C=${2:-$HOME/davae-runs/chain37}; D=${IMAGENETTE:-$HERE/../../../shared/data/imagenette224}
 mkdir -p "$R"
 export DAVAE_CACHE_DIR=$C/cache
-[ -d $R/adapt ] || cp -r $C/adapt $R/adapt
+STEPS=${STEPS:-3000}; FROM=${FROM:-$C/adapt}
+[ -d $R/adapt ] || cp -r "$FROM" $R/adapt
 t0=$(date +%s)
 davae adapt-dit --preset imagenette-detail --vae $C/vae/final --dit $C/native_half/final --data $D/train \
-  --steps 3000 --out $R/adapt --resume --json > $R/adapt.json 2> $R/adapt.err
+  --steps "$STEPS" --out $R/adapt --resume --json > $R/adapt.json 2> $R/adapt.err
 t1=$(date +%s); echo "adapt $((t1-t0)) s" >> $R/times
 if [ ! -f $R/same_base_generated/.done ]; then
   davae upscale $C/samples/native_half --from-latents --preset imagenette-detail --vae $C/vae/final \
