@@ -205,7 +205,7 @@ def _user_folder(root: Path) -> Path:
 
 def _cost_cut(monkeypatch):
     """Every preset the CLI resolves trains at most TRAIN_STEPS steps and samples at most SAMPLE_STEPS."""
-    from davae_cli.cli import common
+    from davae_cli.cli import app, common  # noqa: F401  (app: every command module imported, so each is patched)
 
     real = common.resolve_preset
 
@@ -217,9 +217,12 @@ def _cost_cut(monkeypatch):
         p.sample.steps = min(p.sample.steps, SAMPLE_STEPS)
         return p
 
+    patched = []
     for name, module in list(sys.modules.items()):
         if name.startswith("davae_cli.cli") and getattr(module, "resolve_preset", None) is real:
             monkeypatch.setattr(module, "resolve_preset", resolve)
+            patched.append(name)
+    assert {"davae_cli.cli.common", "davae_cli.cli.generate", "davae_cli.cli.bench"} <= set(patched), patched
 
 
 def _setup(work: Path, command: str, failures: list[str], timings: list) -> None:
