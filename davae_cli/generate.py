@@ -116,6 +116,7 @@ def check_native_res(backend: str, res: Optional[int], spec: Optional[str]) -> N
     import json
 
     from .dit.backend import backend_class
+    from .vae.base import config_downsample_factor
 
     if res is None or not spec or not Path(spec).is_dir():
         return
@@ -126,11 +127,7 @@ def check_native_res(backend: str, res: Optional[int], spec: Optional[str]) -> N
         side = cls.max_token_grid(config)
         if side is None:
             return
-        if vae.get("_class_name") == "AutoencoderTiny":
-            f = int(vae["upsampling_scaling_factor"]) ** (len(vae["encoder_block_out_channels"]) - 1)
-        else:
-            f = 2 ** (len(vae["block_out_channels"]) - 1)
-        unit = f * cls.config_token_side(config)
+        unit = config_downsample_factor(vae) * cls.config_token_side(config)
     except (DavaeError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
         return
     check_token_limit(res, unit, (side, cls.grid_limit_phrase(side)))

@@ -319,8 +319,12 @@ def base_decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return conv_layout(lambda t: vae.decode(t).sample, z)
 
 
+def config_downsample_factor(config: dict) -> int:
+    """f of a diffusers VAE from its config (config.json's `_class_name` says whether it is an AutoencoderTiny)."""
+    if config.get("_class_name") == "AutoencoderTiny":
+        return int(config["upsampling_scaling_factor"]) ** (len(config["encoder_block_out_channels"]) - 1)
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def base_downsample_factor(vae: nn.Module) -> int:
-    cfg = vae.config
-    if type(vae).__name__ == "AutoencoderTiny":
-        return int(cfg.upsampling_scaling_factor) ** (len(cfg.encoder_block_out_channels) - 1)
-    return 2 ** (len(cfg.block_out_channels) - 1)
+    return config_downsample_factor({**dict(vae.config), "_class_name": type(vae).__name__})
